@@ -1,0 +1,35 @@
+// recurformer/core/config.hpp: compiler glue shared by host and device code.
+#pragma once
+
+#if defined(__CUDACC__)
+#define RF_HOST_DEVICE __host__ __device__
+#define RF_DEVICE __device__
+#else
+#define RF_HOST_DEVICE
+#define RF_DEVICE
+#endif
+
+#if defined(_MSC_VER)
+#define RF_FORCEINLINE __forceinline
+#else
+#define RF_FORCEINLINE inline __attribute__((always_inline))
+#endif
+
+// Host SIMD: kernels are compiled for the baseline ISA and pick AVX2 / AVX-512 bodies at run time
+// (cpu/detail/isa.hpp). These attributes mark the ISA-specific entry points.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDA_ARCH__)
+#define RF_HAVE_X86_SIMD 1
+#define RF_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define RF_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+// An ISA entry point: everything it calls (the generic kernel body and the vector ops) is inlined
+// into it, so the body is compiled for that ISA without being written twice.
+#define RF_KERNEL_AVX2 __attribute__((flatten)) RF_TARGET_AVX2
+#define RF_KERNEL_AVX512 __attribute__((flatten)) RF_TARGET_AVX512
+// The vector operations themselves (cpu/detail/simd.hpp). Not always_inline: GCC checks that on
+// the generic body's own out-of-line copy too, which is never called but would fail to compile.
+#define RF_SIMD_AVX2 inline RF_TARGET_AVX2
+#define RF_SIMD_AVX512 inline RF_TARGET_AVX512
+#else
+#define RF_HAVE_X86_SIMD 0
+#endif
