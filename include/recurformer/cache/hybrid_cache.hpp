@@ -1,0 +1,401 @@
+// recurformer/cache/hybrid_cache.hpp: the per-sequence memory of a hybrid (RecurFormer) Llama.
+//
+// Spec section 6. Per layer and sequence slot the cache holds only what the layer's head layout
+// needs: K and V of the attention groups (growing with the context), an fp32 SSM state and a conv
+// state per recurrent group (constant), and sink + window ring buffers of K and V per streaming
+// group (bounded). Memory is allocated once, at construction, for `slots` sequences of up to
+// `capacity` tokens; nothing is allocated later (except by snapshot() into its caller's Snapshot).
+//
+// Layouts, chosen so the kernels read the cache directly through views:
+//   keys(l), values(l)          [slots, n_attn(l), capacity, hd]   T      (attention op's k / v)
+//   ssm_states(l)               [slots, n_rec(l), hd, N]          float  (per group: scan's state)
+//   conv_states(l)              [slots, n_rec(l), Kc-1, hd]       T      (per group: conv's conv_state)
+//   stream_keys(l), stream_values(l) [slots, n_stream(l), ring, hd] T    ring = min(capacity, sink+window)
+// Streaming ring: a token at position p < sink sits in entry p; p >= sink in entry
+// sink + (p - sink) % window, which overwrites exactly the key the window has just forgotten.
+// Key positions are a function of the slot's length (stream_positions), so nothing but K and V is
+// stored and the byte report equals the spec formula exactly.
+//
+// Appending is two-phase, because every layer of a forward pass writes at the same positions:
+// the layer calls check_append (throws before anything changes if any slot would overflow), writes
+// its K/V/states at positions [length, length + n), and after the last layer the caller commits the
+// new lengths with advance().
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "recurformer/core/dtype.hpp"
+#include "recurformer/core/error.hpp"
+#include "recurformer/core/head_layout.hpp"
+#include "recurformer/core/view.hpp"
+
+namespace recurformer {
+
+/// What a HybridCache holds: model shape, head layout and how many sequences of how many tokens.
+struct HybridCacheConfig {
+  int n_layers = 0;
+  int n_kv = 0;                 ///< KV groups per layer
+  int head_dim = 0;             ///< hd
+  HeadLayout layout;            ///< n_layers x n_kv kinds
+  RecurrentConfig recurrent;    ///< d_state (N) and conv_kernel (Kc) are used here
+  StreamingConfig streaming;    ///< sink and window
+  int slots = 1;                ///< sequences held at once
+  int64_t capacity = 0;         ///< tokens per slot
+
+  /// Throws Error naming the field unless the config is consistent.
+  void check() const {
+    RF_CHECK(n_layers >= 1, "HybridCache: n_layers is ", n_layers, ", expected >= 1");
+    RF_CHECK(n_kv >= 1, "HybridCache: n_kv is ", n_kv, ", expected >= 1");
+    RF_CHECK(head_dim >= 1, "HybridCache: head_dim is ", head_dim, ", expected >= 1");
+    RF_CHECK(slots >= 1, "HybridCache: slots is ", slots, ", expected >= 1");
+    RF_CHECK(capacity >= 1 && capacity <= INT32_MAX, "HybridCache: capacity is ", capacity,
+             ", expected 1..2^31-1 tokens");
+    layout.check(n_layers, n_kv);
+    if (layout.count(HeadKind::recurrent) > 0) {
+      RF_CHECK(recurrent.d_state >= 1, "HybridCache: recurrent.d_state is ", recurrent.d_state,
+               ", expected >= 1");
+      RF_CHECK(recurrent.conv_kernel >= 1, "HybridCache: recurrent.conv_kernel is ",
+               recurrent.conv_kernel, ", expected >= 1");
+    }
+    if (layout.count(HeadKind::streaming) > 0) {
+      RF_CHECK(streaming.sink >= 0, "HybridCache: streaming.sink is ", streaming.sink, ", expected >= 0");
+      RF_CHECK(streaming.window >= 1, "HybridCache: streaming.window is ", streaming.window,
+               ", expected >= 1");
+    }
+  }
+};
+
+/// Bytes by kind of head. total = attention + recurrent + streaming.
+struct CacheBytes {
+  int64_t attention = 0, recurrent = 0, streaming = 0, total = 0;
+  CacheBytes& operator+=(const CacheBytes& o) {
+    attention += o.attention, recurrent += o.recurrent, streaming += o.streaming, total += o.total;
+    return *this;
+  }
+};
+inline bool operator==(const CacheBytes& a, const CacheBytes& b) {
+  return a.attention == b.attention && a.recurrent == b.recurrent && a.streaming == b.streaming &&
+         a.total == b.total;
+}
+
+/// The byte report: for the tokens the slots hold now, and for what was allocated.
+struct CacheReport {
+  CacheBytes held;      ///< sum over non-empty slots of the spec formula at that slot's length
+  CacheBytes capacity;  ///< slots x the spec formula at `capacity` tokens (= the bytes allocated)
+};
+
+/// Spec section 6, for one sequence of `context` tokens with elements of `elem_bytes` bytes:
+/// sum over layers of (n_kv - r - s) 2 hd T b + r (hd N 4 + (Kc-1) hd b) + s 2 hd min(T, sink+window) b.
+inline CacheBytes hybrid_cache_spec_bytes(const HybridCacheConfig& c, int64_t context, int64_t elem_bytes) {
+  CacheBytes r;
+  const int64_t hd = c.head_dim, N = c.recurrent.d_state, Kc = c.recurrent.conv_kernel;
+  const int64_t ring = std::min<int64_t>(context, int64_t(c.streaming.sink) + c.streaming.window);
+  for (const LayerLayout& l : c.layout.layers) {
+    r.attention += int64_t(l.count(HeadKind::attention)) * 2 * hd * context * elem_bytes;
+    r.recurrent += int64_t(l.count(HeadKind::recurrent)) * (hd * N * 4 + (Kc - 1) * hd * elem_bytes);
+    r.streaming += int64_t(l.count(HeadKind::streaming)) * 2 * hd * ring * elem_bytes;
+  }
+  r.total = r.attention + r.recurrent + r.streaming;
+  return r;
+}
+
+/// The cache. T = storage type of K, V and conv state (float, half, bfloat16); SSM state is fp32.
+template <class T>
+class HybridCache {
+ public:
+  /// Everything a slot holds besides its attention K/V (those are append-only, so rolling back only
+  /// needs the length): recurrent and conv states and streaming rings, per layer, plus the length.
+  struct Snapshot {
+    int slot = -1;
+    int64_t length = -1;
+    uint64_t epoch = 0;
+    std::vector<float> ssm;  // per layer: [n_rec, hd, N]
+    std::vector<T> small;    // per layer: conv [n_rec, Kc-1, hd], ring K, ring V [n_stream, ring, hd]
+  };
+
+  explicit HybridCache(HybridCacheConfig cfg) : cfg_(std::move(cfg)) {
+    cfg_.check();
+    const int64_t S = cfg_.slots, hd = cfg_.head_dim;
+    ring_ = std::min<int64_t>(cfg_.capacity, int64_t(cfg_.streaming.sink) + cfg_.streaming.window);
+    layers_.resize(size_t(cfg_.n_layers));
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      const LayerLayout& ll = cfg_.layout.layers[size_t(l)];
+      Layer& L = layers_[size_t(l)];
+      L.n_attn = ll.count(HeadKind::attention);
+      L.n_rec = ll.count(HeadKind::recurrent);
+      L.n_stream = ll.count(HeadKind::streaming);
+      L.k.assign(size_t(S * L.n_attn * cfg_.capacity * hd), T(0.f));
+      L.v.assign(L.k.size(), T(0.f));
+      L.ssm.assign(size_t(S * L.n_rec * hd * d_state()), 0.f);
+      L.conv.assign(size_t(S * L.n_rec * (conv_kernel() - 1) * hd), T(0.f));
+      L.ring_k.assign(size_t(S * L.n_stream * ring_ * hd), T(0.f));
+      L.ring_v.assign(L.ring_k.size(), T(0.f));
+    }
+    lengths_.assign(size_t(S), 0);
+    epochs_.assign(size_t(S), 0);
+  }
+  HybridCache(const HybridCache&) = delete;
+  HybridCache& operator=(const HybridCache&) = delete;
+  HybridCache(HybridCache&&) noexcept = default;
+  HybridCache& operator=(HybridCache&&) noexcept = default;
+
+  const HybridCacheConfig& config() const { return cfg_; }
+  int n_layers() const { return cfg_.n_layers; }
+  int slots() const { return cfg_.slots; }
+  int64_t capacity() const { return cfg_.capacity; }
+  int head_dim() const { return cfg_.head_dim; }
+  int d_state() const { return cfg_.recurrent.d_state; }
+  int conv_kernel() const { return cfg_.recurrent.conv_kernel; }
+  int sink() const { return cfg_.streaming.sink; }
+  int window() const { return cfg_.streaming.window; }
+  /// Entries of a streaming ring: min(capacity, sink + window).
+  int64_t ring_size() const { return ring_; }
+  const LayerLayout& layer_layout(int layer) const { return cfg_.layout.layers[size_t(layer)]; }
+
+  /// Tokens held by a slot.
+  int64_t length(int slot) const { return lengths_[size_t(checked_slot("length", slot))]; }
+  /// [slots] tokens held by each slot (the attention op's kv_lens before an append).
+  View<const int32_t, 1> lengths() const { return make_view(lengths_.data(), {int64_t(cfg_.slots)}); }
+
+  // --- views for the kernels (layer must be in range; the views alias the cache's memory) -------
+  /// [slots, n_attn, capacity, hd] keys / values of the layer's attention groups, in group order.
+  View<T, 4> keys(int layer) { return kv_view(lay(layer).k, lay(layer).n_attn, cfg_.capacity); }
+  View<T, 4> values(int layer) { return kv_view(lay(layer).v, lay(layer).n_attn, cfg_.capacity); }
+  /// [slots, n_rec, hd, N] fp32 SSM states of the layer's recurrent groups.
+  View<float, 4> ssm_states(int layer) {
+    Layer& L = lay(layer);
+    return make_view(L.ssm.data(), {int64_t(cfg_.slots), int64_t(L.n_rec), int64_t(cfg_.head_dim),
+                                    int64_t(d_state())});
+  }
+  /// [slots, hd, N] SSM state of the i-th recurrent group of the layer (selective_scan's state).
+  View<float, 3> ssm_state(int layer, int i) {
+    View<float, 4> all = ssm_states(layer);
+    RF_CHECK(i >= 0 && i < all.shape[1], "HybridCache: recurrent group ", i, " out of range [0, ",
+             all.shape[1], ") in layer ", layer);
+    return make_strided_view(all.data + i * all.stride[1], {all.shape[0], all.shape[2], all.shape[3]},
+                             {all.stride[0], all.stride[2], all.stride[3]});
+  }
+  /// [slots, n_rec, Kc-1, hd] conv states (the last Kc-1 conv inputs, oldest first).
+  View<T, 4> conv_states(int layer) {
+    Layer& L = lay(layer);
+    return make_view(L.conv.data(), {int64_t(cfg_.slots), int64_t(L.n_rec), int64_t(conv_kernel() - 1),
+                                     int64_t(cfg_.head_dim)});
+  }
+  /// [slots, Kc-1, hd] conv state of the i-th recurrent group (causal_conv1d's conv_state).
+  View<T, 3> conv_state(int layer, int i) {
+    View<T, 4> all = conv_states(layer);
+    RF_CHECK(i >= 0 && i < all.shape[1], "HybridCache: recurrent group ", i, " out of range [0, ",
+             all.shape[1], ") in layer ", layer);
+    return make_strided_view(all.data + i * all.stride[1], {all.shape[0], all.shape[2], all.shape[3]},
+                             {all.stride[0], all.stride[2], all.stride[3]});
+  }
+  /// [slots, n_stream, ring, hd] ring buffers of the layer's streaming groups.
+  View<T, 4> stream_keys(int layer) { return kv_view(lay(layer).ring_k, lay(layer).n_stream, ring_); }
+  View<T, 4> stream_values(int layer) { return kv_view(lay(layer).ring_v, lay(layer).n_stream, ring_); }
+
+  /// Ring entry of the token at position p.
+  int64_t ring_entry(int64_t p) const {
+    const int64_t s = cfg_.streaming.sink;
+    return p < s ? p : s + (p - s) % (ring_ - s);
+  }
+  /// Position of the token in ring entry e of a slot holding `len` tokens, or -1 if it holds none.
+  int64_t ring_position(int64_t e, int64_t len) const {
+    const int64_t s = cfg_.streaming.sink, w = ring_ - s;
+    if (e >= len) return -1;
+    if (e < s) return e;
+    const int64_t last = len - 1;
+    return last - (last - e) % w;
+  }
+
+  // --- appending --------------------------------------------------------------------------------
+  /// Throws (changing nothing) unless slots[s] are distinct valid slots and each can take
+  /// counts[s] more tokens. counts[s] >= 0.
+  void check_append(View<const int32_t, 1> slots, View<const int32_t, 1> counts) const {
+    RF_CHECK(slots.present() && counts.present() && slots.shape[0] == counts.shape[0],
+             "HybridCache::append: slots and counts must both be given with the same length (got ",
+             slots.shape[0], " and ", counts.shape[0], ")");
+    const int64_t n = slots.shape[0];
+    for (int64_t s = 0; s < n; ++s) {
+      const int32_t slot = slots(s), cnt = counts(s);
+      RF_CHECK(slot >= 0 && slot < cfg_.slots, "HybridCache::append: sequence ", s, " has slot ", slot,
+               ", expected 0..", cfg_.slots - 1);
+      RF_CHECK(cnt >= 0, "HybridCache::append: sequence ", s, " appends ", cnt, " tokens, expected >= 0");
+      for (int64_t o = 0; o < s; ++o)
+        RF_CHECK(slots(o) != slot, "HybridCache::append: slot ", slot, " appears twice (sequences ", o,
+                 " and ", s, ")");
+      RF_CHECK(int64_t(lengths_[size_t(slot)]) + cnt <= cfg_.capacity, "HybridCache::append: slot ", slot,
+               " holds ", lengths_[size_t(slot)], " tokens and cannot take ", cnt, " more (capacity ",
+               cfg_.capacity, ")");
+    }
+  }
+  /// Commits an append after every layer has written its tokens: length[slots[s]] += counts[s].
+  void advance(View<const int32_t, 1> slots, View<const int32_t, 1> counts) {
+    check_append(slots, counts);
+    for (int64_t s = 0; s < slots.shape[0]; ++s) lengths_[size_t(slots(s))] += counts(s);
+  }
+
+  // --- slot management --------------------------------------------------------------------------
+  /// Empties a slot: length 0 and zero states (a new sequence starts from h = 0).
+  void reset(int slot) {
+    checked_slot("reset", slot);
+    lengths_[size_t(slot)] = 0;
+    ++epochs_[size_t(slot)];
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      for_slot_state(l, slot, [](auto* p, int64_t n) {
+        using E = std::remove_pointer_t<decltype(p)>;
+        std::fill(p, p + n, E(0.f));
+      });
+    }
+  }
+  /// Forks: dst becomes an exact copy of src (its K/V up to src's length, states, rings, length).
+  void copy(int src, int dst) {
+    checked_slot("copy (src)", src);
+    checked_slot("copy (dst)", dst);
+    if (src == dst) return;
+    const int64_t len = lengths_[size_t(src)], hd = cfg_.head_dim;
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      Layer& L = layers_[size_t(l)];
+      for (std::vector<T>* kv : {&L.k, &L.v}) {
+        for (int g = 0; g < L.n_attn; ++g) {
+          const int64_t base_s = (int64_t(src) * L.n_attn + g) * cfg_.capacity * hd;
+          const int64_t base_d = (int64_t(dst) * L.n_attn + g) * cfg_.capacity * hd;
+          std::copy_n(kv->data() + base_s, len * hd, kv->data() + base_d);
+        }
+      }
+      // The rest of a slot's per-layer memory is contiguous per kind.
+      const int64_t sizes[4] = {int64_t(L.ssm.size()) / cfg_.slots, int64_t(L.conv.size()) / cfg_.slots,
+                                int64_t(L.ring_k.size()) / cfg_.slots, int64_t(L.ring_v.size()) / cfg_.slots};
+      std::copy_n(L.ssm.data() + src * sizes[0], sizes[0], L.ssm.data() + dst * sizes[0]);
+      std::copy_n(L.conv.data() + src * sizes[1], sizes[1], L.conv.data() + dst * sizes[1]);
+      std::copy_n(L.ring_k.data() + src * sizes[2], sizes[2], L.ring_k.data() + dst * sizes[2]);
+      std::copy_n(L.ring_v.data() + src * sizes[3], sizes[3], L.ring_v.data() + dst * sizes[3]);
+    }
+    lengths_[size_t(dst)] = int32_t(len);
+    ++epochs_[size_t(dst)];
+  }
+  /// Saves what a rollback of `slot` needs into `snap` (reusing its buffers).
+  void snapshot(int slot, Snapshot& snap) const {
+    checked_slot("snapshot", slot);
+    snap.slot = slot;
+    snap.length = lengths_[size_t(slot)];
+    snap.epoch = epochs_[size_t(slot)];
+    snap.ssm.clear();
+    snap.small.clear();
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      const_cast<HybridCache*>(this)->for_slot_state(l, slot, [&](auto* p, int64_t n) {
+        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(p)>, float>)
+          snap.ssm.insert(snap.ssm.end(), p, p + n);
+        else
+          snap.small.insert(snap.small.end(), p, p + n);
+      });
+    }
+  }
+  Snapshot snapshot(int slot) const {
+    Snapshot s;
+    snapshot(slot, s);
+    return s;
+  }
+  /// Rolls `slot` back to `snap` (taken from the same slot, with only appends to it since; a reset,
+  /// a copy onto it, or an earlier rollback below the snapshot's length invalidate it: Error).
+  void restore(int slot, const Snapshot& snap) {
+    checked_slot("restore", slot);
+    RF_CHECK(snap.slot == slot, "HybridCache::restore: the snapshot was taken from slot ", snap.slot,
+             ", not slot ", slot);
+    RF_CHECK(snap.epoch == epochs_[size_t(slot)] && snap.length <= lengths_[size_t(slot)],
+             "HybridCache::restore: slot ", slot,
+             " was reset, overwritten or rolled back below the snapshot since it was taken");
+    int64_t n_ssm = 0, n_small = 0;
+    for (int l = 0; l < cfg_.n_layers; ++l)
+      for_slot_state(l, slot, [&](auto* p, int64_t n) {
+        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(p)>, float>)
+          n_ssm += n;
+        else
+          n_small += n;
+        (void)p;
+      });
+    RF_CHECK(int64_t(snap.ssm.size()) == n_ssm && int64_t(snap.small.size()) == n_small,
+             "HybridCache::restore: the snapshot does not match this cache's shape");
+    const float* ps = snap.ssm.data();
+    const T* pt = snap.small.data();
+    for (int l = 0; l < cfg_.n_layers; ++l)
+      for_slot_state(l, slot, [&](auto* p, int64_t n) {
+        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(p)>, float>)
+          std::copy_n(ps, n, p), ps += n;
+        else
+          std::copy_n(pt, n, p), pt += n;
+      });
+    // Keys past the snapshot may be overwritten by later appends: a later snapshot is now stale.
+    if (snap.length < lengths_[size_t(slot)]) ++epochs_[size_t(slot)];
+    lengths_[size_t(slot)] = int32_t(snap.length);
+  }
+
+  // --- bytes ------------------------------------------------------------------------------------
+  /// The exact byte report: held (non-empty slots at their lengths) and capacity (allocated).
+  CacheReport bytes() const {
+    CacheReport r;
+    for (int s = 0; s < cfg_.slots; ++s)
+      if (lengths_[size_t(s)] > 0) r.held += spec_bytes(cfg_, lengths_[size_t(s)]);
+    CacheBytes one = spec_bytes(cfg_, cfg_.capacity);
+    for (int s = 0; s < cfg_.slots; ++s) r.capacity += one;
+    return r;
+  }
+  /// Spec section 6 formula for one sequence of `context` tokens in this storage type.
+  static CacheBytes spec_bytes(const HybridCacheConfig& c, int64_t context) {
+    return hybrid_cache_spec_bytes(c, context, int64_t(sizeof(T)));
+  }
+  /// Bytes actually allocated for K, V and states (equals bytes().capacity.total).
+  int64_t allocated_bytes() const {
+    int64_t b = 0;
+    for (const Layer& L : layers_)
+      b += int64_t(L.k.size() + L.v.size() + L.conv.size() + L.ring_k.size() + L.ring_v.size()) *
+               int64_t(sizeof(T)) +
+           int64_t(L.ssm.size()) * 4;
+    return b;
+  }
+
+ private:
+  struct Layer {
+    int n_attn = 0, n_rec = 0, n_stream = 0;
+    std::vector<T> k, v;            // [slots, n_attn, capacity, hd]
+    std::vector<float> ssm;         // [slots, n_rec, hd, N]
+    std::vector<T> conv;            // [slots, n_rec, Kc-1, hd]
+    std::vector<T> ring_k, ring_v;  // [slots, n_stream, ring, hd]
+  };
+
+  int checked_slot(const char* op, int slot) const {
+    RF_CHECK(slot >= 0 && slot < cfg_.slots, "HybridCache::", op, ": slot ", slot, " out of range [0, ",
+             cfg_.slots, ")");
+    return slot;
+  }
+  Layer& lay(int layer) {
+    RF_CHECK(layer >= 0 && layer < cfg_.n_layers, "HybridCache: layer ", layer, " out of range [0, ",
+             cfg_.n_layers, ")");
+    return layers_[size_t(layer)];
+  }
+  View<T, 4> kv_view(std::vector<T>& buf, int groups, int64_t tokens) {
+    return make_view(buf.data(), {int64_t(cfg_.slots), int64_t(groups), tokens, int64_t(cfg_.head_dim)});
+  }
+  // fn(pointer, count) for each contiguous block of a slot's state in one layer, in a fixed order:
+  // ssm (float), conv, ring K, ring V (T).
+  template <class F>
+  void for_slot_state(int l, int slot, F&& fn) {
+    Layer& L = layers_[size_t(l)];
+    const int64_t S = cfg_.slots;
+    if (!L.ssm.empty()) fn(L.ssm.data() + slot * (int64_t(L.ssm.size()) / S), int64_t(L.ssm.size()) / S);
+    for (std::vector<T>* b : {&L.conv, &L.ring_k, &L.ring_v})
+      if (!b->empty()) fn(b->data() + slot * (int64_t(b->size()) / S), int64_t(b->size()) / S);
+  }
+
+  HybridCacheConfig cfg_;
+  int64_t ring_ = 0;
+  std::vector<Layer> layers_;
+  std::vector<int32_t> lengths_;
+  std::vector<uint64_t> epochs_;
+};
+
+}  // namespace recurformer
