@@ -300,15 +300,16 @@ class HybridCache {
     snapshot(slot, s);
     return s;
   }
-  /// Rolls `slot` back to `snap` (taken from the same slot, with only appends to it since; a reset,
-  /// a copy onto it, or an earlier rollback below the snapshot's length invalidate it: Error).
+  /// Rolls `slot` back to `snap`. The snapshot must come from the same slot, and the slot must not
+  /// have been reset or copied onto since (both checked: Error); its attention keys below
+  /// snap.length must not have been rewritten since (not checked: true when only appends and
+  /// rollbacks to this snapshot or a later one happened, the speculative-decoding pattern).
   void restore(int slot, const Snapshot& snap) {
     checked_slot("restore", slot);
     RF_CHECK(snap.slot == slot, "HybridCache::restore: the snapshot was taken from slot ", snap.slot,
              ", not slot ", slot);
-    RF_CHECK(snap.epoch == epochs_[size_t(slot)] && snap.length <= lengths_[size_t(slot)],
-             "HybridCache::restore: slot ", slot,
-             " was reset, overwritten or rolled back below the snapshot since it was taken");
+    RF_CHECK(snap.epoch == epochs_[size_t(slot)], "HybridCache::restore: slot ", slot,
+             " was reset or copied onto since the snapshot was taken");
     int64_t n_ssm = 0, n_small = 0;
     for (int l = 0; l < cfg_.n_layers; ++l)
       for_slot_state(l, slot, [&](auto* p, int64_t n) {
@@ -329,8 +330,6 @@ class HybridCache {
         else
           std::copy_n(pt, n, p), pt += n;
       });
-    // Keys past the snapshot may be overwritten by later appends: a later snapshot is now stale.
-    if (snap.length < lengths_[size_t(slot)]) ++epochs_[size_t(slot)];
     lengths_[size_t(slot)] = int32_t(snap.length);
   }
 
