@@ -1,0 +1,133 @@
+// recurformer/cpu/detail/scan_kernels.hpp: the selective-scan kernel body and its ISA entry points.
+//
+// One call runs a block of up to V::width channels of one group over the tokens of one sequence,
+// vectorised over the channels: dt, u, z, D and y are contiguous over channels, and B[t,g,n] /
+// C[t,g,r,n] are shared by the whole block, so they enter as broadcasts and no horizontal reduction
+// is needed. The block's state h[n][lane] and decay rates A[n][lane] are transposed into stack
+// buffers (at most 256 x 16 floats each, L1-resident) once per sequence; per token and state
+// element the work is one exp, one multiply, one fma for h and one fma per reader for y.
+// The exp dominates (about 16 vector instructions for 16 lanes), so the kernel is bound by the
+// FMA ports, not by memory.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "recurformer/cpu/detail/scan_math.hpp"
+#include "recurformer/ops/selective_scan.hpp"
+
+namespace recurformer {
+namespace cpu {
+namespace detail {
+
+/// One task: channels [c0, c0 + nc) of one group over tokens [t0, t1). Pointers are already offset
+/// to channel c0 (and to the group in B and C); strides are in elements.
+template <class T>
+struct ScanBlock {
+  const T* u;              // [tokens, *] token stride su
+  const T* delta;          // [tokens, *] token stride sdelta
+  const T* B;              // [tokens, N] token stride sB
+  const T* C;              // [tokens, R, N] strides sC_t, sC_r
+  const T* z;              // [tokens, *] token stride sz, optional
+  T* y;                    // [tokens, R, *] strides sy_t, sy_r
+  const float* A;          // [nc, N] row stride sA
+  const float* D;          // [nc] optional
+  const float* delta_bias; // [nc] optional
+  float* state;            // [nc, N] channel stride s_state
+  int64_t su, sdelta, sB, sC_t, sC_r, sz, sy_t, sy_r, sA, s_state;
+  int64_t t0, t1, n_state, readers;
+  int nc;
+  bool softplus, use_initial_state;
+};
+
+template <class V, class T>
+void scan_block(const ScanBlock<T>& a) {
+  constexpr int W = V::width;
+  const int64_t N = a.n_state, R = a.readers;
+  const int nc = a.nc;
+  alignas(64) float h[kSelectiveScanMaxState * W];
+  alignas(64) float At[kSelectiveScanMaxState * W];
+  alignas(64) float b_row[kSelectiveScanMaxState];
+  alignas(64) float c_rows[kSelectiveScanMaxReaderStates];
+  // Lanes past nc keep h = 0 and A = 0 (decay 1), so they stay finite and are never stored.
+  for (int64_t n = 0; n < N; ++n)
+    for (int j = 0; j < W; ++j) {
+      const bool live = j < nc;
+      h[n * W + j] = live && a.use_initial_state ? a.state[j * a.s_state + n] : 0.f;
+      At[n * W + j] = live ? a.A[j * a.sA + n] : 0.f;
+    }
+  const V bias = a.delta_bias ? simd::load_n<V>(a.delta_bias, nc) : V::zero();
+  const V Dv = a.D ? simd::load_n<V>(a.D, nc) : V::zero();
+  for (int64_t t = a.t0; t < a.t1; ++t) {
+    const V u = simd::load_n<V>(a.u + t * a.su, nc);
+    V dt = simd::load_n<V>(a.delta + t * a.sdelta, nc) + bias;
+    if (a.softplus) dt = simd::softplus(dt);
+    const V du = dt * u;
+    // B and C rows of this token as fp32 (for float storage: read in place).
+    const float* bt;
+    const float* ct;
+    int64_t ct_r;
+    if constexpr (std::is_same<T, float>::value) {
+      bt = a.B + t * a.sB;
+      ct = a.C + t * a.sC_t;
+      ct_r = a.sC_r;
+    } else {
+      const T* bs = a.B + t * a.sB;
+      int64_t n = 0;
+      for (; n + W <= N; n += W) V::load(bs + n).store(b_row + n);
+      if (n < N) V::load_partial(bs + n, int(N - n)).store_partial(b_row + n, int(N - n));
+      for (int64_t r = 0; r < R; ++r) {
+        const T* cs = a.C + t * a.sC_t + r * a.sC_r;
+        float* cd = c_rows + r * N;
+        n = 0;
+        for (; n + W <= N; n += W) V::load(cs + n).store(cd + n);
+        if (n < N) V::load_partial(cs + n, int(N - n)).store_partial(cd + n, int(N - n));
+      }
+      bt = b_row;
+      ct = c_rows;
+      ct_r = N;
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const V decay = exp(dt * V::load(At + n * W));
+      fma(decay, V::load(h + n * W), du * V::broadcast(bt[n])).store(h + n * W);
+    }
+    const V skip = Dv * u;
+    const V gate = a.z ? simd::silu(simd::load_n<V>(a.z + t * a.sz, nc)) : V::broadcast(1.f);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* cr = ct + r * ct_r;
+      // four partial sums: the fma latency chain over n would otherwise bound the loop
+      V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+      int64_t n = 0;
+      for (; n + 4 <= N; n += 4) {
+        s0 = fma(V::load(h + n * W), V::broadcast(cr[n]), s0);
+        s1 = fma(V::load(h + (n + 1) * W), V::broadcast(cr[n + 1]), s1);
+        s2 = fma(V::load(h + (n + 2) * W), V::broadcast(cr[n + 2]), s2);
+        s3 = fma(V::load(h + (n + 3) * W), V::broadcast(cr[n + 3]), s3);
+      }
+      for (; n < N; ++n) s0 = fma(V::load(h + n * W), V::broadcast(cr[n]), s0);
+      const V yv = ((s0 + s1) + (s2 + s3) + skip) * gate;
+      simd::store_n(yv, a.y + t * a.sy_t + r * a.sy_r, nc);
+    }
+  }
+  for (int j = 0; j < nc; ++j)
+    for (int64_t n = 0; n < N; ++n) a.state[j * a.s_state + n] = h[n * W + j];
+}
+
+template <class T>
+void scan_block_scalar(const ScanBlock<T>& a) {
+  scan_block<simd::F32x1>(a);
+}
+#if RF_HAVE_X86_SIMD
+template <class T>
+RF_KERNEL_AVX2 void scan_block_avx2(const ScanBlock<T>& a) {
+  scan_block<simd::F32x8>(a);
+}
+template <class T>
+RF_KERNEL_AVX512 void scan_block_avx512(const ScanBlock<T>& a) {
+  scan_block<simd::F32x16>(a);
+}
+#endif
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace recurformer
