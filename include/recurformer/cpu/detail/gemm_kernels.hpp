@@ -1,0 +1,261 @@
+// recurformer/cpu/detail/gemm_kernels.hpp: the bodies behind cpu/linear.hpp.
+//
+// y[t, o] = bias[o] + sum_k x[t, k] * w[o, k], with W stored [out, in] (HF layout), fp32 accumulation.
+//
+// GEMV (decode, a few tokens): memory-bound, so W is streamed exactly once per group of up to
+// kGemvTokens tokens. Each step loads one vector of kGemvRows weight rows (converted to fp32 in
+// registers) and uses it for every token, accumulating along k; the row sums are reduced at the end.
+//
+// GEMM (prefill): compute-bound. BLIS-style blocking: a task is an (MC tokens x NC outputs) block of
+// y; for each KC slice of k it packs W[o-block, k-slice] transposed into fp32 micro-panels
+// [NC/NR][KC][NR] (so the micro-kernel reads NR consecutive outputs per k as whole vectors) and runs
+// an MR x NR register tile (MR tokens broadcast from x rows, NR = 2 vectors of outputs) over it.
+// fp32 x is read in place; 16-bit x is converted into a fp32 block first. Partial sums live in y
+// itself when y is fp32, else in a fp32 block converted to TX at the end.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "recurformer/core/config.hpp"
+#include "recurformer/core/dtype.hpp"
+#include "recurformer/cpu/detail/simd.hpp"
+
+namespace recurformer {
+namespace cpu {
+namespace detail {
+
+/// Blocking of the linear layer (one place, so benchmarks can read it).
+struct LinearBlocking {
+  static constexpr int kGemvTokens = 4;     // tokens per pass over W in the GEMV
+  static constexpr int kGemvRows = 4;       // weight rows per GEMV step
+  static constexpr int64_t kGemvMaxTokens = 4;  // at most this many tokens take the GEMV path
+  static constexpr int kMR = 8;             // GEMM tile: tokens
+  static constexpr int kNRVectors = 2;      // GEMM tile: outputs = kNRVectors * vector width
+  static constexpr int64_t kNRMax = 32;     // the widest NR (AVX-512)
+  static constexpr int64_t kMC = 256;       // tokens per task
+  static constexpr int64_t kNC = 128;       // outputs per task (multiple of kNRMax)
+  static constexpr int64_t kKC = 128;       // k per packed slice
+};
+
+/// Everything the kernels need, as plain pointers and element strides.
+template <class TX, class TW>
+struct LinearArgs {
+  const TX* x;
+  int64_t ldx;
+  const TW* w;
+  int64_t ldw;
+  const TW* bias;  // null: no bias
+  TX* y;
+  int64_t ldy;
+  int64_t tokens, in, out;
+};
+
+inline constexpr int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+/// Floats of GEMM scratch one thread needs for these shapes (each region 64-byte aligned).
+template <class TX>
+int64_t gemm_thread_floats(int64_t tokens, int64_t in, int64_t out) {
+  using B = LinearBlocking;
+  const int64_t mc = std::min(B::kMC, round_up(tokens, B::kMR));
+  const int64_t nc = std::min(B::kNC, round_up(out, B::kNRMax));
+  const int64_t kc = std::min(B::kKC, in);
+  int64_t n = round_up(kc * nc, 16) + nc;  // packed W slice + fp32 bias row
+  if (!std::is_same_v<TX, float>) n += round_up(mc * kc, 16) + mc * nc;  // fp32 x block + y block
+  return round_up(n, 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV: y[t, o] for NT tokens and o in [o0, o1).
+template <class V, int NT, int R, class TX, class TW>
+void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
+  constexpr int W = V::width;
+  const int64_t k = a.in;
+  const TW* w = a.w + o * a.ldw;
+  V acc[NT][R];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+  int64_t i = 0;
+  for (; i + W <= k; i += W) {
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = V::load(w + r * a.ldw + i);
+    for (int t = 0; t < NT; ++t) {
+      const V xv = V::load(x + t * a.ldx + i);
+      for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
+    }
+  }
+  if (i < k) {
+    const int n = int(k - i);
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = V::load_partial(w + r * a.ldw + i, n);
+    for (int t = 0; t < NT; ++t) {
+      const V xv = V::load_partial(x + t * a.ldx + i, n);
+      for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float b = a.bias ? to_float(a.bias[o + r]) : 0.f;
+    for (int t = 0; t < NT; ++t) y[t * a.ldy + o + r] = from_float<TX>(acc[t][r].reduce_add() + b);
+  }
+}
+
+template <class V, int NT, class TX, class TW>
+void gemv_rows(const LinearArgs<TX, TW>& a, int64_t t0, int64_t o0, int64_t o1) {
+  constexpr int R = LinearBlocking::kGemvRows;
+  const TX* x = a.x + t0 * a.ldx;
+  TX* y = a.y + t0 * a.ldy;
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) gemv_tile<V, NT, R>(a, x, y, o);
+  for (; o < o1; ++o) gemv_tile<V, NT, 1>(a, x, y, o);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM micro-kernel: c[i, j] (+)= sum_k a[i, k] * bp[k, j] for i < rows, j < cols, MR x NR tile.
+// a: MR rows of fp32 x with row stride lda (rows past `rows` re-read row 0 and are not stored);
+// bp: packed [kc][NR]; init: fp32 row of NR initial values (bias) for the first k slice, else null
+// to continue from c.
+template <class V, int MR, int NV>
+void gemm_micro(int64_t kc, const float* a, int64_t lda, int rows, const float* bp,
+                const float* init, float* c, int64_t ldc, int cols) {
+  constexpr int W = V::width, NR = NV * W;
+  const float* ar[MR];
+  for (int i = 0; i < MR; ++i) ar[i] = a + (i < rows ? i : 0) * lda;
+  V acc[MR][NV];
+  if (init) {
+    for (int j = 0; j < NV; ++j) {
+      const V b = V::load(init + j * W);
+      for (int i = 0; i < MR; ++i) acc[i][j] = b;
+    }
+  } else {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j)
+        acc[i][j] = i < rows ? V::load_partial(c + i * ldc + j * W, cols - j * W) : V::zero();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    V b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = V::load(bp + k * NR + j * W);
+    for (int i = 0; i < MR; ++i) {
+      const V av = V::broadcast(ar[i][k]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = fma(av, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR && i < rows; ++i)
+    for (int j = 0; j < NV; ++j) {
+      if (cols >= (j + 1) * W)
+        acc[i][j].store(c + i * ldc + j * W);
+      else if (cols > j * W)
+        acc[i][j].store_partial(c + i * ldc + j * W, cols - j * W);
+    }
+}
+
+// bp[p][k][j] = w[p * NR + j, k] as fp32 for k < kc, zero for output rows past nc.
+template <int NR, class TW>
+void gemm_pack_w(const TW* w, int64_t ldw, int64_t nc, int64_t kc, float* bp) {
+  for (int64_t p = 0; p * NR < nc; ++p) {
+    float* panel = bp + p * kc * NR;
+    for (int j = 0; j < NR; ++j) {
+      const int64_t o = p * NR + j;
+      if (o < nc) {
+        const TW* row = w + o * ldw;
+        for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = to_float(row[k]);
+      } else {
+        for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = 0.f;
+      }
+    }
+  }
+}
+
+// dst[r, :n] = src[r, :n] converted, for r < rows.
+template <class V, class S, class D>
+void convert_block(int64_t rows, int64_t n, const S* src, int64_t lds, D* dst, int64_t ldd) {
+  constexpr int W = V::width;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) V::load(src + r * lds + i).store(dst + r * ldd + i);
+    if (i < n) V::load_partial(src + r * lds + i, int(n - i)).store_partial(dst + r * ldd + i, int(n - i));
+  }
+}
+
+// One GEMM task: y[t0:t1, o0:o1] with `ws` = gemm_thread_floats<TX>() floats of scratch.
+template <class V, class TX, class TW>
+void gemm_block(const LinearArgs<TX, TW>& a, int64_t t0, int64_t t1, int64_t o0, int64_t o1,
+                float* ws) {
+  using B = LinearBlocking;
+  constexpr int MR = B::kMR, NV = B::kNRVectors, NR = NV * V::width;
+  constexpr bool kFloatX = std::is_same_v<TX, float>;
+  const int64_t mc = t1 - t0, nc = o1 - o0;
+  const int64_t kc_max = std::min(B::kKC, a.in);
+  float* bp = ws;
+  float* bias = bp + round_up(kc_max * std::min(B::kNC, round_up(a.out, B::kNRMax)), 16);
+  const int64_t nc_pad = round_up(nc, NR);
+  for (int64_t j = 0; j < nc_pad; ++j) bias[j] = a.bias && j < nc ? to_float(a.bias[o0 + j]) : 0.f;
+  // fp32 accumulator: y itself, or a block converted at the end
+  float* c;
+  int64_t ldc;
+  float* xbuf = nullptr;
+  if constexpr (kFloatX) {
+    c = a.y + t0 * a.ldy + o0;
+    ldc = a.ldy;
+  } else {
+    xbuf = bias + std::min(B::kNC, round_up(a.out, B::kNRMax));
+    c = xbuf + round_up(std::min(B::kMC, round_up(a.tokens, B::kMR)) * kc_max, 16);
+    ldc = nc_pad;
+  }
+  for (int64_t k0 = 0; k0 < a.in; k0 += B::kKC) {
+    const int64_t kc = std::min(B::kKC, a.in - k0);
+    gemm_pack_w<NR>(a.w + o0 * a.ldw + k0, a.ldw, nc, kc, bp);
+    const float* xa;
+    int64_t lda;
+    if constexpr (kFloatX) {
+      xa = a.x + t0 * a.ldx + k0;
+      lda = a.ldx;
+    } else {
+      convert_block<V>(mc, kc, a.x + t0 * a.ldx + k0, a.ldx, xbuf, kc);
+      xa = xbuf;
+      lda = kc;
+    }
+    for (int64_t p = 0; p < nc_pad / NR; ++p) {
+      const int cols = int(std::min<int64_t>(NR, nc - p * NR));
+      for (int64_t i0 = 0; i0 < mc; i0 += MR) {
+        const int rows = int(std::min<int64_t>(MR, mc - i0));
+        gemm_micro<V, MR, NV>(kc, xa + i0 * lda, lda, rows, bp + p * kc * NR,
+                              k0 == 0 ? bias + p * NR : nullptr, c + i0 * ldc + p * NR, ldc, cols);
+      }
+    }
+  }
+  if constexpr (!kFloatX) convert_block<V>(mc, nc, c, ldc, a.y + t0 * a.ldy + o0, a.ldy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ISA entry points (vector values never cross them).
+template <int NT, class TX, class TW>
+void gemv_scalar(const LinearArgs<TX, TW>* a, int64_t t0, int64_t o0, int64_t o1) {
+  gemv_rows<simd::F32x1, NT>(*a, t0, o0, o1);
+}
+template <class TX, class TW>
+void gemm_scalar(const LinearArgs<TX, TW>* a, int64_t t0, int64_t t1, int64_t o0, int64_t o1, float* ws) {
+  gemm_block<simd::F32x1>(*a, t0, t1, o0, o1, ws);
+}
+#if RF_HAVE_X86_SIMD
+template <int NT, class TX, class TW>
+RF_KERNEL_AVX2 void gemv_avx2(const LinearArgs<TX, TW>* a, int64_t t0, int64_t o0, int64_t o1) {
+  gemv_rows<simd::F32x8, NT>(*a, t0, o0, o1);
+}
+template <class TX, class TW>
+RF_KERNEL_AVX2 void gemm_avx2(const LinearArgs<TX, TW>* a, int64_t t0, int64_t t1, int64_t o0, int64_t o1, float* ws) {
+  gemm_block<simd::F32x8>(*a, t0, t1, o0, o1, ws);
+}
+template <int NT, class TX, class TW>
+RF_KERNEL_AVX512 void gemv_avx512(const LinearArgs<TX, TW>* a, int64_t t0, int64_t o0, int64_t o1) {
+  gemv_rows<simd::F32x16, NT>(*a, t0, o0, o1);
+}
+template <class TX, class TW>
+RF_KERNEL_AVX512 void gemm_avx512(const LinearArgs<TX, TW>* a, int64_t t0, int64_t t1, int64_t o0, int64_t o1, float* ws) {
+  gemm_block<simd::F32x16>(*a, t0, t1, o0, o1, ws);
+}
+#endif
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace recurformer

@@ -1,0 +1,82 @@
+// recurformer/cpu/embedding.hpp: CPU embedding lookup (ops/embedding.hpp).
+//
+// A gather of table rows: a plain copy when the types match, a vector conversion otherwise.
+// Tokens are split into one contiguous block per thread.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "recurformer/cpu/detail/isa.hpp"
+#include "recurformer/cpu/detail/simd.hpp"
+#include "recurformer/ops/embedding.hpp"
+
+namespace recurformer {
+namespace cpu {
+namespace detail {
+
+// out[t, :] = table[ids[t], :] converted to T, for t in [0, tokens).
+template <class V, class T, class TW>
+void embedding_rows(int64_t tokens, int64_t d, const TW* table, int64_t ldt, const int32_t* ids,
+                    int64_t ids_stride, T* out, int64_t ldo) {
+  constexpr int W = V::width;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const TW* src = table + int64_t(ids[t * ids_stride]) * ldt;
+    T* dst = out + t * ldo;
+    int64_t i = 0;
+    for (; i + W <= d; i += W) V::load(src + i).store(dst + i);
+    if (i < d) V::load_partial(src + i, int(d - i)).store_partial(dst + i, int(d - i));
+  }
+}
+
+template <class T, class TW>
+void embedding_scalar(int64_t tokens, int64_t d, const TW* table, int64_t ldt, const int32_t* ids,
+                      int64_t ids_stride, T* out, int64_t ldo) {
+  embedding_rows<simd::F32x1>(tokens, d, table, ldt, ids, ids_stride, out, ldo);
+}
+#if RF_HAVE_X86_SIMD
+template <class T, class TW>
+RF_KERNEL_AVX2 void embedding_avx2(int64_t tokens, int64_t d, const TW* table, int64_t ldt,
+                                   const int32_t* ids, int64_t ids_stride, T* out, int64_t ldo) {
+  embedding_rows<simd::F32x8>(tokens, d, table, ldt, ids, ids_stride, out, ldo);
+}
+template <class T, class TW>
+RF_KERNEL_AVX512 void embedding_avx512(int64_t tokens, int64_t d, const TW* table, int64_t ldt,
+                                       const int32_t* ids, int64_t ids_stride, T* out, int64_t ldo) {
+  embedding_rows<simd::F32x16>(tokens, d, table, ldt, ids, ids_stride, out, ldo);
+}
+#endif
+
+}  // namespace detail
+}  // namespace cpu
+
+template <class T, class TW>
+void embedding(const EmbeddingParams<T, TW>& p, CpuExec exec) {
+  check(p);
+  const int64_t d = p.table.shape[1];
+  if (d == 0) return;
+  exec.parallel_for(p.ids.shape[0], [&](int64_t b, int64_t e, int) {
+    const int32_t* ids = p.ids.data + b * p.ids.stride[0];
+    T* out = p.out.data + b * p.out.stride[0];
+    const int64_t ldt = p.table.stride[0], ldo = p.out.stride[0], ids_stride = p.ids.stride[0];
+    if constexpr (std::is_same_v<T, TW>) {
+      for (int64_t t = 0; t < e - b; ++t)
+        std::memcpy(out + t * ldo, p.table.data + int64_t(ids[t * ids_stride]) * ldt,
+                    size_t(d) * sizeof(T));
+      return;
+    }
+    switch (cpu::active_isa()) {
+#if RF_HAVE_X86_SIMD
+      case cpu::Isa::avx512:
+        return cpu::detail::embedding_avx512(e - b, d, p.table.data, ldt, ids, ids_stride, out, ldo);
+      case cpu::Isa::avx2:
+        return cpu::detail::embedding_avx2(e - b, d, p.table.data, ldt, ids, ids_stride, out, ldo);
+#endif
+      default:
+        return cpu::detail::embedding_scalar(e - b, d, p.table.data, ldt, ids, ids_stride, out, ldo);
+    }
+  });
+}
+
+}  // namespace recurformer

@@ -1,0 +1,196 @@
+// linear: y = x W^T + b against a double reference, in every required (activation, weight) dtype
+// pair and every ISA, on both paths (GEMV for <= 4 tokens, blocked GEMM above) at shapes that cut
+// every block edge: tokens 1..5, MR-1, MR, MR+1, 37 and past the MC block; in not a multiple of 16
+// and past KC; out = 1, NR-1, NR+1 and past NC. Plus strided rows, bias on/off and bad input.
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "recurformer/cpu/linear.hpp"
+#include "support/test_util.hpp"
+
+using namespace recurformer;
+
+namespace {
+
+template <class TX_, class TW_>
+struct Pair {
+  using TX = TX_;
+  using TW = TW_;
+};
+using Pairs = std::tuple<Pair<float, float>, Pair<float, half>, Pair<float, bfloat16>,
+                         Pair<half, half>, Pair<bfloat16, bfloat16>>;
+
+template <class T>
+bool same_bits(T a, T b) {
+  return std::memcmp(&a, &b, sizeof a) == 0;
+}
+
+ThreadPool& pool() {
+  static ThreadPool p(2);
+  return p;
+}
+
+// A dot product's rounding error is bounded relative to sum |x_k w_k|, not to |sum x_k w_k|
+// (cancellation), and the kernels sum in a different order than the reference. So each element is
+// checked as |y - e| <= rel * (|b| + sum |x_k w_k|) + abs with the dtype's Tolerance: for fp32 the
+// worst-case accumulation error in <= 300 terms is 300 * 2^-24 = 1.8e-5 < rel = 2e-5 (factor 1);
+// for 16-bit y the output rounding (<= 2^-9 |e|) dominates and is covered by the same budget.
+template <class TX>
+void check_linear_close(const std::string& what, const std::vector<TX>& y, int64_t ldy,
+                        int64_t tokens, int64_t out, const std::vector<double>& expected,
+                        const std::vector<double>& magnitude) {
+  using Tol = rftest::Tolerance<TX>;
+  int64_t bad = 0, worst = -1;
+  double worst_excess = 0;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t o = 0; o < out; ++o) {
+      const double a = double(float(y[size_t(t * ldy + o)])), e = expected[size_t(t * out + o)];
+      const double lim = Tol::rel * magnitude[size_t(t * out + o)] + Tol::abs;
+      const double excess = std::isnan(a) ? 1e300 : std::fabs(a - e) / lim;
+      if (!(excess <= 1.0)) {
+        ++bad;
+        if (excess > worst_excess) worst_excess = excess, worst = t * out + o;
+      }
+    }
+  INFO(what << ": " << bad << " elements out of tolerance; worst [" << worst / std::max<int64_t>(out, 1)
+            << ", " << worst % std::max<int64_t>(out, 1) << "] at " << worst_excess << "x the limit");
+  REQUIRE(bad == 0);
+}
+
+template <class TX, class TW>
+void run_linear(int64_t tokens, int64_t in, int64_t out, bool with_bias, bool strided) {
+  const int64_t ldx = in + (strided ? 3 : 0), ldw = in + (strided ? 5 : 0), ldy = out + (strided ? 2 : 0);
+  const auto x = rftest::random_vector<TX>(size_t(tokens * ldx));
+  const auto w = rftest::random_vector<TW>(size_t(out * ldw));
+  const auto b = rftest::random_vector<TW>(size_t(out));
+  std::vector<double> expected(size_t(tokens * out)), magnitude(size_t(tokens * out));
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = with_bias ? double(float(b[size_t(o)])) : 0.0, m = std::fabs(s);
+      for (int64_t k = 0; k < in; ++k) {
+        const double p = double(float(x[size_t(t * ldx + k)])) * double(float(w[size_t(o * ldw + k)]));
+        s += p;
+        m += std::fabs(p);
+      }
+      expected[size_t(t * out + o)] = s;
+      magnitude[size_t(t * out + o)] = m;
+    }
+
+  LinearParams<TX, TW> p;
+  p.x = make_strided_view(x.data(), {tokens, in}, {ldx, 1});
+  p.weight = make_strided_view(w.data(), {out, in}, {ldw, 1});
+  if (with_bias) p.bias = make_view(b.data(), {out});
+  const TX sentinel(7.f);
+  std::vector<TX> y(size_t(tokens * ldy), sentinel);
+  p.y = make_strided_view(y.data(), {tokens, out}, {ldy, 1});
+  const CpuExec exec{&pool()};
+  std::vector<unsigned char> ws(linear_workspace_bytes(p, exec));
+
+  rftest::for_each_isa([&] {
+    std::fill(y.begin(), y.end(), sentinel);
+    linear(p, exec, ws.data(), ws.size());
+    check_linear_close(std::string("linear ") + std::to_string(tokens) + "x" + std::to_string(in) +
+                           " -> " + std::to_string(out),
+                       y, ldy, tokens, out, expected, magnitude);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t o = out; o < ldy; ++o) REQUIRE(same_bits(y[size_t(t * ldy + o)], sentinel));
+  });
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("linear matches a double reference", "[linear]", Pairs) {
+  using TX = typename TestType::TX;
+  using TW = typename TestType::TW;
+  struct Shape {
+    int64_t in, out;
+  };
+  // in: 1, not a multiple of 16, past KC = 128 (three k slices); out: 1, NR-1, NR+1, past NC = 128
+  for (Shape s : {Shape{1, 1}, Shape{17, 33}, Shape{40, 31}, Shape{300, 129}})
+    for (int64_t tokens : {1, 2, 3, 4, 5, 7, 8, 9, 37}) {
+      INFO("tokens " << tokens << ", in " << s.in << ", out " << s.out);
+      run_linear<TX, TW>(tokens, s.in, s.out, false, false);
+      run_linear<TX, TW>(tokens, s.in, s.out, true, true);
+    }
+  // past the MC = 256 token block
+  run_linear<TX, TW>(260, 70, 45, true, false);
+}
+
+TEST_CASE("linear rejects bad input and leaves y untouched", "[linear]") {
+  const int64_t tokens = 9, in = 20, out = 12;
+  auto x = rftest::random_vector<float>(size_t(2 * tokens * in));  // room for a stride-2 view
+  auto w = rftest::random_vector<bfloat16>(size_t(out * in));
+  auto b = rftest::random_vector<bfloat16>(size_t(out));
+  std::vector<float> y(size_t(tokens * out), 7.f);
+  const CpuExec exec{&pool()};
+  auto good = [&] {
+    LinearParams<float, bfloat16> p;
+    p.x = make_view(x.data(), {tokens, in});
+    p.weight = make_view(w.data(), {out, in});
+    p.bias = make_view(b.data(), {out});
+    p.y = make_view(y.data(), {tokens, out});
+    return p;
+  };
+  std::vector<unsigned char> ws(linear_workspace_bytes(good(), exec));
+  REQUIRE(ws.size() > 0);
+  auto expect_throw = [&](const LinearParams<float, bfloat16>& p, const char* what, size_t bytes) {
+    INFO(what);
+    REQUIRE_THROWS_AS(linear(p, exec, ws.data(), bytes), Error);
+    try {
+      linear(p, exec, ws.data(), bytes);
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      INFO(msg);
+      REQUIRE(msg.rfind("linear", 0) == 0);
+      REQUIRE(msg.find(what) != std::string::npos);
+    }
+    for (float v : y) REQUIRE(v == 7.f);
+  };
+  auto p = good();
+  p.weight = make_view(w.data(), {out, in - 1});
+  expect_throw(p, "weight", ws.size());
+  p = good();
+  p.x.data = nullptr;
+  expect_throw(p, "x", ws.size());
+  p = good();
+  p.bias = make_view(b.data(), {out - 1});
+  expect_throw(p, "bias", ws.size());
+  p = good();
+  p.y = make_view(y.data(), {tokens, out - 1});
+  expect_throw(p, "y", ws.size());
+  p = good();
+  p.x = make_strided_view<const float>(x.data(), {tokens, in}, {2 * in, 2});
+  expect_throw(p, "unit stride", ws.size());
+  p = good();
+  p.x = make_view(x.data(), {tokens, int64_t(0)});
+  p.weight = make_view(w.data(), {out, int64_t(0)});
+  expect_throw(p, "at least one column", ws.size());
+  expect_throw(good(), "workspace", ws.size() - 1);
+  REQUIRE_THROWS_AS(linear(good(), exec, nullptr, ws.size()), Error);
+  for (float v : y) REQUIRE(v == 7.f);
+  // the GEMV path needs no workspace; a larger buffer than needed is fine
+  auto one = good();
+  one.x = make_view(x.data(), {int64_t(1), in});
+  one.y = make_view(y.data(), {int64_t(1), out});
+  REQUIRE(linear_workspace_bytes(one, exec) == 0);
+  REQUIRE_NOTHROW(linear(one, exec, nullptr, 0));
+  REQUIRE_NOTHROW(linear(good(), exec, ws.data(), ws.size() + 100));
+}
+
+TEST_CASE("linear workspace grows with the token count", "[linear]") {
+  LinearParams<half, half> p;
+  std::vector<half> x(600 * 300), w(300 * 300), y(600 * 300);
+  const CpuExec exec{&pool()};
+  size_t prev = 0;
+  for (int64_t tokens : {1, 4, 5, 8, 9, 100, 256, 257, 600}) {
+    p.x = make_view<const half>(x.data(), {tokens, 300});
+    p.weight = make_view<const half>(w.data(), {300, 300});
+    p.y = make_view(y.data(), {tokens, 300});
+    const size_t n = linear_workspace_bytes(p, exec);
+    REQUIRE(n >= prev);
+    prev = n;
+  }
+}
