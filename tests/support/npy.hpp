@@ -49,7 +49,7 @@ struct Array {
     const char* want = std::is_same<T, float>::value ? "<f4" : "<i4";
     if (descr != want)
       throw std::runtime_error("npy: " + path + " has dtype '" + descr + "', expected '" + want + "'");
-    std::vector<T> v(size_t(numel()));
+    std::vector<T> v(static_cast<size_t>(numel()));
     if (!v.empty()) std::memcpy(v.data(), bytes.data(), v.size() * sizeof(T));  // x86: little-endian
     return v;
   }
