@@ -1,0 +1,258 @@
+// recurformer/model/detail/llama_impl.hpp: LlamaModel's implementation (see model/llama.hpp).
+//
+// The weight dtype is a run-time property of the file; it becomes the template argument TW here,
+// once, through dispatch_dtype (LlamaModel's constructor). Every op runs on the caller's exec;
+// parallelism is inside the ops.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+
+#include "recurformer/cpu/embedding.hpp"
+#include "recurformer/cpu/linear.hpp"
+#include "recurformer/cpu/rmsnorm.hpp"
+#include "recurformer/cpu/swiglu.hpp"
+#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/model/detail/llama_weights.hpp"
+#include "recurformer/ops/rope.hpp"
+
+namespace recurformer {
+namespace detail {
+
+class LlamaImplBase {
+ public:
+  virtual ~LlamaImplBase() = default;
+  virtual DType weight_dtype() const = 0;
+  virtual size_t workspace_bytes(const LlamaBatch& b, const LlamaCache& cache, LogitsRows rows, CpuExec exec) const = 0;
+  virtual void forward(const LlamaBatch& b, LlamaCache& cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
+                       void* ws, size_t ws_bytes, const LayerInputHook& hook) const = 0;
+};
+
+/// Carves aligned float buffers out of the workspace (or only counts, when base is null).
+struct WorkspaceCarver {
+  unsigned char* base = nullptr;
+  size_t used = 0;
+  template <class E>
+  E* take(int64_t n) {
+    used = (used + 63) & ~size_t(63);
+    E* p = base ? reinterpret_cast<E*>(base + used) : nullptr;
+    used += size_t(n) * sizeof(E);
+    return p;
+  }
+};
+
+template <class TW>
+class LlamaImpl final : public LlamaImplBase {
+ public:
+  template <class Ckpt>
+  LlamaImpl(const Ckpt& ck, const ModelConfig& c) : cfg_(c) {
+    bind_llama_weights<TW>(ck, c, w_);
+    inv_freq_ = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+  }
+  DType weight_dtype() const override { return dtype_of<TW>(); }
+
+  size_t workspace_bytes(const LlamaBatch& b, const LlamaCache& cache, LogitsRows rows, CpuExec exec) const override {
+    Buffers buf;
+    return carve(b, rows, cache, exec, nullptr, buf);
+  }
+
+  void forward(const LlamaBatch& b, LlamaCache& cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
+               void* ws, size_t ws_bytes, const LayerInputHook& hook) const override {
+    const char* op = "model forward";
+    check_batch(b, cache);
+    const int64_t T = b.tokens.shape[0], S = b.slots.shape[0], V = cfg_.vocab_size, d = cfg_.d_model;
+    const int64_t R = rows == LogitsRows::all ? T : S;
+    detail::check_shape(op, "logits", logits, {R, V});
+    detail::check_inner_contiguous(op, "logits", logits);
+    for (int64_t t = 0; t < T; ++t)
+      RF_CHECK(b.tokens(t) >= 0 && b.tokens(t) < V, op, ": token id ", b.tokens(t), " at ", t,
+               " is outside the model's vocabulary [0, ", V, ")");
+    counts_.resize(size_t(S));
+    for (int64_t s = 0; s < S; ++s) counts_[size_t(s)] = b.cu_seqlens(s + 1) - b.cu_seqlens(s);
+    const View<const int32_t, 1> counts = make_view<const int32_t>(counts_.data(), {S});
+    cache.check_append(b.slots, counts);  // before anything is written
+    Buffers buf;
+    const size_t need = carve(b, rows, cache, exec, static_cast<unsigned char*>(ws), buf);
+    RF_CHECK(ws && ws_bytes >= need, op, ": workspace of ", ws_bytes, " bytes, ", need, " needed");
+
+    auto x = make_view(buf.x, {T, d});
+    auto xn = make_view(buf.xn, {T, d});
+    auto tmp = make_view(buf.tmp, {T, d});
+    const int64_t F = cfg_.ffn;
+    auto gate = make_view(buf.gate, {T, F});
+    auto up = make_view(buf.up, {T, F});
+
+    embedding(EmbeddingParams<float, TW>{w_.embed, b.tokens, x}, exec);
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      const LlamaLayerWeights<TW>& L = w_.layers[size_t(l)];
+      rmsnorm(RmsNormParams<float, float>{x, L.attn_norm, xn, cfg_.rms_eps}, exec);
+      if (hook) hook(l, xn, b);
+      auto hp = layer_params(l, b, cache, xn, tmp);
+      hybrid_head_attention(hp, exec, buf.layer_ws, buf.layer_ws_bytes);
+      add_inplace(x, tmp, exec);
+      rmsnorm(RmsNormParams<float, float>{x, L.mlp_norm, xn, cfg_.rms_eps}, exec);
+      linear(LinearParams<float, TW>{xn, L.gate, {}, gate}, exec, buf.lin_ws, buf.lin_ws_bytes);
+      linear(LinearParams<float, TW>{xn, L.up, {}, up}, exec, buf.lin_ws, buf.lin_ws_bytes);
+      swiglu(SwigluParams<float>{gate, up, gate}, exec);
+      linear(LinearParams<float, TW>{gate, L.down, {}, tmp}, exec, buf.lin_ws, buf.lin_ws_bytes);
+      add_inplace(x, tmp, exec);
+    }
+    cache.advance(b.slots, counts);
+    // Final norm and lm_head on the rows asked for.
+    View<float, 2> sel = xn;
+    if (rows == LogitsRows::last) {
+      sel = make_view(buf.sel, {S, d});
+      for (int64_t s = 0; s < S; ++s)
+        std::memcpy(sel.ptr(s, 0), x.ptr(b.cu_seqlens(s + 1) - 1, 0), size_t(d) * sizeof(float));
+      rmsnorm(RmsNormParams<float, float>{sel, w_.final_norm, sel, cfg_.rms_eps}, exec);
+    } else {
+      rmsnorm(RmsNormParams<float, float>{x, w_.final_norm, xn, cfg_.rms_eps}, exec);
+    }
+    linear(LinearParams<float, TW>{sel, w_.lm_head, {}, logits}, exec, buf.lin_ws, buf.lin_ws_bytes);
+  }
+
+ private:
+  struct Buffers {
+    float *x = nullptr, *xn = nullptr, *tmp = nullptr, *gate = nullptr, *up = nullptr, *sel = nullptr;
+    void* layer_ws = nullptr;
+    size_t layer_ws_bytes = 0;
+    void* lin_ws = nullptr;
+    size_t lin_ws_bytes = 0;
+  };
+
+  void check_batch(const LlamaBatch& b, const LlamaCache& cache) const {
+    const char* op = "model forward";
+    detail::check_shape(op, "tokens", b.tokens, {-1});
+    detail::check_shape(op, "cu_seqlens", b.cu_seqlens, {-1});
+    const int64_t S = b.cu_seqlens.shape[0] - 1;
+    RF_CHECK(S >= 1, op, ": cu_seqlens needs at least 2 entries");
+    detail::check_shape(op, "slots", b.slots, {S});
+    RF_CHECK(b.tokens.shape[0] >= 1, op, ": empty batch");
+    RF_CHECK(b.cu_seqlens(0) == 0 && b.cu_seqlens(S) == b.tokens.shape[0], op,
+             ": cu_seqlens must start at 0 and end at the token count ", b.tokens.shape[0]);
+    for (int64_t s = 0; s < S; ++s)
+      RF_CHECK(b.cu_seqlens(s + 1) > b.cu_seqlens(s), op, ": sequence ", s, " is empty (cu_seqlens must increase)");
+    const HybridCacheConfig& cc = cache.config();
+    RF_CHECK(cc.n_layers == cfg_.n_layers && cc.n_kv == cfg_.n_kv && cc.head_dim == cfg_.head_dim, op,
+             ": the cache was made for another model shape");
+  }
+
+  HybridHeadAttentionParams<float, TW> layer_params(int l, const LlamaBatch& b, LlamaCache& cache,
+                                                    View<const float, 2> x, View<float, 2> out) const {
+    const LlamaLayerWeights<TW>& L = w_.layers[size_t(l)];
+    HybridHeadAttentionParams<float, TW> p;
+    p.x = x;
+    p.out = out;
+    p.weights.wq = L.wq, p.weights.wk = L.wk, p.weights.wv = L.wv, p.weights.wo = L.wo;
+    p.weights.bq = L.bq, p.weights.bk = L.bk, p.weights.bv = L.bv;
+    p.weights.recurrent = L.recurrent.empty() ? nullptr : L.recurrent.data();
+    p.weights.n_recurrent = int(L.recurrent.size());
+    p.cache = &cache;
+    p.layer = l;
+    p.n_q = cfg_.n_q;
+    p.cu_seqlens = b.cu_seqlens;
+    p.slots = b.slots;
+    p.inv_freq = make_view<const float>(inv_freq_.data(), {int64_t(inv_freq_.size())});
+    p.rope_layout = cfg_.rope_layout;
+    return p;
+  }
+
+  // Lays the buffers out from `base` (or only sizes them when base is null); returns the bytes.
+  size_t carve(const LlamaBatch& b, LogitsRows rows, const LlamaCache& cache, CpuExec exec, unsigned char* base,
+               Buffers& buf) const {
+    const int64_t T = b.tokens.shape[0], S = b.slots.shape[0], d = cfg_.d_model, F = cfg_.ffn;
+    WorkspaceCarver c{base, 0};
+    buf.x = c.take<float>(T * d);
+    buf.xn = c.take<float>(T * d);
+    buf.tmp = c.take<float>(T * d);
+    buf.gate = c.take<float>(T * F);
+    buf.up = c.take<float>(T * F);
+    buf.sel = c.take<float>(S * d);
+    // Sizes of the inner ops' scratch: shapes only (a dummy non-null pointer satisfies the checks;
+    // the queries never dereference it).
+    static float dummy[1];
+    auto shaped = [](int64_t r, int64_t k) { return make_view(dummy, {r, k}); };
+    size_t layer_ws = 0, lin_ws = 0;
+    LlamaCache& mc = const_cast<LlamaCache&>(cache);  // the query only reads the lengths
+    for (int l = 0; l < cfg_.n_layers; ++l)
+      layer_ws = std::max(layer_ws, hybrid_head_attention_workspace_bytes(
+                                        layer_params(l, b, mc, shaped(T, d), shaped(T, d)), exec));
+    const LlamaLayerWeights<TW>& L0 = w_.layers[0];
+    const int64_t R = rows == LogitsRows::all ? T : S;
+    for (auto q : {LinearParams<float, TW>{shaped(T, d), L0.gate, {}, shaped(T, F)},
+                   LinearParams<float, TW>{shaped(T, F), L0.down, {}, shaped(T, d)},
+                   LinearParams<float, TW>{shaped(R, d), w_.lm_head, {}, shaped(R, cfg_.vocab_size)}})
+      lin_ws = std::max(lin_ws, linear_workspace_bytes(q, exec));
+    buf.layer_ws = c.take<unsigned char>(int64_t(layer_ws));
+    buf.layer_ws_bytes = layer_ws;
+    buf.lin_ws = c.take<unsigned char>(int64_t(lin_ws));
+    buf.lin_ws_bytes = lin_ws;
+    return c.used + 64;
+  }
+
+  static void add_inplace(View<float, 2> x, View<const float, 2> y, CpuExec exec) {
+    const int64_t n = x.shape[1];
+    exec.parallel_for(x.shape[0], [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* a = x.ptr(r, 0);
+        const float* c = y.ptr(r, 0);
+        for (int64_t i = 0; i < n; ++i) a[i] += c[i];
+      }
+    });
+  }
+
+  ModelConfig cfg_;
+  LlamaWeights<TW> w_;
+  std::vector<float> inv_freq_;
+  mutable std::vector<int32_t> counts_;
+};
+
+}  // namespace detail
+
+inline LlamaModel::LlamaModel(std::shared_ptr<const Checkpoint> checkpoint) : ckpt_(std::move(checkpoint)) {
+  RF_CHECK(ckpt_, "LlamaModel: null checkpoint");
+  const ModelConfig& c = ckpt_->config();
+  RF_CHECK(c.n_layers >= 1, "LlamaModel: the model has no layers");
+  const std::string q0 = "model.layers.0.self_attn.q_proj.weight";
+  RF_CHECK(ckpt_->has(q0), "model: tensor ", q0, " is missing from the checkpoint");
+  dispatch_dtype("model weights", ckpt_->tensor(q0).dtype, [&](auto tag) {
+    using TW = typename decltype(tag)::type;
+    impl_ = std::make_shared<detail::LlamaImpl<TW>>(*ckpt_, c);
+  });
+}
+
+inline LlamaModel LlamaModel::open(const std::string& path) {
+  return LlamaModel(std::make_shared<const Checkpoint>(Checkpoint::open(path)));
+}
+
+inline const ModelConfig& LlamaModel::config() const { return ckpt_->config(); }
+inline DType LlamaModel::weight_dtype() const { return impl_->weight_dtype(); }
+
+inline HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity) const {
+  const ModelConfig& c = config();
+  HybridCacheConfig cc;
+  cc.n_layers = c.n_layers;
+  cc.n_kv = c.n_kv;
+  cc.head_dim = c.head_dim;
+  cc.layout = c.head_layout();
+  if (c.recurformer) {
+    cc.recurrent = c.recurformer->recurrent;
+    cc.streaming = c.recurformer->streaming;
+  }
+  cc.slots = slots;
+  cc.capacity = capacity;
+  return cc;
+}
+
+inline size_t LlamaModel::forward_workspace_bytes(const LlamaBatch& batch, const LlamaCache& cache, LogitsRows rows,
+                                                  CpuExec exec) const {
+  return impl_->workspace_bytes(batch, cache, rows, exec);
+}
+
+inline void LlamaModel::forward(const LlamaBatch& batch, LlamaCache& cache, View<float, 2> logits, LogitsRows rows,
+                                CpuExec exec, void* workspace, size_t workspace_bytes,
+                                const LayerInputHook& hook) const {
+  impl_->forward(batch, cache, logits, rows, exec, workspace, workspace_bytes, hook);
+}
+
+}  // namespace recurformer

@@ -1,0 +1,150 @@
+// recurformer/model/llama.hpp: the Llama / RecurFormer forward pass over a Checkpoint.
+//
+//   x = embed(tokens)
+//   per layer: x += HybridHeadAttention(rmsnorm(x))      (any head layout, reads/appends the cache)
+//              x += down(swiglu(gate(h), up(h))),  h = rmsnorm(x)
+//   logits = lm_head(rmsnorm(x))  for the last token of each sequence (decode) or every token
+//
+// Activations are fp32; weights are used as stored (f32, f16 or bf16; TW below, dispatched once
+// when the model is opened); the cache holds fp32 K/V and states (HybridCache<float>). A batch is
+// a set of packed sequences, each with its own cache slot (continuous batching): a prefill chunk,
+// a decode step of many slots, or a mix. The caller owns the workspace (forward_workspace_bytes);
+// LlamaSession below keeps one and only grows it, so steady-state decode allocates nothing.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "recurformer/cache/hybrid_cache.hpp"
+#include "recurformer/core/dispatch.hpp"
+#include "recurformer/core/exec.hpp"
+#include "recurformer/core/view.hpp"
+#include "recurformer/model/checkpoint.hpp"
+#include "recurformer/model/config.hpp"
+
+namespace recurformer {
+
+/// The cache a LlamaModel reads and appends.
+using LlamaCache = HybridCache<float>;
+
+/// A batch of packed sequences.
+struct LlamaBatch {
+  View<const int32_t, 1> tokens;      // [T] token ids, sequence s = [cu[s], cu[s+1])
+  View<const int32_t, 1> cu_seqlens;  // [S+1]
+  View<const int32_t, 1> slots;       // [S] cache slot of each sequence (distinct)
+};
+
+/// Which rows of logits forward() writes.
+enum class LogitsRows : uint8_t {
+  last,  ///< [S, vocab]: the last token of each sequence (generation)
+  all,   ///< [T, vocab]: every token (perplexity, tests)
+};
+
+/// Called once per layer with the RMS-normalised input of its attention block ([T, d_model]), before
+/// the layer runs: calibration computes q and k from it.
+using LayerInputHook = std::function<void(int layer, View<const float, 2> x_normed, const LlamaBatch& batch)>;
+
+namespace detail {
+class LlamaImplBase;
+}
+
+class LlamaModel {
+ public:
+  /// Opens a HF directory or a .gguf file (Checkpoint::open) and binds its weights.
+  static LlamaModel open(const std::string& path);
+  /// Binds the weights of an opened checkpoint, which the model keeps alive.
+  explicit LlamaModel(std::shared_ptr<const Checkpoint> checkpoint);
+
+  const ModelConfig& config() const;
+  const Checkpoint& checkpoint() const { return *ckpt_; }
+  DType weight_dtype() const;
+  /// The head layout served (all attention for a plain Llama).
+  HeadLayout head_layout() const { return config().head_layout(); }
+
+  /// A cache config for `slots` sequences of up to `capacity` tokens each.
+  HybridCacheConfig cache_config(int slots, int64_t capacity) const;
+  LlamaCache make_cache(int slots, int64_t capacity) const { return LlamaCache(cache_config(slots, capacity)); }
+
+  /// Workspace forward() needs for this batch at the cache's current lengths.
+  size_t forward_workspace_bytes(const LlamaBatch& batch, const LlamaCache& cache, LogitsRows rows, CpuExec exec) const;
+
+  /// Runs the batch, appends it to the cache (all layers, then the slots' lengths advance) and
+  /// writes logits [S or T, vocab]. Throws before changing anything when a slot would overflow, a
+  /// token id is out of range or the batch is malformed.
+  void forward(const LlamaBatch& batch, LlamaCache& cache, View<float, 2> logits, LogitsRows rows,
+               CpuExec exec, void* workspace, size_t workspace_bytes, const LayerInputHook& hook = {}) const;
+
+ private:
+  std::shared_ptr<const Checkpoint> ckpt_;
+  std::shared_ptr<const detail::LlamaImplBase> impl_;
+};
+
+/// A model, a cache and a workspace: the convenient way to run sequences.
+class LlamaSession {
+ public:
+  /// `chunk`: the most tokens one forward pass takes (longer prompts are prefilled in chunks).
+  LlamaSession(const LlamaModel& model, int slots, int64_t capacity, CpuExec exec, int64_t chunk = 256)
+      : model_(&model), cache_(model.make_cache(slots, capacity)), exec_(exec), chunk_(chunk) {
+    RF_CHECK(chunk >= 1, "LlamaSession: chunk must be >= 1");
+  }
+  const LlamaModel& model() const { return *model_; }
+  LlamaCache& cache() { return cache_; }
+  int64_t vocab() const { return model_->config().vocab_size; }
+
+  /// Feeds tokens to one slot (appending to what it holds), in chunks; returns the logits of the
+  /// last token [vocab] (valid until the next call). all_logits: every token's row, [n, vocab].
+  const std::vector<float>& prefill(int slot, const int32_t* tokens, int64_t n, std::vector<float>* all_logits = nullptr,
+                                    const LayerInputHook& hook = {}) {
+    RF_CHECK(n >= 1, "prefill: no tokens");
+    RF_CHECK(cache_.length(slot) + n <= cache_.capacity(), "prefill: ", n, " tokens do not fit in slot ", slot,
+             " (holds ", cache_.length(slot), " of ", cache_.capacity(), " tokens; raise the context size)");
+    if (all_logits) all_logits->resize(size_t(n * vocab()));
+    for (int64_t b = 0; b < n; b += chunk_) {
+      const int64_t m = std::min(chunk_, n - b);
+      const int32_t cu[2] = {0, int32_t(m)}, sl[1] = {slot};
+      LlamaBatch batch{make_view(tokens + b, {m}), make_view(cu, {2}), make_view(sl, {1})};
+      const LogitsRows rows = all_logits ? LogitsRows::all : LogitsRows::last;
+      float* out = all_logits ? all_logits->data() + b * vocab() : nullptr;
+      run(batch, rows, rows == LogitsRows::all ? m : 1, out, hook);
+    }
+    return last_;
+  }
+  /// One decode step: token[i] appended to slots[i]; returns logits [n, vocab].
+  const std::vector<float>& decode(const int32_t* slots, const int32_t* tokens, int n) {
+    cu_.resize(size_t(n) + 1);
+    for (int i = 0; i <= n; ++i) cu_[size_t(i)] = i;
+    LlamaBatch batch{make_view(tokens, {int64_t(n)}), make_view<const int32_t>(cu_.data(), {int64_t(n) + 1}),
+                     make_view(slots, {int64_t(n)})};
+    run(batch, LogitsRows::last, n, nullptr, {});
+    return last_;
+  }
+  const std::vector<float>& decode(int slot, int32_t token) { return decode(&slot, &token, 1); }
+
+ private:
+  void run(const LlamaBatch& batch, LogitsRows rows, int64_t n_rows, float* out, const LayerInputHook& hook) {
+    const size_t need = model_->forward_workspace_bytes(batch, cache_, rows, exec_);
+    if (ws_.size() < need) ws_.resize(need);
+    float* dst = out;
+    if (!dst) {
+      last_.resize(size_t(n_rows * vocab()));
+      dst = last_.data();
+    }
+    model_->forward(batch, cache_, make_view(dst, {n_rows, vocab()}), rows, exec_, ws_.data(), ws_.size(), hook);
+    if (out) last_.assign(out + (n_rows - 1) * vocab(), out + n_rows * vocab());
+  }
+
+  const LlamaModel* model_;
+  LlamaCache cache_;
+  CpuExec exec_;
+  int64_t chunk_;
+  std::vector<unsigned char> ws_;
+  std::vector<float> last_;
+  std::vector<int32_t> cu_;
+};
+
+}  // namespace recurformer
+
+#include "recurformer/model/detail/llama_impl.hpp"
