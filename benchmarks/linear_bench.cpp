@@ -1,0 +1,103 @@
+// The linear layer at Llama-3.2-1B shapes (d_model 2048, q_proj 2048x2048, k/v_proj 512x2048,
+// gate/up 8192x2048, down 2048x8192, lm_head 128256x2048), fp32 activations with fp32 or bf16
+// weights.
+//  - GEMV (decode, 1 token): memory-bound; "bytes/s" counts the weight bytes read, to be set
+//    against BM_MemoryCopy's bytes/s in the same run.
+//  - GEMM (prefill, 512 tokens): compute-bound; "flop/s" = 2 * tokens * in * out per second, to be
+//    set against BM_FmaPeak, the fp32 FMA throughput of the same threads on register-only work.
+#include <cstdint>
+#include <vector>
+
+#include "bench_util.hpp"
+#include "recurformer/cpu/detail/isa.hpp"
+#include "recurformer/cpu/detail/simd.hpp"
+#include "recurformer/cpu/linear.hpp"
+
+using namespace recurformer;
+
+namespace {
+
+template <class TW>
+void bm_linear(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  const auto x = rfbench::random_vector<float>(size_t(tokens * in));
+  const auto w = rfbench::random_vector<TW>(size_t(out * in), -0.05f, 0.05f);
+  std::vector<float> y(size_t(tokens * out));
+  LinearParams<float, TW> p;
+  p.x = make_view(x.data(), {tokens, in});
+  p.weight = make_view(w.data(), {out, in});
+  p.y = make_view(y.data(), {tokens, out});
+  const auto exec = rfbench::cpu_exec();
+  std::vector<unsigned char> ws(linear_workspace_bytes(p, exec));
+  for (auto _ : st) {
+    linear(p, exec, ws.data(), ws.size());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  rfbench::set_rate(st, "bytes/s", double(out * in) * sizeof(TW));  // weights read
+  rfbench::set_rate(st, "flop/s", 2.0 * double(tokens * in * out));
+  st.counters["threads"] = exec.threads();
+}
+
+void bm_linear_f32(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  bm_linear<float>(st, tokens, in, out);
+}
+void bm_linear_bf16(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  bm_linear<bfloat16>(st, tokens, in, out);
+}
+
+#define RF_LINEAR_BENCH(name, tokens, in, out)                                                     \
+  BENCHMARK_CAPTURE(bm_linear_f32, name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime(); \
+  BENCHMARK_CAPTURE(bm_linear_bf16, name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime()
+
+RF_LINEAR_BENCH(gemv_q_proj, 1, 2048, 2048);
+RF_LINEAR_BENCH(gemv_kv_proj, 1, 2048, 512);
+RF_LINEAR_BENCH(gemv_gate_proj, 1, 2048, 8192);
+RF_LINEAR_BENCH(gemv_down_proj, 1, 8192, 2048);
+// fp32 lm_head would be 1 GiB of weights on a shared 24 GiB machine: bf16 only
+BENCHMARK_CAPTURE(bm_linear_bf16, gemv_lm_head, 1, 2048, 128256)->Unit(benchmark::kMillisecond)->UseRealTime();
+RF_LINEAR_BENCH(gemv4_q_proj, 4, 2048, 2048);
+RF_LINEAR_BENCH(gemm_q_proj, 512, 2048, 2048);
+RF_LINEAR_BENCH(gemm_kv_proj, 512, 2048, 512);
+RF_LINEAR_BENCH(gemm_gate_proj, 512, 2048, 8192);
+RF_LINEAR_BENCH(gemm_down_proj, 512, 8192, 2048);
+
+// The fp32 FMA ceiling: 16 independent accumulator chains per thread, no memory traffic.
+template <class V>
+float fma_loop(int64_t iters) {
+  V acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = V::broadcast(float(i));
+  const V a = V::broadcast(0.999f), b = V::broadcast(1e-3f);
+  for (int64_t n = 0; n < iters; ++n)
+    for (int i = 0; i < 16; ++i) acc[i] = fma(acc[i], a, b);
+  V s = acc[0];
+  for (int i = 1; i < 16; ++i) s = s + acc[i];
+  return s.reduce_add();
+}
+#if RF_HAVE_X86_SIMD
+RF_KERNEL_AVX512 float fma_loop_avx512(int64_t iters) { return fma_loop<cpu::simd::F32x16>(iters); }
+#endif
+
+void BM_FmaPeak(benchmark::State& st) {
+#if RF_HAVE_X86_SIMD
+  if (cpu::active_isa() != cpu::Isa::avx512) {
+    st.SkipWithError("needs AVX-512");
+    return;
+  }
+  const int64_t iters = 1 << 20;
+  const auto exec = rfbench::cpu_exec();
+  std::vector<float> sink(size_t(exec.threads()));
+  for (auto _ : st) {
+    exec.parallel_for(exec.threads(), [&](int64_t b, int64_t e, int t) {
+      for (int64_t i = b; i < e; ++i) sink[size_t(t)] += fma_loop_avx512(iters);
+    });
+    benchmark::DoNotOptimize(sink.data());
+  }
+  rfbench::set_rate(st, "flop/s", 2.0 * 16 * 16 * double(iters) * exec.threads());
+  st.counters["threads"] = exec.threads();
+#else
+  st.SkipWithError("needs x86 SIMD");
+#endif
+}
+BENCHMARK(BM_FmaPeak)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
