@@ -850,8 +850,9 @@ inline void load_gguf(TokenizerData& d, const GgufVocab& v) {
   } else {
     bad("unsupported tokenizer model \"" + v.model + "\" (supported: llama, gpt2)");
   }
+  // Unknown, control and user-defined tokens are matched in the text as a whole, as llama.cpp does.
   for (size_t i = 0; i < n; ++i)
-    if (type(i) == 3 || type(i) == 4) d.added.push_back({v.tokens[i], int32_t(i), type(i) == 3, false, false, false});
+    if (type(i) >= 2 && type(i) <= 4) d.added.push_back({v.tokens[i], int32_t(i), type(i) != 4, false, false, false});
   d.unk = v.unk, d.bos = v.bos, d.eos = v.eos, d.pad = v.pad;
   d.finish();
   if (v.model == "gpt2") {
