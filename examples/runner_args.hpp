@@ -1,0 +1,175 @@
+// examples/runner_args.hpp: the runner's command line (llama.cpp-style flags) and help texts.
+#pragma once
+
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "recurformer/core/error.hpp"
+
+namespace runner {
+
+struct Args {
+  std::string command;              // generate, calibrate, convert, perplexity, bench; "" = main job
+  std::string model, prompt, file, out, scores, device = "cpu", init = "default";
+  int n_predict = 64;
+  int64_t ctx = 4096;
+  bool ctx_set = false;
+  int threads = 0;
+  float temp = 0.8f, top_p = 0.95f;
+  int top_k = 40;
+  uint64_t seed = 0x5eed;
+  int window = 16;
+  double ratio = -1, threshold = -1;
+  int min_attention_per_layer = 0;
+  int dt_rank = 8;
+  int batch = 256;                  // prefill chunk
+  std::vector<int64_t> contexts;    // bench -c list
+  int n_decode = 32;                // bench decode tokens
+  bool help = false;
+};
+
+inline const char* kMainHelp =
+    "usage: recurformer [COMMAND] [OPTIONS]\n"
+    "\n"
+    "Turns a Llama into a RecurFormer (recency-aware KV groups served by a selective scan instead of\n"
+    "a KV cache) and runs it on the CPU.\n"
+    "\n"
+    "commands:\n"
+    "  (none)      the main job on a built-in random-weight model (no download): calibrate, convert\n"
+    "              half of the KV groups, and generate with the original and the RecurFormer\n"
+    "  generate    generate text from a prompt\n"
+    "  calibrate   measure each KV group's recency score on a text (JSON + SVG heatmap)\n"
+    "  convert     write a RecurFormer checkpoint from a model and its scores\n"
+    "  perplexity  llama.cpp's perplexity protocol on a text file\n"
+    "  bench       prefill / decode speed and cache bytes at several context sizes\n"
+    "\n"
+    "`recurformer COMMAND --help` lists the command's options.\n";
+
+inline const char* kCommonHelp =
+    "  -m, --model PATH     Hugging Face model directory or .gguf file\n"
+    "  -t, --threads N      CPU threads (default: all cores)\n"
+    "  --device cpu         where to run (only cpu in this build)\n"
+    "  -h, --help           this text\n";
+
+inline std::string command_help(const std::string& cmd) {
+  if (cmd == "generate")
+    return std::string("usage: recurformer generate -m MODEL -p PROMPT [options]\n\n") + kCommonHelp +
+           "  -p, --prompt TEXT    the prompt\n"
+           "  -f, --file PATH      read the prompt from a file\n"
+           "  -n, --n-predict N    tokens to generate (default 64)\n"
+           "  -c, --ctx-size N     context size in tokens (default 4096)\n"
+           "  -b, --batch-size N   prefill chunk in tokens (default 256)\n"
+           "  --temp T             temperature; 0 = greedy (default 0.8)\n"
+           "  --top-k K            keep the K most likely tokens; 0 = all (default 40)\n"
+           "  --top-p P            nucleus: keep the smallest set with mass >= P (default 0.95)\n"
+           "  --seed S             sampling seed (default 24301)\n";
+  if (cmd == "calibrate")
+    return std::string("usage: recurformer calibrate -m MODEL -f TEXT [-o SCORES.json] [options]\n\n") + kCommonHelp +
+           "  -f, --file PATH      calibration text\n"
+           "  -o, --output PATH    scores JSON (default scores.json); the heatmap goes beside it (.svg)\n"
+           "  -c, --ctx-size N     tokens per calibration sequence (default 512)\n"
+           "  --window W           recency window in tokens (default 16)\n";
+  if (cmd == "convert")
+    return std::string("usage: recurformer convert -m MODEL --scores S.json (--ratio R | --threshold X) -o DIR\n\n") +
+           kCommonHelp +
+           "  --scores PATH        scores JSON written by `calibrate`\n"
+           "  --ratio R            make the fraction R of all KV groups recurrent (highest scores first)\n"
+           "  --threshold X        make every KV group with score >= X recurrent\n"
+           "  --min-attention-per-layer K   keep at least K attention groups in every layer (default 0)\n"
+           "  --init default       initialisation of the new tensors (spec section 3; only `default`)\n"
+           "  --dt-rank R          rank of the step projection (default 8)\n"
+           "  --seed S             seed of the initialisation\n"
+           "  -o, --output DIR     output directory (a HF directory)\n";
+  if (cmd == "perplexity")
+    return std::string("usage: recurformer perplexity -m MODEL -f TEXT [-c N]\n\n") + kCommonHelp +
+           "  -f, --file PATH      text file (e.g. wiki.test.raw)\n"
+           "  -c, --ctx-size N     chunk size in tokens (default 512)\n";
+  if (cmd == "bench")
+    return std::string("usage: recurformer bench -m MODEL [-c 512,4096,32768] [options]\n\n") + kCommonHelp +
+           "  -c, --ctx-size LIST  context depths, comma separated (default 512,4096,32768)\n"
+           "  -b, --batch-size N   prefill tokens measured at each depth (default 256)\n"
+           "  -n, --n-predict N    decode steps measured at each depth (default 32)\n";
+  return kMainHelp;
+}
+
+namespace args_detail {
+inline int64_t to_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
+  char* end = nullptr;
+  errno = 0;
+  const long long x = std::strtoll(v.c_str(), &end, 10);
+  RF_CHECK(!v.empty() && end && *end == '\0' && errno == 0, flag, ": expected an integer, got \"", v, "\"");
+  RF_CHECK(x >= lo && x <= hi, flag, ": ", x, " is out of range [", lo, ", ", hi, "]");
+  return x;
+}
+inline double to_num(const std::string& flag, const std::string& v) {
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  RF_CHECK(!v.empty() && end && *end == '\0' && std::isfinite(x), flag, ": expected a number, got \"", v, "\"");
+  return x;
+}
+}  // namespace args_detail
+
+inline Args parse_args(int argc, char** argv) {
+  using args_detail::to_int;
+  using args_detail::to_num;
+  Args a;
+  int i = 1;
+  if (i < argc && argv[i][0] != '-') {
+    a.command = argv[i++];
+    static const char* known[] = {"generate", "calibrate", "convert", "perplexity", "bench", "help"};
+    bool ok = false;
+    for (const char* k : known) ok = ok || a.command == k;
+    RF_CHECK(ok, "unknown command \"", a.command, "\" (commands: generate, calibrate, convert, perplexity, bench)");
+    if (a.command == "help") a.command.clear(), a.help = true;
+  }
+  for (; i < argc; ++i) {
+    const std::string f = argv[i];
+    auto val = [&]() -> std::string {
+      RF_CHECK(i + 1 < argc, f, ": missing value");
+      return argv[++i];
+    };
+    if (f == "-h" || f == "--help") a.help = true;
+    else if (f == "-m" || f == "--model") a.model = val();
+    else if (f == "-p" || f == "--prompt") a.prompt = val();
+    else if (f == "-f" || f == "--file") a.file = val();
+    else if (f == "-o" || f == "--output") a.out = val();
+    else if (f == "-n" || f == "--n-predict") a.n_predict = int(to_int(f, val(), 0, 1 << 24));
+    else if (f == "-c" || f == "--ctx-size") {
+      const std::string v = val();
+      a.ctx_set = true;
+      a.contexts.clear();
+      size_t b = 0;
+      while (b <= v.size()) {
+        const size_t e = std::min(v.find(',', b), v.size());
+        a.contexts.push_back(to_int(f, v.substr(b, e - b), 1, int64_t(1) << 30));
+        b = e + 1;
+      }
+      a.ctx = a.contexts.front();
+    } else if (f == "-t" || f == "--threads") a.threads = int(to_int(f, val(), 1, 1024));
+    else if (f == "-b" || f == "--batch-size") a.batch = int(to_int(f, val(), 1, 1 << 20));
+    else if (f == "--temp") a.temp = float(to_num(f, val()));
+    else if (f == "--top-k") a.top_k = int(to_int(f, val(), 0, 1 << 30));
+    else if (f == "--top-p") a.top_p = float(to_num(f, val()));
+    else if (f == "--seed") a.seed = uint64_t(to_int(f, val(), 0, INT64_MAX));
+    else if (f == "--device") a.device = val();
+    else if (f == "--window") a.window = int(to_int(f, val(), 1, 1 << 20));
+    else if (f == "--scores") a.scores = val();
+    else if (f == "--ratio") a.ratio = to_num(f, val());
+    else if (f == "--threshold") a.threshold = to_num(f, val());
+    else if (f == "--min-attention-per-layer") a.min_attention_per_layer = int(to_int(f, val(), 0, 1 << 20));
+    else if (f == "--init") a.init = val();
+    else if (f == "--dt-rank") a.dt_rank = int(to_int(f, val(), 1, 1 << 16));
+    else recurformer::fail("unknown option \"", f, "\" (see --help)");
+  }
+  if (a.device != "cpu") {
+    RF_CHECK(a.device == "cuda", "--device: unknown device \"", a.device, "\" (cpu or cuda)");
+    recurformer::fail("--device cuda: this runner is not built with CUDA support yet (only --device cpu)");
+  }
+  return a;
+}
+
+}  // namespace runner

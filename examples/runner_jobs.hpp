@@ -1,0 +1,405 @@
+// examples/runner_jobs.hpp: what each runner command does, as functions the tests can call.
+// Output goes to `out` (results) and `err` (progress lines); errors are recurformer::Error.
+#pragma once
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <memory>
+#include <ostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "recurformer/model/calibrate.hpp"
+#include "recurformer/model/checkpoint.hpp"
+#include "recurformer/model/convert.hpp"
+#include "recurformer/model/llama.hpp"
+#include "recurformer/model/perplexity.hpp"
+#include "recurformer/model/random_model.hpp"
+#include "recurformer/model/sampling.hpp"
+#include "recurformer/model/tokenizer.hpp"
+#include "runner_args.hpp"
+
+namespace runner {
+
+using namespace recurformer;
+using Clock = std::chrono::steady_clock;
+
+inline double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+inline std::string human_bytes(int64_t b) {
+  char buf[32];
+  if (b >= (int64_t(1) << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", double(b) / double(int64_t(1) << 30));
+  else if (b >= (1 << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", double(b) / double(1 << 20));
+  else if (b >= (1 << 10)) std::snprintf(buf, sizeof buf, "%.1f KiB", double(b) / double(1 << 10));
+  else std::snprintf(buf, sizeof buf, "%lld B", (long long)b);
+  return buf;
+}
+inline std::string bytes_by_kind(const CacheBytes& c) {
+  return "attention " + human_bytes(c.attention) + ", recurrent " + human_bytes(c.recurrent) + ", streaming " +
+         human_bytes(c.streaming) + ", total " + human_bytes(c.total);
+}
+
+inline std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  RF_CHECK(f, path, ": cannot open for reading");
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+/// A model and its tokenizer, checked against each other.
+struct Loaded {
+  std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<Tokenizer> tok;
+};
+
+inline Tokenizer tokenizer_of(const Checkpoint& ck) {
+  if (const GgufTokenizerData* g = ck.gguf_tokenizer()) {
+    GgufVocab v;
+    v.model = g->model, v.pre = g->pre, v.tokens = g->tokens, v.scores = g->scores, v.token_types = g->token_types;
+    v.merges = g->merges, v.bos = g->bos, v.eos = g->eos, v.unk = g->unk, v.pad = g->pad;
+    v.add_bos = g->add_bos, v.add_eos = g->add_eos, v.add_space_prefix = g->add_space_prefix;
+    return Tokenizer::from_gguf(v);
+  }
+  RF_CHECK(!ck.tokenizer_json().empty(), ck.path().string(), ": no tokenizer.json in the model directory");
+  return Tokenizer::from_hf(ck.path().string());
+}
+
+inline Loaded load(const std::string& path) {
+  RF_CHECK(!path.empty(), "no model given (-m PATH)");
+  RF_CHECK(recurformer::detail::path_exists(path), path, ": no such file or directory");
+  Loaded l;
+  auto ck = std::make_shared<const Checkpoint>(Checkpoint::open(path));
+  l.model = std::make_unique<LlamaModel>(ck);
+  l.tok = std::make_unique<Tokenizer>(tokenizer_of(*ck));
+  RF_CHECK(l.tok->vocab_size() <= ck->config().vocab_size, path, ": the tokenizer has ", l.tok->vocab_size(),
+           " tokens but the model's vocabulary has ", ck->config().vocab_size, ": they do not belong together");
+  return l;
+}
+
+inline int threads_of(const Args& a) { return a.threads > 0 ? a.threads : int(std::max(1u, std::thread::hardware_concurrency())); }
+
+struct GenerateStats {
+  int64_t prompt_tokens = 0, generated = 0;
+  double prefill_s = 0, decode_s = 0;
+  CacheBytes cache;
+  std::vector<int32_t> ids;
+  std::string text;
+};
+
+/// Tokenizes the prompt, prefills, then samples up to n tokens (stopping at EOS), streaming text.
+inline GenerateStats generate(const Loaded& m, const std::string& prompt, int n, int64_t ctx, int chunk,
+                              const SamplingParams& sp, CpuExec exec, std::ostream* stream) {
+  const ModelConfig& c = m.model->config();
+  std::vector<int32_t> ids = m.tok->encode(prompt, true);
+  RF_CHECK(!ids.empty(), "generate: the prompt is empty (and the tokenizer adds no BOS)");
+  RF_CHECK(int64_t(ids.size()) <= ctx, "generate: the prompt has ", ids.size(), " tokens, more than the context of ",
+           ctx, " (raise -c)");
+  const int64_t budget = std::min<int64_t>(n, ctx - int64_t(ids.size()));
+  LlamaSession s(*m.model, 1, ctx, exec, chunk);
+  GenerateStats st;
+  st.prompt_tokens = int64_t(ids.size());
+  auto t0 = Clock::now();
+  std::vector<float> logits = s.prefill(0, ids.data(), int64_t(ids.size()));
+  st.prefill_s = seconds_since(t0);
+  Sampler sampler(sp);
+  StreamDecoder dec = m.tok->stream_decoder(true);
+  auto emit = [&](const std::string& piece) {
+    st.text += piece;
+    if (stream) *stream << piece << std::flush;
+  };
+  auto t1 = Clock::now();
+  for (int64_t i = 0; i < budget; ++i) {
+    const int32_t next = sampler.sample(logits.data(), c.vocab_size);
+    st.ids.push_back(next);
+    ++st.generated;
+    bool eos = next == m.tok->eos_id();
+    for (int e : c.eos_token_ids) eos = eos || next == e;
+    if (next < m.tok->vocab_size()) emit(dec.push(next));
+    if (eos || i + 1 == budget) break;
+    logits = s.decode(0, next);
+  }
+  emit(dec.flush());
+  st.decode_s = seconds_since(t1);
+  st.cache = s.cache().bytes().held;
+  return st;
+}
+
+inline void print_generate_stats(std::ostream& out, const GenerateStats& st) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "prefill: %lld tokens in %.3f s (%.1f tokens/s); decode: %lld tokens in %.3f s (%.1f tokens/s)\n",
+                (long long)st.prompt_tokens, st.prefill_s, double(st.prompt_tokens) / std::max(st.prefill_s, 1e-9),
+                (long long)st.generated, st.decode_s,
+                st.generated > 1 ? double(st.generated - 1) / std::max(st.decode_s, 1e-9) : 0.0);
+  out << buf << "cache (" << st.prompt_tokens + st.generated - 1 << " tokens, fp32): " << bytes_by_kind(st.cache) << "\n";
+}
+
+inline int run_generate(const Args& a, std::ostream& out, std::ostream& err) {
+  std::string prompt = a.prompt;
+  if (!a.file.empty()) prompt = read_file(a.file);
+  RF_CHECK(!prompt.empty(), "generate: no prompt (-p TEXT or -f FILE)");
+  Loaded m = load(a.model);
+  ThreadPool pool(threads_of(a));
+  const auto st = generate(m, prompt, a.n_predict, a.ctx, a.batch, SamplingParams{a.temp, a.top_k, a.top_p, a.seed},
+                           CpuExec{&pool}, &out);
+  out << "\n\n";
+  print_generate_stats(err, st);
+  return 0;
+}
+
+inline CalibrationResult calibrate_text(const Loaded& m, const std::string& text, int seq_len, int window, CpuExec exec,
+                                        std::ostream& err) {
+  const std::vector<int32_t> ids = m.tok->encode(text, true);
+  CalibrationOptions o;
+  o.seq_len = seq_len;
+  o.window = window;
+  return calibrate(*m.model, ids, o, exec, [&](int64_t done, int64_t total) {
+    err << "\rcalibrate: sequence " << done << "/" << total << std::flush;
+    if (done == total) err << "\n";
+  });
+}
+
+inline std::string svg_path_for(const std::string& json_path) {
+  const size_t dot = json_path.rfind('.');
+  const size_t slash = json_path.rfind('/');
+  return (dot != std::string::npos && (slash == std::string::npos || dot > slash) ? json_path.substr(0, dot) : json_path) +
+         ".svg";
+}
+
+inline void write_calibration(const CalibrationResult& r, const std::string& model, const std::string& json_path,
+                              std::ostream& out) {
+  recurformer::detail::write_text(json_path, calibration_to_json(r, model));
+  recurformer::detail::write_text(svg_path_for(json_path), calibration_to_svg(r));
+  out << "scores of " << r.n_layers << " layers x " << r.n_kv << " KV groups over " << r.sequences << " sequences ("
+      << r.tokens << " tokens, window " << r.window << ") -> " << json_path << ", heatmap -> " << svg_path_for(json_path)
+      << "\n";
+}
+
+inline int run_calibrate(const Args& a, std::ostream& out, std::ostream& err) {
+  RF_CHECK(!a.file.empty(), "calibrate: no text (-f FILE)");
+  const std::string text = read_file(a.file);
+  Loaded m = load(a.model);
+  ThreadPool pool(threads_of(a));
+  const auto r = calibrate_text(m, text, a.ctx_set ? int(a.ctx) : 512, a.window, CpuExec{&pool}, err);
+  write_calibration(r, a.model, a.out.empty() ? "scores.json" : a.out, out);
+  return 0;
+}
+
+/// Prints the cache of the original and the converted layout at 4K and 32K tokens (fp32 cache).
+inline void print_cache_saving(const ModelConfig& c, const RecurFormerConfig& rf, std::ostream& out) {
+  HybridCacheConfig orig, conv;
+  orig.n_layers = conv.n_layers = c.n_layers;
+  orig.n_kv = conv.n_kv = c.n_kv;
+  orig.head_dim = conv.head_dim = c.head_dim;
+  orig.layout = HeadLayout::uniform(c.n_layers, c.n_kv, HeadKind::attention);
+  conv.layout = rf.layout;
+  conv.recurrent = rf.recurrent;
+  conv.streaming = rf.streaming;
+  for (int64_t T : {int64_t(4096), int64_t(32768)}) {
+    const CacheBytes a = hybrid_cache_spec_bytes(orig, T, 4), b = hybrid_cache_spec_bytes(conv, T, 4);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.1f%%", 100.0 * double(b.total) / double(a.total));
+    out << "cache per sequence at " << T / 1024 << "K tokens (fp32): original " << human_bytes(a.total)
+        << ", RecurFormer " << human_bytes(b.total) << " (" << buf << ")\n";
+  }
+}
+
+inline void convert_model(const std::string& model, const CalibrationScores& scores, const Args& a,
+                          const std::string& out_dir, std::ostream& out) {
+  RF_CHECK(a.init == "default", "convert: --init ", a.init, " is not supported (only default)");
+  RF_CHECK((a.ratio >= 0) != (a.threshold >= 0), "convert: give exactly one of --ratio R or --threshold X");
+  RF_CHECK(!out_dir.empty(), "convert: no output directory (-o DIR)");
+  const Checkpoint ck = Checkpoint::open(model);
+  const ModelConfig& c = ck.config();
+  RF_CHECK(int(scores.group_mean.size()) == c.n_layers, "convert: the scores have ", scores.group_mean.size(),
+           " layers, the model ", c.n_layers, " (scores of another model?)");
+  HeadSelection sel;
+  if (a.ratio >= 0) sel.rule = HeadSelection::Rule::ratio, sel.ratio = a.ratio;
+  else sel.rule = HeadSelection::Rule::threshold, sel.threshold = a.threshold;
+  sel.min_attention_per_layer = a.min_attention_per_layer;
+  ConvertOptions o;
+  o.layout = select_head_layout(scores.group_mean, sel);
+  o.recurrent.dt_rank = a.dt_rank;
+  o.recency_window = scores.window;
+  o.seed = a.seed;
+  for (const auto& row : scores.group_mean) o.recency_scores.emplace_back(row.begin(), row.end());
+  convert_to_recurformer(ck, o, out_dir);
+  out << "converted " << o.layout.count(HeadKind::recurrent) << " of " << c.n_layers * c.n_kv
+      << " KV groups to recurrent -> " << out_dir << "\n";
+  print_cache_saving(c, convert_config(c, o), out);
+}
+
+inline int run_convert(const Args& a, std::ostream& out, std::ostream&) {
+  RF_CHECK(!a.model.empty(), "convert: no model given (-m PATH)");
+  RF_CHECK(!a.scores.empty(), "convert: no scores given (--scores S.json, written by `recurformer calibrate`)");
+  convert_model(a.model, parse_calibration_scores(read_file(a.scores), a.scores), a, a.out, out);
+  return 0;
+}
+
+inline int run_perplexity(const Args& a, std::ostream& out, std::ostream& err) {
+  RF_CHECK(!a.file.empty(), "perplexity: no text (-f FILE)");
+  const std::string text = read_file(a.file);
+  Loaded m = load(a.model);
+  ThreadPool pool(threads_of(a));
+  const int n_ctx = a.ctx_set ? int(a.ctx) : 512;
+  const std::vector<int32_t> ids = m.tok->encode(text, true);
+  const int32_t bos = m.tok->add_bos() ? m.tok->bos_id() : -1;
+  err << "perplexity: " << ids.size() << " tokens, " << ids.size() / size_t(n_ctx) << " chunks of " << n_ctx << "\n";
+  LlamaSession s(*m.model, 1, n_ctx, CpuExec{&pool}, std::min(a.batch, n_ctx));
+  std::vector<float> all;
+  auto t0 = Clock::now();
+  const auto r = perplexity(
+      ids, n_ctx, m.model->config().vocab_size, bos,
+      [&](const int32_t* t, int n, float* logits) {
+        s.cache().reset(0);
+        s.prefill(0, t, n, &all);
+        std::copy(all.begin(), all.end(), logits);
+      },
+      [&](int c, double ppl) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "[%d]%.4f,", c + 1, ppl);
+        out << buf << std::flush;
+      });
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "\nFinal estimate: PPL = %.4f +/- %.5f\n", r.ppl, r.ppl_error);
+  out << buf;
+  err << "perplexity: " << r.n_scored << " predictions in " << std::fixed << std::setprecision(1) << seconds_since(t0)
+      << " s\n";
+  return 0;
+}
+
+/// Fills the first `depth` tokens of a slot with synthetic keys, values and states (no forward
+/// pass), so decode speed at depth can be measured at once.
+inline void fill_synthetic(LlamaCache& cache, int slot, int64_t depth, uint64_t seed) {
+  recurformer::detail::RandomStream rs(seed);
+  const int64_t hd = cache.head_dim();
+  for (int l = 0; l < cache.n_layers(); ++l) {
+    for (View<float, 4> kv : {cache.keys(l), cache.values(l)})
+      for (int64_t g = 0; g < kv.shape[1]; ++g)
+        for (int64_t t = 0; t < depth; ++t)
+          for (int64_t i = 0; i < hd; ++i) kv(slot, g, t, i) = rs.uniform_std(0.5f);
+    View<float, 4> st = cache.ssm_states(l);
+    for (int64_t g = 0; g < st.shape[1]; ++g)
+      for (int64_t c = 0; c < st.shape[2]; ++c)
+        for (int64_t n = 0; n < st.shape[3]; ++n) st(slot, g, c, n) = rs.uniform_std(0.1f);
+    for (View<float, 4> kv : {cache.stream_keys(l), cache.stream_values(l)})
+      for (int64_t g = 0; g < kv.shape[1]; ++g)
+        for (int64_t t = 0; t < kv.shape[2]; ++t)
+          for (int64_t i = 0; i < hd; ++i) kv(slot, g, t, i) = rs.uniform_std(0.5f);
+  }
+  const int32_t sl[1] = {slot}, cnt[1] = {int32_t(depth)};
+  cache.advance(make_view(sl, {1}), make_view(cnt, {1}));
+}
+
+struct BenchPoint {
+  int64_t ctx = 0;
+  double prefill_tps = 0, decode_tps = 0;
+  CacheBytes cache;
+};
+
+/// Prefill of `prefill` tokens and `decode` single-token steps ending at depth ctx.
+inline BenchPoint bench_at(const LlamaModel& model, int64_t ctx, int prefill, int decode, CpuExec exec) {
+  RF_CHECK(ctx > prefill + decode, "bench: context ", ctx, " must exceed the ", prefill, " prefill + ", decode,
+           " decode tokens measured");
+  LlamaSession s(model, 1, ctx, exec, prefill);
+  fill_synthetic(s.cache(), 0, ctx - prefill - decode, 99);
+  const int64_t V = model.config().vocab_size;
+  std::vector<int32_t> toks(static_cast<size_t>(prefill));
+  for (int i = 0; i < prefill; ++i) toks[size_t(i)] = int32_t((i * 7919) % V);
+  BenchPoint p;
+  p.ctx = ctx;
+  auto t0 = Clock::now();
+  s.prefill(0, toks.data(), prefill);
+  p.prefill_tps = prefill / seconds_since(t0);
+  auto t1 = Clock::now();
+  for (int i = 0; i < decode; ++i) s.decode(0, int32_t((i * 31) % V));
+  p.decode_tps = decode / seconds_since(t1);
+  p.cache = s.cache().bytes().held;
+  return p;
+}
+
+inline int run_bench(const Args& a, std::ostream& out, std::ostream& err) {
+  Loaded m = load(a.model);
+  ThreadPool pool(threads_of(a));
+  const std::vector<int64_t> ctxs = a.contexts.empty() ? std::vector<int64_t>{512, 4096, 32768} : a.contexts;
+  const ModelConfig& c = m.model->config();
+  out << "model " << a.model << ": " << c.n_layers << " layers, d_model " << c.d_model << ", " << c.n_q << "/" << c.n_kv
+      << " heads, weights " << dtype_name(m.model->weight_dtype()) << ", "
+      << c.head_layout().count(HeadKind::recurrent) << " of " << c.n_layers * c.n_kv << " KV groups recurrent, "
+      << threads_of(a) << " threads\n";
+  out << "(the cache is filled to depth with synthetic keys, values and states, not a forward pass)\n";
+  out << std::setw(8) << "context" << std::setw(16) << "prefill tok/s" << std::setw(16) << "decode tok/s"
+      << "  cache (fp32)\n";
+  for (int64_t ctx : ctxs) {
+    const int pre = int(std::min<int64_t>(a.batch, ctx / 2));
+    err << "bench: context " << ctx << " ...\n";
+    const BenchPoint p = bench_at(*m.model, ctx, pre, int(std::min<int64_t>(a.n_decode, ctx / 4)), CpuExec{&pool});
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%8lld%16.1f%16.2f  ", (long long)ctx, p.prefill_tps, p.decode_tps);
+    out << buf << bytes_by_kind(p.cache) << "\n";
+  }
+  return 0;
+}
+
+/// The built-in calibration text: plain English prose (public-domain style, written for this file).
+inline const char* builtin_text() {
+  return "The river ran past the old mill and under the stone bridge, where the children of the village "
+         "came every evening to throw small boats of bark into the current. Some of the boats sank at once; "
+         "others turned in slow circles near the bank before the water took them. The miller, who had watched "
+         "this game for thirty years, said that a boat which survived the first bend would reach the sea. "
+         "Nobody believed him, and everybody hoped he was right. In the spring the river rose and covered the "
+         "lower fields, and the farmers moved their sheep to the hill behind the church. In the summer it fell "
+         "so low that the wheel of the mill stood still for weeks, and the miller spent his days repairing "
+         "the roof and reading the newspapers that arrived, a week late, with the post. In the autumn the "
+         "leaves filled the channel and had to be raked out every morning. In the winter the surface froze "
+         "near the banks, and the children walked on the ice as far as they dared, listening to the water "
+         "moving underneath. Years later, when the mill had been turned into a house and the wheel into a "
+         "decoration, one of those children came back and stood on the bridge for a long time. The river was "
+         "the same; the boats, she thought, were somewhere in the sea, or at the bottom of the first bend, "
+         "and it did not matter which. She took a piece of bark from the path and let it fall into the water.";
+}
+
+/// The main job: random model -> calibrate -> convert (ratio 0.5) -> generate with both.
+inline int run_main_job(const Args& a, const std::string& home, std::ostream& out, std::ostream& err) {
+  ThreadPool pool(threads_of(a));
+  const CpuExec exec{&pool};
+  const std::string orig = home + "/llama", conv = home + "/recurformer", scores = home + "/scores.json";
+  out << "recurformer: no model given (-m), so running the main job on a built-in model.\n"
+      << "NOTE: its weights are RANDOM (seeded), so the generated text is gibberish; the point is the pipeline,\n"
+      << "the speed and the cache. Use -m with a real Llama for real text (see --help).\n\n";
+  if (ensure_random_model(orig, RandomModelSpec::default_model()))
+    out << "[1/4] wrote the random Llama (4 layers, d_model 256, 4 query / 2 KV heads) to " << orig << "\n";
+  else
+    out << "[1/4] using the random Llama in " << orig << "\n";
+  Loaded m = load(orig);
+  out << "[2/4] calibrating on the built-in text\n";
+  const auto r = calibrate_text(m, builtin_text(), 128, a.window, exec, err);
+  write_calibration(r, orig, scores, out);
+  out << "[3/4] converting half of the KV groups (--ratio 0.5)\n";
+  Args ca = a;
+  ca.ratio = 0.5, ca.threshold = -1;
+  convert_model(orig, parse_calibration_scores(read_file(scores), scores), ca, conv, out);
+  Loaded rf = load(conv);
+  const std::string prompt = a.prompt.empty() ? "The river ran past the old mill and" : a.prompt;
+  const int n = a.n_predict;
+  const SamplingParams sp{a.temp, a.top_k, a.top_p, a.seed};
+  out << "[4/4] generating " << n << " tokens from \"" << prompt << "\"\n\n--- original Llama ---\n" << prompt;
+  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, sp, exec, &out);
+  out << "\n";
+  print_generate_stats(out, s1);
+  out << "\n--- RecurFormer (" << rf.model->head_layout().count(HeadKind::recurrent) << " of "
+      << m.model->config().n_layers * m.model->config().n_kv << " KV groups recurrent) ---\n" << prompt;
+  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, sp, exec, &out);
+  out << "\n";
+  print_generate_stats(out, s2);
+  out << "\n";
+  print_cache_saving(m.model->config(), *rf.model->config().recurformer, out);
+  return 0;
+}
+
+}  // namespace runner

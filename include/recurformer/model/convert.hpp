@@ -1,0 +1,117 @@
+// recurformer/model/convert.hpp: turning a Llama into a RecurFormer checkpoint (spec sections 3, 7).
+//
+// The output directory holds the original config.json with the "recurformer" object added, the
+// tokenizer files copied, and model.safetensors with every original tensor (same names, dtypes and
+// bytes) plus, per recurrent group, the seven new tensors. The new tensors are stored in fp32
+// (they are small, and A_log / dt_bias lose meaning in 16 bits), initialised as spec section 3's
+// `default`: dt_up = 0, dt_bias = softplus^-1(Δ0) with Δ0 log-uniform in [1e-3, 1e-1] (seeded),
+// A_log[c, n] = log(n + 1), D = 0, conv identity (last tap 1), conv bias 0; dt_down is seeded
+// uniform with std 1/sqrt(d_model) (it has no effect while dt_up is 0, and gives training a start).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "recurformer/model/checkpoint.hpp"
+#include "recurformer/model/config.hpp"
+#include "recurformer/model/random_model.hpp"
+#include "recurformer/model/safetensors.hpp"
+
+namespace recurformer {
+
+struct ConvertOptions {
+  HeadLayout layout;                          ///< n_layers x n_kv kinds
+  RecurrentConfig recurrent{0, 8, 4};         ///< d_state 0: head_dim
+  StreamingConfig streaming;
+  int recency_window = 16;
+  std::vector<std::vector<float>> recency_scores;  ///< optional [layers][n_kv]
+  uint64_t seed = 0x5eed;
+  float dt_min = 1e-3f, dt_max = 1e-1f;
+};
+
+namespace detail {
+inline double softplus_inverse(double y) { return y + std::log(-std::expm1(-y)); }
+
+inline void copy_file(const std::string& from, const std::string& to) {
+  std::ifstream in(from, std::ios::binary);
+  RF_CHECK(in, from, ": cannot open for reading");
+  std::ofstream out(to, std::ios::binary);
+  RF_CHECK(out, to, ": cannot open for writing");
+  out << in.rdbuf();
+  RF_CHECK(out, to, ": write error");
+}
+}  // namespace detail
+
+/// The RecurFormer config a conversion with these options writes.
+inline RecurFormerConfig convert_config(const ModelConfig& c, const ConvertOptions& o) {
+  RecurFormerConfig rf;
+  rf.recurrent = o.recurrent;
+  if (rf.recurrent.d_state == 0) rf.recurrent.d_state = c.head_dim;
+  rf.recency_window = o.recency_window;
+  rf.streaming = o.streaming;
+  rf.layout = o.layout;
+  rf.recency_scores = o.recency_scores;
+  detail::check_recurformer(rf, c, "convert");
+  return rf;
+}
+
+/// Writes the RecurFormer checkpoint of `ck` (a HF directory) into `out_dir`.
+inline void convert_to_recurformer(const Checkpoint& ck, const ConvertOptions& o, const std::string& out_dir) {
+  RF_CHECK(ck.format() == Checkpoint::Format::safetensors, "convert: ", ck.path().string(),
+           " is a GGUF file; convert reads a Hugging Face directory (config.json + safetensors)");
+  const ModelConfig& c = ck.config();
+  RF_CHECK(!c.recurformer, "convert: ", ck.path().string(), " is already a RecurFormer (its config has a recurformer object)");
+  o.layout.check(c.n_layers, c.n_kv);
+  const RecurFormerConfig rf = convert_config(c, o);
+  const int64_t d = c.d_model, hd = c.head_dim, r = rf.recurrent.dt_rank, N = rf.recurrent.d_state,
+                Kc = rf.recurrent.conv_kernel;
+  detail::make_dirs(out_dir);
+  RF_CHECK(!std::filesystem::equivalent(ck.path(), out_dir), "convert: the output directory is the input model's");
+  std::vector<TensorRef> tensors;
+  for (const std::string& name : ck.tensor_names()) tensors.push_back(ck.tensor(name));
+  std::deque<std::vector<float>> owned;
+  std::mt19937_64 g(o.seed);
+  auto uniform = [&] { return double(g() >> 11) * (1.0 / 9007199254740992.0); };
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, std::vector<float> v) {
+    owned.push_back(std::move(v));
+    tensors.push_back({name, DType::f32, std::move(shape), owned.back().data()});
+  };
+  for (int l = 0; l < c.n_layers; ++l) {
+    for (int j : rf.layout.layers[size_t(l)].indices(HeadKind::recurrent)) {
+      const std::string p = "model.layers." + std::to_string(l) + ".self_attn.recurrent." + std::to_string(j) + ".";
+      std::vector<float> down(size_t(r * d));
+      const double a = std::sqrt(3.0 / double(d));
+      for (auto& x : down) x = float((2 * uniform() - 1) * a);
+      add(p + "dt_down.weight", {r, d}, std::move(down));
+      add(p + "dt_up.weight", {hd, r}, std::vector<float>(size_t(hd * r), 0.f));
+      std::vector<float> bias(static_cast<size_t>(hd));
+      const double lo = std::log(double(o.dt_min)), hi = std::log(double(o.dt_max));
+      for (auto& x : bias) x = float(detail::softplus_inverse(std::exp(lo + (hi - lo) * uniform())));
+      add(p + "dt_bias", {hd}, std::move(bias));
+      std::vector<float> A_log(size_t(hd * N));
+      for (int64_t ch = 0; ch < hd; ++ch)
+        for (int64_t n = 0; n < N; ++n) A_log[size_t(ch * N + n)] = float(std::log(double(n + 1)));
+      add(p + "A_log", {hd, N}, std::move(A_log));
+      add(p + "D", {hd}, std::vector<float>(static_cast<size_t>(hd), 0.f));
+      std::vector<float> conv(size_t(hd * Kc), 0.f);
+      for (int64_t ch = 0; ch < hd; ++ch) conv[size_t(ch * Kc + Kc - 1)] = 1.f;
+      add(p + "conv1d.weight", {hd, Kc}, std::move(conv));
+      add(p + "conv1d.bias", {hd}, std::vector<float>(static_cast<size_t>(hd), 0.f));
+    }
+  }
+  write_safetensors(out_dir + "/model.safetensors", tensors, {{"format", "pt"}});
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                        "tokenizer.model"}) {
+    const std::string src = (ck.path() / f).string();
+    if (detail::path_exists(src)) detail::copy_file(src, out_dir + "/" + f);
+  }
+  detail::write_text(out_dir + "/config.json", config_json_with_recurformer(ck.config_json_text(), rf));
+}
+
+}  // namespace recurformer
