@@ -16,17 +16,10 @@
 #include <string>
 #include <vector>
 
-#include "recurformer/cpu/selective_scan.hpp"
-// Transitional, while the ops land: each part builds once its CPU header is committed.
-#if __has_include("recurformer/cpu/causal_conv1d.hpp")
-#include "recurformer/cpu/causal_conv1d.hpp"
-#define RF_GOLDEN_HAVE_CONV 1
-#endif
-#if __has_include("recurformer/cpu/rope.hpp") && __has_include("recurformer/cpu/attention.hpp")
 #include "recurformer/cpu/attention.hpp"
+#include "recurformer/cpu/causal_conv1d.hpp"
 #include "recurformer/cpu/rope.hpp"
-#define RF_GOLDEN_HAVE_ATTN 1
-#endif
+#include "recurformer/cpu/selective_scan.hpp"
 #include "support/npy.hpp"
 #include "support/test_util.hpp"
 
@@ -113,7 +106,6 @@ struct MambaFixture {
     p.delta_activation = rf::DeltaActivation::softplus;
     return p;
   }
-#if RF_GOLDEN_HAVE_CONV
   rf::CausalConv1dParams<float> conv_params(const float* x, int64_t rows, float* y, float* conv_state,
                                             int64_t slots) {
     rf::CausalConv1dParams<float> p;
@@ -125,10 +117,8 @@ struct MambaFixture {
     p.activation = rf::ConvActivation::silu;
     return p;
   }
-#endif
 };
 
-#if RF_GOLDEN_HAVE_CONV
 TEST_CASE("golden mamba: causal_conv1d + SiLU over the packed prompt matches transformers", "[golden]") {
   MambaFixture f;
   Golden x = golden(kMamba, "conv_x"), want_y = golden(kMamba, "conv_y"),
@@ -147,8 +137,6 @@ TEST_CASE("golden mamba: causal_conv1d + SiLU over the packed prompt matches tra
     check_golden("conv_state", conv_state, want_state);
   });
 }
-
-#endif
 
 TEST_CASE("golden mamba: selective_scan over the packed prompt matches transformers", "[golden]") {
   MambaFixture f;
@@ -196,7 +184,6 @@ TEST_CASE("golden mamba: selective_scan over the packed prompt matches transform
   }
 }
 
-#if RF_GOLDEN_HAVE_CONV
 TEST_CASE("golden mamba: decode steps through causal_conv1d_update and selective_state_update", "[golden]") {
   MambaFixture f;
   Golden conv_state0 = golden(kMamba, "conv_state"), ssm_state0 = golden(kMamba, "ssm_state");
@@ -243,9 +230,6 @@ TEST_CASE("golden mamba: decode steps through causal_conv1d_update and selective
   });
 }
 
-#endif
-
-#if RF_GOLDEN_HAVE_ATTN
 // ------------------------------------------------------------------------------------------------
 // Llama attention: LlamaRotaryEmbedding + LlamaAttention (GQA 4/2, head_dim 64, eager, causal)
 // ------------------------------------------------------------------------------------------------
@@ -345,8 +329,6 @@ TEST_CASE("golden llama: causal GQA attention matches transformers' eager attent
     }
   }
 }
-
-#endif
 
 // ------------------------------------------------------------------------------------------------
 // The .npy reader itself
