@@ -219,6 +219,7 @@ struct Runner {
   std::vector<int> slot_of;
   std::vector<unsigned char> ws;
   ThreadPool pool{2};
+  bool threaded = true;  // false: run on the calling thread (fast on a loaded 2-core CI machine)
 
   Runner(const Model<TW>& model, int slots, int64_t capacity)
       : m(model), cache(model.cache_config(slots, capacity)) {
@@ -253,7 +254,7 @@ struct Runner {
     }
     std::vector<float> out(x.size(), -7.f);
     auto p = params(x, out, cu, slots);
-    CpuExec exec{&pool};
+    CpuExec exec{threaded ? &pool : nullptr};
     ws.resize(hybrid_head_attention_workspace_bytes(p, exec));
     hybrid_head_attention(p, exec, ws.data(), ws.size());
     cache.advance(make_view(const_cast<const int32_t*>(slots.data()), {int64_t(slots.size())}),
@@ -278,13 +279,8 @@ struct Runner {
   }
 };
 
-// Tolerance: q, k, v, the head outputs and Δ are each rounded once to T, and Wo sums 384 of the
-// rounded head outputs, so a layer output carries a few storage roundings: 4x the per-element budget.
-// fp32: the error is the fp32 accumulation over the 96-wide projections, the exp polynomial of the
-// scan and softmax, and 384-term Wo sums: 8x (measured worst about 2-3x).
-template <class T>
-constexpr double kScale = std::is_same<T, float>::value ? 8.0 : 4.0;
-
+// Tolerance: the plain per-dtype budget. q, k, v, the head outputs and Δ are each rounded once to
+// T, but Wo averages the rounding errors of 384 head outputs, so no extra factor is needed.
 template <class T, class TW>
 void check_schedule(const Model<TW>& m, const std::vector<int64_t>& lens,
                     const std::vector<std::vector<Step>>& schedule, const char* what) {
@@ -294,12 +290,14 @@ void check_schedule(const Model<TW>& m, const std::vector<int64_t>& lens,
   for (size_t s = 0; s < xs.size(); ++s) refs.push_back(reference(m, xs[s], lens[s]));
   rftest::for_each_isa([&] {
     Runner<T, TW> r(m, int(lens.size()) + 1, 40);
+    // Two threads under the best ISA; the other ISAs' bodies are the same code on one thread.
+    r.threaded = cpu::active_isa() == cpu::detected_isa();
     r.slot_of = {};
     for (size_t s = 0; s < lens.size(); ++s) r.slot_of.push_back(int(lens.size() - s));  // not the identity
     const auto outs = r.run(xs, schedule);
     for (size_t s = 0; s < xs.size(); ++s) {
       REQUIRE(int64_t(outs[s].size()) == lens[s] * kDModel);
-      rftest::check_close<T>(std::string(what) + ", sequence " + std::to_string(s), outs[s], refs[s], kScale<T>);
+      rftest::check_close<T>(std::string(what) + ", sequence " + std::to_string(s), outs[s], refs[s]);
     }
   });
 }
