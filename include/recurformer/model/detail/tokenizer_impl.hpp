@@ -478,6 +478,8 @@ struct TokenizerData {
 
 class HfLoader {
  public:
+  static constexpr int64_t kMaxVocab = int64_t(1) << 22;  // 4M ids; the largest real vocabularies are ~256K
+
   using json = nlohmann::json;
 
   HfLoader(TokenizerData& d, const std::string& source) : d_(d), src_(source) {}
@@ -514,13 +516,13 @@ class HfLoader {
   }
 
  private:
-  static bool has_type(const json& j, const char* t) {
-    if (j.is_null()) return false;
+  static bool has_type(const json& j, const char* t, int depth = 0) {
+    if (j.is_null() || depth > kMaxDepth) return false;
     if (type_of(j) == t) return true;
     for (const char* key : {"pretokenizers", "decoders", "normalizers", "processors"})
       if (j.is_object() && j.contains(key) && j[key].is_array())
         for (const auto& c : j[key])
-          if (has_type(c, t)) return true;
+          if (has_type(c, t, depth + 1)) return true;
     return false;
   }
   static bool uses_byte_level(const json& root) {
@@ -536,7 +538,7 @@ class HfLoader {
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
       if (!it.value().is_number_integer()) bad("model.vocab[\"" + it.key() + "\"] is not an integer id");
       const int64_t id = it.value().get<int64_t>();
-      if (id < 0 || id > (int64_t(1) << 24)) bad("model.vocab id " + std::to_string(id) + " out of range");
+      if (id < 0 || id >= kMaxVocab) bad("model.vocab id " + std::to_string(id) + " out of range");
       max_id = std::max(max_id, id);
     }
     if (!added_tokens.is_null() && !added_tokens.is_array()) bad("added_tokens is not an array");
@@ -546,7 +548,7 @@ class HfLoader {
             !a["content"].is_string())
           bad("an added_tokens entry lacks an integer \"id\" or a string \"content\"");
         const int64_t id = a["id"].get<int64_t>();
-        if (id < 0 || id > (int64_t(1) << 24)) bad("added token id " + std::to_string(id) + " out of range");
+        if (id < 0 || id >= kMaxVocab) bad("added token id " + std::to_string(id) + " out of range");
         max_id = std::max(max_id, id);
       }
     if (max_id < 0) bad("empty vocabulary");
@@ -618,12 +620,13 @@ class HfLoader {
     return it == d_.token_ids.end() ? -1 : it->second;
   }
 
-  void load_normalizer(const json& n) {
+  void load_normalizer(const json& n, int depth = 0) {
     if (n.is_null()) return;
+    if (depth > kMaxDepth) bad("normalizer nested deeper than " + std::to_string(kMaxDepth));
     const std::string t = type_of(n);
     if (t == "Sequence") {
       if (!n.contains("normalizers") || !n["normalizers"].is_array()) bad("normalizer Sequence without a list");
-      for (const auto& c : n["normalizers"]) load_normalizer(c);
+      for (const auto& c : n["normalizers"]) load_normalizer(c, depth + 1);
     } else if (t == "Prepend") {
       d_.normalizers.push_back({tok::NormStep::Kind::prepend, n.at("prepend").get<std::string>(), ""});
     } else if (t == "Replace") {
@@ -647,13 +650,14 @@ class HfLoader {
     bad("unknown Split behavior \"" + b + "\"");
   }
 
-  void load_pre_tokenizer(const json& p) {
+  void load_pre_tokenizer(const json& p, int depth = 0) {
     if (p.is_null()) return;
+    if (depth > kMaxDepth) bad("pre_tokenizer nested deeper than " + std::to_string(kMaxDepth));
     const std::string t = type_of(p);
     tok::PreStep st{};
     if (t == "Sequence") {
       if (!p.contains("pretokenizers") || !p["pretokenizers"].is_array()) bad("pre_tokenizer Sequence without a list");
-      for (const auto& c : p["pretokenizers"]) load_pre_tokenizer(c);
+      for (const auto& c : p["pretokenizers"]) load_pre_tokenizer(c, depth + 1);
       return;
     } else if (t == "Split") {
       st.kind = tok::PreStep::Kind::split;
@@ -692,12 +696,13 @@ class HfLoader {
     d_.pre.push_back(std::move(st));
   }
 
-  void load_decoder(const json& dec) {
+  void load_decoder(const json& dec, int depth = 0) {
     if (dec.is_null()) return;
+    if (depth > kMaxDepth) bad("decoder nested deeper than " + std::to_string(kMaxDepth));
     const std::string t = type_of(dec);
     if (t == "Sequence") {
       if (!dec.contains("decoders") || !dec["decoders"].is_array()) bad("decoder Sequence without a list");
-      for (const auto& c : dec["decoders"]) load_decoder(c);
+      for (const auto& c : dec["decoders"]) load_decoder(c, depth + 1);
     } else if (t == "ByteLevel") {
       d_.decode_byte_level = true;
     } else if (t == "Replace") {
@@ -710,7 +715,7 @@ class HfLoader {
     } else if (t == "Strip") {
       if (dec.at("content").get<std::string>() != " " || dec.value("stop", 0) != 0)
         bad("decoder Strip other than leading spaces is not supported");
-      d_.strip_left = dec.value("start", 0);
+      d_.strip_left = std::clamp(dec.value("start", 0), 0, 16);
     } else if (t == "Metaspace") {
       const std::string scheme = dec.contains("prepend_scheme") && dec["prepend_scheme"].is_string()
                                      ? dec["prepend_scheme"].get<std::string>()
@@ -721,12 +726,13 @@ class HfLoader {
     }
   }
 
-  void load_post_processor(const json& p) {
+  void load_post_processor(const json& p, int depth = 0) {
     if (p.is_null()) return;
+    if (depth > kMaxDepth) bad("post_processor nested deeper than " + std::to_string(kMaxDepth));
     const std::string t = type_of(p);
     if (t == "Sequence") {
       if (!p.contains("processors") || !p["processors"].is_array()) bad("post_processor Sequence without a list");
-      for (const auto& c : p["processors"]) load_post_processor(c);
+      for (const auto& c : p["processors"]) load_post_processor(c, depth + 1);
     } else if (t == "ByteLevel") {
     } else if (t == "TemplateProcessing") {
       d_.prefix.clear(), d_.suffix.clear();
@@ -778,6 +784,7 @@ class HfLoader {
     }
   }
 
+  static constexpr int kMaxDepth = 16;  // nesting of Sequence pieces (real files use 1)
   TokenizerData& d_;
   std::string src_;
 };
