@@ -5,6 +5,7 @@
 //    against BM_MemoryCopy's bytes/s in the same run.
 //  - GEMM (prefill, 512 tokens): compute-bound; "flop/s" = 2 * tokens * in * out per second, to be
 //    set against BM_FmaPeak, the fp32 FMA throughput of the same threads on register-only work.
+//  - Q8_0 (GGUF) weights for the decode shapes and one prefill shape.
 #include <cstdint>
 #include <vector>
 
@@ -18,13 +19,28 @@ using namespace recurformer;
 namespace {
 
 template <class TW>
+std::vector<TW> bench_weights(size_t n) {
+  return rfbench::random_vector<TW>(n, -0.05f, 0.05f);
+}
+template <>
+std::vector<BlockQ8_0> bench_weights<BlockQ8_0>(size_t n) {
+  std::vector<BlockQ8_0> w(n);
+  for (size_t i = 0; i < n; ++i) {
+    w[i].d = half(0.0004f);
+    for (int j = 0; j < 32; ++j) w[i].qs[j] = int8_t(int((i * 31 + size_t(j) * 7) % 255) - 127);
+  }
+  return w;
+}
+
+template <class TW>
 void bm_linear(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  constexpr int64_t block = LinearWeight<TW>::block;
   const auto x = rfbench::random_vector<float>(size_t(tokens * in));
-  const auto w = rfbench::random_vector<TW>(size_t(out * in), -0.05f, 0.05f);
+  const auto w = bench_weights<TW>(size_t(out * in / block));
   std::vector<float> y(size_t(tokens * out));
   LinearParams<float, TW> p;
   p.x = make_view(x.data(), {tokens, in});
-  p.weight = make_view(w.data(), {out, in});
+  p.weight = make_view(w.data(), {out, in / block});
   p.y = make_view(y.data(), {tokens, out});
   const auto exec = rfbench::cpu_exec();
   std::vector<unsigned char> ws(linear_workspace_bytes(p, exec));
@@ -33,7 +49,7 @@ void bm_linear(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  rfbench::set_rate(st, "bytes/s", double(out * in) * sizeof(TW));  // weights read
+  rfbench::set_rate(st, "bytes/s", double(out * in / block) * sizeof(TW));  // weights read
   rfbench::set_rate(st, "flop/s", 2.0 * double(tokens * in * out));
   st.counters["threads"] = exec.threads();
 }
@@ -43,6 +59,10 @@ void bm_linear_f32(benchmark::State& st, int64_t tokens, int64_t in, int64_t out
 }
 void bm_linear_bf16(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
   bm_linear<bfloat16>(st, tokens, in, out);
+}
+
+void bm_linear_q8_0(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  bm_linear<BlockQ8_0>(st, tokens, in, out);
 }
 
 #define RF_LINEAR_BENCH(name, tokens, in, out)                                                     \
@@ -55,6 +75,11 @@ RF_LINEAR_BENCH(gemv_gate_proj, 1, 2048, 8192);
 RF_LINEAR_BENCH(gemv_down_proj, 1, 8192, 2048);
 // fp32 lm_head would be 1 GiB of weights on a shared 24 GiB machine: bf16 only
 BENCHMARK_CAPTURE(bm_linear_bf16, gemv_lm_head, 1, 2048, 128256)->Unit(benchmark::kMillisecond)->UseRealTime();
+// Q8_0 (GGUF) weights: 34 bytes per 32 weights
+BENCHMARK_CAPTURE(bm_linear_q8_0, gemv_q_proj, 1, 2048, 2048)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(bm_linear_q8_0, gemv_gate_proj, 1, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(bm_linear_q8_0, gemv_lm_head, 1, 2048, 128256)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(bm_linear_q8_0, gemm_q_proj, 512, 2048, 2048)->Unit(benchmark::kMillisecond)->UseRealTime();
 RF_LINEAR_BENCH(gemv4_q_proj, 4, 2048, 2048);
 RF_LINEAR_BENCH(gemm_q_proj, 512, 2048, 2048);
 RF_LINEAR_BENCH(gemm_kv_proj, 512, 2048, 512);

@@ -28,6 +28,30 @@ bool same_bits(T a, T b) {
   return std::memcmp(&a, &b, sizeof a) == 0;
 }
 
+// Weights: random storage values, or Q8_0 blocks with scales in [0.002, 0.02) and all int8 codes.
+template <class TW>
+std::vector<TW> random_weights(size_t n) {
+  return rftest::random_vector<TW>(n);
+}
+template <>
+std::vector<BlockQ8_0> random_weights<BlockQ8_0>(size_t n) {
+  std::vector<BlockQ8_0> w(n);
+  std::uniform_int_distribution<int> q(-127, 127);
+  const auto scales = rftest::random_vector<half>(n, 0.002, 0.02);
+  for (size_t i = 0; i < n; ++i) {
+    w[i].d = scales[i];
+    for (auto& v : w[i].qs) v = int8_t(q(rftest::rng()));
+  }
+  return w;
+}
+template <class TW>
+double weight_at(const TW* row, int64_t k) {
+  return double(float(row[k]));
+}
+double weight_at(const BlockQ8_0* row, int64_t k) {
+  return double(float(row[k / 32].d)) * double(row[k / 32].qs[k % 32]);
+}
+
 ThreadPool& pool() {
   static ThreadPool p(2);
   return p;
@@ -62,16 +86,18 @@ void check_linear_close(const std::string& what, const std::vector<TX>& y, int64
 
 template <class TX, class TW>
 void run_linear(int64_t tokens, int64_t in, int64_t out, bool with_bias, bool strided) {
-  const int64_t ldx = in + (strided ? 3 : 0), ldw = in + (strided ? 5 : 0), ldy = out + (strided ? 2 : 0);
+  using TB = typename LinearWeight<TW>::bias_type;
+  constexpr int64_t block = LinearWeight<TW>::block;
+  const int64_t ldx = in + (strided ? 3 : 0), ldw = in / block + (strided ? 5 : 0), ldy = out + (strided ? 2 : 0);
   const auto x = rftest::random_vector<TX>(size_t(tokens * ldx));
-  const auto w = rftest::random_vector<TW>(size_t(out * ldw));
-  const auto b = rftest::random_vector<TW>(size_t(out));
+  const auto w = random_weights<TW>(size_t(out * ldw));
+  const auto b = rftest::random_vector<TB>(size_t(out));
   std::vector<double> expected(size_t(tokens * out)), magnitude(size_t(tokens * out));
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t o = 0; o < out; ++o) {
       double s = with_bias ? double(float(b[size_t(o)])) : 0.0, m = std::fabs(s);
       for (int64_t k = 0; k < in; ++k) {
-        const double p = double(float(x[size_t(t * ldx + k)])) * double(float(w[size_t(o * ldw + k)]));
+        const double p = double(float(x[size_t(t * ldx + k)])) * weight_at(w.data() + o * ldw, k);
         s += p;
         m += std::fabs(p);
       }
@@ -81,7 +107,7 @@ void run_linear(int64_t tokens, int64_t in, int64_t out, bool with_bias, bool st
 
   LinearParams<TX, TW> p;
   p.x = make_strided_view(x.data(), {tokens, in}, {ldx, 1});
-  p.weight = make_strided_view(w.data(), {out, in}, {ldw, 1});
+  p.weight = make_strided_view(w.data(), {out, in / block}, {ldw, 1});
   if (with_bias) p.bias = make_view(b.data(), {out});
   const TX sentinel(7.f);
   std::vector<TX> y(size_t(tokens * ldy), sentinel);
@@ -117,6 +143,17 @@ TEMPLATE_LIST_TEST_CASE("linear matches a double reference", "[linear]", Pairs) 
     }
   // past the MC = 256 token block
   run_linear<TX, TW>(260, 70, 45, true, false);
+}
+
+TEST_CASE("linear with Q8_0 weights matches a double reference", "[linear][q8_0]") {
+  // in: one block, past KC = 128 (in 3 slices); out: 1, NR-1, NR+1, past NC
+  for (int64_t in : {32, 96, 320})
+    for (int64_t out : {1, 31, 33, 129})
+      for (int64_t tokens : {1, 2, 4, 5, 9, 37}) {
+        INFO("tokens " << tokens << ", in " << in << ", out " << out);
+        run_linear<float, BlockQ8_0>(tokens, in, out, false, false);
+        run_linear<float, BlockQ8_0>(tokens, in, out, true, true);
+      }
 }
 
 TEST_CASE("linear rejects bad input and leaves y untouched", "[linear]") {
@@ -178,6 +215,18 @@ TEST_CASE("linear rejects bad input and leaves y untouched", "[linear]") {
   REQUIRE(linear_workspace_bytes(one, exec) == 0);
   REQUIRE_NOTHROW(linear(one, exec, nullptr, 0));
   REQUIRE_NOTHROW(linear(good(), exec, ws.data(), ws.size() + 100));
+
+  // Q8_0: in must be whole blocks and weight is [out, in / 32]
+  std::vector<BlockQ8_0> q(size_t(out * 2));
+  LinearParams<float, BlockQ8_0> pq;
+  pq.x = make_view(x.data(), {tokens, in});  // in = 20: not a multiple of 32
+  pq.weight = make_view(q.data(), {out, int64_t(1)});
+  pq.y = make_view(y.data(), {tokens, out});
+  std::fill(y.begin(), y.end(), 7.f);
+  REQUIRE_THROWS_WITH(linear(pq, exec, ws.data(), ws.size()), Catch::Contains("multiple of the weight block size 32"));
+  pq.x = make_view(x.data(), {tokens, int64_t(64)});
+  REQUIRE_THROWS_WITH(linear(pq, exec, ws.data(), ws.size()), Catch::Contains("weight has shape [12, 1], expected [-1, 2]"));
+  for (float v : y) REQUIRE(v == 7.f);
 }
 
 TEST_CASE("linear workspace grows with the token count", "[linear]") {

@@ -3,8 +3,9 @@
 //
 //   y[t, o] = bias[o] + sum_i x[t, i] * weight[o, i]
 //
-// Supported: TX = float with TW = float, half or bfloat16, and TX == TW for half and bfloat16
-// (the CPU templates accept any pair of storage types). The CPU implementation (cpu/linear.hpp)
+// Supported: TX = float with TW = float, half, bfloat16 or BlockQ8_0 (GGUF Q8_0, dequantised in
+// registers; weight is then [out, in/32] blocks and the bias fp32), and TX == TW for half and
+// bfloat16 (the CPU templates accept any pair of storage types). The CPU implementation (cpu/linear.hpp)
 // streams W once per call for a few tokens (decode, memory-bound GEMV) and packs W into fp32
 // panels for many tokens (prefill, compute-bound blocked GEMM); the panels live in a caller-owned
 // workspace of linear_workspace_bytes() bytes. y must not overlap x, weight or bias.
@@ -15,15 +16,28 @@
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/exec.hpp"
+#include "recurformer/core/q8_0.hpp"
 #include "recurformer/core/view.hpp"
 
 namespace recurformer {
 
+/// How a weight type lies along `in`: one element per weight, or blocks of `block` weights.
+template <class TW>
+struct LinearWeight {
+  static constexpr int64_t block = 1;
+  using bias_type = TW;
+};
+template <>
+struct LinearWeight<BlockQ8_0> {
+  static constexpr int64_t block = BlockQ8_0::size;
+  using bias_type = float;
+};
+
 template <class TX, class TW>
 struct LinearParams {
   View<const TX, 2> x;       // [tokens, in]
-  View<const TW, 2> weight;  // [out, in], HF row-major
-  View<const TW, 1> bias;    // [out] optional
+  View<const TW, 2> weight;  // [out, in / LinearWeight<TW>::block], HF row-major
+  View<const typename LinearWeight<TW>::bias_type, 1> bias;  // [out] optional (TW; fp32 for Q8_0)
   View<TX, 2> y;             // [tokens, out]
 };
 
@@ -34,7 +48,9 @@ void check(const LinearParams<TX, TW>& p) {
   detail::check_shape(op, "x", p.x, {-1, -1});
   const int64_t tokens = p.x.shape[0], in = p.x.shape[1];
   RF_CHECK(in >= 1, op, ": x must have at least one column (in features)");
-  detail::check_shape(op, "weight", p.weight, {-1, in});
+  constexpr int64_t block = LinearWeight<TW>::block;
+  RF_CHECK(in % block == 0, op, ": in = ", in, " must be a multiple of the weight block size ", block);
+  detail::check_shape(op, "weight", p.weight, {-1, in / block});
   const int64_t out = p.weight.shape[0];
   RF_CHECK(out >= 1, op, ": weight must have at least one row (out features)");
   detail::check_optional_shape(op, "bias", p.bias, {out});

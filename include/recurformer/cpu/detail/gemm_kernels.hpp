@@ -20,7 +20,9 @@
 
 #include "recurformer/core/config.hpp"
 #include "recurformer/core/dtype.hpp"
+#include "recurformer/core/q8_0.hpp"
 #include "recurformer/cpu/detail/simd.hpp"
+#include "recurformer/ops/linear.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -46,7 +48,7 @@ struct LinearArgs {
   int64_t ldx;
   const TW* w;
   int64_t ldw;
-  const TW* bias;  // null: no bias
+  const typename LinearWeight<TW>::bias_type* bias;  // null: no bias
   TX* y;
   int64_t ldy;
   int64_t tokens, in, out;
@@ -67,6 +69,38 @@ int64_t gemm_thread_floats(int64_t tokens, int64_t in, int64_t out) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Weight access by weight index i along a row: storage types convert in the load; Q8_0 blocks
+// widen the int8 lanes and multiply by the block's scale.
+inline void load_i8(simd::F32x1& v, const int8_t* p) { v.v = float(*p); }
+#if RF_HAVE_X86_SIMD
+RF_SIMD_AVX2 void load_i8(simd::F32x8& v, const int8_t* p) {
+  v.v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+RF_SIMD_AVX512 void load_i8(simd::F32x16& v, const int8_t* p) {
+  v.v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+template <class V, class TW>
+V load_weights(const TW* row, int64_t i) {
+  return V::load(row + i);
+}
+template <class V>
+V load_weights(const BlockQ8_0* row, int64_t i) {  // i is a multiple of V::width (<= 32)
+  const BlockQ8_0& b = row[i / BlockQ8_0::size];
+  V q;
+  load_i8(q, b.qs + i % BlockQ8_0::size);
+  return q * V::broadcast(float(b.d));
+}
+template <class TW>
+float weight_value(const TW* row, int64_t i) {
+  return to_float(row[i]);
+}
+inline float weight_value(const BlockQ8_0* row, int64_t i) {
+  return row[i / BlockQ8_0::size].value(i % BlockQ8_0::size);
+}
+
+// ---------------------------------------------------------------------------------------------
 // GEMV: y[t, o] for NT tokens and o in [o0, o1).
 template <class V, int NT, int R, class TX, class TW>
 void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
@@ -79,19 +113,21 @@ void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
   int64_t i = 0;
   for (; i + W <= k; i += W) {
     V wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = V::load(w + r * a.ldw + i);
+    for (int r = 0; r < R; ++r) wv[r] = load_weights<V>(w + r * a.ldw, i);
     for (int t = 0; t < NT; ++t) {
       const V xv = V::load(x + t * a.ldx + i);
       for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
     }
   }
-  if (i < k) {
-    const int n = int(k - i);
-    V wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = V::load_partial(w + r * a.ldw + i, n);
-    for (int t = 0; t < NT; ++t) {
-      const V xv = V::load_partial(x + t * a.ldx + i, n);
-      for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
+  if constexpr (LinearWeight<TW>::block == 1) {  // blocked weights have no tail: in % 32 == 0
+    if (i < k) {
+      const int n = int(k - i);
+      V wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = V::load_partial(w + r * a.ldw + i, n);
+      for (int t = 0; t < NT; ++t) {
+        const V xv = V::load_partial(x + t * a.ldx + i, n);
+        for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -149,16 +185,16 @@ void gemm_micro(int64_t kc, const float* a, int64_t lda, int rows, const float* 
     }
 }
 
-// bp[p][k][j] = w[p * NR + j, k] as fp32 for k < kc, zero for output rows past nc.
+// bp[p][k][j] = w[p * NR + j, k0 + k] as fp32 for k < kc, zero for output rows past nc.
 template <int NR, class TW>
-void gemm_pack_w(const TW* w, int64_t ldw, int64_t nc, int64_t kc, float* bp) {
+void gemm_pack_w(const TW* w, int64_t ldw, int64_t nc, int64_t k0, int64_t kc, float* bp) {
   for (int64_t p = 0; p * NR < nc; ++p) {
     float* panel = bp + p * kc * NR;
     for (int j = 0; j < NR; ++j) {
       const int64_t o = p * NR + j;
       if (o < nc) {
         const TW* row = w + o * ldw;
-        for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = to_float(row[k]);
+        for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = weight_value(row, k0 + k);
       } else {
         for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = 0.f;
       }
@@ -204,7 +240,7 @@ void gemm_block(const LinearArgs<TX, TW>& a, int64_t t0, int64_t t1, int64_t o0,
   }
   for (int64_t k0 = 0; k0 < a.in; k0 += B::kKC) {
     const int64_t kc = std::min(B::kKC, a.in - k0);
-    gemm_pack_w<NR>(a.w + o0 * a.ldw + k0, a.ldw, nc, kc, bp);
+    gemm_pack_w<NR>(a.w + o0 * a.ldw, a.ldw, nc, k0, kc, bp);
     const float* xa;
     int64_t lda;
     if constexpr (kFloatX) {
