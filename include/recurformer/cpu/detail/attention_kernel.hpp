@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "recurformer/core/config.hpp"
 #include "recurformer/core/dtype.hpp"
@@ -59,6 +60,27 @@ RF_FORCEINLINE void load_scaled_row(const T* src, float scale, float* qf) {
   for (int c = 0; c < HD; c += V::width) (V::load(src + c) * s).store(qf + c);
 }
 
+/// out[0..4) = the horizontal sums of a0..a3. One transposing reduction for four vectors costs
+/// about half the shuffles of four reduce_add() calls (the shuffle port bounds the decode kernel).
+/// (A candidate for cpu/detail/simd.hpp.)
+RF_FORCEINLINE void reduce4(simd::F32x1 a0, simd::F32x1 a1, simd::F32x1 a2, simd::F32x1 a3, float* out) {
+  out[0] = a0.v, out[1] = a1.v, out[2] = a2.v, out[3] = a3.v;
+}
+#if RF_HAVE_X86_SIMD
+RF_SIMD_AVX2 void reduce4(simd::F32x8 a0, simd::F32x8 a1, simd::F32x8 a2, simd::F32x8 a3, float* out) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0.v, a1.v), _mm256_hadd_ps(a2.v, a3.v));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
+RF_SIMD_AVX512 void reduce4(simd::F32x16 a0, simd::F32x16 a1, simd::F32x16 a2, simd::F32x16 a3, float* out) {
+  // per 128-bit lane: [a0 a1 a0 a1] and [a2 a3 a2 a3] partial sums, then [a0 a1 a2 a3]
+  const __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(a0.v, a1.v), _mm512_unpackhi_ps(a0.v, a1.v));
+  const __m512 x23 = _mm512_add_ps(_mm512_unpacklo_ps(a2.v, a3.v), _mm512_unpackhi_ps(a2.v, a3.v));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_ps(x01, x23, 0x44), _mm512_shuffle_ps(x01, x23, 0xEE));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(y), _mm512_extractf32x8_ps(y, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+#endif
+
 /// s[i] = <qf, k_i> for the nk keys starting at k (fp32 accumulation).
 template <class V, int HD, class T>
 RF_FORCEINLINE void row_logits(const float* qf, const T* k, int64_t k_stride, int nk, float* s) {
@@ -66,16 +88,18 @@ RF_FORCEINLINE void row_logits(const float* qf, const T* k, int64_t k_stride, in
   V qv[NV];
   for (int c = 0; c < NV; ++c) qv[c] = V::load(qf + c * V::width);
   int i = 0;
-  for (; i + 2 <= nk; i += 2) {  // two keys at once: independent chains hide the FMA latency
+  for (; i + 4 <= nk; i += 4) {  // four keys at once: independent FMA chains, one reduction
     const T* k0 = k + int64_t(i) * k_stride;
-    const T* k1 = k0 + k_stride;
-    V a0 = qv[0] * V::load(k0), a1 = qv[0] * V::load(k1);
+    V a0 = qv[0] * V::load(k0), a1 = qv[0] * V::load(k0 + k_stride);
+    V a2 = qv[0] * V::load(k0 + 2 * k_stride), a3 = qv[0] * V::load(k0 + 3 * k_stride);
     for (int c = 1; c < NV; ++c) {
-      a0 = fma(qv[c], V::load(k0 + c * V::width), a0);
-      a1 = fma(qv[c], V::load(k1 + c * V::width), a1);
+      const int64_t o = c * V::width;
+      a0 = fma(qv[c], V::load(k0 + o), a0);
+      a1 = fma(qv[c], V::load(k0 + k_stride + o), a1);
+      a2 = fma(qv[c], V::load(k0 + 2 * k_stride + o), a2);
+      a3 = fma(qv[c], V::load(k0 + 3 * k_stride + o), a3);
     }
-    s[i] = a0.reduce_add();
-    s[i + 1] = a1.reduce_add();
+    reduce4(a0, a1, a2, a3, s + i);
   }
   for (; i < nk; ++i) {
     const T* k0 = k + int64_t(i) * k_stride;
@@ -83,6 +107,14 @@ RF_FORCEINLINE void row_logits(const float* qf, const T* k, int64_t k_stride, in
     for (int c = 1; c < NV; ++c) a0 = fma(qv[c], V::load(k0 + c * V::width), a0);
     s[i] = a0.reduce_add();
   }
+}
+
+/// Converts nk rows of HD storage values (row stride `stride`) to a dense fp32 tile, so a tile read
+/// by several rows is converted once.
+template <class V, int HD, class T>
+RF_FORCEINLINE void tile_to_float(const T* src, int64_t stride, int nk, float* dst) {
+  for (int i = 0; i < nk; ++i)
+    for (int c = 0; c < HD; c += V::width) V::load(src + int64_t(i) * stride + c).store(dst + i * HD + c);
 }
 
 /// max of s[0..n) (n <= kAttnKeys), vectorised.
@@ -116,13 +148,41 @@ RF_FORCEINLINE float tile_exp_sum(float* s, int n, float m) {
   return r;
 }
 
+/// One row against one tile: logits, mask, online-softmax update of (m, l) and o += P.V.
+/// K/V are read at (key stride) from kt / vt, either storage-type rows or a converted fp32 tile.
+template <class V, int HD, class TK>
+RF_FORCEINLINE void row_update(const float* qf, const TK* kt, int64_t k_stride, const TK* vt, int64_t v_stride,
+                               int nk, const int32_t* kp, int32_t qpos, bool full, int sink, int window,
+                               float* s, float& m, float& l, float* o) {
+  constexpr int NV = HD / V::width;
+  row_logits<V, HD>(qf, kt, k_stride, nk, s);
+  if (!full)
+    for (int i = 0; i < nk; ++i)
+      if (!key_visible(kp[i], qpos, sink, window)) s[i] = -INFINITY;
+  const float mx = tile_max<V>(s, nk);
+  if (mx == -INFINITY) return;  // this row sees no key of the tile
+  const float m_new = mx > m ? mx : m;
+  const float alpha = simd::detail::exp_scalar(m - m_new);
+  l = l * alpha + tile_exp_sum<V>(s, nk, m_new);
+  m = m_new;
+  V acc[NV];
+  const V av = V::broadcast(alpha);
+  for (int c = 0; c < NV; ++c) acc[c] = V::load(o + c * V::width) * av;
+  for (int i = 0; i < nk; ++i) {
+    const V p = V::broadcast(s[i]);
+    const TK* vi = vt + int64_t(i) * v_stride;
+    for (int c = 0; c < NV; ++c) acc[c] = fma(p, V::load(vi + c * V::width), acc[c]);
+  }
+  for (int c = 0; c < NV; ++c) acc[c].store(o + c * V::width);
+}
+
 template <class V, int HD, class T>
 void attend_block(const AttnBlock& b) {
-  constexpr int NV = HD / V::width;
   const int R = b.n_tok * b.n_head;
   alignas(64) float qf[kAttnRows][HD];
   alignas(64) float o[kAttnRows][HD];
   alignas(64) float s[kAttnKeys];
+  alignas(64) float kf[kAttnKeys][HD], vf[kAttnKeys][HD];  // converted 16-bit tiles
   float m[kAttnRows], l[kAttnRows];
   int32_t rpos[kAttnRows];
   const T* q = static_cast<const T*>(b.q);
@@ -154,28 +214,21 @@ void attend_block(const AttnBlock& b) {
     }
     if (b.window > 0 && kmin >= b.sink && int64_t(kmax) <= int64_t(qmin) - b.window) continue;
     const bool full = kmax <= qmin && (b.window == 0 || kmax < b.sink || int64_t(kmin) > int64_t(qmax) - b.window);
+    // 16-bit K/V: convert the tile once when several rows read it (the shuffle port is the limit).
     const T* kt = k + j0 * b.k_stride;
     const T* vt = v + j0 * b.v_stride;
-    for (int r = 0; r < R; ++r) {
-      row_logits<V, HD>(qf[r], kt, b.k_stride, nk, s);
-      if (!full)
-        for (int i = 0; i < nk; ++i)
-          if (!key_visible(kp[i], rpos[r], b.sink, b.window)) s[i] = -INFINITY;
-      const float mx = tile_max<V>(s, nk);
-      if (mx == -INFINITY) continue;  // this row sees no key of the tile
-      const float m_new = mx > m[r] ? mx : m[r];
-      const float alpha = simd::detail::exp_scalar(m[r] - m_new);
-      l[r] = l[r] * alpha + tile_exp_sum<V>(s, nk, m_new);
-      m[r] = m_new;
-      V acc[NV];
-      const V av = V::broadcast(alpha);
-      for (int c = 0; c < NV; ++c) acc[c] = V::load(o[r] + c * V::width) * av;
-      for (int i = 0; i < nk; ++i) {
-        const V p = V::broadcast(s[i]);
-        const T* vi = vt + int64_t(i) * b.v_stride;
-        for (int c = 0; c < NV; ++c) acc[c] = fma(p, V::load(vi + c * V::width), acc[c]);
+    if constexpr (!std::is_same<T, float>::value) {
+      if (R > 1) {
+        tile_to_float<V, HD>(kt, b.k_stride, nk, kf[0]);
+        tile_to_float<V, HD>(vt, b.v_stride, nk, vf[0]);
       }
-      for (int c = 0; c < NV; ++c) acc[c].store(o[r] + c * V::width);
+    }
+    for (int r = 0; r < R; ++r) {
+      if (!std::is_same<T, float>::value && R > 1) {
+        row_update<V, HD>(qf[r], kf[0], HD, vf[0], HD, nk, kp, rpos[r], full, b.sink, b.window, s, m[r], l[r], o[r]);
+      } else {
+        row_update<V, HD>(qf[r], kt, b.k_stride, vt, b.v_stride, nk, kp, rpos[r], full, b.sink, b.window, s, m[r], l[r], o[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
