@@ -1,0 +1,238 @@
+// The full forward pass against the golden fixtures (tests/data/models, tools/README.md): each HF
+// fixture and the GGUF copies reproduce transformers' logits, the RecurFormer checkpoint its float64
+// reference; chunked prefill, decode and packed batches agree with one long prefill; conversion
+// writes spec section 7 exactly, and a layout without recurrent groups reproduces the original.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "recurformer/model/convert.hpp"
+#include "recurformer/model/llama.hpp"
+#include "recurformer/model/random_model.hpp"
+#include "support/npy.hpp"
+#include "support/test_util.hpp"
+
+using namespace recurformer;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string model_dir(const std::string& name) { return std::string(RECURFORMER_TEST_DATA_DIR) + "/models/" + name; }
+
+struct Golden {
+  std::vector<int32_t> ids;
+  std::vector<float> logits;
+  double max_abs = 0;
+};
+Golden golden(const std::string& name) {
+  Golden g;
+  g.ids = rftest::npy::load(model_dir(name) + "/golden/ids.npy").as<int32_t>();
+  g.logits = rftest::npy::load(model_dir(name) + "/golden/logits.npy").as<float>();
+  for (float x : g.logits) g.max_abs = std::max(g.max_abs, double(std::fabs(x)));
+  return g;
+}
+
+// Every row of logits for `ids` as one sequence, prefilled in chunks of `chunk`.
+std::vector<float> all_logits(const LlamaModel& m, const std::vector<int32_t>& ids, int64_t chunk, CpuExec exec) {
+  LlamaSession s(m, 1, int64_t(ids.size()) + 4, exec, chunk);
+  std::vector<float> all;
+  s.prefill(0, ids.data(), int64_t(ids.size()), &all);
+  return all;
+}
+
+// The tolerance of the fixtures' meta.json for an fp32 forward: rel 1e-4 and abs 1e-4 * max|logit|
+// (the RecurFormer reference: 1e-4 * max|logit| too, its scan and softmax run in fp32 here).
+void check_logits(const std::string& what, const std::vector<float>& got, const Golden& g, double abs_factor = 1e-4) {
+  REQUIRE(got.size() == g.logits.size());
+  std::vector<double> want(g.logits.begin(), g.logits.end());
+  rftest::check_close(what, got, want, 1e-4, abs_factor * g.max_abs);
+}
+
+ThreadPool& pool() {
+  static ThreadPool p(2);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("every HF fixture reproduces its golden logits", "[model]") {
+  const CpuExec exec{&pool()};
+  for (const char* name : {"llama_gqa", "llama3_rope", "llama_tied", "qwen2_bias", "recurformer_mixed"}) {
+    INFO("model " << name);
+    const Golden g = golden(name);
+    const LlamaModel m = LlamaModel::open(model_dir(name));
+    // recurformer_mixed's reference is a float64 implementation of spec sections 3 and 7; its
+    // meta.json allows 1e-4 * max|logit| for the deeper fp32 path (scan, streaming softmax).
+    check_logits(std::string(name) + " one prefill", all_logits(m, g.ids, 256, exec), g);
+    rftest::for_each_isa([&] { check_logits(std::string(name) + " chunks of 7", all_logits(m, g.ids, 7, exec), g); });
+  }
+}
+
+TEST_CASE("the GGUF copies give the same logits", "[model]") {
+  const CpuExec exec{&pool()};
+  const Golden g = golden("llama_gqa");
+  const LlamaModel f32 = LlamaModel::open(model_dir("llama_gqa") + "/model-f32.gguf");
+  CHECK(f32.weight_dtype() == DType::f32);
+  check_logits("model-f32.gguf", all_logits(f32, g.ids, 16, exec), g);
+  const LlamaModel f16 = LlamaModel::open(model_dir("llama_gqa") + "/model-f16.gguf");
+  CHECK(f16.weight_dtype() == DType::f16);
+  // meta.json: the F16 rounding of the weights moves the logits by up to 2e-2 * max|logit|.
+  check_logits("model-f16.gguf", all_logits(f16, g.ids, 16, exec), g, 2e-2);
+}
+
+TEST_CASE("decode and packed batches agree with one prefill", "[model]") {
+  const CpuExec exec{&pool()};
+  const char* name = "recurformer_mixed";  // every head kind
+  const Golden g = golden(name);
+  const LlamaModel m = LlamaModel::open(model_dir(name));
+  const int64_t T = int64_t(g.ids.size()), V = m.config().vocab_size, P = 10;
+  // prefill P tokens, then decode one at a time: each step's logits are row t of the golden set.
+  LlamaSession s(m, 2, T, exec, 4);
+  std::vector<float> got(size_t(T * V));
+  std::vector<float> rows;
+  s.prefill(0, g.ids.data(), P, &rows);
+  std::copy(rows.begin(), rows.end(), got.begin());
+  for (int64_t t = P; t < T; ++t) {
+    const auto& l = s.decode(0, g.ids[size_t(t)]);
+    std::copy(l.begin(), l.end(), got.begin() + t * V);
+  }
+  check_logits("prefill + decode", got, g);
+  CHECK(s.cache().length(0) == T);
+  // Two sequences in one packed batch (slot 1 gets a shorter, different prompt), then a batched
+  // decode step of both slots: slot 0's rows must not depend on slot 1.
+  LlamaCache cache = m.make_cache(2, T + 1);
+  const int64_t n1 = 9;
+  std::vector<int32_t> packed(g.ids.begin(), g.ids.end());
+  packed.insert(packed.end(), g.ids.rbegin(), g.ids.rbegin() + n1);
+  const int32_t cu[3] = {0, int32_t(T), int32_t(T + n1)}, slots[2] = {1, 0};
+  LlamaBatch b{make_view<const int32_t>(packed.data(), {T + n1}), make_view(cu, {3}), make_view(slots, {2})};
+  std::vector<float> all(size_t((T + n1) * V));
+  std::vector<unsigned char> ws(m.forward_workspace_bytes(b, cache, LogitsRows::all, exec));
+  m.forward(b, cache, make_view(all.data(), {T + n1, V}), LogitsRows::all, exec, ws.data(), ws.size());
+  all.resize(size_t(T * V));
+  check_logits("packed batch, first sequence", all, g);
+  CHECK(cache.length(1) == T);
+  CHECK(cache.length(0) == n1);
+  // the second sequence alone
+  std::vector<int32_t> second(g.ids.rbegin(), g.ids.rbegin() + n1);
+  const auto alone = all_logits(m, second, 64, exec);
+  std::vector<float> all2(size_t((T + n1) * V));
+  LlamaCache cache2 = m.make_cache(2, T + 1);
+  m.forward(b, cache2, make_view(all2.data(), {T + n1, V}), LogitsRows::all, exec, ws.data(), ws.size());
+  rftest::check_close("packed batch, second sequence", std::vector<float>(all2.begin() + T * V, all2.end()),
+                      std::vector<double>(alone.begin(), alone.end()), 1e-5, 1e-5 * g.max_abs);
+}
+
+TEST_CASE("bad input throws and leaves the cache as it was", "[model]") {
+  const CpuExec exec{&pool()};
+  const LlamaModel m = LlamaModel::open(model_dir("recurformer_mixed"));
+  LlamaSession s(m, 1, 8, exec, 4);
+  const int32_t ok[3] = {1, 2, 3};
+  s.prefill(0, ok, 3);
+  const auto before = s.cache().bytes().held;
+  const int32_t bad[2] = {5, 100000};
+  REQUIRE_THROWS_WITH(s.prefill(0, bad, 2), Catch::Contains("outside the model's vocabulary"));
+  CHECK(s.cache().length(0) == 3);
+  const int32_t many[6] = {1, 2, 3, 4, 5, 6};
+  REQUIRE_THROWS_WITH(s.prefill(0, many, 6), Catch::Contains("do not fit"));
+  CHECK(s.cache().length(0) == 3);
+  CHECK(s.cache().bytes().held == before);
+  // the raw forward's own capacity check (the session's is bypassed)
+  const int32_t cu[2] = {0, 6}, sl[1] = {0};
+  LlamaBatch b{make_view(many, {6}), make_view(cu, {2}), make_view(sl, {1})};
+  std::vector<float> logits(size_t(m.config().vocab_size));
+  std::vector<unsigned char> ws(1 << 20);
+  CHECK_THROWS_AS(m.forward(b, s.cache(), make_view(logits.data(), {1, int64_t(m.config().vocab_size)}),
+                            LogitsRows::last, exec, ws.data(), ws.size()),
+                  Error);
+  CHECK(s.cache().length(0) == 3);
+  CHECK_THROWS_WITH(LlamaModel::open(model_dir("no_such_model")), Catch::Contains("no_such_model"));
+}
+
+TEST_CASE("convert writes spec section 7; no recurrent groups reproduces the original", "[model][convert]") {
+  const CpuExec exec{&pool()};
+  const Golden g = golden("llama_gqa");
+  const fs::path tmp = fs::temp_directory_path() / ("rf_model_test_" + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  const Checkpoint ck = Checkpoint::open(model_dir("llama_gqa"));
+  const ModelConfig& c = ck.config();
+  ConvertOptions none;
+  none.layout = HeadLayout::uniform(c.n_layers, c.n_kv, HeadKind::attention);
+  convert_to_recurformer(ck, none, (tmp / "none").string());
+  const LlamaModel orig = LlamaModel::open(model_dir("llama_gqa"));
+  const LlamaModel same = LlamaModel::open((tmp / "none").string());
+  REQUIRE(same.config().recurformer.has_value());
+  const auto a = all_logits(orig, g.ids, 8, exec), b = all_logits(same, g.ids, 8, exec);
+  CHECK(a == b);  // bit for bit: the same tensors, the same kernels
+
+  ConvertOptions half = none;
+  half.layout.layers[1].groups[0] = HeadKind::recurrent;
+  half.seed = 7;
+  convert_to_recurformer(ck, half, (tmp / "half").string());
+  convert_to_recurformer(ck, half, (tmp / "half2").string());
+  const Checkpoint out = Checkpoint::open((tmp / "half").string());
+  REQUIRE(out.config().recurformer.has_value());
+  CHECK(out.config().recurformer->layout.layers[1].groups[0] == HeadKind::recurrent);
+  CHECK(out.config().recurformer->recurrent.d_state == c.head_dim);
+  for (const std::string& n : ck.tensor_names()) {  // every original tensor, byte for byte
+    const TensorRef &x = ck.tensor(n), &y = out.tensor(n);
+    REQUIRE(x.shape == y.shape);
+    CHECK(std::memcmp(x.data, y.data, x.nbytes()) == 0);
+  }
+  const std::string p = "model.layers.1.self_attn.recurrent.0.";
+  const int64_t hd = c.head_dim, N = hd, Kc = 4, r = 8;
+  CHECK(out.tensor(p + "dt_down.weight").shape == std::vector<int64_t>{r, c.d_model});
+  const auto up = out.tensor(p + "dt_up.weight").view<float, 2>();
+  for (int64_t i = 0; i < hd * r; ++i) CHECK(up.data[i] == 0.f);
+  const auto bias = out.tensor(p + "dt_bias").view<float, 1>();
+  for (int64_t i = 0; i < hd; ++i) {
+    const double dt = std::log1p(std::exp(double(bias.data[i])));  // softplus(b) = Δ0 in [1e-3, 1e-1]
+    CHECK(dt >= 1e-3 * (1 - 1e-5));
+    CHECK(dt <= 1e-1 * (1 + 1e-5));
+  }
+  const auto A_log = out.tensor(p + "A_log").view<float, 2>();
+  for (int64_t ch = 0; ch < hd; ++ch)
+    for (int64_t n = 0; n < N; ++n) CHECK(A_log(ch, n) == float(std::log(double(n + 1))));
+  const auto D = out.tensor(p + "D").view<float, 1>();
+  const auto cw = out.tensor(p + "conv1d.weight").view<float, 2>();
+  const auto cb = out.tensor(p + "conv1d.bias").view<float, 1>();
+  for (int64_t ch = 0; ch < hd; ++ch) {
+    CHECK(D(ch) == 0.f);
+    CHECK(cb(ch) == 0.f);
+    for (int64_t k = 0; k < Kc; ++k) CHECK(cw(ch, k) == (k == Kc - 1 ? 1.f : 0.f));
+  }
+  CHECK(!out.has("model.layers.0.self_attn.recurrent.0.A_log"));
+  // deterministic for a seed
+  std::ifstream f1(tmp / "half" / "model.safetensors", std::ios::binary), f2(tmp / "half2" / "model.safetensors", std::ios::binary);
+  const std::string s1((std::istreambuf_iterator<char>(f1)), {}), s2((std::istreambuf_iterator<char>(f2)), {});
+  CHECK(s1 == s2);
+  // and the converted model runs: layer 0 is unchanged, so the logits move but stay finite
+  const LlamaModel conv = LlamaModel::open((tmp / "half").string());
+  const auto lc = all_logits(conv, g.ids, 5, exec);
+  for (float x : lc) REQUIRE(std::isfinite(x));
+  CHECK(all_logits(conv, g.ids, 31, exec) == all_logits(conv, g.ids, 31, exec));
+  CHECK_THROWS_WITH(convert_to_recurformer(out, half, (tmp / "again").string()), Catch::Contains("already a RecurFormer"));
+  fs::remove_all(tmp);
+}
+
+TEST_CASE("the random model is deterministic and loads", "[model]") {
+  const fs::path tmp = fs::temp_directory_path() / ("rf_random_model_" + std::to_string(::getpid()));
+  RandomModelSpec s;
+  s.n_layers = 2, s.d_model = 64, s.ffn = 96, s.n_q = 2, s.n_kv = 1;
+  write_random_model((tmp / "a").string(), s);
+  write_random_model((tmp / "b").string(), s);
+  std::ifstream f1(tmp / "a" / "model.safetensors", std::ios::binary), f2(tmp / "b" / "model.safetensors", std::ios::binary);
+  const std::string s1((std::istreambuf_iterator<char>(f1)), {}), s2((std::istreambuf_iterator<char>(f2)), {});
+  CHECK(s1 == s2);
+  CHECK_FALSE(ensure_random_model((tmp / "a").string(), s));
+  s.weight_dtype = DType::bf16;
+  write_random_model((tmp / "c").string(), s);
+  const LlamaModel m = LlamaModel::open((tmp / "c").string());
+  CHECK(m.weight_dtype() == DType::bf16);
+  const CpuExec exec{&pool()};
+  const auto l = all_logits(m, {278, 72, 101, 108}, 2, exec);
+  for (float x : l) REQUIRE(std::isfinite(x));
+  fs::remove_all(tmp);
+}
