@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 
 #include "recurformer/core/config.hpp"
 #include "recurformer/core/error.hpp"
@@ -55,9 +56,10 @@ struct View {
     }
     return true;
   }
-  /// The view as a view of const elements.
-  RF_HOST_DEVICE operator View<const T, N>() const {
-    View<const T, N> v;
+  /// The view as a view of const elements (only for views of mutable elements).
+  template <class U = T, std::enable_if_t<!std::is_const<U>::value, int> = 0>
+  RF_HOST_DEVICE operator View<const U, N>() const {
+    View<const U, N> v;
     v.data = data;
     for (int d = 0; d < N; ++d) {
       v.shape[d] = shape[d];

@@ -39,7 +39,8 @@ constexpr int64_t kCausalConv1dMinWidth = 2, kCausalConv1dMaxWidth = 8;
 
 namespace detail {
 template <class T>
-void check_causal_conv1d(const char* op, ScanMode mode, const CausalConv1dParams<T>& p) {
+void check_causal_conv1d(const char* op, ScanMode mode, const CausalConv1dParams<T>& p,
+                         IndexMemory where = IndexMemory::host) {
   check_shape(op, "x", p.x, {-1, -1});
   const int64_t tokens = p.x.shape[0], dch = p.x.shape[1];
   RF_CHECK(dch >= 1, op, ": x must have at least one channel");
@@ -60,7 +61,7 @@ void check_causal_conv1d(const char* op, ScanMode mode, const CausalConv1dParams
   RF_CHECK(p.activation == ConvActivation::none || p.activation == ConvActivation::silu, op,
            ": unknown activation ", int(p.activation));
   check_scan_sequences(op, mode, tokens, p.conv_state.present() ? p.conv_state.shape[0] : -1,
-                       p.cu_seqlens, p.state_slots);
+                       p.cu_seqlens, p.state_slots, where);
 }
 }  // namespace detail
 

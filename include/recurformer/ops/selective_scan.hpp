@@ -54,12 +54,17 @@ constexpr int64_t kSelectiveScanMaxReaderStates = 4096;  // R * N
 namespace detail {
 
 enum class ScanMode { scan, state_update };
+/// Where cu_seqlens and state_slots live. Host: their contents are checked too. Device (CUDA ops):
+/// only their shapes are, since reading them would synchronise; the kernels skip slots outside the
+/// pool instead, and a slot given twice in one device call is the caller's error (undefined).
+enum class IndexMemory { host, device };
 
 // Checks cu_seqlens and state_slots against `tokens` and a pool of `slots` state slots; slots < 0
 // means there is no pool (the slots then only mark padding).
 inline void check_scan_sequences(const char* op, ScanMode mode, int64_t tokens, int64_t slots,
                                  const View<const int32_t, 1>& cu,
-                                 const View<const int32_t, 1>& state_slots) {
+                                 const View<const int32_t, 1>& state_slots,
+                                 IndexMemory where = IndexMemory::host) {
   int64_t n_seq = 1;
   if (mode == ScanMode::state_update) {
     RF_CHECK(!cu.present(), op, ": cu_seqlens must be absent (every token row is its own sequence)");
@@ -67,6 +72,10 @@ inline void check_scan_sequences(const char* op, ScanMode mode, int64_t tokens, 
   } else if (cu.present()) {
     RF_CHECK(cu.shape[0] >= 1, op, ": cu_seqlens must have at least one entry (S+1), got 0");
     n_seq = cu.shape[0] - 1;
+    if (where == IndexMemory::device) {
+      check_optional_shape(op, "state_slots", state_slots, {n_seq});
+      return;
+    }
     RF_CHECK(cu(0) == 0, op, ": cu_seqlens[0] must be 0, got ", cu(0));
     for (int64_t s = 0; s < n_seq; ++s)
       RF_CHECK(cu(s + 1) >= cu(s), op, ": cu_seqlens must be non-decreasing, but cu_seqlens[", s + 1,
@@ -76,7 +85,7 @@ inline void check_scan_sequences(const char* op, ScanMode mode, int64_t tokens, 
   }
   if (state_slots.present()) {
     check_shape(op, "state_slots", state_slots, {n_seq});
-    if (slots < 0) return;
+    if (slots < 0 || where == IndexMemory::device) return;
     std::vector<char> used(size_t(slots), 0);
     for (int64_t s = 0; s < n_seq; ++s) {
       const int64_t slot = state_slots(s);
@@ -94,7 +103,8 @@ inline void check_scan_sequences(const char* op, ScanMode mode, int64_t tokens, 
 }
 
 template <class T>
-void check_selective_scan(const char* op, ScanMode mode, const SelectiveScanParams<T>& p) {
+void check_selective_scan(const char* op, ScanMode mode, const SelectiveScanParams<T>& p,
+                          IndexMemory where = IndexMemory::host) {
   check_shape(op, "u", p.u, {-1, -1});
   const int64_t tokens = p.u.shape[0], dch = p.u.shape[1];
   RF_CHECK(dch >= 1, op, ": u must have at least one channel");
@@ -130,7 +140,7 @@ void check_selective_scan(const char* op, ScanMode mode, const SelectiveScanPara
   RF_CHECK(p.delta_activation == DeltaActivation::identity ||
                p.delta_activation == DeltaActivation::softplus,
            op, ": unknown delta_activation ", int(p.delta_activation));
-  check_scan_sequences(op, mode, tokens, p.state.shape[0], p.cu_seqlens, p.state_slots);
+  check_scan_sequences(op, mode, tokens, p.state.shape[0], p.cu_seqlens, p.state_slots, where);
 }
 
 }  // namespace detail

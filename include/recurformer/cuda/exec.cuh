@@ -1,0 +1,32 @@
+// recurformer/cuda/exec.cuh: where a CUDA op runs, and the checks around every CUDA call.
+//
+// CudaExec is CpuExec's twin: op(params, CudaExec{stream}) selects the CUDA implementation and
+// enqueues its kernels on the stream; params views point to device memory. Launches are
+// asynchronous; errors from the launch itself are raised at once, errors during execution at the
+// next synchronising call, both as recurformer::Error with the file and line of the check.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "recurformer/core/error.hpp"
+
+namespace recurformer {
+
+struct CudaExec {
+  cudaStream_t stream = nullptr;  ///< null: the legacy default stream
+};
+
+namespace detail {
+inline void cuda_check(cudaError_t e, const char* what, const char* file, int line) {
+  if (e != cudaSuccess)
+    fail(file, ":", line, ": ", what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+}
+}  // namespace detail
+
+}  // namespace recurformer
+
+/// RF_CUDA_CHECK(cudaMemcpy(...)): throw recurformer::Error naming the call, file and line.
+#define RF_CUDA_CHECK(call) ::recurformer::detail::cuda_check((call), #call, __FILE__, __LINE__)
+/// After a kernel launch: raise launch-configuration errors at once.
+#define RF_CUDA_CHECK_LAUNCH(kernel_name) \
+  ::recurformer::detail::cuda_check(cudaGetLastError(), "launch of " kernel_name, __FILE__, __LINE__)
