@@ -128,6 +128,18 @@ TEMPLATE_LIST_TEST_CASE("causal_conv1d matches the double reference", "[causal_c
   });
 }
 
+TEMPLATE_LIST_TEST_CASE("causal_conv1d with more channels than one panel", "[causal_conv1d]",
+                        rftest::StorageTypes) {
+  using T = TestType;
+  rftest::for_each_isa([] {
+    Options o;
+    o.silu = true;
+    Problem<T> pr(5, cpu::detail::kConvPanel + 17, 3, o, 2);
+    pr.cu = {0, 2, 5};
+    check_against_reference(pr, "wide");
+  });
+}
+
 TEMPLATE_LIST_TEST_CASE("causal_conv1d over packed sequences shorter and longer than K",
                         "[causal_conv1d]", rftest::StorageTypes) {
   using T = TestType;

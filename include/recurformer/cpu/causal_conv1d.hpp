@@ -1,9 +1,10 @@
 // recurformer/cpu/causal_conv1d.hpp: causal_conv1d and causal_conv1d_update on the CPU.
 //
-// Tasks are (sequence, block of one vector width of channels), handed out dynamically; each runs
-// its sequence start to end with the window in registers (cpu/detail/conv_kernels.hpp). The width
-// K becomes a template argument here, in the one dispatch of that axis. Prefill and the one-token
-// update run the same kernel, so they agree bit for bit.
+// Pass 1 splits the packed token rows evenly over the threads (exec.parallel_for); each thread runs
+// the kernel over its rows, across sequence boundaries (cpu/detail/conv_kernels.hpp), reading
+// history from the old conv_state. Pass 2, after every row has read it, writes each
+// sequence's new conv_state. The width K becomes a template argument here, in the one dispatch of
+// that axis. Prefill and the one-token update run the same code, so they agree bit for bit.
 #pragma once
 
 #include <algorithm>
@@ -21,42 +22,59 @@ namespace detail {
 
 using ConvWidths = ValueList<2, 3, 4, 5, 6, 7, 8>;  // = kCausalConv1dMinWidth..kCausalConv1dMaxWidth
 
+// The sequence that contains row t (sequences are sorted by their first row; empty ones skipped).
+inline int64_t sequence_of_row(const PackedSequences& seqs, int64_t t) {
+  int64_t lo = 0, hi = seqs.count() - 1;  // last s with begin(s) <= t and end(s) > t
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (seqs.begin(mid) <= t) lo = mid; else hi = mid - 1;
+  }
+  while (seqs.end(lo) <= t) ++lo;  // cannot happen for a valid table; kept for safety
+  return lo;
+}
+
 template <class T>
 void run_causal_conv1d(const char* op, const CausalConv1dParams<T>& p,
                        recurformer::detail::ScanMode mode, CpuExec exec) {
   const Isa isa = active_isa();
-  const int width = isa == Isa::avx512 ? 16 : isa == Isa::avx2 ? 8 : 1;
   const PackedSequences seqs{mode, p.x.shape[0], p.cu_seqlens, p.state_slots};
-  const int64_t dch = p.x.shape[1], blocks = (dch + width - 1) / width;
-  dispatch_value(op, ConvWidths{}, p.weight.shape[1], [&](auto k) {
-    constexpr int K = decltype(k)::value;
-    exec.for_each(seqs.count() * blocks, [&](int64_t task, int) {
-      const int64_t s = task / blocks, c0 = task % blocks * width;
-      const int64_t slot = seqs.slot(s);
-      if (slot < 0) return;  // padding
-      ConvBlock<T> a;
-      a.x = p.x.data + c0;
-      a.y = p.y.data + c0;
-      a.w = p.weight.data + c0 * p.weight.stride[0];
-      a.bias = p.bias.data ? p.bias.data + c0 : nullptr;
-      a.state = p.conv_state.data ? p.conv_state.data + slot * p.conv_state.stride[0] + c0 : nullptr;
+  const int64_t tokens = p.x.shape[0], dch = p.x.shape[1], k = p.weight.shape[1];
+  const bool history = p.conv_state.present() && p.use_initial_state;
+  dispatch_value(op, ConvWidths{}, k, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    exec.parallel_for(tokens, [&](int64_t b, int64_t e, int) {
+      ConvRows<T> a;
+      a.x = p.x.data;
+      a.y = p.y.data;
+      a.w = p.weight.data;
+      a.bias = p.bias.data;
+      a.history = history ? p.conv_state.data : nullptr;
+      a.seqs = &seqs;
       a.sx = p.x.stride[0];
       a.sy = p.y.stride[0];
       a.sw = p.weight.stride[0];
-      a.s_state = p.conv_state.stride[1];
-      a.t0 = seqs.begin(s);
-      a.t1 = seqs.end(s);
-      a.nc = int(std::min<int64_t>(width, dch - c0));
+      a.s_hist_slot = p.conv_state.stride[0];
+      a.s_hist = p.conv_state.stride[1];
+      a.dch = dch;
+      a.s0 = sequence_of_row(seqs, b);
+      a.t0 = b;
+      a.t1 = e;
       a.silu = p.activation == ConvActivation::silu;
-      a.use_initial_state = p.use_initial_state;
       switch (isa) {
 #if RF_HAVE_X86_SIMD
-        case Isa::avx512: conv_block_avx512<K>(a); break;
-        case Isa::avx2: conv_block_avx2<K>(a); break;
+        case Isa::avx512: conv_rows_avx512<K>(a); break;
+        case Isa::avx2: conv_rows_avx2<K>(a); break;
 #endif
-        default: conv_block_scalar<K>(a); break;
+        default: conv_rows_scalar<K>(a); break;
       }
     });
+  });
+  if (!p.conv_state.present()) return;
+  exec.for_each(seqs.count(), [&](int64_t s, int) {
+    const int64_t slot = seqs.slot(s);
+    if (slot < 0) return;
+    write_conv_state(p.conv_state.data + slot * p.conv_state.stride[0], p.conv_state.stride[1],
+                     p.x.data, p.x.stride[0], dch, k, seqs.begin(s), seqs.end(s), history);
   });
 }
 

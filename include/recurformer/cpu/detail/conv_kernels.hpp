@@ -1,73 +1,122 @@
 // recurformer/cpu/detail/conv_kernels.hpp: the causal conv1d kernel body and its ISA entry points.
 //
-// One call runs a block of up to V::width channels over the tokens of one sequence, vectorised over
-// the channels (x and y rows are contiguous over channels). The width K is a template argument, so
-// the K taps and the sliding window of the last K-1 inputs live in registers across the token loop:
-// per token one load, K fmas, one store. The window starts as the slot's conv_state (or zeros) and
-// ends as the new conv_state.
+// Each output row depends only on K input rows, so unlike the scan the conv parallelises over
+// tokens: one call computes the packed rows [t0, t1) (across sequence boundaries), vectorised over
+// channels (rows are contiguous over channels). Channels go in panels of kConvPanel: the panel's K
+// taps are transposed once into a stack buffer (up to 64 KB), then the rows are swept in order, each row reading
+// its K inputs from x (the K-1 older ones are L1 hits: they were the previous rows' inputs), from
+// the sequence's history (the slot's conv_state) or from zeros. Memory is read row after row, which
+// the prefetchers follow; per output vector: K loads, K fmas, one store. K is a template argument.
+// Writing the new conv_state is a separate pass (run after every row has read the old one).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "recurformer/cpu/detail/scan_math.hpp"
+#include "recurformer/cpu/detail/scan_sequences.hpp"
 
 namespace recurformer {
 namespace cpu {
 namespace detail {
 
-/// One task: channels [c0, c0 + nc) over tokens [t0, t1). Pointers already offset to channel c0.
+constexpr int64_t kConvPanel = 2048;  // channels per panel: long row segments for the prefetchers (taps: K x 8 KB)
+
+/// Packed rows [t0, t1); s0 is the sequence that holds row t0.
 template <class T>
-struct ConvBlock {
-  const T* x;          // [tokens, *] token stride sx
-  T* y;                // [tokens, *] token stride sy
-  const float* w;      // [nc, K] row stride sw
-  const float* bias;   // [nc] optional
-  T* state;            // [K-1, *] row stride s_state; null: no conv_state
-  int64_t sx, sy, sw, s_state, t0, t1;
-  int nc;
-  bool silu, use_initial_state;
+struct ConvRows {
+  const T* x;          // [tokens, dch] row stride sx
+  T* y;                // [tokens, dch] row stride sy
+  const float* w;      // [dch, K] row stride sw
+  const float* bias;   // [dch] optional
+  const T* history;    // [slots, K-1, dch] strides s_hist_slot, s_hist: the inputs before each
+                       // sequence start; null: zeros
+  const PackedSequences* seqs;
+  int64_t sx, sy, sw, s_hist_slot, s_hist, dch, s0, t0, t1;
+  bool silu;
 };
 
 template <int K, class V, class T>
-void conv_block(const ConvBlock<T>& a) {
+void conv_rows(const ConvRows<T>& a) {
   constexpr int W = V::width;
-  const int nc = a.nc;
-  V w[K], win[K - 1];
-  for (int i = 0; i < K; ++i) {
-    alignas(64) float tap[W] = {};
-    for (int j = 0; j < nc; ++j) tap[j] = a.w[j * a.sw + i];
-    w[i] = V::load(tap);
+  alignas(64) float taps[K][kConvPanel];
+  alignas(64) float bias[kConvPanel];
+  alignas(64) T zeros[kConvPanel];
+  std::memset(zeros, 0, sizeof zeros);  // +0 in float, half and bfloat16
+  for (int64_t p0 = 0; p0 < a.dch; p0 += kConvPanel) {
+    const int64_t pw = std::min(kConvPanel, a.dch - p0);
+    for (int64_t j = 0; j < pw; ++j) {
+      for (int i = 0; i < K; ++i) taps[i][j] = a.w[(p0 + j) * a.sw + i];
+      bias[j] = a.bias ? a.bias[p0 + j] : 0.f;
+    }
+    int64_t s = a.s0;
+    for (int64_t t = a.t0; t < a.t1; ++t) {
+      while (a.seqs->end(s) <= t) ++s;
+      const int64_t slot = a.seqs->slot(s), begin = a.seqs->begin(s);
+      if (slot < 0) continue;  // padding
+      const T* in[K];  // the panel's K input rows, oldest first
+#pragma GCC unroll 8
+      for (int i = 0; i < K; ++i) {
+        const int64_t tt = t - (K - 1) + i;
+        in[i] = tt >= begin    ? a.x + tt * a.sx + p0
+                : a.history    ? a.history + slot * a.s_hist_slot + (tt - begin + K - 1) * a.s_hist + p0
+                               : zeros;
+      }
+      T* out = a.y + t * a.sy + p0;
+      int64_t j = 0;
+      for (; j + W <= pw; j += W) {
+        V acc = V::load(bias + j);
+#pragma GCC unroll 8
+        for (int i = 0; i < K; ++i) acc = fma(V::load(taps[i] + j), V::load(in[i] + j), acc);
+        if (a.silu) acc = simd::silu(acc);
+        acc.store(out + j);
+      }
+      if (j < pw) {
+        const int nc = int(pw - j);
+        V acc = V::load(bias + j);
+#pragma GCC unroll 8
+        for (int i = 0; i < K; ++i) acc = fma(V::load(taps[i] + j), V::load_partial(in[i] + j, nc), acc);
+        if (a.silu) acc = simd::silu(acc);
+        acc.store_partial(out + j, nc);
+      }
+    }
   }
-  for (int i = 0; i < K - 1; ++i)
-    win[i] = a.state && a.use_initial_state ? simd::load_n<V>(a.state + i * a.s_state, nc) : V::zero();
-  const V bias = a.bias ? simd::load_n<V>(a.bias, nc) : V::zero();
-  for (int64_t t = a.t0; t < a.t1; ++t) {
-    const V xt = simd::load_n<V>(a.x + t * a.sx, nc);
-    V acc = fma(w[K - 1], xt, bias);
-    for (int i = 0; i < K - 1; ++i) acc = fma(w[i], win[i], acc);
-    for (int i = 0; i + 1 < K - 1; ++i) win[i] = win[i + 1];
-    win[K - 2] = xt;
-    if (a.silu) acc = simd::silu(acc);
-    simd::store_n(acc, a.y + t * a.sy, nc);
-  }
-  if (a.state)
-    for (int i = 0; i < K - 1; ++i) simd::store_n(win[i], a.state + i * a.s_state, nc);
 }
 
 template <int K, class T>
-void conv_block_scalar(const ConvBlock<T>& a) {
-  conv_block<K, simd::F32x1>(a);
+void conv_rows_scalar(const ConvRows<T>& a) {
+  conv_rows<K, simd::F32x1>(a);
 }
 #if RF_HAVE_X86_SIMD
 template <int K, class T>
-RF_KERNEL_AVX2 void conv_block_avx2(const ConvBlock<T>& a) {
-  conv_block<K, simd::F32x8>(a);
+RF_KERNEL_AVX2 void conv_rows_avx2(const ConvRows<T>& a) {
+  conv_rows<K, simd::F32x8>(a);
 }
 template <int K, class T>
-RF_KERNEL_AVX512 void conv_block_avx512(const ConvBlock<T>& a) {
-  conv_block<K, simd::F32x16>(a);
+RF_KERNEL_AVX512 void conv_rows_avx512(const ConvRows<T>& a) {
+  conv_rows<K, simd::F32x16>(a);
 }
 #endif
+
+/// The new conv_state of one sequence: the last K-1 rows of its history (kept in `state`, or zeros
+/// when it is not used) followed by its rows x[begin, end). Row i takes history row i + len >= i,
+/// so updating in place front to back reads every history row before it is overwritten.
+template <class T>
+void write_conv_state(T* state, int64_t s_state, const T* x, int64_t sx, int64_t dch, int64_t k,
+                      int64_t begin, int64_t end, bool use_history) {
+  const int64_t len = end - begin;
+  for (int64_t i = 0; i < k - 1; ++i) {
+    T* dst = state + i * s_state;
+    const int64_t tt = end - (k - 1) + i;
+    if (tt >= begin)
+      std::memcpy(dst, x + tt * sx, size_t(dch) * sizeof(T));
+    else if (use_history)
+      std::memcpy(dst, state + (i + len) * s_state, size_t(dch) * sizeof(T));
+    else
+      std::memset(dst, 0, size_t(dch) * sizeof(T));  // +0 in float, half and bfloat16
+  }
+}
 
 }  // namespace detail
 }  // namespace cpu
