@@ -330,6 +330,66 @@ TEST_CASE("golden llama: causal GQA attention matches transformers' eager attent
   }
 }
 
+TEST_CASE("golden llama: both cases packed in one attention call (varlen, slots, positions)", "[golden]") {
+  // Sequence 0 = the llama3 case (positions 9000..) in cache slot 1, sequence 1 = the default case
+  // (positions 0..) in slot 0: one call must give each its own golden output.
+  const std::vector<LlamaCase> cases = llama_cases();
+  const LlamaCase* seq_case[2] = {&cases[1], &cases[0]};
+  const int32_t kv_slots[2] = {1, 0};
+  std::vector<Golden> q, k, v, want;
+  std::vector<std::vector<int32_t>> pos;
+  for (const LlamaCase* c : seq_case) {
+    q.push_back(golden(c->name, "q_rope"));
+    k.push_back(golden(c->name, "k_rope"));
+    v.push_back(golden(c->name, "v"));
+    want.push_back(golden(c->name, "attn"));
+    pos.push_back(golden_i32(c->name, "positions"));
+  }
+  const int64_t n_q = q[0].dim(1), n_kv = k[0].dim(1), hd = q[0].dim(2), capacity = 16;
+  REQUIRE(q[1].dim(1) == n_q);
+  REQUIRE(k[1].dim(1) == n_kv);
+  std::vector<float> kc(size_t(2 * n_kv * capacity * hd), 1e4f), vc(kc.size(), 1e4f), qs, want_all;
+  std::vector<int32_t> kpos(size_t(2 * capacity), 0), cu = {0}, lens, qpos;
+  for (int s = 0; s < 2; ++s) {
+    const int64_t tokens = q[size_t(s)].dim(0), slot = kv_slots[s];
+    REQUIRE(tokens <= capacity);
+    qs.insert(qs.end(), q[size_t(s)].v.begin(), q[size_t(s)].v.end());
+    want_all.insert(want_all.end(), want[size_t(s)].v.begin(), want[size_t(s)].v.end());
+    qpos.insert(qpos.end(), pos[size_t(s)].begin(), pos[size_t(s)].end());
+    cu.push_back(cu.back() + int32_t(tokens));
+    lens.push_back(int32_t(tokens));
+    for (int64_t t = 0; t < tokens; ++t) {
+      kpos[size_t(slot * capacity + t)] = pos[size_t(s)][size_t(t)];
+      for (int64_t h = 0; h < n_kv; ++h)
+        for (int64_t d = 0; d < hd; ++d) {
+          const size_t dst = size_t(((slot * n_kv + h) * capacity + t) * hd + d), src = size_t((t * n_kv + h) * hd + d);
+          kc[dst] = k[size_t(s)].v[src];
+          vc[dst] = v[size_t(s)].v[src];
+        }
+    }
+  }
+  const int64_t tokens = cu.back();
+  rf::ThreadPool pool(2);
+  rftest::for_each_isa([&] {
+    std::vector<float> out(size_t(tokens * n_q * hd), -7.f);
+    rf::AttentionParams<float> p;
+    p.q = view<const float>(qs.data(), {tokens, n_q, hd});
+    p.k = view<const float>(kc.data(), {2, n_kv, capacity, hd});
+    p.v = view<const float>(vc.data(), {2, n_kv, capacity, hd});
+    p.out = view<float>(out.data(), {tokens, n_q, hd});
+    p.cu_seqlens = view<const int32_t>(cu.data(), {3});
+    p.kv_slots = view<const int32_t>(kv_slots, {2});
+    p.kv_lens = view<const int32_t>(lens.data(), {2});
+    p.q_positions = view<const int32_t>(qpos.data(), {tokens});
+    p.k_positions = view<const int32_t>(kpos.data(), {2, capacity});
+    const rf::CpuExec exec{&pool};
+    std::vector<unsigned char> ws(rf::attention_workspace_bytes(p, exec) + 64);
+    void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
+    rf::attention(p, exec, aligned, ws.size() - 64);
+    check_golden("packed attention out", out.data(), want_all.data(), out.size());
+  });
+}
+
 // ------------------------------------------------------------------------------------------------
 // The .npy reader itself
 // ------------------------------------------------------------------------------------------------
