@@ -75,10 +75,10 @@ inline Loaded load(const std::string& path) {
   RF_CHECK(recurformer::detail::path_exists(path), path, ": no such file or directory");
   Loaded l;
   auto ck = std::make_shared<const Checkpoint>(Checkpoint::open(path));
-  l.model = std::make_unique<LlamaModel>(ck);
   l.tok = std::make_unique<Tokenizer>(tokenizer_of(*ck));
   RF_CHECK(l.tok->vocab_size() <= ck->config().vocab_size, path, ": the tokenizer has ", l.tok->vocab_size(),
            " tokens but the model's vocabulary has ", ck->config().vocab_size, ": they do not belong together");
+  l.model = std::make_unique<LlamaModel>(ck);
   return l;
 }
 
@@ -159,8 +159,7 @@ inline CalibrationResult calibrate_text(const Loaded& m, const std::string& text
   o.seq_len = seq_len;
   o.window = window;
   return calibrate(*m.model, ids, o, exec, [&](int64_t done, int64_t total) {
-    err << "\rcalibrate: sequence " << done << "/" << total << std::flush;
-    if (done == total) err << "\n";
+    err << "calibrate: sequence " << done << "/" << total << "\n";
   });
 }
 
@@ -366,7 +365,8 @@ inline const char* builtin_text() {
 
 /// The main job: random model -> calibrate -> convert (ratio 0.5) -> generate with both.
 inline int run_main_job(const Args& a, const std::string& home, std::ostream& out, std::ostream& err) {
-  ThreadPool pool(threads_of(a));
+  // One thread unless -t: the model is tiny, and fork-join over a busy machine only adds waiting.
+  ThreadPool pool(a.threads > 0 ? a.threads : 1);
   const CpuExec exec{&pool};
   const std::string orig = home + "/llama", conv = home + "/recurformer", scores = home + "/scores.json";
   out << "recurformer: no model given (-m), so running the main job on a built-in model.\n"

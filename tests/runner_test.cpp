@@ -1,0 +1,140 @@
+// The runner's jobs (examples/runner_jobs.hpp, what build/bin/recurformer calls): the main job end
+// to end on a random model, generation (greedy = argmax of the model's logits, seeded sampling
+// reproducible), calibrate -> convert -> generate through files, perplexity's output format, and
+// the one-line errors (bad path, prompt longer than the context, tokenizer / vocabulary mismatch).
+#include <filesystem>
+#include <sstream>
+
+#include "../examples/runner_jobs.hpp"
+#include "support/test_util.hpp"
+
+namespace fs = std::filesystem;
+using namespace recurformer;
+
+namespace {
+struct TmpDir {
+  fs::path p;
+  explicit TmpDir(const char* tag) : p(fs::temp_directory_path() / (std::string(tag) + std::to_string(::getpid()))) {
+    fs::remove_all(p);
+    fs::create_directories(p);
+  }
+  ~TmpDir() { fs::remove_all(p); }
+  std::string operator/(const std::string& f) const { return (p / f).string(); }
+};
+
+RandomModelSpec tiny() {
+  RandomModelSpec s;
+  s.n_layers = 2, s.d_model = 64, s.ffn = 96, s.n_q = 4, s.n_kv = 2;
+  return s;
+}
+
+runner::Args args(std::vector<std::string> v) {
+  v.insert(v.begin(), "recurformer");
+  std::vector<char*> argv;
+  for (auto& s : v) argv.push_back(s.data());
+  return runner::parse_args(int(argv.size()), argv.data());
+}
+}  // namespace
+
+TEST_CASE("the main job runs end to end and says the weights are random", "[runner]") {
+  TmpDir dir("rf_runner_main_");
+  runner::Args a = args({"-n", "8"});
+  std::ostringstream out, err;
+  REQUIRE(runner::run_main_job(a, dir / "home", out, err) == 0);
+  const std::string o = out.str();
+  CHECK_THAT(o, Catch::Contains("RANDOM"));
+  CHECK_THAT(o, Catch::Contains("--- original Llama ---"));
+  CHECK_THAT(o, Catch::Contains("--- RecurFormer (4 of 8 KV groups recurrent) ---"));
+  CHECK_THAT(o, Catch::Contains("tokens/s"));
+  CHECK_THAT(o, Catch::Contains("recurrent 67.0 KiB"));  // 4 groups x (64 x 64 x 4 + 3 x 64 x 4) bytes
+  CHECK(fs::exists(dir / "home/recurformer/config.json"));
+  CHECK(fs::exists(dir / "home/scores.svg"));
+  // a second run reuses the model
+  std::ostringstream out2, err2;
+  REQUIRE(runner::run_main_job(a, dir / "home", out2, err2) == 0);
+  CHECK_THAT(out2.str(), Catch::Contains("using the random Llama"));
+}
+
+TEST_CASE("generate: greedy is the argmax of the logits; sampling is seeded", "[runner]") {
+  TmpDir dir("rf_runner_gen_");
+  write_random_model(dir / "m", tiny());
+  const runner::Loaded m = runner::load(dir / "m");
+  ThreadPool pool(2);
+  const CpuExec exec{&pool};
+  const SamplingParams greedy{0.f, 40, 0.95f, 1};
+  const auto g = runner::generate(m, "the cat", 6, 64, 3, greedy, exec, nullptr);
+  REQUIRE(g.generated >= 1);
+  // replay: each greedy token is the argmax of the model's logits after the tokens before it
+  std::vector<int32_t> ids = m.tok->encode("the cat", true);
+  for (size_t i = 0; i < g.ids.size(); ++i) {
+    LlamaSession s(*m.model, 1, 64, exec, 64);
+    const auto& l = s.prefill(0, ids.data(), int64_t(ids.size()));
+    CHECK(g.ids[i] == argmax(l.data(), int64_t(l.size())));
+    ids.push_back(g.ids[i]);
+  }
+  const SamplingParams sp{1.f, 20, 0.9f, 42};
+  const auto s1 = runner::generate(m, "the cat", 12, 64, 4, sp, exec, nullptr);
+  const auto s2 = runner::generate(m, "the cat", 12, 64, 4, sp, exec, nullptr);
+  CHECK(s1.ids == s2.ids);
+  CHECK(s1.text == s2.text);
+  CHECK(s1.cache.total > 0);
+  CHECK_THROWS_WITH(runner::generate(m, std::string(200, 'x'), 4, 16, 4, sp, exec, nullptr),
+                    Catch::Contains("more than the context"));
+}
+
+TEST_CASE("calibrate -> convert -> generate through files; perplexity prints llama.cpp's lines", "[runner]") {
+  TmpDir dir("rf_runner_files_");
+  write_random_model(dir / "m", tiny());
+  {
+    std::ofstream f(dir / "text.txt");
+    for (int i = 0; i < 6; ++i) f << runner::builtin_text() << "\n";
+  }
+  std::ostringstream out, err;
+  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c", "64",
+                                      "-t", "1"}),
+                                out, err) == 0);
+  const auto scores = runner::parse_calibration_scores(runner::read_file(dir / "s.json"), "s.json");
+  REQUIRE(scores.group_mean.size() == 2);
+  REQUIRE(scores.group_mean[0].size() == 2);
+  for (const auto& row : scores.group_mean)
+    for (double v : row) {
+      CHECK(v >= 0.0);
+      CHECK(v <= 1.0 + 1e-9);
+    }
+  CHECK_THAT(runner::read_file(dir / "s.svg"), Catch::StartsWith("<svg"));
+  REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--threshold", "0", "-o",
+                                    dir / "rf"}),
+                              out, err) == 0);
+  CHECK_THAT(out.str(), Catch::Contains("converted 4 of 4 KV groups"));
+  CHECK_THAT(out.str(), Catch::Contains("at 32K tokens"));
+  std::ostringstream gout;
+  REQUIRE(runner::run_generate(args({"generate", "-m", dir / "rf", "-p", "hello", "-n", "5", "--temp", "0"}), gout, err) == 0);
+  std::ostringstream pout, perr;
+  REQUIRE(runner::run_perplexity(args({"perplexity", "-m", dir / "m", "-f", dir / "text.txt", "-c", "128"}), pout, perr) == 0);
+  CHECK_THAT(pout.str(), Catch::StartsWith("[1]"));
+  CHECK_THAT(pout.str(), Catch::Contains("Final estimate: PPL = "));
+  CHECK_THAT(pout.str(), Catch::Contains(" +/- "));
+  std::ostringstream bout;
+  REQUIRE(runner::run_bench(args({"bench", "-m", dir / "rf", "-c", "64,96", "-b", "16", "-n", "4"}), bout, err) == 0);
+  CHECK_THAT(bout.str(), Catch::Contains("synthetic"));
+}
+
+TEST_CASE("runner errors are one clear line", "[runner]") {
+  TmpDir dir("rf_runner_err_");
+  CHECK_THROWS_WITH(args({"generat"}), Catch::Contains("unknown command"));
+  CHECK_THROWS_WITH(args({"generate", "--temp"}), Catch::Contains("missing value"));
+  CHECK_THROWS_WITH(args({"generate", "-n", "x"}), Catch::Contains("expected an integer"));
+  CHECK_THROWS_WITH(args({"generate", "--device", "cuda"}), Catch::Contains("not built with CUDA"));
+  CHECK_THROWS_WITH(args({"generate", "--bogus"}), Catch::Contains("unknown option"));
+  CHECK_THROWS_WITH(runner::load(dir / "nope"), Catch::Contains("no such file or directory"));
+  // a tokenizer bigger than the model's vocabulary
+  RandomModelSpec s = tiny();
+  write_random_model(dir / "m", s);
+  std::string cfg = runner::read_file(dir / "m/config.json");
+  cfg.replace(cfg.find("\"vocab_size\": 288"), 17, "\"vocab_size\": 280");
+  recurformer::detail::write_text(dir / "m/config.json", cfg);
+  CHECK_THROWS_WITH(runner::load(dir / "m"), Catch::Contains("do not belong together"));
+  std::ostringstream out, err;
+  CHECK_THROWS_WITH(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "-o", dir / "o"}), out, err),
+                    Catch::Contains("cannot open"));
+}
