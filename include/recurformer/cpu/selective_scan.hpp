@@ -3,8 +3,9 @@
 // Work is split into tasks of (sequence, group, block of one vector width of channels); each task
 // runs the whole sequence for its channels (cpu/detail/scan_kernels.hpp), so the state never leaves
 // the task and no cross-thread combination is needed. Tasks are handed out dynamically
-// (exec.for_each), which balances uneven sequence lengths. Prefill and decode run the same kernel,
-// so token-by-token decode is bit-identical to a scan over the same tokens.
+// (exec.for_each), which balances uneven sequence lengths. Decode (one token per slot) has its own
+// kernel, vectorised over the state dimension and updating the slot in place; its state is
+// bit-identical to a scan over the same tokens, its y equal up to summation order.
 #pragma once
 
 #include <algorithm>
@@ -18,6 +19,50 @@
 namespace recurformer {
 namespace cpu {
 namespace detail {
+
+// Decode: tasks of (token row, kUpdateChannels channels), state updated in place in its slot.
+template <class T>
+void run_state_update(const SelectiveScanParams<T>& p, CpuExec exec) {
+  const Isa isa = active_isa();
+  const int64_t rows = p.u.shape[0], dch = p.u.shape[1];
+  const int64_t chunks = (dch + kUpdateChannels - 1) / kUpdateChannels;
+  exec.for_each(rows * chunks, [&](int64_t task, int) {
+    const int64_t t = task / chunks, c0 = task % chunks * kUpdateChannels;
+    const int64_t slot = p.state_slots.present() ? int64_t(p.state_slots(t)) : t;
+    if (slot < 0) return;  // padding
+    UpdateBlock<T> a;
+    a.u = p.u.ptr(t, c0);
+    a.delta = p.delta.ptr(t, c0);
+    a.B = p.B.ptr(t, 0, 0);
+    a.C = p.C.ptr(t, 0, 0, 0);
+    a.z = p.z.data ? p.z.ptr(t, c0) : nullptr;
+    a.y = p.y.ptr(t, 0, c0);
+    a.A = p.A.ptr(c0, 0);
+    a.D = p.D.data ? p.D.ptr(c0) : nullptr;
+    a.delta_bias = p.delta_bias.data ? p.delta_bias.ptr(c0) : nullptr;
+    a.state = p.state.ptr(slot, c0, 0);
+    a.sB_g = p.B.stride[1];
+    a.sC_g = p.C.stride[1];
+    a.sC_r = p.C.stride[2];
+    a.sy_r = p.y.stride[1];
+    a.sA = p.A.stride[0];
+    a.s_state = p.state.stride[1];
+    a.c0 = c0;
+    a.per_group = dch / p.B.shape[1];
+    a.n_state = p.A.shape[1];
+    a.readers = p.C.shape[2];
+    a.nc = int(std::min<int64_t>(kUpdateChannels, dch - c0));
+    a.softplus = p.delta_activation == DeltaActivation::softplus;
+    a.use_initial_state = p.use_initial_state;
+    switch (isa) {
+#if RF_HAVE_X86_SIMD
+      case Isa::avx512: update_block_avx512(a); break;
+      case Isa::avx2: update_block_avx2(a); break;
+#endif
+      default: update_block_scalar(a); break;
+    }
+  });
+}
 
 template <class T>
 void run_selective_scan(const SelectiveScanParams<T>& p, recurformer::detail::ScanMode mode,
@@ -83,7 +128,7 @@ void selective_scan(const SelectiveScanParams<T>& p, CpuExec exec) {
 template <class T>
 void selective_state_update(const SelectiveScanParams<T>& p, CpuExec exec) {
   check_state_update(p);
-  cpu::detail::run_selective_scan(p, detail::ScanMode::state_update, exec);
+  cpu::detail::run_state_update(p, exec);
 }
 
 }  // namespace recurformer

@@ -129,6 +129,121 @@ void scan_block(const ScanBlock<T>& a) {
     for (int64_t n = 0; n < N; ++n) a.state[j * a.s_state + n] = h[n * W + j];
 }
 
+/// One decode task: token row t (a one-token sequence), channels [c0, c0 + nc) with nc <= 64, any
+/// groups. Pointers are offset to the row and to channel c0 (B and C to the row only).
+template <class T>
+struct UpdateBlock {
+  const T* u;               // [nc]
+  const T* delta;           // [nc]
+  const T* B;               // [G, N] group stride sB_g
+  const T* C;               // [G, R, N] strides sC_g, sC_r
+  const T* z;               // [nc] optional
+  T* y;                     // [R, nc] reader stride sy_r
+  const float* A;           // [nc, N] row stride sA
+  const float* D;           // [nc] optional
+  const float* delta_bias;  // [nc] optional
+  float* state;             // [nc, N] channel stride s_state
+  int64_t sB_g, sC_g, sC_r, sy_r, sA, s_state;
+  int64_t c0, per_group, n_state, readers;
+  int nc;
+  bool softplus, use_initial_state;
+};
+constexpr int kUpdateChannels = 64;
+
+// Decode: one token, so nothing is reused across tokens; vectorised over the state dimension N
+// instead, h is read and written in place in the slot (no transposition), y is a dot product per
+// (reader, channel). Per state element the arithmetic is the prefill kernel's, in the same order,
+// so the state is bit-identical to a scan over the same tokens; y sums in another order.
+template <class V, class T>
+void update_block(const UpdateBlock<T>& a) {
+  constexpr int W = V::width;
+  const int64_t N = a.n_state, R = a.readers;
+  alignas(64) float dt[kUpdateChannels], du[kUpdateChannels], skip[kUpdateChannels],
+      gate[kUpdateChannels];
+  alignas(64) float b_row[kSelectiveScanMaxState];
+  alignas(64) float c_rows[kSelectiveScanMaxReaderStates];
+  for (int j = 0; j < a.nc; j += W) {
+    const int m = std::min(W, a.nc - j);
+    const V u = simd::load_n<V>(a.u + j, m);
+    V d = simd::load_n<V>(a.delta + j, m);
+    if (a.delta_bias) d = d + simd::load_n<V>(a.delta_bias + j, m);
+    if (a.softplus) d = simd::softplus(d);
+    simd::store_n(d, dt + j, m);
+    simd::store_n(d * u, du + j, m);
+    simd::store_n(a.D ? simd::load_n<V>(a.D + j, m) * u : V::zero(), skip + j, m);
+    simd::store_n(a.z ? simd::silu(simd::load_n<V>(a.z + j, m)) : V::broadcast(1.f), gate + j, m);
+  }
+  const int64_t n_full = N / W * W;
+  const int tail = int(N - n_full);
+  int64_t group = -1;
+  const float* bt = nullptr;
+  const float* ct = nullptr;
+  int64_t ct_r = 0;
+  for (int j = 0; j < a.nc; ++j) {
+    const int64_t g = (a.c0 + j) / a.per_group;
+    if (g != group) {  // B and C rows of this channel's group as fp32
+      group = g;
+      if constexpr (std::is_same<T, float>::value) {
+        bt = a.B + g * a.sB_g;
+        ct = a.C + g * a.sC_g;
+        ct_r = a.sC_r;
+      } else {
+        const T* bs = a.B + g * a.sB_g;
+        for (int64_t n = 0; n < n_full; n += W) V::load(bs + n).store(b_row + n);
+        if (tail) V::load_partial(bs + n_full, tail).store_partial(b_row + n_full, tail);
+        for (int64_t r = 0; r < R; ++r) {
+          const T* cs = a.C + g * a.sC_g + r * a.sC_r;
+          for (int64_t n = 0; n < n_full; n += W) V::load(cs + n).store(c_rows + r * N + n);
+          if (tail) V::load_partial(cs + n_full, tail).store_partial(c_rows + r * N + n_full, tail);
+        }
+        bt = b_row;
+        ct = c_rows;
+        ct_r = N;
+      }
+    }
+    float* h = a.state + j * a.s_state;
+    const float* A = a.A + j * a.sA;
+    const V dtv = V::broadcast(dt[j]), duv = V::broadcast(du[j]), log2e = V::broadcast(simd::detail::kLog2e);
+    for (int64_t n = 0; n < n_full; n += W) {
+      const V decay = simd::exp2(dtv * (V::load(A + n) * log2e));
+      const V h0 = a.use_initial_state ? V::load(h + n) : V::zero();
+      fma(decay, h0, duv * V::load(bt + n)).store(h + n);
+    }
+    if (tail) {
+      const V decay = simd::exp2(dtv * (V::load_partial(A + n_full, tail) * log2e));
+      const V h0 = a.use_initial_state ? V::load_partial(h + n_full, tail) : V::zero();
+      fma(decay, h0, duv * V::load_partial(bt + n_full, tail)).store_partial(h + n_full, tail);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const float* cr = ct + r * ct_r;
+      V s0 = V::zero(), s1 = V::zero();
+      int64_t n = 0;
+      for (; n + 2 * W <= n_full; n += 2 * W) {
+        s0 = fma(V::load(h + n), V::load(cr + n), s0);
+        s1 = fma(V::load(h + n + W), V::load(cr + n + W), s1);
+      }
+      if (n < n_full) s0 = fma(V::load(h + n), V::load(cr + n), s0);
+      if (tail) s1 = fma(V::load_partial(h + n_full, tail), V::load_partial(cr + n_full, tail), s1);
+      a.y[r * a.sy_r + j] = from_float<T>(((s0 + s1).reduce_add() + skip[j]) * gate[j]);
+    }
+  }
+}
+
+template <class T>
+void update_block_scalar(const UpdateBlock<T>& a) {
+  update_block<simd::F32x1>(a);
+}
+#if RF_HAVE_X86_SIMD
+template <class T>
+RF_KERNEL_AVX2 void update_block_avx2(const UpdateBlock<T>& a) {
+  update_block<simd::F32x8>(a);
+}
+template <class T>
+RF_KERNEL_AVX512 void update_block_avx512(const UpdateBlock<T>& a) {
+  update_block<simd::F32x16>(a);
+}
+#endif
+
 template <class T>
 void scan_block_scalar(const ScanBlock<T>& a) {
   scan_block<simd::F32x1>(a);
