@@ -18,6 +18,7 @@
 
 #include "recurformer/cpu/attention.hpp"
 #include "recurformer/cpu/causal_conv1d.hpp"
+#include "recurformer/cpu/linear.hpp"
 #include "recurformer/cpu/rope.hpp"
 #include "recurformer/cpu/selective_scan.hpp"
 #include "support/npy.hpp"
@@ -387,6 +388,84 @@ TEST_CASE("golden llama: both cases packed in one attention call (varlen, slots,
     void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
     rf::attention(p, exec, aligned, ws.size() - 64);
     check_golden("packed attention out", out.data(), want_all.data(), out.size());
+  });
+}
+
+/// Caller-owned, 64-byte aligned scratch for an op's workspace query.
+struct Workspace {
+  std::vector<unsigned char> bytes;
+  void* data = nullptr;
+  size_t size = 0;
+  explicit Workspace(size_t n) : bytes(n + 64), size(n) {
+    data = bytes.data() + (64 - reinterpret_cast<uintptr_t>(bytes.data()) % 64) % 64;
+  }
+};
+
+/// y[T, out] = x[T, in] W^T (+ b) with the library's linear op (fp32 weights).
+std::vector<float> golden_linear(const float* x, int64_t tokens, Golden& w, Golden* b, rf::CpuExec exec) {
+  const int64_t out = w.dim(0), in = w.dim(1);
+  std::vector<float> y(size_t(tokens * out), -7.f);
+  rf::LinearParams<float, float> p;
+  p.x = view<const float>(x, {tokens, in});
+  p.weight = view<const float>(w.data(), {out, in});
+  if (b) p.bias = view<const float>(b->data(), {out});
+  p.y = view<float>(y.data(), {tokens, out});
+  Workspace ws(rf::linear_workspace_bytes(p, exec));
+  rf::linear(p, exec, ws.data, ws.size);
+  return y;
+}
+
+TEST_CASE("golden qwen2: the whole attention layer from the library's ops matches Qwen2Attention", "[golden]") {
+  // linear (q/k/v with biases) -> rope -> attention -> linear (o_proj), each step fed by the library's
+  // own previous output, against transformers' intermediates.
+  const char* c = "qwen2_attention";
+  Golden x = golden(c, "x"), wq = golden(c, "q_weight"), bq = golden(c, "q_bias"), wk = golden(c, "k_weight"),
+         bk = golden(c, "k_bias"), wv = golden(c, "v_weight"), bv = golden(c, "v_bias"), wo = golden(c, "o_weight");
+  Golden want_q = golden(c, "q"), want_k = golden(c, "k"), want_v = golden(c, "v"), want_attn = golden(c, "attn"),
+         want_out = golden(c, "out"), inv = golden(c, "inv_freq");
+  std::vector<int32_t> pos = golden_i32(c, "positions");
+  const int64_t tokens = x.dim(0), n_q = want_q.dim(1), n_kv = want_k.dim(1), hd = want_q.dim(2);
+  rf::ThreadPool pool(2);
+  const rf::CpuExec exec{&pool};
+  rftest::for_each_isa([&] {
+    std::vector<float> q = golden_linear(x.data(), tokens, wq, &bq, exec);
+    std::vector<float> k = golden_linear(x.data(), tokens, wk, &bk, exec);
+    std::vector<float> v = golden_linear(x.data(), tokens, wv, &bv, exec);
+    check_golden("q = linear(x) + bias", q, want_q);
+    check_golden("k = linear(x) + bias", k, want_k);
+    check_golden("v = linear(x) + bias", v, want_v);
+
+    const std::vector<float> ours = rf::rope_inv_freq(int(hd), 1e6f);
+    std::vector<double> want_inv(inv.v.begin(), inv.v.end());
+    rftest::check_close("inv_freq", ours.data(), want_inv.data(), ours.size(), 1e-6, 0.0);
+    for (auto qk : {std::make_pair(&q, n_q), std::make_pair(&k, n_kv)}) {
+      rf::RopeParams<float> p;
+      p.x = view<float>(qk.first->data(), {tokens, qk.second, hd});
+      p.positions = view<const int32_t>(pos.data(), {tokens});
+      p.inv_freq = view<const float>(ours.data(), {hd / 2});
+      rf::rope(p, exec);
+    }
+    check_golden("q after rope", q, golden(c, "q_rope"));
+    check_golden("k after rope", k, golden(c, "k_rope"));
+
+    // The chunk's keys as a cache slot with exactly `tokens` capacity: [1, n_kv, T, hd] strided over
+    // the packed [T, n_kv, hd] projections (no copy).
+    std::vector<int32_t> kpos = pos;
+    const int32_t kv_len = int32_t(tokens);
+    std::vector<float> attn(size_t(tokens * n_q * hd), -7.f);
+    rf::AttentionParams<float> p;
+    p.q = view<const float>(q.data(), {tokens, n_q, hd});
+    p.k = rf::make_strided_view<const float>(k.data(), {1, n_kv, tokens, hd}, {0, hd, n_kv * hd, 1});
+    p.v = rf::make_strided_view<const float>(v.data(), {1, n_kv, tokens, hd}, {0, hd, n_kv * hd, 1});
+    p.out = view<float>(attn.data(), {tokens, n_q, hd});
+    p.kv_lens = view<const int32_t>(&kv_len, {1});
+    p.q_positions = view<const int32_t>(pos.data(), {tokens});
+    p.k_positions = view<const int32_t>(kpos.data(), {1, tokens});
+    Workspace ws(rf::attention_workspace_bytes(p, exec));
+    rf::attention(p, exec, ws.data, ws.size);
+    check_golden("attention out", attn, want_attn);
+
+    check_golden("o_proj(attention out)", golden_linear(attn.data(), tokens, wo, nullptr, exec), want_out);
   });
 }
 

@@ -26,6 +26,7 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama
 from transformers.models.mamba import modeling_mamba
+from transformers.models.qwen2 import modeling_qwen2
 
 SEED = 1234
 # What tests/golden_ops_test.cpp checks: |got - want| <= rel * |want| + abs_of_max * max|want| per array.
@@ -214,18 +215,29 @@ def make_mamba(root, name, seqs, prompt, steps, hidden, d_state, expand, dt_rank
 # ------------------------------------------------------------------------------------------------
 # Llama attention: LlamaAttention (GQA, eager, causal) with the model's rotary embedding.
 # ------------------------------------------------------------------------------------------------
-def make_llama_attention(root, name, tokens, start, hidden, n_q, n_kv, head_dim, rope):
+def make_llama_attention(root, name, tokens, start, hidden, n_q, n_kv, head_dim, rope, arch="llama"):
+    """arch "llama": LlamaAttention (no biases); "qwen2": Qwen2Attention (q/k/v biases), whose
+    projection weights and output after o_proj are stored too (for the linear op)."""
     torch.manual_seed(SEED + 1)
-    cfg = transformers.LlamaConfig(hidden_size=hidden, num_attention_heads=n_q, num_key_value_heads=n_kv,
-                                   head_dim=head_dim, intermediate_size=4 * hidden, num_hidden_layers=1,
-                                   vocab_size=32, rope_parameters=dict(rope), attention_bias=False,
-                                   max_position_embeddings=131072)
-    cfg._attn_implementation = "eager"
-    attn = modeling_llama.LlamaAttention(cfg, layer_idx=0).eval()
-    rotary = modeling_llama.LlamaRotaryEmbedding(cfg)
+    mod = modeling_qwen2 if arch == "qwen2" else modeling_llama
+    common = dict(hidden_size=hidden, num_attention_heads=n_q, num_key_value_heads=n_kv, head_dim=head_dim,
+                  intermediate_size=4 * hidden, num_hidden_layers=1, vocab_size=32, rope_parameters=dict(rope),
+                  max_position_embeddings=131072)
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common, use_sliding_window=False)
+        cfg._attn_implementation = "eager"
+        attn = mod.Qwen2Attention(cfg, layer_idx=0).eval()
+        rotary = mod.Qwen2RotaryEmbedding(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**common, attention_bias=False)
+        cfg._attn_implementation = "eager"
+        attn = mod.LlamaAttention(cfg, layer_idx=0).eval()
+        rotary = mod.LlamaRotaryEmbedding(cfg)
     with torch.no_grad():
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
             lin.weight.copy_(torch.randn_like(lin.weight) / lin.weight.shape[1] ** 0.5)
+            if lin.bias is not None:
+                lin.bias.copy_(torch.randn_like(lin.bias) * 0.5)
 
     positions = torch.arange(start, start + tokens)[None]
     x = torch.randn(1, tokens, hidden)
@@ -234,7 +246,7 @@ def make_llama_attention(root, name, tokens, start, hidden, n_q, n_kv, head_dim,
         lambda m, i, o, n=n: captured.__setitem__(n, (i[0].detach().clone(), o.detach().clone())))
         for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     mask = torch.full((tokens, tokens), float("-inf")).triu(1)[None, None]
-    with Recorder(modeling_llama, ["apply_rotary_pos_emb", "eager_attention_forward"]) as rec, torch.no_grad():
+    with Recorder(mod, ["apply_rotary_pos_emb", "eager_attention_forward"]) as rec, torch.no_grad():
         cos, sin = rotary(x, positions)
         out, _ = attn(x, position_embeddings=(cos, sin), attention_mask=mask)
     for h in hooks:
@@ -243,8 +255,9 @@ def make_llama_attention(root, name, tokens, start, hidden, n_q, n_kv, head_dim,
     attn_out = rec.calls["eager_attention_forward"][0]["out"][0]  # [1, T, n_q, hd]
     assert torch.equal(attn_out.reshape(1, tokens, -1), captured["o_proj"][0])
 
-    case = Case(root, name, f"transformers LlamaAttention (eager, causal mask, GQA {n_q}/{n_kv}, head_dim "
-                f"{head_dim}) with LlamaRotaryEmbedding ({rope['rope_type']}), one sequence of {tokens} tokens "
+    cls = type(attn).__name__
+    case = Case(root, name, f"transformers {cls} (eager, causal mask, GQA {n_q}/{n_kv}, head_dim "
+                f"{head_dim}) with {type(rotary).__name__} ({rope['rope_type']}), one sequence of {tokens} tokens "
                 f"at positions {start}..{start + tokens - 1}")
     case.save("x", x[0])  # [T, hidden]
     case.save("positions", positions[0])  # [T]
@@ -257,13 +270,22 @@ def make_llama_attention(root, name, tokens, start, hidden, n_q, n_kv, head_dim,
     case.save("q_rope", q_rope[0].transpose(0, 1))  # [T, n_q, hd]
     case.save("k_rope", k_rope[0].transpose(0, 1))  # [T, n_kv, hd]
     case.save("attn", attn_out[0])  # [T, n_q, hd], before o_proj
-    # (o_proj is a plain linear layer, covered by the model fixtures; not stored here to keep this small.)
+    layout = {"q, q_rope, attn": "[T, n_q, hd]", "k, v, k_rope": "[T, n_kv, hd]",
+              "cos, sin": "[T, hd] (the hd/2 angles repeated twice, rotate_half)"}
+    if arch == "qwen2":  # the whole layer: projections (with biases) and o_proj
+        for n in ("q", "k", "v", "o"):
+            lin = getattr(attn, n + "_proj")
+            case.save(n + "_weight", lin.weight)
+            if lin.bias is not None:
+                case.save(n + "_bias", lin.bias)
+        case.save("out", out[0])
+        layout.update({"q_weight, k_weight, v_weight": "[n_heads*hd, hidden] (HF [out, in]); *_bias [n_heads*hd]",
+                       "o_weight": "[hidden, n_q*hd], no bias", "out": "[T, hidden] = o_proj(attn)"})
     case.finish(
         config={"tokens": tokens, "first_position": start, "hidden_size": hidden, "n_q": n_q, "n_kv": n_kv,
                 "head_dim": head_dim, "rope": rope, "scale": head_dim ** -0.5, "layout": "rotate_half",
                 "mask": "causal"},
-        layout={"q, q_rope, attn": "[T, n_q, hd]", "k, v, k_rope": "[T, n_kv, hd]",
-                "cos, sin": "[T, hd] (the hd/2 angles repeated twice, rotate_half)"},
+        layout=layout,
         tolerance=dict(TOLERANCE, note="rope angles are fp32 products float(pos) * inv_freq as in "
                        "transformers: large positions only match to 1e-5 when computed that way"),
     )
@@ -286,6 +308,9 @@ def main():
                          rope={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192})
+    # Qwen2: q/k/v biases; the whole attention layer including the projections (hidden 64, 2/1 heads).
+    make_llama_attention(args.out, "qwen2_attention", tokens=10, start=3, hidden=64, n_q=2, n_kv=1, head_dim=64,
+                         rope={"rope_type": "default", "rope_theta": 1000000.0}, arch="qwen2")
     print("wrote", os.path.abspath(args.out))
 
 
