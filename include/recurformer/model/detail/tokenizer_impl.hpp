@@ -18,6 +18,8 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <mutex>
+#include <shared_mutex>
 #include <utility>
 #include <vector>
 
@@ -56,21 +58,29 @@ struct PreStep {
 };
 
 /// Spans of `piece` that a split step isolates, as (begin, end, is_match).
-inline void split_spans(const PreStep& st, std::string_view s, std::vector<std::pair<size_t, size_t>>& m) {
+inline void split_spans(const PreStep& st, std::string_view s, std::vector<std::pair<size_t, size_t>>& m,
+                        pcre2_match_data* md) {
   m.clear();
   if (st.re) {
-    st.re->find_all(s, m);
+    st.re->find_all(s, m, md);
   } else if (!st.literal.empty()) {
     for (size_t at = s.find(st.literal); at != std::string_view::npos; at = s.find(st.literal, at + st.literal.size()))
       m.emplace_back(at, at + st.literal.size());
   }
 }
 
-/// Applies a split with HF's delimiter behaviours; appends the non-empty pieces to `out`.
-inline void split_piece(const PreStep& st, std::string_view s, std::vector<std::pair<size_t, size_t>>& m,
-                        std::vector<std::string>& out) {
-  split_spans(st, s, m);
+struct SplitScratch {
+  std::vector<std::pair<size_t, size_t>> spans;
   std::vector<std::pair<std::pair<size_t, size_t>, bool>> parts;
+  Regex::MatchData md = Regex::make_match_data();
+};
+
+/// Applies a split with HF's delimiter behaviours; appends the non-empty pieces to `out`.
+inline void split_piece(const PreStep& st, std::string_view s, SplitScratch& sc, std::vector<std::string>& out) {
+  auto& m = sc.spans;
+  split_spans(st, s, m, sc.md.get());
+  auto& parts = sc.parts;
+  parts.clear();
   size_t prev = 0;
   for (auto [b, e] : m) {
     if (b > prev) parts.push_back({{prev, b}, false});
@@ -298,9 +308,9 @@ struct TokenizerData {
   }
 
   struct Scratch {
-    std::string text;
+    std::string text, key;
     std::vector<std::string> pieces, next;
-    std::vector<std::pair<size_t, size_t>> spans;
+    tok::SplitScratch split;
     std::vector<tok::Symbol> syms;
   };
 
@@ -311,12 +321,12 @@ struct TokenizerData {
         std::string& p = sc.pieces[k];
         switch (st.kind) {
           case tok::PreStep::Kind::split:
-            tok::split_piece(st, p, sc.spans, sc.next);
+            tok::split_piece(st, p, sc.split, sc.next);
             break;
           case tok::PreStep::Kind::byte_level:
             if (st.add_prefix_space && (p.empty() || p[0] != ' ')) p.insert(0, 1, ' ');
             if (st.re)
-              tok::split_piece(st, p, sc.spans, sc.next);
+              tok::split_piece(st, p, sc.split, sc.next);
             else
               sc.next.push_back(std::move(p));
             break;
@@ -328,7 +338,7 @@ struct TokenizerData {
                 p.compare(0, 3, tok::kMetaspace) != 0)
               p.insert(0, tok::kMetaspace);
             if (st.split)
-              tok::split_piece(st, p, sc.spans, sc.next);
+              tok::split_piece(st, p, sc.split, sc.next);
             else
               sc.next.push_back(std::move(p));
             break;
@@ -348,8 +358,31 @@ struct TokenizerData {
     syms.push_back({unk, int32_t(syms.size()) - 1, -1, begin, len});
   }
 
-  /// One pre-token through the BPE model.
+  // Word cache: pre-tokens repeat (Zipf), so the ids of short ones are kept, as HF's BPE cache
+  // does. Bounded (inserts stop when full); lookups take a shared lock so concurrent encodes scale.
+  static constexpr size_t kCacheMaxWord = 48, kCacheMaxEntries = size_t(1) << 16;
+  mutable std::shared_mutex cache_mu;
+  mutable std::unordered_map<std::string, std::vector<int32_t>> cache;
+
   void bpe(std::string_view w, Scratch& sc, std::vector<int32_t>& out) const {
+    if (w.size() > kCacheMaxWord || score_merges) return bpe_uncached(w, sc, out);
+    sc.key.assign(w.data(), w.size());
+    {
+      std::shared_lock<std::shared_mutex> lock(cache_mu);
+      auto it = cache.find(sc.key);
+      if (it != cache.end()) {
+        out.insert(out.end(), it->second.begin(), it->second.end());
+        return;
+      }
+    }
+    const size_t start = out.size();
+    bpe_uncached(w, sc, out);
+    std::unique_lock<std::shared_mutex> lock(cache_mu);
+    if (cache.size() < kCacheMaxEntries) cache.emplace(sc.key, std::vector<int32_t>(out.begin() + long(start), out.end()));
+  }
+
+  /// One pre-token through the BPE model.
+  void bpe_uncached(std::string_view w, Scratch& sc, std::vector<int32_t>& out) const {
     if (w.empty()) return;
     if (ignore_merges) {
       auto it = model_vocab.find(std::string(w));

@@ -43,23 +43,28 @@ class Regex {
 
   const std::string& pattern() const { return pattern_; }
 
+  /// Match data for find_all, reusable across patterns and calls (one per thread).
+  using MatchData = std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)>;
+  static MatchData make_match_data() {
+    MatchData md(pcre2_match_data_create(16, nullptr), &pcre2_match_data_free);
+    if (!md) fail("tokenizer: out of memory for regex match data");
+    return md;
+  }
+
   /// Appends the [begin, end) byte spans of every non-overlapping match in `s` (valid UTF-8),
   /// left to right; an empty match advances by one character.
-  void find_all(std::string_view s, std::vector<std::pair<size_t, size_t>>& spans) const {
-    std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> md(
-        pcre2_match_data_create_from_pattern(code_, nullptr), &pcre2_match_data_free);
-    if (!md) fail("tokenizer: out of memory for regex match data");
+  void find_all(std::string_view s, std::vector<std::pair<size_t, size_t>>& spans, pcre2_match_data* md) const {
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
     size_t at = 0;
     while (at <= s.size()) {
-      const int rc = pcre2_match(code_, subject, s.size(), at, PCRE2_NO_UTF_CHECK, md.get(), nullptr);
+      const int rc = pcre2_match(code_, subject, s.size(), at, PCRE2_NO_UTF_CHECK, md, nullptr);
       if (rc == PCRE2_ERROR_NOMATCH) break;
-      if (rc < 0) {
+      if (rc < 0) {  // rc == 0 only says the ovector holds fewer groups than the pattern has
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(rc, msg, sizeof msg);
         fail("tokenizer: regex /", pattern_, "/ failed: ", reinterpret_cast<const char*>(msg));
       }
-      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.get());
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       const size_t b = ov[0], e = ov[1];
       if (e > b) {
         spans.emplace_back(b, e);
