@@ -8,7 +8,9 @@
 //   2. attention groups: RoPE, append K/V to the slot, attention over the slot;
 //   3. streaming groups: RoPE, copy the ring's live entries and the chunk's keys into scratch
 //      (with their positions), attention with the sink/window mask, then write the chunk into the ring;
-//   4. recurrent groups, one at a time: conv over v_j, low-rank Δ, scan over the slot's state;
+//   4. recurrent groups: conv over v_j, low-rank Δ, scan over the slot's state. Prefill runs the
+//      groups one after another, each op parallel inside; decode (tiny ops) runs the groups in
+//      parallel, each on one thread with its own scratch, so a step costs one fork-join, not ~4 per group;
 //   5. scatter the head outputs back to head order (fp32) and project with Wo.
 // Before any of this the whole call is run "dry": every inner op's params are built and checked
 // and the cache's capacity check runs, so an error leaves the cache and out untouched.
@@ -17,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "recurformer/core/dispatch.hpp"
@@ -36,6 +39,10 @@ constexpr int kAttn = 0, kRec = 1, kStream = 2;  // kind slots in the per-kind a
 constexpr size_t kAlign = 64;
 
 inline size_t align_up(size_t b) { return (b + kAlign - 1) / kAlign * kAlign; }
+
+/// The executor for a copy loop of `work` elements: below a few tens of KB a fork-join costs more
+/// than the copy (decode), so it runs on the calling thread.
+inline CpuExec for_work(CpuExec exec, int64_t work) { return work < (int64_t(1) << 15) ? CpuExec{} : exec; }
 
 inline int kind_slot(HeadKind k) {
   return k == HeadKind::attention ? kAttn : k == HeadKind::recurrent ? kRec : kStream;
@@ -61,8 +68,9 @@ struct Plan {
   // T per kind: q heads, k, v, head outputs
   size_t q[3] = {}, k[3] = {}, v[3] = {}, o[3] = {};
   size_t stream_k = 0, stream_v = 0;                       // [S, n_stream, stream_cap, hd] T
-  size_t u = 0, dt_low = 0, delta_f = 0, delta_t = 0;      // recurrent scratch, one group at a time
+  size_t u = 0, dt_low = 0, delta_f = 0, delta_t = 0;      // recurrent scratch, per group
   size_t lin = 0, lin_bytes = 0, attn = 0, attn_bytes = 0;
+  size_t rec_lin = 0, rec_lin_bytes = 0;                   // per-thread linear scratch (decode)
   size_t total = 0;
 };
 
@@ -121,7 +129,7 @@ Plan plan_layout(const HybridHeadAttentionParams<T, TW>& p) {
   }
   take(pl.stream_k, pl.S * pl.groups[kStream] * pl.stream_cap * pl.hd, sizeof(T));
   take(pl.stream_v, pl.S * pl.groups[kStream] * pl.stream_cap * pl.hd, sizeof(T));
-  const int64_t rec = pl.groups[kRec] ? pl.n : 0;
+  const int64_t rec = pl.groups[kRec] * pl.n;
   take(pl.u, rec * pl.hd, sizeof(T));
   take(pl.dt_low, rec * pl.dt_rank_max, 4);
   take(pl.delta_f, rec * pl.hd, 4);
@@ -177,6 +185,71 @@ inline View<const int32_t, 1> ws_ints(unsigned char* ws, size_t off, int64_t n) 
   return make_view(reinterpret_cast<const int32_t*>(ws + off), {n});
 }
 
+// One recurrent group i (KV group j): u = conv(v_j), Δ = dt_up (dt_down x) rounded to T, scan.
+// Its scratch (u, Δ) is the group's own, so groups may run concurrently (decode).
+template <bool Execute, class T, class TW>
+void recurrent_group(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, int64_t i, CpuExec exec,
+                     unsigned char* ws, void* lin_ws, size_t lin_bytes) {
+  HybridCache<T>& cache = *p.cache;
+  const int64_t n = pl.n, hd = pl.hd, g = pl.g, nR = pl.groups[kRec];
+  const View<const int32_t, 1> cu = ws_ints(ws, pl.cu, pl.S + 1), slots = ws_ints(ws, pl.slots, pl.S);
+  const T* qr = reinterpret_cast<const T*>(ws + pl.q[kRec]);
+  const T* kr = reinterpret_cast<const T*>(ws + pl.k[kRec]);
+  const T* vr = reinterpret_cast<const T*>(ws + pl.v[kRec]);
+  T* yr = reinterpret_cast<T*>(ws + pl.o[kRec]);
+  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, View<float, 2> y) {
+    LinearParams<float, TW> lp{x, w, View<const TW, 1>{}, y};
+    if constexpr (Execute) {
+      linear(lp, exec, lin_ws, lin_bytes);
+    } else {
+      check(lp);
+      RF_CHECK(linear_workspace_bytes(lp, exec) <= lin_bytes, kOp, ": internal: linear scratch too small");
+    }
+  };
+  const RecurrentGroupWeights<TW>& rw = p.weights.recurrent[i];
+  const int64_t r = rw.dt_down.shape[0];
+  T* u = reinterpret_cast<T*>(ws + pl.u) + i * n * hd;
+  float* dt_low = reinterpret_cast<float*>(ws + pl.dt_low) + i * n * pl.dt_rank_max;
+  float* delta_f = reinterpret_cast<float*>(ws + pl.delta_f) + i * n * hd;
+  T* delta_t = reinterpret_cast<T*>(ws + pl.delta_t) + i * n * hd;
+  CausalConv1dParams<T> cp;
+  cp.x = make_strided_view(vr + i * hd, {n, hd}, {nR * hd, 1});
+  cp.weight = rw.conv_weight;
+  cp.bias = rw.conv_bias;
+  cp.y = make_view(u, {n, hd});
+  cp.conv_state = cache.conv_state(p.layer, int(i));
+  cp.state_slots = slots;
+  if (!pl.decode) cp.cu_seqlens = cu;
+  SelectiveScanParams<T> sp;
+  sp.u = make_view(const_cast<const T*>(u), {n, hd});
+  sp.delta = make_view(const_cast<const T*>(delta_t), {n, hd});
+  sp.A = rw.A;
+  sp.B = make_strided_view(kr + i * hd, {n, int64_t(1), hd}, {nR * hd, hd, 1});
+  sp.C = make_strided_view(qr + i * g * hd, {n, int64_t(1), g, hd}, {nR * g * hd, g * hd, hd, 1});
+  sp.D = rw.D;
+  sp.delta_bias = rw.dt_bias;
+  sp.y = make_strided_view(yr + i * g * hd, {n, g, hd}, {nR * g * hd, hd, 1});
+  sp.state = cache.ssm_state(p.layer, int(i));
+  sp.state_slots = slots;
+  if (!pl.decode) sp.cu_seqlens = cu;
+  sp.delta_activation = DeltaActivation::softplus;
+  if constexpr (Execute) {
+    if (pl.decode) causal_conv1d_update(cp, exec); else causal_conv1d(cp, exec);
+  } else {
+    if (pl.decode) check_conv_update(cp); else check(cp);
+  }
+  do_linear(p.x, rw.dt_down, make_view(dt_low, {n, r}));
+  do_linear(make_view(const_cast<const float*>(dt_low), {n, r}), rw.dt_up, make_view(delta_f, {n, hd}));
+  if constexpr (Execute) {
+    for_work(exec, n * hd).parallel_for(n * hd, [&](int64_t e0, int64_t e1, int) {
+      for (int64_t e = e0; e < e1; ++e) delta_t[e] = from_float<T>(delta_f[e]);
+    });
+    if (pl.decode) selective_state_update(sp, exec); else selective_scan(sp, exec);
+  } else {
+    if (pl.decode) check_state_update(sp); else check(sp);
+  }
+}
+
 // The layer's inner ops, built from the plan. Execute = false only builds and checks each op's
 // params (and the scratch each needs); true runs them.
 template <bool Execute, class T, class TW>
@@ -229,7 +302,7 @@ void run(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, CpuExec exec
   do_linear(p.x, w.wv, w.bv, make_view(vf, {n, n_kv * hd}));
   if constexpr (Execute) {
     const float c_scale = float(1.0 / std::sqrt(double(hd)));
-    exec.parallel_for(n, [&](int64_t t0, int64_t t1, int) {
+    for_work(exec, n * (n_q + 2 * n_kv) * hd).parallel_for(n, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t local[3] = {0, 0, 0};
         for (int64_t j = 0; j < n_kv; ++j) {
@@ -256,7 +329,7 @@ void run(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, CpuExec exec
     do_rope(kk[kAttn], nA);
     View<T, 4> K = cache.keys(p.layer), V = cache.values(p.layer);
     if constexpr (Execute) {
-      exec.parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
+      for_work(exec, n * nA * hd * 2).parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
         for (int64_t s = s0; s < s1; ++s)
           for (int64_t t = cu(s); t < cu(s + 1); ++t)
             for (int64_t i = 0; i < nA; ++i) {
@@ -287,7 +360,7 @@ void run(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, CpuExec exec
     View<T, 4> SK = ws_view<T>(ws, pl.stream_k, {pl.S, nS, cap, hd});
     View<T, 4> SV = ws_view<T>(ws, pl.stream_v, {pl.S, nS, cap, hd});
     if constexpr (Execute) {
-      exec.parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
+      for_work(exec, pl.S * nS * cap * hd * 2).parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
         for (int64_t s = s0; s < s1; ++s) {
           const int64_t len = cache.length(slots(s));
           for (int64_t i = 0; i < nS; ++i) {
@@ -320,7 +393,7 @@ void run(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, CpuExec exec
     do_attention(ap);
     if constexpr (Execute) {
       // The chunk's keys into the ring, in order (a later token overwrites an earlier one's entry).
-      exec.parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
+      for_work(exec, n * nS * hd * 2).parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
         for (int64_t s = s0; s < s1; ++s)
           for (int64_t t = cu(s); t < cu(s + 1); ++t) {
             const int64_t e = cache.ring_entry(pos(t));
@@ -333,60 +406,22 @@ void run(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, CpuExec exec
     }
   }
 
-  // 4. recurrent groups, one at a time (G = 1 group of hd channels, R = g readers).
+  // 4. recurrent groups (G = 1 group of hd channels, R = g readers).
   const int64_t nR = pl.groups[kRec];
-  for (int64_t i = 0; i < nR; ++i) {
-    const RecurrentGroupWeights<TW>& rw = w.recurrent[i];
-    const int64_t r = rw.dt_down.shape[0];
-    T* u = reinterpret_cast<T*>(ws + pl.u);
-    // conv over v_j: x [n, hd] rows strided by the packed recurrent v.
-    CausalConv1dParams<T> cp;
-    cp.x = make_strided_view(const_cast<const T*>(vk[kRec] + i * hd), {n, hd}, {nR * hd, 1});
-    cp.weight = rw.conv_weight;
-    cp.bias = rw.conv_bias;
-    cp.y = make_view(u, {n, hd});
-    cp.conv_state = cache.conv_state(p.layer, int(i));
-    cp.state_slots = slots;
-    if (!pl.decode) cp.cu_seqlens = cu;
-    // Δ = dt_up (dt_down x), fp32, then rounded to T; softplus and dt_bias are the scan's.
-    float* dt_low = reinterpret_cast<float*>(ws + pl.dt_low);
-    float* delta_f = reinterpret_cast<float*>(ws + pl.delta_f);
-    T* delta_t = reinterpret_cast<T*>(ws + pl.delta_t);
-    SelectiveScanParams<T> sp;
-    sp.u = make_view(const_cast<const T*>(u), {n, hd});
-    sp.delta = make_view(const_cast<const T*>(delta_t), {n, hd});
-    sp.A = rw.A;
-    sp.B = make_strided_view(const_cast<const T*>(kk[kRec] + i * hd), {n, int64_t(1), hd}, {nR * hd, hd, 1});
-    sp.C = make_strided_view(const_cast<const T*>(qk[kRec] + i * g * hd), {n, int64_t(1), g, hd},
-                             {nR * g * hd, g * hd, hd, 1});
-    sp.D = rw.D;
-    sp.delta_bias = rw.dt_bias;
-    sp.y = make_strided_view(ok[kRec] + i * g * hd, {n, g, hd}, {nR * g * hd, hd, 1});
-    sp.state = cache.ssm_state(p.layer, int(i));
-    sp.state_slots = slots;
-    if (!pl.decode) sp.cu_seqlens = cu;
-    sp.delta_activation = DeltaActivation::softplus;
-    if constexpr (Execute) {
-      if (pl.decode) causal_conv1d_update(cp, exec); else causal_conv1d(cp, exec);
-    } else {
-      if (pl.decode) check_conv_update(cp); else check(cp);
-    }
-    do_linear(p.x, rw.dt_down, View<const TW, 1>{}, make_view(dt_low, {n, r}));
-    do_linear(make_view(const_cast<const float*>(dt_low), {n, r}), rw.dt_up, View<const TW, 1>{},
-              make_view(delta_f, {n, hd}));
-    if constexpr (Execute) {
-      exec.parallel_for(n * hd, [&](int64_t e0, int64_t e1, int) {
-        for (int64_t e = e0; e < e1; ++e) delta_t[e] = from_float<T>(delta_f[e]);
-      });
-      if (pl.decode) selective_state_update(sp, exec); else selective_scan(sp, exec);
-    } else {
-      if (pl.decode) check_state_update(sp); else check(sp);
-    }
+  if (!Execute || !pl.decode) {
+    for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, lin_ws, pl.lin_bytes);
+    if (!Execute && pl.decode)  // the decode path's per-thread scratch, on one thread
+      for (int64_t i = 0; i < nR; ++i) recurrent_group<false>(p, pl, i, CpuExec{}, ws, ws + pl.rec_lin, pl.rec_lin_bytes);
+  } else {
+    exec.for_each(nR, [&](int64_t i, int thread) {
+      recurrent_group<true>(p, pl, i, CpuExec{}, ws, ws + pl.rec_lin + size_t(thread) * align_up(pl.rec_lin_bytes),
+                            pl.rec_lin_bytes);
+    });
   }
 
   // 5. head outputs back to head order in fp32 (reusing qf), then Wo.
   if constexpr (Execute) {
-    exec.parallel_for(n, [&](int64_t t0, int64_t t1, int) {
+    for_work(exec, n * n_q * hd).parallel_for(n, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t local[3] = {0, 0, 0};
         for (int64_t j = 0; j < n_kv; ++j) {
@@ -453,9 +488,25 @@ Plan plan_call(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec, unsigned
       valid = valid && slots(s) >= 0 && slots(s) < p.cache->slots() && ap.kv_lens(s) <= ap.k.shape[2];
     if (valid) attn = std::max(attn, attention_workspace_bytes(ap, exec));
   }
+  size_t rec_lin = 0;  // the decode path runs each group's Δ projections on one thread
+  if (pl.decode)
+    for (int i = 0; i < w.n_recurrent; ++i) {
+      const int64_t r = w.recurrent[i].dt_down.shape[0];
+      for (auto [wt, in] : {std::pair<View<const TW, 2>, int64_t>{w.recurrent[i].dt_down, pl.d_model},
+                            std::pair<View<const TW, 2>, int64_t>{w.recurrent[i].dt_up, r}}) {
+        LinearParams<float, TW> lp;
+        lp.x = make_view(const_cast<const float*>(placeholder<float>()), {n, in});
+        lp.weight = wt;
+        lp.y = make_view(placeholder<float>(), {n, wt.shape[0]});
+        rec_lin = std::max(rec_lin, linear_workspace_bytes(lp, CpuExec{}));
+      }
+    }
   size_t off = pl.lin;
   pl.lin_bytes = lin;
   off += align_up(lin);
+  pl.rec_lin = off;
+  pl.rec_lin_bytes = rec_lin;
+  off += align_up(rec_lin) * size_t(exec.threads());
   pl.attn = off;
   pl.attn_bytes = attn;
   off += align_up(attn);
