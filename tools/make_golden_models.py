@@ -369,12 +369,14 @@ def write_model(root, name, c, sd, ids, description, rf=None, gguf_copies=False,
         meta["logits_source"] = "float64 reference forward of spec sections 3 and 7 (ref_forward in the tool)"
     mx = logits.abs().max().item()
     meta["max_abs_logit"] = mx
-    meta["tolerance"] = {"rel": 1e-4, "abs": 1e-4 * mx,
+    meta["tolerance"] = {"rel": 1e-5, "abs": 1e-5 * mx,
                          "why": "an fp32 forward (another summation order, fp32 exp/softmax/scan) against this "
-                                "reference: ~1e-6 per op, a few dozen ops deep"}
+                                "reference; the library's LlamaModel measured 5e-7 * max|logit| on every "
+                                "fixture, prefill, chunked prefill and decode alike: 20x margin"}
     if gguf_copies:
-        meta["tolerance"]["f16_gguf"] = {"rel": 0, "abs": 2e-2 * mx,
-                                         "why": "weights rounded to F16 (2^-11 relative) through 2 layers"}
+        meta["tolerance"]["f16_gguf"] = {"rel": 0, "abs": 3e-3 * mx,
+                                         "why": "weights rounded to F16 (2^-11 relative) through 2 layers: "
+                                                "measured 7e-4 * max|logit| (float64 reference and LlamaModel)"}
     np.save(os.path.join(d, "golden", "ids.npy"), np.asarray(ids, dtype="<i4"))
     np.save(os.path.join(d, "golden", "logits.npy"), np.ascontiguousarray(logits.numpy().astype("<f4")))
     np.save(os.path.join(d, "golden", "residual.npy"), np.ascontiguousarray(residual.numpy().astype("<f4")))
