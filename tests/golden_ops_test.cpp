@@ -1,7 +1,7 @@
 // Golden tests: the library's ops reproduce, in fp32, what transformers computes.
 //
 // The fixtures under tests/data/golden/<case>/ were written once by tools/make_golden.py from
-// transformers' own modules (MambaMixer's torch path, LlamaAttention + LlamaRotaryEmbedding); see
+// transformers' own modules (MambaMixer's torch path, Llama/Qwen2 attention + rotary embedding); see
 // each meta.json for shapes and versions. The tests never run Python.
 //
 // Tolerance: |got - want| <= 1e-5 |want| + 2e-6 max|want| per array. Both sides are fp32 with
@@ -12,7 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -61,6 +61,16 @@ void check_golden(const std::string& what, const std::vector<float>& got, const 
   REQUIRE(got.size() == want.v.size());
   check_golden(what, got.data(), want.v.data(), got.size());
 }
+
+/// Caller-owned, 64-byte aligned scratch for an op's workspace query.
+struct Workspace {
+  std::vector<unsigned char> bytes;
+  void* data = nullptr;
+  size_t size = 0;
+  explicit Workspace(size_t n) : bytes(n + 64), size(n) {
+    data = bytes.data() + (64 - reinterpret_cast<uintptr_t>(bytes.data()) % 64) % 64;
+  }
+};
 
 template <class T, int N>
 rf::View<T, N> view(T* data, const int64_t (&shape)[N]) {
@@ -322,9 +332,8 @@ TEST_CASE("golden llama: causal GQA attention matches transformers' eager attent
         p.k_positions = view<const int32_t>(kpos.data(), {1, capacity});
         p.scale = float(1.0 / std::sqrt(double(hd)));
         const rf::CpuExec exec{&pool};
-        std::vector<unsigned char> ws(rf::attention_workspace_bytes(p, exec) + 64);
-        void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
-        rf::attention(p, exec, aligned, ws.size() - 64);
+        Workspace ws(rf::attention_workspace_bytes(p, exec));
+        rf::attention(p, exec, ws.data, ws.size);
         check_golden("attention out", out.data(), want.v.data() + first * n_q * hd, out.size());
       });
     }
@@ -384,22 +393,11 @@ TEST_CASE("golden llama: both cases packed in one attention call (varlen, slots,
     p.q_positions = view<const int32_t>(qpos.data(), {tokens});
     p.k_positions = view<const int32_t>(kpos.data(), {2, capacity});
     const rf::CpuExec exec{&pool};
-    std::vector<unsigned char> ws(rf::attention_workspace_bytes(p, exec) + 64);
-    void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
-    rf::attention(p, exec, aligned, ws.size() - 64);
+    Workspace ws(rf::attention_workspace_bytes(p, exec));
+    rf::attention(p, exec, ws.data, ws.size);
     check_golden("packed attention out", out.data(), want_all.data(), out.size());
   });
 }
-
-/// Caller-owned, 64-byte aligned scratch for an op's workspace query.
-struct Workspace {
-  std::vector<unsigned char> bytes;
-  void* data = nullptr;
-  size_t size = 0;
-  explicit Workspace(size_t n) : bytes(n + 64), size(n) {
-    data = bytes.data() + (64 - reinterpret_cast<uintptr_t>(bytes.data()) % 64) % 64;
-  }
-};
 
 /// y[T, out] = x[T, in] W^T (+ b) with the library's linear op (fp32 weights).
 std::vector<float> golden_linear(const float* x, int64_t tokens, Golden& w, Golden* b, rf::CpuExec exec) {
