@@ -1,7 +1,7 @@
 // recurformer/model/tokenizer.hpp: the tokenizers of the Llama family, giving the same ids as
 // Hugging Face `tokenizers` for the pipelines they use.
 //
-//  * Byte-level BPE (Llama 3, SmolLM/SmolLM2, Qwen2 tokenizer.json): Split(regex) / Digits /
+//  * Byte-level BPE (Llama 3, SmolLM/SmolLM2, Qwen2 tokenizer.json): NFC normalizer, Split(regex) / Digits /
 //    ByteLevel pre-tokenizers, GPT-2 byte-to-unicode map, rank-ordered merges ("a b" strings or
 //    ["a", "b"] pairs), ignore_merges.
 //  * SentencePiece-style BPE (Llama 2, TinyLlama tokenizer.json): Prepend/Replace normalizers, BPE
@@ -17,9 +17,8 @@
 // A Tokenizer is immutable after loading and cheap to copy (shared state): encode / decode may be
 // called from many threads. Regexes are PCRE2 (UTF + UCP, JIT when available).
 //
-// Known gaps: the NFC normalizer (Qwen2) is accepted but applied as identity (text that is already
-// NFC, which is nearly all text, gives HF's ids); added tokens flagged normalized=true are matched
-// in the raw text, not in the normalized text.
+// Known gaps: added tokens flagged normalized=true are matched in the raw text, not in the
+// normalized text; lstrip / rstrip / single_word see ASCII whitespace and word characters only.
 #pragma once
 
 #include <cstdint>

@@ -25,6 +25,7 @@
 
 #include "recurformer/core/error.hpp"
 #include "recurformer/model/detail/tokenizer_bpe.hpp"
+#include "recurformer/model/detail/tokenizer_nfc.hpp"
 #include "recurformer/model/detail/tokenizer_regex.hpp"
 #include "recurformer/model/detail/tokenizer_unicode.hpp"
 
@@ -301,7 +302,8 @@ struct TokenizerData {
         case tok::NormStep::Kind::replace:
           tok::replace_all(s, n.a, n.b);
           break;
-        case tok::NormStep::Kind::nfc:  // identity: see the known gaps in tokenizer.hpp
+        case tok::NormStep::Kind::nfc:
+          tok::nfc::normalize(s);
           break;
       }
     }
