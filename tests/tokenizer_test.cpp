@@ -127,6 +127,19 @@ TEST_CASE("tokenizer: GGUF vocabularies give the same ids as tokenizer.json", "[
   check_fixture(name, tok, true);
 }
 
+TEST_CASE("tokenizer: SentencePiece words merged whole when a token has an inner '\u2581'", "[tokenizer][gguf]") {
+  // A token with '▁' after another character forbids cutting segments at '▁' runs; this one never
+  // occurs in the texts, so the ids stay HF's while the whole-segment merge path is exercised.
+  GgufVocab v = gguf_from_fixture("llama2_spm");
+  v.tokens.push_back("\x01\xE2\x96\x81");
+  v.scores.push_back(-1e9f);
+  v.token_types.push_back(1);
+  const Tokenizer tok = Tokenizer::from_gguf(v);
+  REQUIRE_FALSE(tok.data().split_at_metaspace);
+  REQUIRE(Tokenizer::from_gguf(gguf_from_fixture("llama2_spm")).data().split_at_metaspace);
+  check_fixture("llama2_spm", tok, true);
+}
+
 TEST_CASE("tokenizer: NFC normalizer equals Python's unicodedata", "[tokenizer][nfc]") {
   const json cases = read_json(fixture_dir("nfc.json"));
   REQUIRE(cases["cases"].size() > 100);

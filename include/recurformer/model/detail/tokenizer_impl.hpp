@@ -180,6 +180,10 @@ struct TokenizerData {
   bool byte_level = false;     // symbols are bytes
   bool score_merges = false;   // llama.cpp SPM: merge by score, not rank
   bool byte_fallback = false, fuse_unk = false, ignore_merges = false;
+  // SentencePiece-style files have no pre-tokenizer: the whole segment is one BPE word. When no
+  // vocabulary token has a '▁' after another character, no merge can cross the start of a '▁' run,
+  // so the word is cut there into short, cacheable words with identical results.
+  bool split_at_metaspace = false;
   int32_t unk = -1, bos = -1, eos = -1, pad = -1;
 
   // Pipeline.
@@ -195,6 +199,10 @@ struct TokenizerData {
   int strip_left = 0;              // Strip decoder: leading spaces removed from the output
 
   int32_t vocab_size() const { return int32_t(tokens.size()); }
+  static const std::string& kMetaspaceStr() {
+    static const std::string m = tok::kMetaspace;
+    return m;
+  }
 
   void check_id(int32_t id, const char* where) const {
     if (id < 0 || id >= vocab_size())
@@ -241,6 +249,16 @@ struct TokenizerData {
         auto it = model_vocab.find(name);
         if (it != model_vocab.end()) byte_ids[size_t(b)] = it->second;
       }
+    }
+    split_at_metaspace = !byte_level && model_vocab.count(kMetaspaceStr()) != 0;
+    for (const auto& kv : model_vocab) {
+      if (!split_at_metaspace) break;
+      const std::string& t = kv.first;
+      for (size_t at = t.find(tok::kMetaspace, 1); at != std::string::npos; at = t.find(tok::kMetaspace, at + 1))
+        if (at < 3 || t.compare(at - 3, 3, tok::kMetaspace) != 0) {
+          split_at_metaspace = false;
+          break;
+        }
     }
     for (auto& v : added_by_first_byte) v.clear();
     for (size_t i = 0; i < added.size(); ++i) {
@@ -367,7 +385,7 @@ struct TokenizerData {
   mutable std::unordered_map<std::string, std::vector<int32_t>> cache;
 
   void bpe(std::string_view w, Scratch& sc, std::vector<int32_t>& out) const {
-    if (w.size() > kCacheMaxWord || score_merges) return bpe_uncached(w, sc, out);
+    if (w.size() > kCacheMaxWord) return bpe_uncached(w, sc, out);
     sc.key.assign(w.data(), w.size());
     {
       std::shared_lock<std::shared_mutex> lock(cache_mu);
@@ -466,7 +484,20 @@ struct TokenizerData {
       sc.pieces.clear();
       sc.pieces.push_back(std::move(sc.text));
       pre_tokenize(sg.begin == 0, sc);
-      for (const auto& p : sc.pieces) bpe(p, sc, out);
+      for (const auto& p : sc.pieces) {
+        if (!split_at_metaspace) {
+          bpe(p, sc, out);
+          continue;
+        }
+        const std::string_view w(p);
+        size_t start = 0;
+        for (size_t at = w.find(tok::kMetaspace, 1); at != std::string_view::npos; at = w.find(tok::kMetaspace, at + 3)) {
+          if (at >= 3 && w.compare(at - 3, 3, tok::kMetaspace) == 0) continue;  // inside a run of '▁'
+          bpe(w.substr(start, at - start), sc, out);
+          start = at;
+        }
+        bpe(w.substr(start), sc, out);
+      }
     }
     if (add_special) out.insert(out.end(), suffix.begin(), suffix.end());
     return out;
