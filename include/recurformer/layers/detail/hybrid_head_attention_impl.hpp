@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -554,16 +555,20 @@ void check(const HybridHeadAttentionParams<T, TW>& p) {
              ") for recurrent groups (B = k, C = q)");
   for (int i = 0; i < n_rec; ++i) {
     const RecurrentGroupWeights<TW>& r = w.recurrent[i];
-    const std::string pre = "weights.recurrent[" + std::to_string(i) + "].";
-    detail::check_shape(kOp, (pre + "dt_down").c_str(), r.dt_down, {-1, d_model});
+    char name[64];  // no allocation on the hot path: the names are formatted into a stack buffer
+    auto nm = [&](const char* field) {
+      std::snprintf(name, sizeof name, "weights.recurrent[%d].%s", i, field);
+      return name;
+    };
+    detail::check_shape(kOp, nm("dt_down"), r.dt_down, {-1, d_model});
     const int64_t rank = r.dt_down.shape[0];
-    RF_CHECK(rank >= 1, kOp, ": ", pre, "dt_down must have at least one row (dt_rank)");
-    detail::check_shape(kOp, (pre + "dt_up").c_str(), r.dt_up, {hd, rank});
-    detail::check_shape(kOp, (pre + "dt_bias").c_str(), r.dt_bias, {hd});
-    detail::check_shape(kOp, (pre + "A").c_str(), r.A, {hd, hd});
-    detail::check_optional_shape(kOp, (pre + "D").c_str(), r.D, {hd});
-    detail::check_shape(kOp, (pre + "conv_weight").c_str(), r.conv_weight, {hd, int64_t(c.conv_kernel())});
-    detail::check_optional_shape(kOp, (pre + "conv_bias").c_str(), r.conv_bias, {hd});
+    RF_CHECK(rank >= 1, kOp, ": ", nm("dt_down"), " must have at least one row (dt_rank)");
+    detail::check_shape(kOp, nm("dt_up"), r.dt_up, {hd, rank});
+    detail::check_shape(kOp, nm("dt_bias"), r.dt_bias, {hd});
+    detail::check_shape(kOp, nm("A"), r.A, {hd, hd});
+    detail::check_optional_shape(kOp, nm("D"), r.D, {hd});
+    detail::check_shape(kOp, nm("conv_weight"), r.conv_weight, {hd, int64_t(c.conv_kernel())});
+    detail::check_optional_shape(kOp, nm("conv_bias"), r.conv_bias, {hd});
   }
   if (ll.count(HeadKind::attention) + ll.count(HeadKind::streaming) > 0) {
     dispatch_value("hybrid_head_attention: head_dim of attention groups", AttentionHeadDims{}, hd, [](auto) {});
