@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "recurformer/model/llama.hpp"  // declarations (this file is included at its end)
 #include "recurformer/cpu/embedding.hpp"
 #include "recurformer/cpu/linear.hpp"
 #include "recurformer/cpu/rmsnorm.hpp"
