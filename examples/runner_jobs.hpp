@@ -303,10 +303,10 @@ struct BenchPoint {
 
 /// Prefill of `prefill` tokens and `decode` single-token steps ending at depth ctx.
 inline BenchPoint bench_at(const LlamaModel& model, int64_t ctx, int prefill, int decode, CpuExec exec) {
-  RF_CHECK(ctx > prefill + decode, "bench: context ", ctx, " must exceed the ", prefill, " prefill + ", decode,
-           " decode tokens measured");
+  RF_CHECK(ctx > prefill + decode + 1, "bench: context ", ctx, " must exceed the ", prefill, " prefill + ", decode,
+           " (+1 warm-up) decode tokens measured");
   LlamaSession s(model, 1, ctx, exec, prefill);
-  fill_synthetic(s.cache(), 0, ctx - prefill - decode, 99);
+  fill_synthetic(s.cache(), 0, ctx - prefill - decode - 1, 99);
   const int64_t V = model.config().vocab_size;
   std::vector<int32_t> toks(static_cast<size_t>(prefill));
   for (int i = 0; i < prefill; ++i) toks[size_t(i)] = int32_t((i * 7919) % V);
@@ -315,6 +315,7 @@ inline BenchPoint bench_at(const LlamaModel& model, int64_t ctx, int prefill, in
   auto t0 = Clock::now();
   s.prefill(0, toks.data(), prefill);
   p.prefill_tps = prefill / seconds_since(t0);
+  s.decode(0, 1);  // warm-up step (first-touch of the decode workspace), not timed
   auto t1 = Clock::now();
   for (int i = 0; i < decode; ++i) s.decode(0, int32_t((i * 31) % V));
   p.decode_tps = decode / seconds_since(t1);
