@@ -7,6 +7,7 @@ ones (no downloads):
                <|begin_of_text|> template, merges saved as "a b" strings
   qwen2_bpe    byte-level BPE, Qwen2 regex, NFC normalizer, merges as ["a", "b"] pairs, no BOS
   smollm_bpe   byte-level BPE, Digits(individual) + ByteLevel(use_regex=true), an lstrip/rstrip token
+  gpt2_prefix_bpe  byte-level BPE, ByteLevel(add_prefix_space=true) alone, a non-special added token
   llama2_spm   SentencePiece-style BPE as Llama 2's tokenizer.json: Prepend/Replace normalizer,
                byte_fallback (<0x00>..<0xFF> at ids 3..258), fuse_unk, Replace/ByteFallback/Fuse/Strip
                decoder, merges derived from the vocabulary order as transformers' SentencePiece
@@ -84,6 +85,7 @@ HARD_STRINGS = [
     "<s>inside</s> text <unk>",
     "special <|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
     "a <mask> b<mask>c  <mask>  d",
+    "say <user tag> twice<user tag>",
     "\\xff\\xfe invalid-looking \ufffd replacement \\u0000",
     "<0xFF> <0x41> literal byte token text <0x",
     "def f(x):\n    return x**2  # comment\n",
@@ -172,6 +174,16 @@ def smollm():
     tok.add_special_tokens([AddedToken("<mask>", special=True, lstrip=True, rstrip=True, normalized=False)])
     write("smollm_bpe", tok, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
                               "tokenizer_class": "GPT2Tokenizer"})
+
+
+def gpt2_prefix():
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tok = train_byte_level(pre)
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    tok.add_tokens([AddedToken("<user tag>", special=False, normalized=False)])
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    write("gpt2_prefix_bpe", tok, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                   "tokenizer_class": "GPT2Tokenizer"})
 
 
 def llama2():
@@ -303,4 +315,5 @@ if __name__ == "__main__":
     llama3()
     qwen2()
     smollm()
+    gpt2_prefix()
     llama2()
