@@ -26,6 +26,7 @@
 #include "recurformer/core/error.hpp"
 #include "recurformer/core/exec.hpp"
 #include "recurformer/core/view.hpp"
+#include "recurformer/ops/selective_scan.hpp"  // detail::IndexMemory
 
 namespace recurformer {
 
@@ -55,8 +56,10 @@ int64_t attention_num_sequences(const AttentionParams<T>& p) {
 }  // namespace detail
 
 /// Throws Error naming the argument unless shapes, strides and index arrays are consistent.
+/// IndexMemory::device (CUDA ops): cu_seqlens, kv_slots and kv_lens live on the device, so only
+/// their shapes are checked; the kernels clamp what they read instead.
 template <class T>
-void check(const AttentionParams<T>& p) {
+void check(const AttentionParams<T>& p, detail::IndexMemory where = detail::IndexMemory::host) {
   const char* op = "attention";
   detail::check_shape(op, "q", p.q, {-1, -1, -1});
   const int64_t tokens = p.q.shape[0], n_q = p.q.shape[1], hd = p.q.shape[2];
@@ -73,10 +76,13 @@ void check(const AttentionParams<T>& p) {
   RF_CHECK(std::isfinite(p.scale) && p.scale >= 0, op, ": scale must be finite and >= 0 (got ", p.scale, ")");
   RF_CHECK(p.sink >= 0 && p.window >= 0, op, ": sink and window must be >= 0 (got ", p.sink, ", ", p.window, ")");
   int64_t S = 1;
+  const bool on_host = where == detail::IndexMemory::host;
   if (p.cu_seqlens.present()) {
     detail::check_shape(op, "cu_seqlens", p.cu_seqlens, {-1});
     S = p.cu_seqlens.shape[0] - 1;
     RF_CHECK(S >= 1, op, ": cu_seqlens needs at least 2 entries");
+  }
+  if (on_host && p.cu_seqlens.present()) {
     RF_CHECK(p.cu_seqlens(0) == 0 && p.cu_seqlens(S) == tokens, op, ": cu_seqlens must start at 0 and end at ",
              tokens, " (got ", p.cu_seqlens(0), " .. ", p.cu_seqlens(S), ")");
     for (int64_t s = 0; s < S; ++s)
@@ -86,7 +92,7 @@ void check(const AttentionParams<T>& p) {
   detail::check_optional_shape(op, "kv_slots", p.kv_slots, {S});
   detail::check_shape(op, "q_positions", p.q_positions, {tokens});
   detail::check_optional_shape(op, "k_positions", p.k_positions, {slots, cap});
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; on_host && s < S; ++s) {
     const int64_t slot = p.kv_slots.present() ? p.kv_slots(s) : s;
     RF_CHECK(slot >= 0 && slot < slots, op, ": slot of sequence ", s, " is ", slot, ", expected in [0, ", slots, ")");
     RF_CHECK(p.kv_lens(s) >= 0 && p.kv_lens(s) <= cap, op, ": kv_lens[", s, "] = ", p.kv_lens(s),
