@@ -114,8 +114,9 @@ void check_fixture(const std::string& name, const Tokenizer& tok, bool gguf) {
 
 TEST_CASE("tokenizer: tokenizer.json fixtures give HF's ids and decodes", "[tokenizer]") {
   // gpt2_prefix_bpe: ByteLevel(add_prefix_space) alone (no GGUF equivalent), a non-special added token.
+  // metaspace_spm: Llama 2's model with the legacy=false pipeline (Metaspace pre-tokenizer and decoder).
   const std::string name =
-      GENERATE(as<std::string>{}, "llama3_bpe", "qwen2_bpe", "smollm_bpe", "gpt2_prefix_bpe", "llama2_spm");
+      GENERATE(as<std::string>{}, "llama3_bpe", "qwen2_bpe", "smollm_bpe", "gpt2_prefix_bpe", "llama2_spm", "metaspace_spm");
   const Tokenizer tok = Tokenizer::from_hf(fixture_dir(name));
   check_fixture(name, tok, false);
   // The path of the tokenizer.json itself works too.

@@ -12,6 +12,7 @@ ones (no downloads):
                byte_fallback (<0x00>..<0xFF> at ids 3..258), fuse_unk, Replace/ByteFallback/Fuse/Strip
                decoder, merges derived from the vocabulary order as transformers' SentencePiece
                converter does (so llama.cpp's score-ordered merging gives the same ids)
+  metaspace_spm  llama2_spm's model with the legacy=false pipeline (Metaspace prepend_scheme "first")
 For each: tokenizer.json, tokenizer_config.json and expected.json (HF ids with and without special
 tokens, and HF decodes, for the hard strings below).
 
@@ -309,6 +310,17 @@ def nfc_cases():
         json.dump({"unicode": unicodedata.unidata_version, "cases": cases}, f, ensure_ascii=False, indent=0)
 
 
+def metaspace_spm():
+    """The Llama 2 fixture's model with the newer (legacy=false) pipeline: no normalizer, a Metaspace
+    pre-tokenizer that prepends '\u2581' to the first piece only, and a Metaspace decoder."""
+    src = Tokenizer.from_file(os.path.join(OUT, "llama2_spm", "tokenizer.json"))
+    src.normalizer = None
+    src.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    src.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    write("metaspace_spm", src, {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+                                 "unk_token": "<unk>", "legacy": False, "tokenizer_class": "LlamaTokenizer"})
+
+
 if __name__ == "__main__":
     nfc_tables()
     nfc_cases()
@@ -317,3 +329,4 @@ if __name__ == "__main__":
     smollm()
     gpt2_prefix()
     llama2()
+    metaspace_spm()
