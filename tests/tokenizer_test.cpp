@@ -11,6 +11,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "recurformer/model/tokenizer.hpp"
@@ -141,6 +142,21 @@ TEST_CASE("tokenizer: SentencePiece words merged whole when a token has an inner
   REQUIRE_FALSE(tok.data().split_at_metaspace);
   REQUIRE(Tokenizer::from_gguf(gguf_from_fixture("llama2_spm")).data().split_at_metaspace);
   check_fixture("llama2_spm", tok, true);
+}
+
+TEST_CASE("tokenizer: concurrent encodes share the word cache safely", "[tokenizer]") {
+  const Tokenizer tok = Tokenizer::from_hf(fixture_dir("llama3_bpe"));
+  const json expected = read_json(fixture_dir("llama3_bpe") + "/expected.json");
+  std::vector<std::thread> threads;
+  std::vector<int> mismatches(2, 0);
+  for (int t = 0; t < 2; ++t)
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 20; ++round)
+        for (const auto& c : expected["cases"])
+          mismatches[size_t(t)] += tok.encode(c["text"].get<std::string>()) != c["ids"].get<std::vector<int32_t>>();
+    });
+  for (auto& th : threads) th.join();
+  CHECK(mismatches == std::vector<int>{0, 0});
 }
 
 TEST_CASE("tokenizer: NFC normalizer equals Python's unicodedata", "[tokenizer][nfc]") {
