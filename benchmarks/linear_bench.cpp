@@ -81,6 +81,7 @@ BENCHMARK_CAPTURE(bm_linear_q8_0, gemv_gate_proj, 1, 2048, 8192)->Unit(benchmark
 BENCHMARK_CAPTURE(bm_linear_q8_0, gemv_lm_head, 1, 2048, 128256)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(bm_linear_q8_0, gemm_q_proj, 512, 2048, 2048)->Unit(benchmark::kMillisecond)->UseRealTime();
 RF_LINEAR_BENCH(gemv4_q_proj, 4, 2048, 2048);
+RF_LINEAR_BENCH(gemm8_q_proj, 8, 2048, 2048);  // batched decode: the smallest GEMM
 RF_LINEAR_BENCH(gemm_q_proj, 512, 2048, 2048);
 RF_LINEAR_BENCH(gemm_kv_proj, 512, 2048, 512);
 RF_LINEAR_BENCH(gemm_gate_proj, 512, 2048, 8192);

@@ -70,14 +70,21 @@ int64_t gemm_thread_floats(int64_t tokens, int64_t in, int64_t out) {
 
 // ---------------------------------------------------------------------------------------------
 // Weight access by weight index i along a row: storage types convert in the load; Q8_0 blocks
-// widen the int8 lanes and multiply by the block's scale.
+// widen the int8 lanes and multiply by the block's scale (converted by F16C where there is one).
 inline void load_i8(simd::F32x1& v, const int8_t* p) { v.v = float(*p); }
+inline void broadcast_half(simd::F32x1& v, half h) { v.v = float(h); }
 #if RF_HAVE_X86_SIMD
 RF_SIMD_AVX2 void load_i8(simd::F32x8& v, const int8_t* p) {
   v.v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+RF_SIMD_AVX2 void broadcast_half(simd::F32x8& v, half h) {
+  v.v = _mm256_cvtph_ps(_mm_set1_epi16(short(h.bits)));
+}
 RF_SIMD_AVX512 void load_i8(simd::F32x16& v, const int8_t* p) {
   v.v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+RF_SIMD_AVX512 void broadcast_half(simd::F32x16& v, half h) {
+  v.v = _mm512_cvtph_ps(_mm256_set1_epi16(short(h.bits)));
 }
 #endif
 
@@ -88,16 +95,24 @@ V load_weights(const TW* row, int64_t i) {
 template <class V>
 V load_weights(const BlockQ8_0* row, int64_t i) {  // i is a multiple of V::width (<= 32)
   const BlockQ8_0& b = row[i / BlockQ8_0::size];
-  V q;
+  V q, d;
   load_i8(q, b.qs + i % BlockQ8_0::size);
-  return q * V::broadcast(float(b.d));
+  broadcast_half(d, b.d);
+  return q * d;
 }
+
+// dst[k * stride] = row[k0 + k] as fp32 for k < n (one weight row into a packed panel column).
 template <class TW>
-float weight_value(const TW* row, int64_t i) {
-  return to_float(row[i]);
+void unpack_row(const TW* row, int64_t k0, int64_t n, float* dst, int64_t stride) {
+  for (int64_t k = 0; k < n; ++k) dst[k * stride] = to_float(row[k0 + k]);
 }
-inline float weight_value(const BlockQ8_0* row, int64_t i) {
-  return row[i / BlockQ8_0::size].value(i % BlockQ8_0::size);
+inline void unpack_row(const BlockQ8_0* row, int64_t k0, int64_t n, float* dst, int64_t stride) {
+  constexpr int64_t QB = BlockQ8_0::size;
+  for (int64_t k = 0; k < n;) {  // one scale conversion per block
+    const BlockQ8_0& b = row[(k0 + k) / QB];
+    const float d = float(b.d);
+    for (int64_t i = (k0 + k) % QB; i < QB && k < n; ++i, ++k) dst[k * stride] = d * float(b.qs[i]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,8 +208,7 @@ void gemm_pack_w(const TW* w, int64_t ldw, int64_t nc, int64_t k0, int64_t kc, f
     for (int j = 0; j < NR; ++j) {
       const int64_t o = p * NR + j;
       if (o < nc) {
-        const TW* row = w + o * ldw;
-        for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = weight_value(row, k0 + k);
+        unpack_row(w + o * ldw, k0, kc, panel + j, NR);
       } else {
         for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = 0.f;
       }
