@@ -200,19 +200,23 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int r = 0; r < kAttnRowsPerWarp; ++r)
 #pragma unroll
       for (int i = 0; i < kKeysPerLane; ++i) sc[r][i] = 0.f;
+#pragma unroll 2
+    for (int c = 0; c < kChunks; ++c) {
+      float kf[kKeysPerLane][kVec];
 #pragma unroll
-    for (int i = 0; i < kKeysPerLane; ++i) {
-      const unsigned char* krow = sm.k + (lane + 32 * i) * Smem::kRowBytes;
-#pragma unroll 4
-      for (int c = 0; c < kChunks; ++c) {
-        float kf[kVec];
-        unpack16(*reinterpret_cast<const uint4*>(krow + c * 16), static_cast<const T*>(nullptr), kf);
+      for (int i = 0; i < kKeysPerLane; ++i)
+        unpack16(*reinterpret_cast<const uint4*>(sm.k + (lane + 32 * i) * Smem::kRowBytes + c * 16),
+                 static_cast<const T*>(nullptr), kf[i]);
 #pragma unroll
-        for (int r = 0; r < kAttnRowsPerWarp; ++r) {
-          const int rg = warp + kAttnWarps * r;
-          if (rg >= rows) break;  // warp-uniform
+      for (int r = 0; r < kAttnRowsPerWarp; ++r) {
+        const int rg = warp + kAttnWarps * r;
+        if (rg >= rows) break;  // warp-uniform
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) sc[r][i] += sm.q[rg][c * kVec + e] * kf[e];
+        for (int e4 = 0; e4 < kVec; e4 += 4) {  // one broadcast 16-byte q read serves every key of the lane
+          const float4 qv = *reinterpret_cast<const float4*>(&sm.q[rg][c * kVec + e4]);
+#pragma unroll
+          for (int i = 0; i < kKeysPerLane; ++i)
+            sc[r][i] += qv.x * kf[i][e4] + qv.y * kf[i][e4 + 1] + qv.z * kf[i][e4 + 2] + qv.w * kf[i][e4 + 3];
         }
       }
     }
@@ -225,7 +229,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
       for (int i = 0; i < kKeysPerLane; ++i) {
         const int key = lane + 32 * i;
-        if (!key_visible(sm.kpos[key], sm.qpos[rg], p.sink, p.window)) sc[r][i] = -INFINITY;
+        if (key >= nk || !key_visible(sm.kpos[key], sm.qpos[rg], p.sink, p.window)) sc[r][i] = -INFINITY;
         mx = fmaxf(mx, sc[r][i]);
       }
       const float m_new = fmaxf(m[r], warp_max(mx));
