@@ -173,7 +173,7 @@ void attention(const AttentionParams<T>& p, CpuExec exec, void* workspace, size_
   RF_CHECK(workspace_bytes >= pl.workspace_bytes, "attention: workspace has ", workspace_bytes,
            " bytes, expected at least ", pl.workspace_bytes, " (attention_workspace_bytes)");
   RF_CHECK(pl.workspace_bytes == 0 || workspace != nullptr, "attention: workspace is null");
-  dispatch_value("attention: head_dim", AttentionHeadDims{}, p.q.shape[2], [&](auto hd) {
+  detail::dispatch_attention_head_dim("attention: head_dim", p.q.shape[2], [&](auto hd) {
     cpu::detail::attention_run<decltype(hd)::value>(p, pl, exec, static_cast<float*>(workspace));
   });
 }

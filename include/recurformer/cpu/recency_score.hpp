@@ -77,8 +77,8 @@ void recency_run(const RecencyScoreParams<T>& p, CpuExec exec) {
 template <class T>
 void recency_score(const RecencyScoreParams<T>& p, CpuExec exec) {
   check(p);
-  dispatch_value("recency_score: head_dim", AttentionHeadDims{}, p.q.shape[2],
-                 [&](auto hd) { cpu::detail::recency_run<decltype(hd)::value>(p, exec); });
+  detail::dispatch_attention_head_dim("recency_score: head_dim", p.q.shape[2],
+                                      [&](auto hd) { cpu::detail::recency_run<decltype(hd)::value>(p, exec); });
 }
 
 }  // namespace recurformer

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include "recurformer/core/dispatch.hpp"
 #include "recurformer/core/error.hpp"
@@ -49,6 +50,13 @@ struct AttentionParams {
 };
 
 namespace detail {
+/// The one place head_dim becomes a template argument (attention and recency_score share it):
+/// f(std::integral_constant<int, HD>) for HD in AttentionHeadDims, else an Error listing them.
+template <class F>
+void dispatch_attention_head_dim(const char* op, int64_t head_dim, F&& f) {
+  dispatch_value(op, AttentionHeadDims{}, head_dim, std::forward<F>(f));
+}
+
 template <class T>
 int64_t attention_num_sequences(const AttentionParams<T>& p) {
   return p.cu_seqlens.present() ? p.cu_seqlens.shape[0] - 1 : 1;
