@@ -69,8 +69,7 @@ int64_t gemm_thread_floats(int64_t tokens, int64_t in, int64_t out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Weight access by weight index i along a row: storage types convert in the load; Q8_0 blocks
-// widen the int8 lanes and multiply by the block's scale (converted by F16C where there is one).
+// Q8_0 helpers: widen int8 lanes to fp32; broadcast a block's fp16 scale (F16C where there is one).
 inline void load_i8(simd::F32x1& v, const int8_t* p) { v.v = float(*p); }
 inline void broadcast_half(simd::F32x1& v, half h) { v.v = float(h); }
 #if RF_HAVE_X86_SIMD
@@ -87,19 +86,6 @@ RF_SIMD_AVX512 void broadcast_half(simd::F32x16& v, half h) {
   v.v = _mm512_cvtph_ps(_mm256_set1_epi16(short(h.bits)));
 }
 #endif
-
-template <class V, class TW>
-V load_weights(const TW* row, int64_t i) {
-  return V::load(row + i);
-}
-template <class V>
-V load_weights(const BlockQ8_0* row, int64_t i) {  // i is a multiple of V::width (<= 32)
-  const BlockQ8_0& b = row[i / BlockQ8_0::size];
-  V q, d;
-  load_i8(q, b.qs + i % BlockQ8_0::size);
-  broadcast_half(d, b.d);
-  return q * d;
-}
 
 // dst[k * stride] = row[k0 + k] as fp32 for k < n (one weight row into a packed panel column).
 template <class TW>
@@ -128,26 +114,57 @@ void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
   int64_t i = 0;
   for (; i + W <= k; i += W) {
     V wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load_weights<V>(w + r * a.ldw, i);
+    for (int r = 0; r < R; ++r) wv[r] = V::load(w + r * a.ldw + i);
     for (int t = 0; t < NT; ++t) {
       const V xv = V::load(x + t * a.ldx + i);
       for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
     }
   }
-  if constexpr (LinearWeight<TW>::block == 1) {  // blocked weights have no tail: in % 32 == 0
-    if (i < k) {
-      const int n = int(k - i);
-      V wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = V::load_partial(w + r * a.ldw + i, n);
-      for (int t = 0; t < NT; ++t) {
-        const V xv = V::load_partial(x + t * a.ldx + i, n);
-        for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
-      }
+  if (i < k) {
+    const int n = int(k - i);
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = V::load_partial(w + r * a.ldw + i, n);
+    for (int t = 0; t < NT; ++t) {
+      const V xv = V::load_partial(x + t * a.ldx + i, n);
+      for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
     }
   }
   for (int r = 0; r < R; ++r) {
     const float b = a.bias ? to_float(a.bias[o + r]) : 0.f;
     for (int t = 0; t < NT; ++t) y[t * a.ldy + o + r] = from_float<TX>(acc[t][r].reduce_add() + b);
+  }
+}
+
+// The same for Q8_0 rows: per block, sum x * q over its 32 weights, then scale once.
+template <class V, int NT, int R, class TX>
+void gemv_tile(const LinearArgs<TX, BlockQ8_0>& a, const TX* x, TX* y, int64_t o) {
+  constexpr int W = V::width, J = int(BlockQ8_0::size) / W;
+  const BlockQ8_0* w = a.w + o * a.ldw;
+  V acc[NT][R];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+  const int64_t blocks = a.in / BlockQ8_0::size;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = blk * BlockQ8_0::size;
+    for (int r = 0; r < R; ++r) {
+      const BlockQ8_0& b = w[r * a.ldw + blk];
+      V part[NT];
+      for (int j = 0; j < J; ++j) {
+        V q;
+        load_i8(q, b.qs + j * W);
+        for (int t = 0; t < NT; ++t) {
+          const V xv = V::load(x + t * a.ldx + i0 + j * W);
+          part[t] = j == 0 ? xv * q : fma(xv, q, part[t]);
+        }
+      }
+      V d;
+      broadcast_half(d, b.d);
+      for (int t = 0; t < NT; ++t) acc[t][r] = fma(part[t], d, acc[t][r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float bias = a.bias ? a.bias[o + r] : 0.f;
+    for (int t = 0; t < NT; ++t) y[t * a.ldy + o + r] = from_float<TX>(acc[t][r].reduce_add() + bias);
   }
 }
 
