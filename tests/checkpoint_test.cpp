@@ -496,6 +496,11 @@ TEST_CASE("Checkpoint opens GGUF with HF names, row-major shapes and Q8_0 dequan
     g.w.set("llama.attention.head_count_kv", GgufValue::u32(3));
     g.w.write(path);
     REQUIRE_THROWS_WITH(Checkpoint::open(path), Catch::Contains("num_attention_heads = 4 is not a multiple of num_key_value_heads = 3"));
+    g.w.set("llama.attention.head_count_kv", GgufValue::u32(2));
+    g.w.set("llama.rope.dimension_count", GgufValue::u32(4));
+    g.w.write(path);
+    REQUIRE_THROWS_WITH(Checkpoint::open(path), Catch::Contains("llama.rope.dimension_count = 4: partial rotary"));
+    g.w.set("llama.rope.dimension_count", GgufValue::u32(8));
     g.w.set("llama.attention.head_count_kv", GgufValue::str("2"));
     g.w.write(path);
     REQUIRE_THROWS_WITH(Checkpoint::open(path), path + ": metadata llama.attention.head_count_kv must be an integer");

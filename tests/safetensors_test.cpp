@@ -98,7 +98,7 @@ TEMPLATE_LIST_TEST_CASE("safetensors round trip keeps bytes, shapes, dtypes and 
     CHECK(t.dtype == dtype_of<T>());
     CHECK(t.shape == shapes[i]);
     REQUIRE(t.nbytes() == values[i].size() * sizeof(T));
-    CHECK(std::memcmp(t.data, values[i].data(), t.nbytes()) == 0);
+    CHECK((t.nbytes() == 0 || std::memcmp(t.data, values[i].data(), t.nbytes()) == 0));
     CHECK(reinterpret_cast<uintptr_t>(t.data) % sizeof(T) == 0);
   }
   // The same bytes parse from memory too.

@@ -87,6 +87,10 @@ inline ModelConfig model_config_from_gguf(const GgufFile& g) {
     RF_CHECK(c.d_model % c.n_q == 0, src, ": embedding_length ", c.d_model, " is not a multiple of head_count ", c.n_q);
     c.head_dim = c.d_model / c.n_q;
   }
+  if (g.find(p + "rope.dimension_count"))
+    RF_CHECK(g.get_int(p + "rope.dimension_count") == c.head_dim, src, ": metadata ", p, "rope.dimension_count = ",
+             g.get_int(p + "rope.dimension_count"), ": partial rotary embeddings are not supported (head_dim ",
+             c.head_dim, ")");
   if (g.find(p + "attention.layer_norm_rms_epsilon"))
     c.rms_eps = float(g.get_float(p + "attention.layer_norm_rms_epsilon"));
   if (g.find(p + "rope.freq_base")) c.rope_theta = float(g.get_float(p + "rope.freq_base"));
