@@ -106,6 +106,7 @@ template <class T>
 void write_conv_state(T* state, int64_t s_state, const T* x, int64_t sx, int64_t dch, int64_t k,
                       int64_t begin, int64_t end, bool use_history) {
   const int64_t len = end - begin;
+  if (len == 0 && use_history) return;  // an empty sequence keeps its history as it is
   for (int64_t i = 0; i < k - 1; ++i) {
     T* dst = state + i * s_state;
     const int64_t tt = end - (k - 1) + i;
