@@ -1,9 +1,9 @@
 // CUDA attention against the CPU op (itself tested against a double reference in
 // attention_test.cpp) on the same random inputs, in every storage dtype and both head dims, GQA
 // groups 1, 4 and 8: decode over 1-3000 keys (several key splits merged by log-sum-exp, slots
-// permuted), chunked prefill after earlier keys (tiles cut at sequence
-// boundaries, a one-token chunk), a short-capacity prefill (no split: the direct-write path), a
-// streaming sink + window mask over ring-buffer key positions, one unpacked sequence; LSE too.
+// permuted), chunked prefill after earlier keys (tiles cut at sequence boundaries, a one-token
+// chunk), a short-capacity prefill (no split: the direct-write path), a streaming sink + window
+// mask over ring-buffer key positions, rows that see no key, one unpacked sequence; LSE too.
 // Host checks: bad shapes, group size and K alignment throw before anything is launched.
 #include <algorithm>
 #include <cstdint>
@@ -159,6 +159,12 @@ TEMPLATE_LIST_TEST_CASE("CUDA attention streaming mask over ring-buffer position
     std::iota(r.k_pos.begin(), r.k_pos.end(), 0);
     std::shuffle(r.k_pos.begin(), r.k_pos.end(), rftest::rng());
     compare_attention(r);
+
+    // Every stored key after the queries' positions: rows that see no key (out 0, lse -inf).
+    AttnCase<T> none(sh.n_q, sh.n_kv, sh.hd, 1, 64, {0}, {3}, {0});
+    none.k_pos.resize(64);
+    std::iota(none.k_pos.begin(), none.k_pos.end(), 10);
+    compare_attention(none);
   }
 }
 
