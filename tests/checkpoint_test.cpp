@@ -316,6 +316,7 @@ TEST_CASE("Checkpoint opens a HF directory, single file or sharded", "[checkpoin
     check_same(c, w);
     CHECK(c.has("lm_head.weight"));
     CHECK(!c.has("nope"));
+    CHECK(c.rope_inv_freq() == rope_inv_freq(4, 10000.f));
     CHECK(c.tokenizer_json() == dir.path / "tokenizer.json");
     CHECK(c.tokenizer_config_json().empty());
     CHECK(c.gguf_tokenizer() == nullptr);
@@ -473,6 +474,10 @@ TEST_CASE("Checkpoint opens GGUF with HF names, row-major shapes and Q8_0 dequan
     CHECK(c.has("rope_freqs.weight"));  // llama3 scaling factors keep their GGUF name
     CHECK(!c.has("lm_head.weight"));
     REQUIRE_THROWS_WITH(c.tensor("lm_head.weight"), path + ": missing tensor lm_head.weight");
+    // rope_freqs.weight divides the base frequencies (llama.cpp's form of Llama-3 scaling).
+    const std::vector<float> inv = c.rope_inv_freq(), base = rope_inv_freq(8, 500000.f);
+    REQUIRE(inv.size() == 4);
+    for (size_t i = 0; i < 4; ++i) CHECK(inv[i] == base[i] / g.freqs[i]);
   }
   {
     TinyGguf g("qwen2", true);

@@ -173,6 +173,23 @@ class Checkpoint {
     return r;
   }
 
+  /// The RoPE inverse frequencies [head_dim / 2] this checkpoint's attention needs. HF:
+  /// rope_inv_freq(head_dim, rope_theta, rope_scaling). GGUF: llama.cpp stores Llama-3 scaling not
+  /// as metadata but as per-pair divisors in the tensor rope_freqs.weight (inv_freq / divisor is
+  /// the scaled frequency, what HF computes up to fp32 rounding of the divisor), applied here.
+  std::vector<float> rope_inv_freq() const {
+    std::vector<float> inv = recurformer::rope_inv_freq(config_.head_dim, config_.rope_theta, config_.rope_scaling);
+    if (format_ == Format::gguf && has("rope_freqs.weight")) {
+      const TensorRef& f = tensor("rope_freqs.weight", {int64_t(inv.size())}, DType::f32);
+      const float* div = static_cast<const float*>(f.data);
+      for (size_t i = 0; i < inv.size(); ++i) {
+        RF_CHECK(div[i] > 0, source_, ": rope_freqs.weight[", i, "] = ", div[i], " must be positive");
+        inv[i] /= div[i];
+      }
+    }
+    return inv;
+  }
+
   /// HF: the text of config.json (the converter adds the recurformer object to it); GGUF: "".
   const std::string& config_json_text() const { return config_text_; }
   /// HF: dir/tokenizer.json and dir/tokenizer_config.json when they exist, else empty paths.
