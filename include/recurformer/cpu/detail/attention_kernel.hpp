@@ -148,32 +148,91 @@ RF_FORCEINLINE float tile_exp_sum(float* s, int n, float m) {
   return r;
 }
 
-/// One row against one tile: logits, mask, online-softmax update of (m, l) and o += P.V.
-/// K/V are read at (key stride) from kt / vt, either storage-type rows or a converted fp32 tile.
-template <class V, int HD, class TK>
-RF_FORCEINLINE void row_update(const float* qf, const TK* kt, int64_t k_stride, const TK* vt, int64_t v_stride,
-                               int nk, const int32_t* kp, int32_t qpos, bool full, int sink, int window,
-                               float* s, float& m, float& l, float* o) {
+/// RB rows (RB <= 4) against one tile, sharing every K/V load (and 16-bit conversion) between the
+/// rows: per key, the RB logits come from one transposing reduction and P.V updates RB
+/// accumulator rows. q[r], o[r]: the rows' scaled queries and running outputs.
+template <class V, int HD, int RB, class TK>
+RF_FORCEINLINE void rows_update(float* const* q, const TK* kt, int64_t k_stride, const TK* vt, int64_t v_stride,
+                                int nk, const int32_t* kp, const int32_t* qpos, bool full, int sink, int window,
+                                float (*s)[kAttnKeys], float* m, float* l, float* const* o) {
   constexpr int NV = HD / V::width;
-  row_logits<V, HD>(qf, kt, k_stride, nk, s);
-  if (!full)
-    for (int i = 0; i < nk; ++i)
-      if (!key_visible(kp[i], qpos, sink, window)) s[i] = -INFINITY;
-  const float mx = tile_max<V>(s, nk);
-  if (mx == -INFINITY) return;  // this row sees no key of the tile
-  const float m_new = mx > m ? mx : m;
-  const float alpha = simd::detail::exp_scalar(m - m_new);
-  l = l * alpha + tile_exp_sum<V>(s, nk, m_new);
-  m = m_new;
-  V acc[NV];
-  const V av = V::broadcast(alpha);
-  for (int c = 0; c < NV; ++c) acc[c] = V::load(o + c * V::width) * av;
   for (int i = 0; i < nk; ++i) {
-    const V p = V::broadcast(s[i]);
-    const TK* vi = vt + int64_t(i) * v_stride;
-    for (int c = 0; c < NV; ++c) acc[c] = fma(p, V::load(vi + c * V::width), acc[c]);
+    const TK* ki = kt + int64_t(i) * k_stride;
+    V acc[4];
+    {
+      const V kv = V::load(ki);
+      for (int r = 0; r < RB; ++r) acc[r] = V::load(q[r]) * kv;
+    }
+    for (int c = 1; c < NV; ++c) {
+      const V kv = V::load(ki + c * V::width);
+      for (int r = 0; r < RB; ++r) acc[r] = fma(V::load(q[r] + c * V::width), kv, acc[r]);
+    }
+    if constexpr (RB == 4) {
+      float t[4];
+      reduce4(acc[0], acc[1], acc[2], acc[3], t);
+      for (int r = 0; r < 4; ++r) s[r][i] = t[r];
+    } else {
+      for (int r = 0; r < RB; ++r) s[r][i] = acc[r].reduce_add();
+    }
   }
-  for (int c = 0; c < NV; ++c) acc[c].store(o + c * V::width);
+  float alpha[RB];
+  for (int r = 0; r < RB; ++r) {
+    if (!full)
+      for (int i = 0; i < nk; ++i)
+        if (!key_visible(kp[i], qpos[r], sink, window)) s[r][i] = -INFINITY;
+    const float mx = tile_max<V>(s[r], nk);
+    if (mx == -INFINITY) {  // this row sees no key of the tile: it adds nothing
+      for (int i = 0; i < nk; ++i) s[r][i] = 0.f;
+      alpha[r] = 1.f;
+      continue;
+    }
+    const float m_new = mx > m[r] ? mx : m[r];
+    alpha[r] = simd::detail::exp_scalar(m[r] - m_new);
+    l[r] = l[r] * alpha[r] + tile_exp_sum<V>(s[r], nk, m_new);
+    m[r] = m_new;
+  }
+  V acc[RB][NV];
+  for (int r = 0; r < RB; ++r) {
+    const V a = V::broadcast(alpha[r]);
+    for (int c = 0; c < NV; ++c) acc[r][c] = V::load(o[r] + c * V::width) * a;
+  }
+  for (int i = 0; i < nk; ++i) {
+    const TK* vi = vt + int64_t(i) * v_stride;
+    V p[RB];
+    for (int r = 0; r < RB; ++r) p[r] = V::broadcast(s[r][i]);
+    for (int c = 0; c < NV; ++c) {
+      const V vv = V::load(vi + c * V::width);
+      for (int r = 0; r < RB; ++r) acc[r][c] = fma(p[r], vv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c].store(o[r] + c * V::width);
+}
+
+/// All rows of a block against one tile, in groups of up to four rows.
+template <class V, int HD, class TK>
+RF_FORCEINLINE void block_update(float (*qf)[HD], const TK* kt, int64_t k_stride, const TK* vt, int64_t v_stride,
+                                 int R, int nk, const int32_t* kp, const int32_t* rpos, bool full, int sink,
+                                 int window, float* m, float* l, float (*o)[HD]) {
+  alignas(64) float s[4][kAttnKeys];
+  int r = 0;
+  for (; r < R; r += 4) {
+    float* qr[4] = {qf[r], qf[r + 1 < R ? r + 1 : r], qf[r + 2 < R ? r + 2 : r], qf[r + 3 < R ? r + 3 : r]};
+    float* orow[4] = {o[r], o[r + 1 < R ? r + 1 : r], o[r + 2 < R ? r + 2 : r], o[r + 3 < R ? r + 3 : r]};
+    switch (R - r) {
+      case 1:
+        rows_update<V, HD, 1>(qr, kt, k_stride, vt, v_stride, nk, kp, rpos + r, full, sink, window, s, m + r, l + r, orow);
+        break;
+      case 2:
+        rows_update<V, HD, 2>(qr, kt, k_stride, vt, v_stride, nk, kp, rpos + r, full, sink, window, s, m + r, l + r, orow);
+        break;
+      case 3:
+        rows_update<V, HD, 3>(qr, kt, k_stride, vt, v_stride, nk, kp, rpos + r, full, sink, window, s, m + r, l + r, orow);
+        break;
+      default:
+        rows_update<V, HD, 4>(qr, kt, k_stride, vt, v_stride, nk, kp, rpos + r, full, sink, window, s, m + r, l + r, orow);
+    }
+  }
 }
 
 template <class V, int HD, class T>
@@ -181,7 +240,6 @@ void attend_block(const AttnBlock& b) {
   const int R = b.n_tok * b.n_head;
   alignas(64) float qf[kAttnRows][HD];
   alignas(64) float o[kAttnRows][HD];
-  alignas(64) float s[kAttnKeys];
   alignas(64) float kf[kAttnKeys][HD], vf[kAttnKeys][HD];  // converted 16-bit tiles
   float m[kAttnRows], l[kAttnRows];
   int32_t rpos[kAttnRows];
@@ -214,21 +272,15 @@ void attend_block(const AttnBlock& b) {
     }
     if (b.window > 0 && kmin >= b.sink && int64_t(kmax) <= int64_t(qmin) - b.window) continue;
     const bool full = kmax <= qmin && (b.window == 0 || kmax < b.sink || int64_t(kmin) > int64_t(qmax) - b.window);
-    // 16-bit K/V: convert the tile once when several rows read it (the shuffle port is the limit).
+    // 16-bit K/V read by more than one group of four rows: convert the tile once.
     const T* kt = k + j0 * b.k_stride;
     const T* vt = v + j0 * b.v_stride;
-    if constexpr (!std::is_same<T, float>::value) {
-      if (R > 1) {
-        tile_to_float<V, HD>(kt, b.k_stride, nk, kf[0]);
-        tile_to_float<V, HD>(vt, b.v_stride, nk, vf[0]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      if (!std::is_same<T, float>::value && R > 1) {
-        row_update<V, HD>(qf[r], kf[0], HD, vf[0], HD, nk, kp, rpos[r], full, b.sink, b.window, s, m[r], l[r], o[r]);
-      } else {
-        row_update<V, HD>(qf[r], kt, b.k_stride, vt, b.v_stride, nk, kp, rpos[r], full, b.sink, b.window, s, m[r], l[r], o[r]);
-      }
+    if (!std::is_same<T, float>::value && R > 4) {
+      tile_to_float<V, HD>(kt, b.k_stride, nk, kf[0]);
+      tile_to_float<V, HD>(vt, b.v_stride, nk, vf[0]);
+      block_update<V, HD>(qf, &kf[0][0], HD, &vf[0][0], HD, R, nk, kp, rpos, full, b.sink, b.window, m, l, o);
+    } else {
+      block_update<V, HD>(qf, kt, b.k_stride, vt, b.v_stride, R, nk, kp, rpos, full, b.sink, b.window, m, l, o);
     }
   }
   for (int r = 0; r < R; ++r) {
