@@ -141,7 +141,9 @@ TEMPLATE_LIST_TEST_CASE("linear matches a double reference", "[linear]", Pairs) 
       run_linear<TX, TW>(tokens, s.in, s.out, false, false);
       run_linear<TX, TW>(tokens, s.in, s.out, true, true);
     }
-  // past the MC = 256 token block
+  // past the MC = 256 token block (out > NC keeps the full block height), and a narrow output
+  // whose tokens are split finer across the threads
+  run_linear<TX, TW>(260, 70, 130, true, false);
   run_linear<TX, TW>(260, 70, 45, true, false);
 }
 

@@ -65,10 +65,16 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
   // GEMM: per-thread scratch, 64-byte aligned.
   const int64_t per_thread = cpu::detail::gemm_thread_floats<TX>(a.tokens, a.in, a.out);
   float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(workspace) + 63) & ~uintptr_t(63));
-  const int64_t m_blocks = (a.tokens + B::kMC - 1) / B::kMC, n_blocks = (a.out + B::kNC - 1) / B::kNC;
+  const int64_t n_blocks = (a.out + B::kNC - 1) / B::kNC;
+  // Few output blocks (a narrow projection such as dt_down): split the tokens finer so every
+  // thread gets a task; any block height up to kMC fits the per-thread scratch.
+  int64_t mc = B::kMC;
+  if (n_blocks < exec.threads())
+    mc = std::min(B::kMC, cpu::detail::round_up((a.tokens + exec.threads() - 1) / exec.threads(), B::kMR));
+  const int64_t m_blocks = (a.tokens + mc - 1) / mc;
   exec.for_each(m_blocks * n_blocks, [&](int64_t task, int thread) {
     const int64_t mb = task / n_blocks, nb = task % n_blocks;
-    const int64_t t0 = mb * B::kMC, t1 = std::min(a.tokens, t0 + B::kMC);
+    const int64_t t0 = mb * mc, t1 = std::min(a.tokens, t0 + mc);
     const int64_t o0 = nb * B::kNC, o1 = std::min(a.out, o0 + B::kNC);
     float* mine = ws + per_thread * thread;
     switch (isa) {

@@ -12,6 +12,9 @@
 // an MR x NR register tile (MR tokens broadcast from x rows, NR = 2 vectors of outputs) over it.
 // fp32 x is read in place; 16-bit x is converted into a fp32 block first. Partial sums live in y
 // itself when y is fp32, else in a fp32 block converted to TX at the end.
+//
+// Q8_0 weights (core/q8_0.hpp): the GEMV sums x * q over each 32-weight block and applies the
+// block's scale once; the GEMM pack dequantises into the same fp32 panels.
 #pragma once
 
 #include <algorithm>
