@@ -97,7 +97,7 @@ void attention(const AttentionParams<T>& p, CudaExec exec, void* workspace, size
   RF_CHECK(need == 0 || tokens <= 0x7fffffff, "attention: too many tokens for one CUDA call");
   RF_CHECK(n_kv <= 65535 && n_q <= 65535, "attention: at most 65535 heads per CUDA call");
   L.part = static_cast<float*>(workspace);
-  dispatch_value("attention: head_dim", AttentionHeadDims{}, p.q.shape[2], [&](auto hd) {
+  detail::dispatch_attention_head_dim("attention: head_dim", p.q.shape[2], [&](auto hd) {
     constexpr int HD = decltype(hd)::value;
     if (tokens == 0 || L.tiles == 0) return;
     const dim3 grid(unsigned(L.tiles), unsigned(n_kv), unsigned(L.nsplit));

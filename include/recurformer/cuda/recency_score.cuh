@@ -103,7 +103,7 @@ template <class T>
 void recency_score(const RecencyScoreParams<T>& p, CudaExec exec) {
   check(p);
   const float scale = p.scale > 0 ? p.scale : float(1.0 / std::sqrt(double(p.q.shape[2])));
-  dispatch_value("recency_score: head_dim", AttentionHeadDims{}, p.q.shape[2], [&](auto hd) {
+  detail::dispatch_attention_head_dim("recency_score: head_dim", p.q.shape[2], [&](auto hd) {
     if (p.q.shape[0] <= p.window || p.q.shape[1] == 0) return;  // no scored query: stats unchanged
     cuda::detail::recency_score_kernel<T, decltype(hd)::value>
         <<<unsigned(p.q.shape[1]), 32 * cuda::detail::kRecencyWarps, 0, exec.stream>>>(p, scale);
