@@ -28,6 +28,7 @@
 #include "recurformer/model/detail/tokenizer_nfc.hpp"
 #include "recurformer/model/detail/tokenizer_regex.hpp"
 #include "recurformer/model/detail/tokenizer_unicode.hpp"
+#include "recurformer/model/tokenizer.hpp"  // the declarations (this file is its tail; #pragma once breaks the cycle)
 
 namespace recurformer {
 namespace detail {
