@@ -431,3 +431,28 @@ TEMPLATE_LIST_TEST_CASE("HybridHeadAttention snapshot/restore and fork reproduce
   REQUIRE(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
   REQUIRE(r.cache.length(2) == 15);
 }
+
+TEST_CASE("HybridHeadAttention without cu_seqlens and slots: one sequence in slot 0",
+          "[hybrid_head_attention]") {
+  Model<float> m({{K::attention, K::recurrent, K::streaming}}, true);
+  const int64_t L = 10;
+  const std::vector<float> xs = rftest::random_vector<float>(size_t(L * kDModel));
+  const std::vector<double> ref = reference(m, xs, L);
+  Runner<float, float> r(m, 1, 16);
+  std::vector<float> outs;
+  CpuExec exec{&r.pool};
+  for (int64_t begin : {int64_t(0), int64_t(9)}) {  // a prefill of 9, then one decode step
+    const int64_t n = begin == 0 ? 9 : 1;
+    const std::vector<float> x(xs.begin() + begin * kDModel, xs.begin() + (begin + n) * kDModel);
+    std::vector<float> out(x.size(), -7.f);
+    HybridHeadAttentionParams<float, float> p = r.params(x, out, {}, {});
+    p.cu_seqlens = {};
+    p.slots = {};
+    std::vector<unsigned char> ws(hybrid_head_attention_workspace_bytes(p, exec));
+    hybrid_head_attention(p, exec, ws.data(), ws.size());
+    const std::vector<int32_t> slot = {0}, count = {int32_t(n)};
+    r.cache.advance(make_view(slot.data(), {1}), make_view(count.data(), {1}));
+    outs.insert(outs.end(), out.begin(), out.end());
+  }
+  rftest::check_close<float>("cu_seqlens and slots absent", outs, ref);
+}
