@@ -157,6 +157,19 @@ TEMPLATE_LIST_TEST_CASE("selective_scan matches the double reference", "[selecti
   });
 }
 
+TEMPLATE_LIST_TEST_CASE("selective_scan with several vector blocks per task (small N, wide rows)",
+                        "[selective_scan]", rftest::StorageTypes) {
+  using T = TestType;
+  rftest::for_each_isa([] {
+    // enough channels that a task interleaves up to 4 vector blocks, the last one partial
+    for (auto shape : {Shape{13, 261, 5, 1, 3}, Shape{9, 260, 16, 2, 1}, Shape{7, 133, 1, 1, 2}}) {
+      INFO("N " << shape.n << " G " << shape.g << " Dch " << shape.dch << " R " << shape.r);
+      Problem<T> pr(shape, options_from_bits(shape.n == 16 ? 6u : 3u), 1);
+      check_against_reference(pr, "sub-blocks");
+    }
+  });
+}
+
 TEMPLATE_LIST_TEST_CASE("selective_state_update matches the double reference", "[selective_scan]",
                         rftest::StorageTypes) {
   using T = TestType;

@@ -71,11 +71,19 @@ void run_selective_scan(const SelectiveScanParams<T>& p, recurformer::detail::Sc
   const int width = isa == Isa::avx512 ? 16 : isa == Isa::avx2 ? 8 : 1;
   const PackedSequences seqs{mode, p.u.shape[0], p.cu_seqlens, p.state_slots};
   const int64_t dch = p.u.shape[1], groups = p.B.shape[1], per_group = dch / groups;
-  const int64_t blocks = (per_group + width - 1) / width;
+  // Small N: interleave up to kScanMaxSubBlocks vector blocks per task (fewer passes over the rows),
+  // as long as there are a few tasks per thread and the state buffer holds them.
+  const int64_t n_state = p.A.shape[1];
+  int64_t sub = std::max<int64_t>(1, std::min<int64_t>(kScanMaxSubBlocks, 64 / n_state));
+  const int64_t vector_blocks = seqs.count() * groups * ((per_group + width - 1) / width);
+  while (sub > 1 && (vector_blocks / sub < 4 * exec.threads() || sub * n_state > kSelectiveScanMaxState))
+    sub /= 2;
+  const int64_t block_channels = sub * width;
+  const int64_t blocks = (per_group + block_channels - 1) / block_channels;
   const int64_t tasks_per_seq = groups * blocks;
   exec.for_each(seqs.count() * tasks_per_seq, [&](int64_t task, int) {
     const int64_t s = task / tasks_per_seq, g = task % tasks_per_seq / blocks,
-                  c0 = g * per_group + task % blocks * width;
+                  c0 = g * per_group + task % blocks * block_channels;
     const int64_t slot = seqs.slot(s);
     if (slot < 0) return;  // padding
     ScanBlock<T> a;
@@ -103,7 +111,7 @@ void run_selective_scan(const SelectiveScanParams<T>& p, recurformer::detail::Sc
     a.t1 = seqs.end(s);
     a.n_state = p.A.shape[1];
     a.readers = p.C.shape[2];
-    a.nc = int(std::min<int64_t>(width, (g + 1) * per_group - c0));
+    a.nc = int(std::min<int64_t>(block_channels, (g + 1) * per_group - c0));
     a.softplus = p.delta_activation == DeltaActivation::softplus;
     a.use_initial_state = p.use_initial_state;
     switch (isa) {

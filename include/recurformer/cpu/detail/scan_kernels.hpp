@@ -21,7 +21,8 @@ namespace recurformer {
 namespace cpu {
 namespace detail {
 
-/// One task: channels [c0, c0 + nc) of one group over tokens [t0, t1). Pointers are already offset
+/// One task: channels [c0, c0 + nc) of one group over tokens [t0, t1), nc <= kScanMaxSubBlocks
+/// vector widths. Pointers are already offset
 /// to channel c0 (and to the group in B and C); strides are in elements.
 template <class T>
 struct ScanBlock {
@@ -41,92 +42,106 @@ struct ScanBlock {
   bool softplus, use_initial_state;
 };
 
+/// Vector blocks of channels one prefill task interleaves (see scan_block).
+constexpr int kScanMaxSubBlocks = 4;
+
+// Channels [0, nc) in sub-blocks of W lanes (nc <= kScanMaxSubBlocks * W, sub-blocks * N <= the
+// state buffer). For each chunk of tokens every sub-block runs in turn, so each row of u, delta and
+// y is visited once for up to 4 * W channels: with small N and wide rows, one-vector column strips
+// would cost a TLB miss per row and stream.
 template <class V, class T>
 void scan_block(const ScanBlock<T>& a) {
   constexpr int W = V::width;
   const int64_t N = a.n_state, R = a.readers;
-  const int nc = a.nc;
-  alignas(64) float h[kSelectiveScanMaxState * W];
-  alignas(64) float At[kSelectiveScanMaxState * W];
+  const int nc = a.nc, nsub = (nc + W - 1) / W;
+  alignas(64) float h[kSelectiveScanMaxState * W];   // [sub-block][N][W]
+  alignas(64) float At[kSelectiveScanMaxState * W];  // A * log2(e), same layout
   alignas(64) float b_row[kSelectiveScanMaxState];
   alignas(64) float c_rows[kSelectiveScanMaxReaderStates];
   // Lanes past nc keep h = 0 and A = 0 (decay 1), so they stay finite and are never stored.
-  for (int64_t n = 0; n < N; ++n)
-    for (int j = 0; j < W; ++j) {
-      const bool live = j < nc;
-      h[n * W + j] = live && a.use_initial_state ? a.state[j * a.s_state + n] : 0.f;
-      At[n * W + j] = live ? a.A[j * a.sA + n] * simd::detail::kLog2e : 0.f;  // exp(x) = 2^(x log2 e)
-    }
-  const V bias = a.delta_bias ? simd::load_n<V>(a.delta_bias, nc) : V::zero();
-  const V Dv = a.D ? simd::load_n<V>(a.D, nc) : V::zero();
+  for (int b = 0; b < nsub; ++b)
+    for (int64_t n = 0; n < N; ++n)
+      for (int j = 0; j < W; ++j) {
+        const int c = b * W + j;
+        const bool live = c < nc;
+        h[(b * N + n) * W + j] = live && a.use_initial_state ? a.state[c * a.s_state + n] : 0.f;
+        At[(b * N + n) * W + j] = live ? a.A[c * a.sA + n] * simd::detail::kLog2e : 0.f;  // exp(x) = 2^(x log2 e)
+      }
   // The per-token element-wise work (softplus, silu: long dependency chains) is done for a chunk of
   // tokens first, so its latency overlaps across tokens instead of stalling every token's state loop.
   constexpr int kChunk = 16;
   alignas(64) float dt_buf[kChunk * W], du_buf[kChunk * W], skip_buf[kChunk * W], gate_buf[kChunk * W];
   for (int64_t tc = a.t0; tc < a.t1; tc += kChunk) {
     const int chunk = int(std::min<int64_t>(kChunk, a.t1 - tc));
-    for (int i = 0; i < chunk; ++i) {
-      const int64_t t = tc + i;
-      const V u = simd::load_n<V>(a.u + t * a.su, nc);
-      V dt = simd::load_n<V>(a.delta + t * a.sdelta, nc) + bias;
-      if (a.softplus) dt = simd::softplus(dt);
-      dt.store(dt_buf + i * W);
-      (dt * u).store(du_buf + i * W);
-      (Dv * u).store(skip_buf + i * W);
-      const V gate = a.z ? simd::silu(simd::load_n<V>(a.z + t * a.sz, nc)) : V::broadcast(1.f);
-      gate.store(gate_buf + i * W);
-    }
-    for (int i = 0; i < chunk; ++i) {
-      const int64_t t = tc + i;
-      // B and C rows of this token as fp32 (for float storage: read in place).
-      const float* bt;
-      const float* ct;
-      int64_t ct_r;
-      if constexpr (std::is_same<T, float>::value) {
-        bt = a.B + t * a.sB;
-        ct = a.C + t * a.sC_t;
-        ct_r = a.sC_r;
-      } else {
-        const T* bs = a.B + t * a.sB;
-        int64_t n = 0;
-        for (; n + W <= N; n += W) V::load(bs + n).store(b_row + n);
-        if (n < N) V::load_partial(bs + n, int(N - n)).store_partial(b_row + n, int(N - n));
+    for (int b = 0; b < nsub; ++b) {
+      const int ob = b * W, ncb = std::min(W, nc - ob);
+      float* hb = h + b * N * W;
+      const float* Ab = At + b * N * W;
+      const V bias = a.delta_bias ? simd::load_n<V>(a.delta_bias + ob, ncb) : V::zero();
+      const V Dv = a.D ? simd::load_n<V>(a.D + ob, ncb) : V::zero();
+      for (int i = 0; i < chunk; ++i) {
+        const int64_t t = tc + i;
+        const V u = simd::load_n<V>(a.u + t * a.su + ob, ncb);
+        V dt = simd::load_n<V>(a.delta + t * a.sdelta + ob, ncb) + bias;
+        if (a.softplus) dt = simd::softplus(dt);
+        dt.store(dt_buf + i * W);
+        (dt * u).store(du_buf + i * W);
+        (Dv * u).store(skip_buf + i * W);
+        const V gate = a.z ? simd::silu(simd::load_n<V>(a.z + t * a.sz + ob, ncb)) : V::broadcast(1.f);
+        gate.store(gate_buf + i * W);
+      }
+      for (int i = 0; i < chunk; ++i) {
+        const int64_t t = tc + i;
+        // B and C rows of this token as fp32 (for float storage: read in place).
+        const float* bt;
+        const float* ct;
+        int64_t ct_r;
+        if constexpr (std::is_same<T, float>::value) {
+          bt = a.B + t * a.sB;
+          ct = a.C + t * a.sC_t;
+          ct_r = a.sC_r;
+        } else {
+          const T* bs = a.B + t * a.sB;
+          int64_t n = 0;
+          for (; n + W <= N; n += W) V::load(bs + n).store(b_row + n);
+          if (n < N) V::load_partial(bs + n, int(N - n)).store_partial(b_row + n, int(N - n));
+          for (int64_t r = 0; r < R; ++r) {
+            const T* cs = a.C + t * a.sC_t + r * a.sC_r;
+            float* cd = c_rows + r * N;
+            n = 0;
+            for (; n + W <= N; n += W) V::load(cs + n).store(cd + n);
+            if (n < N) V::load_partial(cs + n, int(N - n)).store_partial(cd + n, int(N - n));
+          }
+          bt = b_row;
+          ct = c_rows;
+          ct_r = N;
+        }
+        const V dt = V::load(dt_buf + i * W), du = V::load(du_buf + i * W);
+        for (int64_t n = 0; n < N; ++n) {
+          const V decay = simd::exp2(dt * V::load(Ab + n * W));
+          fma(decay, V::load(hb + n * W), du * V::broadcast(bt[n])).store(hb + n * W);
+        }
+        const V skip = V::load(skip_buf + i * W), gate = V::load(gate_buf + i * W);
         for (int64_t r = 0; r < R; ++r) {
-          const T* cs = a.C + t * a.sC_t + r * a.sC_r;
-          float* cd = c_rows + r * N;
-          n = 0;
-          for (; n + W <= N; n += W) V::load(cs + n).store(cd + n);
-          if (n < N) V::load_partial(cs + n, int(N - n)).store_partial(cd + n, int(N - n));
+          const float* cr = ct + r * ct_r;
+          // four partial sums: the fma latency chain over n would otherwise bound the loop
+          V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+          int64_t n = 0;
+          for (; n + 4 <= N; n += 4) {
+            s0 = fma(V::load(hb + n * W), V::broadcast(cr[n]), s0);
+            s1 = fma(V::load(hb + (n + 1) * W), V::broadcast(cr[n + 1]), s1);
+            s2 = fma(V::load(hb + (n + 2) * W), V::broadcast(cr[n + 2]), s2);
+            s3 = fma(V::load(hb + (n + 3) * W), V::broadcast(cr[n + 3]), s3);
+          }
+          for (; n < N; ++n) s0 = fma(V::load(hb + n * W), V::broadcast(cr[n]), s0);
+          const V yv = ((s0 + s1) + (s2 + s3) + skip) * gate;
+          simd::store_n(yv, a.y + t * a.sy_t + r * a.sy_r + ob, ncb);
         }
-        bt = b_row;
-        ct = c_rows;
-        ct_r = N;
-      }
-      const V dt = V::load(dt_buf + i * W), du = V::load(du_buf + i * W);
-      for (int64_t n = 0; n < N; ++n) {
-        const V decay = simd::exp2(dt * V::load(At + n * W));
-        fma(decay, V::load(h + n * W), du * V::broadcast(bt[n])).store(h + n * W);
-      }
-      const V skip = V::load(skip_buf + i * W), gate = V::load(gate_buf + i * W);
-      for (int64_t r = 0; r < R; ++r) {
-        const float* cr = ct + r * ct_r;
-        // four partial sums: the fma latency chain over n would otherwise bound the loop
-        V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
-        int64_t n = 0;
-        for (; n + 4 <= N; n += 4) {
-          s0 = fma(V::load(h + n * W), V::broadcast(cr[n]), s0);
-          s1 = fma(V::load(h + (n + 1) * W), V::broadcast(cr[n + 1]), s1);
-          s2 = fma(V::load(h + (n + 2) * W), V::broadcast(cr[n + 2]), s2);
-          s3 = fma(V::load(h + (n + 3) * W), V::broadcast(cr[n + 3]), s3);
-        }
-        for (; n < N; ++n) s0 = fma(V::load(h + n * W), V::broadcast(cr[n]), s0);
-        const V yv = ((s0 + s1) + (s2 + s3) + skip) * gate;
-        simd::store_n(yv, a.y + t * a.sy_t + r * a.sy_r, nc);
       }
     }
   }
-  for (int j = 0; j < nc; ++j)
-    for (int64_t n = 0; n < N; ++n) a.state[j * a.s_state + n] = h[n * W + j];
+  for (int c = 0; c < nc; ++c)
+    for (int64_t n = 0; n < N; ++n) a.state[c * a.s_state + n] = h[((c / W) * N + n) * W + c % W];
 }
 
 /// One decode task: token row t (a one-token sequence), channels [c0, c0 + nc) with nc <= 64, any
