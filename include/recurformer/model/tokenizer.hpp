@@ -4,8 +4,9 @@
 //  * Byte-level BPE (Llama 3, SmolLM/SmolLM2, Qwen2 tokenizer.json): NFC normalizer, Split(regex) / Digits /
 //    ByteLevel pre-tokenizers, GPT-2 byte-to-unicode map, rank-ordered merges ("a b" strings or
 //    ["a", "b"] pairs), ignore_merges.
-//  * SentencePiece-style BPE (Llama 2, TinyLlama tokenizer.json): Prepend/Replace normalizers, BPE
-//    with byte_fallback (<0xXX>) and fuse_unk, decoder Replace/ByteFallback/Fuse/Strip.
+//  * SentencePiece-style BPE (Llama 2, TinyLlama tokenizer.json): Prepend/Replace normalizers (or the
+//    legacy=false Metaspace pre-tokenizer), BPE with byte_fallback (<0xXX>) and fuse_unk, decoder
+//    Replace/ByteFallback/Fuse/Strip or Metaspace.
 //  * GGUF vocabularies (GgufVocab below): "gpt2" (byte-level BPE, regex chosen by `pre`) and "llama"
 //    (SentencePiece: merges by token score, as llama.cpp's SPM tokenizer).
 //
@@ -15,7 +16,9 @@
 // which win as in transformers' LlamaTokenizerFast) adds BOS / EOS when encode(text, true).
 //
 // A Tokenizer is immutable after loading and cheap to copy (shared state): encode / decode may be
-// called from many threads. Regexes are PCRE2 (UTF + UCP, JIT when available).
+// called from many threads (a bounded cache of short words sits behind a shared lock). Regexes are
+// PCRE2 (UTF + UCP, JIT when available). Anything else in a tokenizer.json (Unigram / WordPiece
+// models, other normalizers, pre-tokenizers, decoders or post-processors) is refused with an Error.
 //
 // Known gaps: added tokens flagged normalized=true are matched in the raw text, not in the
 // normalized text; lstrip / rstrip / single_word see ASCII whitespace and word characters only.
