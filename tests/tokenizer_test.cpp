@@ -159,6 +159,15 @@ TEST_CASE("tokenizer: concurrent encodes share the word cache safely", "[tokeniz
   CHECK(mismatches == std::vector<int>{0, 0});
 }
 
+TEST_CASE("tokenizer: lstrip / rstrip added tokens absorb Unicode white space as HF does", "[tokenizer]") {
+  const Tokenizer tok = Tokenizer::from_hf(fixture_dir("smollm_bpe"));
+  const json expected = read_json(fixture_dir("smollm_bpe") + "/added_strip.json");
+  for (const auto& c : expected["cases"]) {
+    INFO(c["text"].get<std::string>());
+    CHECK(tok.encode(c["text"].get<std::string>()) == c["ids"].get<std::vector<int32_t>>());
+  }
+}
+
 TEST_CASE("tokenizer: NFC normalizer equals Python's unicodedata", "[tokenizer][nfc]") {
   const json cases = read_json(fixture_dir("nfc.json"));
   REQUIRE(cases["cases"].size() > 100);

@@ -321,12 +321,23 @@ def metaspace_spm():
                                  "unk_token": "<unk>", "legacy": False, "tokenizer_class": "LlamaTokenizer"})
 
 
+def added_strip_cases():
+    """lstrip / rstrip of smollm_bpe's <mask> over Unicode white space, from the committed tokenizer."""
+    tok = Tokenizer.from_file(os.path.join(OUT, "smollm_bpe", "tokenizer.json"))
+    texts = ["a\u3000<mask>\u00a0b", "x \u2003\t<mask>\n\u3000 y", "<mask>\u2028z", "q\u00a0\u00a0<mask><mask> r",
+             "\u3000<mask>", "w<mask>\u200bv"]
+    cases = [{"text": t, "ids": tok.encode(t).ids} for t in texts]
+    with open(os.path.join(OUT, "smollm_bpe", "added_strip.json"), "w", encoding="utf-8") as f:
+        json.dump({"cases": cases}, f, ensure_ascii=False, indent=0)
+
+
 if __name__ == "__main__":
     nfc_tables()
     nfc_cases()
     llama3()
     qwen2()
     smollm()
+    added_strip_cases()
     gpt2_prefix()
     llama2()
     metaspace_spm()

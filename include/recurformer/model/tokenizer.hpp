@@ -21,7 +21,7 @@
 // models, other normalizers, pre-tokenizers, decoders or post-processors) is refused with an Error.
 //
 // Known gaps: added tokens flagged normalized=true are matched in the raw text, not in the
-// normalized text; lstrip / rstrip / single_word see ASCII whitespace and word characters only.
+// normalized text; single_word treats every non-ASCII character as a word character.
 #pragma once
 
 #include <cstdint>

@@ -142,7 +142,24 @@ inline void replace_all(std::string& s, std::string_view from, std::string_view 
   s.swap(r);
 }
 
-inline bool is_ascii_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+/// Unicode White_Space (Rust's char::is_whitespace, which HF's lstrip / rstrip use).
+inline bool is_unicode_space(uint32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
+         c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+/// Byte length of the white-space character ending at s[end) (valid UTF-8), or 0.
+inline size_t space_before(std::string_view s, size_t end) {
+  size_t b = end;
+  while (b > 0 && (uint8_t(s[b - 1]) & 0xC0) == 0x80) --b;
+  if (b == 0) return 0;
+  size_t i = --b;
+  return is_unicode_space(next_code_point(s, i)) ? end - b : 0;
+}
+/// Byte length of the white-space character starting at s[begin], or 0.
+inline size_t space_at(std::string_view s, size_t begin) {
+  size_t i = begin;
+  return begin < s.size() && is_unicode_space(next_code_point(s, i)) ? i - begin : 0;
+}
 inline bool is_word_byte(char c) {
   const auto u = uint8_t(c);
   return u >= 0x80 || (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
@@ -302,9 +319,9 @@ struct TokenizerData {
       }
       size_t b = i, e = i + hit->content.size();
       if (hit->lstrip)
-        while (b > seg_start && tok::is_ascii_space(text[b - 1])) --b;
+        for (size_t n; b > seg_start && (n = tok::space_before(text, b)) != 0 && b - n >= seg_start;) b -= n;
       if (hit->rstrip)
-        while (e < text.size() && tok::is_ascii_space(text[e])) ++e;
+        for (size_t n; (n = tok::space_at(text, e)) != 0;) e += n;
       if (b > seg_start) segs.push_back({seg_start, b, -1});
       segs.push_back({b, e, hit->id});
       seg_start = i = e;
