@@ -1,6 +1,6 @@
 // recurformer/cpu/selective_scan.hpp: selective_scan and selective_state_update on the CPU.
 //
-// Work is split into tasks of (sequence, group, block of one vector width of channels); each task
+// Work is split into tasks of (sequence, group, block of 1-4 vector widths of channels); each task
 // runs the whole sequence for its channels (cpu/detail/scan_kernels.hpp), so the state never leaves
 // the task and no cross-thread combination is needed. Tasks are handed out dynamically
 // (exec.for_each), which balances uneven sequence lengths. Decode (one token per slot) has its own

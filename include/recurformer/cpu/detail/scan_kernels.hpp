@@ -1,6 +1,6 @@
 // recurformer/cpu/detail/scan_kernels.hpp: the selective-scan kernel body and its ISA entry points.
 //
-// One call runs a block of up to V::width channels of one group over the tokens of one sequence,
+// One call runs a block of up to 4 x V::width channels of one group over the tokens of one sequence,
 // vectorised over the channels: dt, u, z, D and y are contiguous over channels, and B[t,g,n] /
 // C[t,g,r,n] are shared by the whole block, so they enter as broadcasts and no horizontal reduction
 // is needed. The block's state h[n][lane] and decay rates A[n][lane] are transposed into stack
