@@ -10,6 +10,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "recurformer/core/config.hpp"
 #include "recurformer/core/error.hpp"
 
@@ -22,17 +26,27 @@ inline const char* isa_name(Isa i) {
   return i == Isa::avx512 ? "avx512" : i == Isa::avx2 ? "avx2" : "scalar";
 }
 
+#if RF_HAVE_X86_SIMD
+namespace detail {
+/// F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know "f16c".
+inline bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29));
+}
+}  // namespace detail
+#endif
+
 /// The best ISA this processor supports.
 inline Isa detected_isa() {
 #if RF_HAVE_X86_SIMD
   static const Isa isa = [] {
     __builtin_cpu_init();
+    const bool f16c = detail::cpu_has_f16c();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        __builtin_cpu_supports("fma") && f16c)
       return Isa::avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
       return Isa::avx2;
     return Isa::scalar;
   }();
