@@ -2,10 +2,12 @@
 // and cpu/recency_score.hpp.
 //
 // A block is up to kAttnRows rows (a few tokens x the query heads of one KV group) against a
-// contiguous key range of one KV head. Keys are read in tiles of kAttnKeys; for each tile and row:
-// logits (fp32 dot products with the pre-scaled query), the mask, the online-softmax update and the
-// P.V accumulation. The tile stays in L1 while every row of the block reads it, so K/V are read
-// from memory once per block. Everything here is called from the ISA entry points at the bottom
+// contiguous key range of one KV head. Keys are read in tiles of kAttnKeys; for each tile and group
+// of four rows: logits (fp32 dot products with the pre-scaled queries, each key loaded once for the
+// four rows, one transposing reduction per key), the mask, the online-softmax update and the P.V
+// accumulation (each value loaded once for the four rows). The tile stays in L1 while every group
+// of the block reads it (16-bit tiles read by several groups are converted to fp32 once), so K/V
+// are read from memory once per block. Everything here is called from the ISA entry points at the bottom
 // (RF_KERNEL_*), which take one pointer to a plain struct of pointers and scalars.
 #pragma once
 
