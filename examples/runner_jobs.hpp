@@ -59,13 +59,7 @@ struct Loaded {
 };
 
 inline Tokenizer tokenizer_of(const Checkpoint& ck) {
-  if (const GgufTokenizerData* g = ck.gguf_tokenizer()) {
-    GgufVocab v;
-    v.model = g->model, v.pre = g->pre, v.tokens = g->tokens, v.scores = g->scores, v.token_types = g->token_types;
-    v.merges = g->merges, v.bos = g->bos, v.eos = g->eos, v.unk = g->unk, v.pad = g->pad;
-    v.add_bos = g->add_bos, v.add_eos = g->add_eos, v.add_space_prefix = g->add_space_prefix;
-    return Tokenizer::from_gguf(v);
-  }
+  if (const GgufVocab* g = ck.gguf_tokenizer()) return Tokenizer::from_gguf(*g);
   RF_CHECK(!ck.tokenizer_json().empty(), ck.path().string(), ": no tokenizer.json in the model directory");
   return Tokenizer::from_hf(ck.path().string());
 }

@@ -26,6 +26,7 @@
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/error.hpp"
+#include "recurformer/model/gguf_vocab.hpp"
 #include "recurformer/model/mmap_file.hpp"
 
 namespace recurformer {
@@ -101,19 +102,8 @@ struct GgufTensorInfo {
   }
 };
 
-/// The tokenizer metadata (tokenizer.ggml.*) as plain data, field for field the GgufVocab of
-/// model/tokenizer.hpp.
-struct GgufTokenizerData {
-  std::string model;                 ///< tokenizer.ggml.model: "llama" or "gpt2"
-  std::string pre;                   ///< tokenizer.ggml.pre ("" when absent)
-  std::vector<std::string> tokens;   ///< [vocab]
-  std::vector<float> scores;         ///< [vocab] or empty
-  std::vector<int32_t> token_types;  ///< [vocab] or empty
-  std::vector<std::string> merges;   ///< "a b" (gpt2) or empty
-  int32_t bos = -1, eos = -1, unk = -1, pad = -1;
-  bool add_bos = false, add_eos = false;
-  bool add_space_prefix = true;
-};
+/// The tokenizer.ggml.* metadata (model/gguf_vocab.hpp); the name the reader has always used.
+using GgufTokenizerData = GgufVocab;
 
 namespace detail {
 
