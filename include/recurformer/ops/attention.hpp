@@ -27,7 +27,6 @@
 #include "recurformer/core/error.hpp"
 #include "recurformer/core/exec.hpp"
 #include "recurformer/core/view.hpp"
-#include "recurformer/ops/selective_scan.hpp"  // detail::IndexMemory
 
 namespace recurformer {
 

@@ -18,7 +18,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/exec.hpp"
@@ -54,10 +53,6 @@ constexpr int64_t kSelectiveScanMaxReaderStates = 4096;  // R * N
 namespace detail {
 
 enum class ScanMode { scan, state_update };
-/// Where cu_seqlens and state_slots live. Host: their contents are checked too. Device (CUDA ops):
-/// only their shapes are, since reading them would synchronise; the kernels skip slots outside the
-/// pool instead, and a slot given twice in one device call is the caller's error (undefined).
-enum class IndexMemory { host, device };
 
 // Checks cu_seqlens and state_slots against `tokens` and a pool of `slots` state slots; slots < 0
 // means there is no pool (the slots then only mark padding).
@@ -86,15 +81,24 @@ inline void check_scan_sequences(const char* op, ScanMode mode, int64_t tokens, 
   if (state_slots.present()) {
     check_shape(op, "state_slots", state_slots, {n_seq});
     if (slots < 0 || where == IndexMemory::device) return;
-    std::vector<char> used(size_t(slots), 0);
+    // Duplicates: a bitmap on the stack for pools up to kStackSlots (every decode step calls
+    // this, so no allocation), pairwise comparison beyond.
+    constexpr int64_t kStackSlots = 8192;
+    uint64_t used[kStackSlots / 64] = {};
     for (int64_t s = 0; s < n_seq; ++s) {
       const int64_t slot = state_slots(s);
       if (slot < 0) continue;
       RF_CHECK(slot < slots, op, ": state_slots[", s, "] = ", slot, " is outside the pool of ", slots,
                " slots");
-      RF_CHECK(!used[size_t(slot)], op, ": state slot ", slot,
-               " is used by two sequences in one call (state_slots[", s, "])");
-      used[size_t(slot)] = 1;
+      bool seen = false;
+      if (slots <= kStackSlots) {
+        seen = used[slot / 64] >> (slot % 64) & 1u;
+        used[slot / 64] |= uint64_t(1) << (slot % 64);
+      } else {
+        for (int64_t e = 0; e < s && !seen; ++e) seen = state_slots(e) == slot;
+      }
+      RF_CHECK(!seen, op, ": state slot ", slot, " is used by two sequences in one call (state_slots[",
+               s, "])");
     }
   } else if (slots >= 0) {
     RF_CHECK(n_seq <= slots, op, ": without state_slots sequence s uses slot s, so the pool needs ",
