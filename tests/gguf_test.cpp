@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "recurformer/model/gguf.hpp"
+#include "support/temp_dir.hpp"
 #include "support/test_util.hpp"
 
 namespace fs = std::filesystem;
@@ -19,18 +20,9 @@ using namespace recurformer;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "rf-gguf-XXXXXX").string();
-    REQUIRE(::mkdtemp(t.data()) != nullptr);
-    path = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
+// Every TempDir of this file is named after it.
+struct TempDir : rftest::TempDir {
+  TempDir() : rftest::TempDir("rf-gguf") {}
 };
 
 std::string parse_error(const std::vector<uint8_t>& b, const std::string& source = "m.gguf") {

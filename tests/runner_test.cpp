@@ -6,21 +6,14 @@
 #include <sstream>
 
 #include "../examples/runner_jobs.hpp"
+#include "support/temp_dir.hpp"
 #include "support/test_util.hpp"
 
 namespace fs = std::filesystem;
 using namespace recurformer;
 
 namespace {
-struct TmpDir {
-  fs::path p;
-  explicit TmpDir(const char* tag) : p(fs::temp_directory_path() / (std::string(tag) + std::to_string(::getpid()))) {
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() { fs::remove_all(p); }
-  std::string operator/(const std::string& f) const { return (p / f).string(); }
-};
+using TmpDir = rftest::TempDir;
 
 RandomModelSpec tiny() {
   RandomModelSpec s;

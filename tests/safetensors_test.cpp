@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "recurformer/model/safetensors.hpp"
+#include "support/temp_dir.hpp"
 #include "support/test_util.hpp"
 
 namespace fs = std::filesystem;
@@ -18,19 +19,9 @@ using namespace recurformer;
 
 namespace {
 
-// A fresh directory under the system temp dir, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "rf-safetensors-XXXXXX").string();
-    REQUIRE(::mkdtemp(t.data()) != nullptr);
-    path = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
+// Every TempDir of this file is named after it.
+struct TempDir : rftest::TempDir {
+  TempDir() : rftest::TempDir("rf-safetensors") {}
 };
 
 std::vector<uint8_t> read_bytes(const std::string& path) {
