@@ -74,13 +74,17 @@ inline std::string command_help(const std::string& cmd) {
            "  -c, --ctx-size N     tokens per calibration sequence (default 512)\n"
            "  --window W           recency window in tokens (default 16)\n";
   if (cmd == "convert")
-    return std::string("usage: recurformer convert -m MODEL --scores S.json (--ratio R | --threshold X) -o DIR\n\n") +
+    return std::string("usage: recurformer convert -m MODEL --scores S.json (--ratio R | --threshold X) -o DIR [--init fit -f TEXT]\n\n") +
            kCommonHelp +
            "  --scores PATH        scores JSON written by `calibrate`\n"
            "  --ratio R            make the fraction R of all KV groups recurrent (highest scores first)\n"
            "  --threshold X        make every KV group with score >= X recurrent\n"
            "  --min-attention-per-layer K   keep at least K attention groups in every layer (default 0)\n"
-           "  --init default       initialisation of the new tensors (spec section 3; only `default`)\n"
+           "  --init default|fit   initialisation of the new tensors (spec section 3; default `default`);\n"
+           "                       fit: least squares to the attention outputs on -f TEXT, errors printed\n"
+           "                       and written to DIR/fit_report.json\n"
+           "  -f, --file PATH      calibration text (--init fit)\n"
+           "  -c, --ctx-size N     tokens per calibration sequence (--init fit, default 512)\n"
            "  --dt-rank R          rank of the step projection (default 8)\n"
            "  --seed S             seed of the initialisation\n"
            "  -o, --output DIR     output directory (a HF directory)\n";

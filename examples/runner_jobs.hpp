@@ -204,7 +204,8 @@ inline void print_cache_saving(const ModelConfig& c, const RecurFormerConfig& rf
 
 inline void convert_model(const std::string& model, const CalibrationScores& scores, const Args& a,
                           const std::string& out_dir, std::ostream& out) {
-  RF_CHECK(a.init == "default", "convert: --init ", a.init, " is not supported (only default)");
+  RF_CHECK(a.init == "default" || a.init == "fit", "convert: --init ", a.init, " is not supported (default or fit)");
+  RF_CHECK(a.init != "fit" || !a.file.empty(), "convert: --init fit needs calibration text (-f TEXT)");
   RF_CHECK((a.ratio >= 0) != (a.threshold >= 0), "convert: give exactly one of --ratio R or --threshold X");
   RF_CHECK(!out_dir.empty(), "convert: no output directory (-o DIR)");
   const Checkpoint ck = Checkpoint::open(model);
@@ -221,9 +222,23 @@ inline void convert_model(const std::string& model, const CalibrationScores& sco
   o.recency_window = scores.window;
   o.seed = a.seed;
   for (const auto& row : scores.group_mean) o.recency_scores.emplace_back(row.begin(), row.end());
-  convert_to_recurformer(ck, o, out_dir);
+  ThreadPool pool(threads_of(a));
+  if (a.init == "fit") {
+    const Loaded m = load(model);
+    o.init = ConvertInit::fit;
+    o.fit_data = record_fit_data(*m.model, m.tok->encode(read_file(a.file), true), a.ctx_set ? int(a.ctx) : 512,
+                                 o.layout, o.recurrent.conv_kernel, CpuExec{&pool});
+  }
+  const std::vector<FitGroupError> errors = convert_to_recurformer(ck, o, out_dir, CpuExec{&pool});
   out << "converted " << o.layout.count(HeadKind::recurrent) << " of " << c.n_layers * c.n_kv
       << " KV groups to recurrent -> " << out_dir << "\n";
+  for (const FitGroupError& e : errors) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "fit layer %d group %d: relative error %.4f (default init %.4f)\n", e.layer, e.group,
+                  e.fit_error, e.default_error);
+    out << buf;
+  }
+  if (!errors.empty()) out << "fit errors -> " << out_dir << "/fit_report.json\n";
   print_cache_saving(c, convert_config(c, o), out);
 }
 

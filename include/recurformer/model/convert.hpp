@@ -7,6 +7,9 @@
 // `default`: dt_up = 0, dt_bias = softplus^-1(Δ0) with Δ0 log-uniform in [1e-3, 1e-1] (seeded),
 // A_log[c, n] = log(n + 1), D = 0, conv identity (last tap 1), conv bias 0; dt_down is seeded
 // uniform with std 1/sqrt(d_model) (it has no effect while dt_up is 0, and gives training a start).
+// `fit` (model/fit_init.hpp) starts from the same tensors and replaces dt_bias, D and the conv with
+// the least-squares fit to the recorded attention outputs; the per-group errors go to fit_report.json
+// beside the checkpoint (spec section 7 lists the "recurformer" object exactly, so not there).
 #pragma once
 
 #include <cmath>
@@ -20,10 +23,13 @@
 
 #include "recurformer/model/checkpoint.hpp"
 #include "recurformer/model/config.hpp"
+#include "recurformer/model/fit_init.hpp"
 #include "recurformer/model/random_model.hpp"
 #include "recurformer/model/safetensors.hpp"
 
 namespace recurformer {
+
+enum class ConvertInit { default_init, fit };
 
 struct ConvertOptions {
   HeadLayout layout;                          ///< n_layers x n_kv kinds
@@ -33,11 +39,30 @@ struct ConvertOptions {
   std::vector<std::vector<float>> recency_scores;  ///< optional [layers][n_kv]
   uint64_t seed = 0x5eed;
   float dt_min = 1e-3f, dt_max = 1e-1f;
+  ConvertInit init = ConvertInit::default_init;
+  std::vector<FitGroupData> fit_data;  ///< init fit: one entry per recurrent group (record_fit_data)
 };
 
-namespace detail {
-inline double softplus_inverse(double y) { return y + std::log(-std::expm1(-y)); }
+/// The errors of one fitted group (relative to the original attention output).
+struct FitGroupError {
+  int layer = 0, group = 0;
+  double fit_error = 0, default_error = 0;
+};
 
+inline std::string fit_report_json(const std::vector<FitGroupError>& e, const ConvertOptions& o) {
+  nlohmann::ordered_json groups = nlohmann::ordered_json::array();
+  for (const FitGroupError& g : e)
+    groups.push_back({{"layer", g.layer}, {"group", g.group}, {"fit_error", g.fit_error}, {"default_error", g.default_error}});
+  nlohmann::ordered_json r;
+  r["init"] = "fit";
+  r["window"] = o.recency_window;
+  r["delta_rule"] = "dt_up = 0, D = 1, delta = 1 / (window * min_n exp(A_log[c, n])): the slowest state decays to 1/e over the window";
+  r["error"] = "||y - y_attn|| / ||y_attn|| over the group's query heads, calibration tokens and channels";
+  r["groups"] = groups;
+  return r.dump(2) + "\n";
+}
+
+namespace detail {
 inline void copy_file(const std::string& from, const std::string& to) {
   std::ifstream in(from, std::ios::binary);
   RF_CHECK(in, from, ": cannot open for reading");
@@ -61,8 +86,10 @@ inline RecurFormerConfig convert_config(const ModelConfig& c, const ConvertOptio
   return rf;
 }
 
-/// Writes the RecurFormer checkpoint of `ck` (a HF directory) into `out_dir`.
-inline void convert_to_recurformer(const Checkpoint& ck, const ConvertOptions& o, const std::string& out_dir) {
+/// Writes the RecurFormer checkpoint of `ck` (a HF directory) into `out_dir`. With init fit, returns
+/// the errors per recurrent group (also written to out_dir/fit_report.json); `exec` runs the fit.
+inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, const ConvertOptions& o,
+                                                         const std::string& out_dir, CpuExec exec = {}) {
   RF_CHECK(ck.format() == Checkpoint::Format::safetensors, "convert: ", ck.path().string(),
            " is a GGUF file; convert reads a Hugging Face directory (config.json + safetensors)");
   const ModelConfig& c = ck.config();
@@ -71,6 +98,10 @@ inline void convert_to_recurformer(const Checkpoint& ck, const ConvertOptions& o
   const RecurFormerConfig rf = convert_config(c, o);
   const int64_t d = c.d_model, hd = c.head_dim, r = rf.recurrent.dt_rank, N = rf.recurrent.d_state,
                 Kc = rf.recurrent.conv_kernel;
+  const bool fit = o.init == ConvertInit::fit;
+  RF_CHECK(!fit || int64_t(o.fit_data.size()) == rf.layout.count(HeadKind::recurrent), "convert: --init fit has data for ",
+           o.fit_data.size(), " groups, the layout has ", rf.layout.count(HeadKind::recurrent), " recurrent groups");
+  std::vector<FitGroupError> errors;
   detail::make_dirs(out_dir);
   RF_CHECK(!std::filesystem::equivalent(ck.path(), out_dir), "convert: the output directory is the input model's");
   std::vector<TensorRef> tensors;
@@ -93,6 +124,19 @@ inline void convert_to_recurformer(const Checkpoint& ck, const ConvertOptions& o
       std::vector<float> bias(static_cast<size_t>(hd));
       const double lo = std::log(double(o.dt_min)), hi = std::log(double(o.dt_max));
       for (auto& x : bias) x = float(detail::softplus_inverse(std::exp(lo + (hi - lo) * uniform())));
+      if (fit) {
+        const FitGroupData& fd = o.fit_data[errors.size()];
+        RF_CHECK(fd.layer == l && fd.group == j, "convert: fit data for layer ", fd.layer, " group ", fd.group,
+                 " where layer ", l, " group ", j, " was expected");
+        FitResult fr = fit_recurrent_group(fd, hd, c.n_q / c.n_kv, bias, FitOptions{int(Kc), o.recency_window}, exec);
+        errors.push_back({l, j, fr.fit_error, fr.default_error});
+        add(p + "dt_bias", {hd}, std::move(fr.dt_bias));
+        add(p + "A_log", {hd, N}, std::move(fr.A_log));
+        add(p + "D", {hd}, std::move(fr.D));
+        add(p + "conv1d.weight", {hd, Kc}, std::move(fr.conv_weight));
+        add(p + "conv1d.bias", {hd}, std::move(fr.conv_bias));
+        continue;
+      }
       add(p + "dt_bias", {hd}, std::move(bias));
       std::vector<float> A_log(size_t(hd * N));
       for (int64_t ch = 0; ch < hd; ++ch)
@@ -112,6 +156,8 @@ inline void convert_to_recurformer(const Checkpoint& ck, const ConvertOptions& o
     if (detail::path_exists(src)) detail::copy_file(src, out_dir + "/" + f);
   }
   detail::write_text(out_dir + "/config.json", config_json_with_recurformer(ck.config_json_text(), rf));
+  if (fit) detail::write_text(out_dir + "/fit_report.json", fit_report_json(errors, o));
+  return errors;
 }
 
 }  // namespace recurformer

@@ -1,0 +1,349 @@
+// recurformer/model/fit_init.hpp: the `fit` initialisation of a converted recurrent group (spec section 3).
+//
+// Recording (record_fit_data): the original all-attention model runs over the calibration text cut
+// into sequences of seq_len tokens (as calibrate does); at every layer the input hook recomputes q, k,
+// v from the normalised input and, per recurrent group, keeps v, k and its g query heads' q before
+// RoPE (what the recurrent head reads) and the original attention output of those heads (q, k with
+// RoPE through the attention op, i.e. what the model computed; the slot o_proj projects).
+// The layer input x itself is not kept: the fit sets dt_up = 0, so Δ does not depend on x.
+//
+// Fit (fit_recurrent_group), per group:
+//   A_log[c, n] = log(n + 1), dt_up = 0, D = 1, and a constant step Δ_c = 1 / (w · min_n exp(A_log[c, n]))
+//   (dt_bias = softplus^-1(Δ_c)): the slowest state of channel c decays to 1/e over the recency
+//   window w of the scores file (w = 16 by default, so Δ = 1/16).
+//   With Δ, B, C, D fixed the scan is linear in u = conv(v), so channel c's output is
+//   y[t,q,c] = Σ_i w[c,i] Y_i[t,q,c] + bias[c] Y_b[t,q,c], Y_i = scan of v shifted by Kc-1-i tokens,
+//   Y_b = scan of u = 1 (Kc + 1 selective_scan runs per sequence, fp32). The (Kc+1)² normal equations
+//   are summed per channel in double over all (token, query head) pairs of all sequences and solved by
+//   Cholesky with a ridge of 1e-6 · trace / (Kc+1): Y_b and slow-varying Y_i are nearly collinear, and
+//   this bounds the condition number near 1e6 while moving the solution by ~1e-6 relative, below the
+//   fp32 rounding the Y's already carry.
+//   Errors: ||y - y_attn|| / ||y_attn|| over the group's heads, tokens and channels, with y recomputed
+//   through causal_conv1d + selective_scan from the fitted tensors, and the same for the `default`
+//   tensors (conv identity, D = 0, the default's dt_bias).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "recurformer/cpu/attention.hpp"
+#include "recurformer/cpu/causal_conv1d.hpp"
+#include "recurformer/cpu/linear.hpp"
+#include "recurformer/cpu/rope.hpp"
+#include "recurformer/cpu/selective_scan.hpp"
+#include "recurformer/model/llama.hpp"
+
+namespace recurformer {
+
+/// One calibration sequence of one recurrent group, fp32, row-major.
+struct FitSequence {
+  int64_t tokens = 0;
+  std::vector<float> v;       ///< [T, hd]
+  std::vector<float> k;       ///< [T, hd] no RoPE (the scan's B)
+  std::vector<float> q;       ///< [T, g, hd] no RoPE, unscaled
+  std::vector<float> y_attn;  ///< [T, g, hd] original attention output of the g query heads
+};
+
+/// What record_fit_data keeps for recurrent group `group` of layer `layer`.
+struct FitGroupData {
+  int layer = 0, group = 0;
+  std::vector<FitSequence> sequences;
+};
+
+struct FitOptions {
+  int conv_kernel = 4;  ///< Kc
+  int window = 16;      ///< recency window w: the slowest state decays to 1/e over w tokens
+};
+
+/// The fitted tensors of one group (spec section 7 shapes; dt_down / dt_up are the caller's) and the errors.
+struct FitResult {
+  std::vector<float> dt_bias, A_log, D, conv_weight, conv_bias;  ///< [hd], [hd, hd], [hd], [hd, Kc], [hd]
+  double fit_error = 0, default_error = 0;                       ///< relative to ||y_attn||
+};
+
+namespace detail {
+/// Δ -> the bias whose softplus is Δ (also the `default` init's, model/convert.hpp).
+inline double softplus_inverse(double y) { return y + std::log(-std::expm1(-y)); }
+
+/// The fixed parts of the group's scan on one sequence: B = k, C = q / sqrt(hd), delta = 0 (Δ comes
+/// from delta_bias, as in the model with dt_up = 0).
+struct FitScan {
+  int64_t T, hd, g;
+  std::vector<float> A, C, zero, state;
+  FitScan(const FitSequence& s, int64_t hd_, int64_t g_, const std::vector<float>& A_log)
+      : T(s.tokens), hd(hd_), g(g_), A(A_log.size()), C(s.q.size()), zero(size_t(T * hd), 0.f),
+        state(size_t(hd * hd)) {
+    for (size_t i = 0; i < A.size(); ++i) A[i] = -std::exp(A_log[i]);
+    const float inv = float(1.0 / std::sqrt(double(hd)));
+    for (size_t i = 0; i < C.size(); ++i) C[i] = s.q[i] * inv;
+  }
+  /// y [T, g, hd] = scan(u) with the given dt_bias and D (D empty: none).
+  void run(const FitSequence& s, const float* u, const std::vector<float>& dt_bias, const std::vector<float>& D,
+           float* y, CpuExec exec) {
+    SelectiveScanParams<float> p;
+    p.u = make_view<const float>(u, {T, hd});
+    p.delta = make_view<const float>(zero.data(), {T, hd});
+    p.A = make_view<const float>(A.data(), {hd, hd});
+    p.B = make_view<const float>(s.k.data(), {T, 1, hd});
+    p.C = make_view<const float>(C.data(), {T, 1, g, hd});
+    if (!D.empty()) p.D = make_view<const float>(D.data(), {hd});
+    p.delta_bias = make_view<const float>(dt_bias.data(), {hd});
+    p.y = make_view(y, {T, g, hd});
+    p.state = make_view(state.data(), {1, hd, hd});
+    p.use_initial_state = false;
+    selective_scan(p, exec);
+  }
+};
+
+/// Cholesky solve of the SPD system M x = b (n x n, row-major), in place into b.
+inline void fit_cholesky_solve(std::vector<double>& M, std::vector<double>& b, int n) {
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j <= i; ++j) {
+      double s = M[size_t(i * n + j)];
+      for (int k = 0; k < j; ++k) s -= M[size_t(i * n + k)] * M[size_t(j * n + k)];
+      if (i == j) {
+        RF_CHECK(s > 0, "fit_init: the normal equations are not positive definite (no calibration signal?)");
+        M[size_t(i * n + i)] = std::sqrt(s);
+      } else {
+        M[size_t(i * n + j)] = s / M[size_t(j * n + j)];
+      }
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    for (int k = 0; k < i; ++k) b[size_t(i)] -= M[size_t(i * n + k)] * b[size_t(k)];
+    b[size_t(i)] /= M[size_t(i * n + i)];
+  }
+  for (int i = n - 1; i >= 0; --i) {
+    for (int k = i + 1; k < n; ++k) b[size_t(i)] -= M[size_t(k * n + i)] * b[size_t(k)];
+    b[size_t(i)] /= M[size_t(i * n + i)];
+  }
+}
+}  // namespace detail
+
+/// Fits one recurrent group (see the top of this file). `default_dt_bias` [hd] is the `default`
+/// initialisation's, for the error reported beside the fit's.
+inline FitResult fit_recurrent_group(const FitGroupData& data, int64_t hd, int64_t g,
+                                     const std::vector<float>& default_dt_bias, const FitOptions& o, CpuExec exec) {
+  const std::string who = "fit_init: layer " + std::to_string(data.layer) + " group " + std::to_string(data.group);
+  const int K = o.conv_kernel, P = K + 1;
+  RF_CHECK(hd >= 1 && g >= 1, who, ": head_dim and group size must be >= 1");
+  RF_CHECK(K >= 2 && K <= 8, who, ": conv_kernel must be in 2..8, got ", K);
+  RF_CHECK(o.window >= 1, who, ": window must be >= 1, got ", o.window);
+  RF_CHECK(!data.sequences.empty(), who, ": no calibration sequences recorded");
+  RF_CHECK(int64_t(default_dt_bias.size()) == hd, who, ": default dt_bias has ", default_dt_bias.size(),
+           " values, head_dim is ", hd);
+  for (const FitSequence& s : data.sequences) {
+    const size_t th = size_t(s.tokens * hd), tgh = size_t(s.tokens * g * hd);
+    RF_CHECK(s.tokens >= 1 && s.v.size() == th && s.k.size() == th && s.q.size() == tgh && s.y_attn.size() == tgh,
+             who, ": a sequence of ", s.tokens, " tokens needs v, k of ", th, " values and q, y_attn of ", tgh,
+             " (got ", s.v.size(), ", ", s.k.size(), ", ", s.q.size(), ", ", s.y_attn.size(), ")");
+  }
+  FitResult r;
+  r.A_log.resize(size_t(hd * hd));
+  for (int64_t c = 0; c < hd; ++c)
+    for (int64_t n = 0; n < hd; ++n) r.A_log[size_t(c * hd + n)] = float(std::log(double(n + 1)));
+  r.dt_bias.resize(size_t(hd));
+  for (int64_t c = 0; c < hd; ++c) {
+    double slowest = INFINITY;
+    for (int64_t n = 0; n < hd; ++n) slowest = std::min(slowest, std::exp(double(r.A_log[size_t(c * hd + n)])));
+    r.dt_bias[size_t(c)] = float(detail::softplus_inverse(1.0 / (double(o.window) * slowest)));
+  }
+  r.D.assign(size_t(hd), 1.f);
+
+  // Normal equations per channel: M[c] (P x P) and rhs[c] (P), P = Kc taps + bias.
+  std::vector<double> M(size_t(hd * P * P), 0.0), rhs(size_t(hd * P), 0.0);
+  double attn2 = 0, def2 = 0;
+  for (const FitSequence& s : data.sequences) {
+    const int64_t T = s.tokens, TG = T * g;
+    detail::FitScan scan(s, hd, g, r.A_log);
+    std::vector<float> u(size_t(T * hd)), Y(size_t(P * TG * hd));
+    for (int i = 0; i < P; ++i) {
+      const int64_t shift = K - 1 - i;  // i == K: the bias column, u = 1
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = 0; c < hd; ++c)
+          u[size_t(t * hd + c)] = i == K ? 1.f : t >= shift ? s.v[size_t((t - shift) * hd + c)] : 0.f;
+      scan.run(s, u.data(), r.dt_bias, r.D, Y.data() + size_t(i) * size_t(TG * hd), exec);
+    }
+    for (int64_t row = 0; row < TG; ++row)
+      for (int64_t c = 0; c < hd; ++c) {
+        const double ya = s.y_attn[size_t(row * hd + c)];
+        double* Mc = M.data() + size_t(c * P * P);
+        for (int a = 0; a < P; ++a) {
+          const double Ya = Y[size_t(a * TG * hd + row * hd + c)];
+          rhs[size_t(c * P + a)] += Ya * ya;
+          for (int b = 0; b <= a; ++b) Mc[a * P + b] += Ya * double(Y[size_t(b * TG * hd + row * hd + c)]);
+        }
+      }
+    // the default initialisation: u = v, D = 0
+    std::vector<float> yd(size_t(TG * hd));
+    scan.run(s, s.v.data(), default_dt_bias, {}, yd.data(), exec);
+    for (size_t i = 0; i < yd.size(); ++i) {
+      const double e = double(yd[i]) - double(s.y_attn[i]);
+      def2 += e * e;
+      attn2 += double(s.y_attn[i]) * s.y_attn[i];
+    }
+  }
+  r.conv_weight.resize(size_t(hd * K));
+  r.conv_bias.resize(size_t(hd));
+  for (int64_t c = 0; c < hd; ++c) {
+    std::vector<double> Mc(M.begin() + c * P * P, M.begin() + (c + 1) * P * P), x(rhs.begin() + c * P, rhs.begin() + (c + 1) * P);
+    double trace = 0;
+    for (int a = 0; a < P; ++a) {
+      for (int b = 0; b < a; ++b) Mc[size_t(b * P + a)] = Mc[size_t(a * P + b)];
+      trace += Mc[size_t(a * P + a)];
+    }
+    const double ridge = trace > 0 ? 1e-6 * trace / P : 1.0;  // a silent channel: taps 0
+    for (int a = 0; a < P; ++a) Mc[size_t(a * P + a)] += ridge;
+    detail::fit_cholesky_solve(Mc, x, P);
+    for (int i = 0; i < K; ++i) r.conv_weight[size_t(c * K + i)] = float(x[size_t(i)]);
+    r.conv_bias[size_t(c)] = float(x[size_t(K)]);
+  }
+  // The fit's error through the ops the model runs (conv, then the scan with D).
+  double fit2 = 0;
+  for (const FitSequence& s : data.sequences) {
+    const int64_t T = s.tokens;
+    detail::FitScan scan(s, hd, g, r.A_log);
+    std::vector<float> u(size_t(T * hd)), y(size_t(T * g * hd));
+    CausalConv1dParams<float> cp;
+    cp.x = make_view<const float>(s.v.data(), {T, hd});
+    cp.weight = make_view<const float>(r.conv_weight.data(), {hd, int64_t(K)});
+    cp.bias = make_view<const float>(r.conv_bias.data(), {hd});
+    cp.y = make_view(u.data(), {T, hd});
+    causal_conv1d(cp, exec);
+    scan.run(s, u.data(), r.dt_bias, r.D, y.data(), exec);
+    for (size_t i = 0; i < y.size(); ++i) {
+      const double e = double(y[i]) - double(s.y_attn[i]);
+      fit2 += e * e;
+    }
+  }
+  const double norm = std::sqrt(attn2);
+  r.fit_error = norm > 0 ? std::sqrt(fit2) / norm : std::sqrt(fit2);
+  r.default_error = norm > 0 ? std::sqrt(def2) / norm : std::sqrt(def2);
+  return r;
+}
+
+namespace detail {
+template <class TW>
+struct FitProjections {
+  View<const TW, 2> wq, wk, wv;
+  View<const TW, 1> bq, bk, bv;
+};
+}  // namespace detail
+
+/// Runs the original model over `tokens` in sequences of seq_len tokens (a tail of fewer than Kc
+/// tokens is dropped) and records every recurrent group of `layout` (layer, then group order).
+inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const std::vector<int32_t>& tokens,
+                                                 int seq_len, const HeadLayout& layout, int conv_kernel, CpuExec exec) {
+  const ModelConfig& c = model.config();
+  RF_CHECK(seq_len >= 2, "fit_init: sequence length must be >= 2, got ", seq_len);
+  layout.check(c.n_layers, c.n_kv);
+  std::vector<std::pair<int64_t, int64_t>> seqs;  // [begin, length)
+  for (int64_t b = 0; b < int64_t(tokens.size()); b += seq_len) {
+    const int64_t n = std::min<int64_t>(seq_len, int64_t(tokens.size()) - b);
+    if (n >= conv_kernel) seqs.push_back({b, n});
+  }
+  RF_CHECK(!seqs.empty(), "fit_init: the calibration text has ", tokens.size(), " tokens; at least ", conv_kernel,
+           " are needed");
+  std::vector<FitGroupData> out;
+  std::vector<std::vector<int>> slot(size_t(c.n_layers));  // [layer] -> index in out per recurrent group
+  for (int l = 0; l < c.n_layers; ++l)
+    for (int j : layout.layers[size_t(l)].indices(HeadKind::recurrent)) {
+      slot[size_t(l)].push_back(int(out.size()));
+      out.push_back({l, j, {}});
+    }
+  if (out.empty()) return out;
+  const Checkpoint& ck = model.checkpoint();
+  const std::vector<float> inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+  const int64_t hd = c.head_dim, nq = c.n_q, nkv = c.n_kv, g = nq / nkv;
+  std::vector<float> q, k, v, kc, vc, att;
+  std::vector<int32_t> pos;
+  std::vector<unsigned char> ws;
+  dispatch_dtype("fit_init: q_proj dtype", ck.tensor("model.layers.0.self_attn.q_proj.weight").dtype, [&](auto tag) {
+    using TW = typename decltype(tag)::type;
+    std::vector<detail::FitProjections<TW>> w;
+    for (int l = 0; l < c.n_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+      auto bias = [&](const char* n) {
+        return c.attention_bias ? ck.tensor(p + n + ".bias").template view<TW, 1>() : View<const TW, 1>{};
+      };
+      w.push_back({ck.tensor(p + "q_proj.weight").template view<TW, 2>(), ck.tensor(p + "k_proj.weight").template view<TW, 2>(),
+                   ck.tensor(p + "v_proj.weight").template view<TW, 2>(), bias("q_proj"), bias("k_proj"), bias("v_proj")});
+    }
+    LlamaSession session(model, 1, seq_len, exec, seq_len);
+    LayerInputHook hook = [&](int l, View<const float, 2> x, const LlamaBatch&) {
+      if (slot[size_t(l)].empty()) return;
+      const int64_t T = x.shape[0];
+      q.resize(size_t(T * nq * hd));
+      k.resize(size_t(T * nkv * hd));
+      v.resize(size_t(T * nkv * hd));
+      const detail::FitProjections<TW>& W = w[size_t(l)];
+      LinearParams<float, TW> lin[3] = {{x, W.wq, W.bq, make_view(q.data(), {T, nq * hd})},
+                                        {x, W.wk, W.bk, make_view(k.data(), {T, nkv * hd})},
+                                        {x, W.wv, W.bv, make_view(v.data(), {T, nkv * hd})}};
+      for (const auto& lp : lin) {
+        const size_t need = linear_workspace_bytes(lp, exec);
+        if (ws.size() < need) ws.resize(need);
+        linear(lp, exec, ws.data(), ws.size());
+      }
+      // what the recurrent heads read: before RoPE
+      const std::vector<int>& mine = slot[size_t(l)];
+      for (int gi : mine) {
+        const int64_t j = out[size_t(gi)].group;
+        FitSequence s;
+        s.tokens = T;
+        s.v.resize(size_t(T * hd));
+        s.k.resize(size_t(T * hd));
+        s.q.resize(size_t(T * g * hd));
+        s.y_attn.resize(size_t(T * g * hd));
+        for (int64_t t = 0; t < T; ++t) {
+          std::copy_n(v.data() + (t * nkv + j) * hd, hd, s.v.data() + t * hd);
+          std::copy_n(k.data() + (t * nkv + j) * hd, hd, s.k.data() + t * hd);
+          std::copy_n(q.data() + (t * nq + j * g) * hd, g * hd, s.q.data() + t * g * hd);
+        }
+        out[size_t(gi)].sequences.push_back(std::move(s));
+      }
+      // the original attention output: RoPE at positions 0..T-1, keys and values in a one-slot cache
+      pos.resize(size_t(T));
+      for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = int32_t(t);
+      const auto pv = make_view<const int32_t>(pos.data(), {T});
+      const auto fv = make_view<const float>(inv_freq.data(), {int64_t(inv_freq.size())});
+      rope(RopeParams<float>{make_view(q.data(), {T, nq, hd}), pv, fv, c.rope_layout}, exec);
+      rope(RopeParams<float>{make_view(k.data(), {T, nkv, hd}), pv, fv, c.rope_layout}, exec);
+      kc.resize(k.size());
+      vc.resize(v.size());
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < nkv; ++h) {
+          std::copy_n(k.data() + (t * nkv + h) * hd, hd, kc.data() + (h * T + t) * hd);
+          std::copy_n(v.data() + (t * nkv + h) * hd, hd, vc.data() + (h * T + t) * hd);
+        }
+      att.resize(q.size());
+      const int32_t len[1] = {int32_t(T)};
+      AttentionParams<float> ap;
+      ap.q = make_view<const float>(q.data(), {T, nq, hd});
+      ap.k = make_view<const float>(kc.data(), {1, nkv, T, hd});
+      ap.v = make_view<const float>(vc.data(), {1, nkv, T, hd});
+      ap.out = make_view(att.data(), {T, nq, hd});
+      ap.kv_lens = make_view<const int32_t>(len, {1});
+      ap.q_positions = pv;
+      const size_t need = attention_workspace_bytes(ap, exec);
+      if (ws.size() < need) ws.resize(need);
+      attention(ap, exec, ws.data(), ws.size());
+      for (int gi : mine) {
+        const int64_t j = out[size_t(gi)].group;
+        FitSequence& s = out[size_t(gi)].sequences.back();
+        for (int64_t t = 0; t < T; ++t)
+          std::copy_n(att.data() + (t * nq + j * g) * hd, g * hd, s.y_attn.data() + t * g * hd);
+      }
+    };
+    for (const auto& sq : seqs) {
+      session.cache().reset(0);
+      session.prefill(0, tokens.data() + sq.first, sq.second, nullptr, hook);
+    }
+  });
+  return out;
+}
+
+}  // namespace recurformer
