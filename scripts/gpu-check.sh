@@ -3,7 +3,7 @@
 # device call including the build): builds the CUDA tests and benchmarks for this GPU only, runs
 # the gpu-labelled tests (then under compute-sanitizer memcheck when it is installed), runs the
 # CUDA benchmarks, and prints one screen: op, shape, dtype, time, GB/s, % of the device copy
-# bandwidth measured in the same run.
+# bandwidth measured in the same run, and TFLOP/s where a benchmark counts flops (prefill).
 #
 # Catch2 and Google Benchmark: installed system-wide, or unpacked into .deps/root by
 # scripts/fetch-gpu-deps.sh on a machine with apt, and carried along with the tree.
@@ -44,7 +44,7 @@ import json, sys
 runs = [b for b in json.load(open(sys.argv[1]))["benchmarks"] if b.get("run_type") != "aggregate"]
 copy = max((b["bytes/s"] for b in runs if b["name"].startswith("BM_DeviceCopy")), default=0)
 print(f"{sys.argv[2]}: device copy {copy / 1e9:.0f} GB/s (read + write)")
-print(f"{'op':<28} {'shape':<34} {'dtype':<9} {'time':>10} {'GB/s':>8} {'% copy':>7}")
+print(f"{'op':<28} {'shape':<34} {'dtype':<9} {'time':>10} {'GB/s':>8} {'% copy':>7} {'TFLOP/s':>8}")
 for b in runs:
     name = b["name"].split("/")
     op, dtype = name[0].removeprefix("BM_"), ""
@@ -52,6 +52,7 @@ for b in runs:
     t = f"{b['real_time']:.3f} {b['time_unit']}"
     gbs = b.get("bytes/s", 0) / 1e9
     pct = 100 * b.get("bytes/s", 0) / copy if copy else 0
-    print(f"{op:<28} {'/'.join(name[1:]).replace('/manual_time', ''):<34} {dtype:<9} {t:>10} {gbs:>8.0f} {pct:>6.0f}%")
+    tflops = f"{b['flop/s'] / 1e12:8.1f}" if "flop/s" in b else ""  # compute-bound runs (prefill)
+    print(f"{op:<28} {'/'.join(name[1:]).replace('/manual_time', ''):<34} {dtype:<9} {t:>10} {gbs:>8.0f} {pct:>6.0f}% {tflops}")
 PY
 exit $status
