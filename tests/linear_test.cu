@@ -202,6 +202,7 @@ TEST_CASE("CUDA linear checks its arguments before launching", "[linear][cuda]")
   p.x.stride[0] = p.weight.stride[0] = int64_t(INT_MAX) + 1;
   expect_throw(p, "x has");
   expect_throw(good(), "workspace", need - 1);
-  REQUIRE_THROWS_WITH(linear(good(), CudaExec{}, nullptr, need), Catch::Contains("workspace") && Catch::Contains("null"));
+  REQUIRE_THROWS_WITH(linear(good(), CudaExec{}, nullptr, need),
+                      Catch::Contains("workspace") && Catch::Contains("null"));
   REQUIRE(dy.download() == y0);
 }

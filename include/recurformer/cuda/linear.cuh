@@ -24,7 +24,7 @@
 // not required; cuBLAS picks its fastest kernels when data pointers are 16-byte aligned and row
 // strides are multiples of 16 bytes. y must not overlap x, weight, bias or the workspace.
 // tokens == 0 launches nothing. The cuBLAS handle is per (host thread, device) and internal
-// (cuda/detail/linear_cublas.cuh).
+// (cuda/detail/linear_cublas.cuh); a program that includes this header links CUDA::cublas.
 #pragma once
 
 #include <algorithm>
@@ -55,7 +55,7 @@ constexpr void static_check_linear_types() {
   static_assert(!std::is_same<TW, BlockQ8_0>::value,
                 "linear on CUDA: BlockQ8_0 (GGUF Q8_0) weights are not supported; dequantise them to half "
                 "or bfloat16 at load");
-  static_assert(LinearCudaSupported<TX, TW>::value,
+  static_assert(LinearCudaSupported<TX, TW>::value || std::is_same<TW, BlockQ8_0>::value,  // one message each
                 "linear on CUDA: supported (TX, TW) pairs are (float, float), (float, half), (float, "
                 "bfloat16), (half, half) and (bfloat16, bfloat16)");
 }
@@ -97,14 +97,14 @@ LinearGemmDims check_cuda_linear(const LinearParams<TX, TW>& p) {
   check(p);
   const int64_t tokens = p.x.shape[0], in = p.x.shape[1], out = p.weight.shape[0];
   RF_CHECK(tokens <= INT_MAX, "linear: x has ", tokens, " tokens; cuBLAS takes at most ", INT_MAX, " per call");
-  RF_CHECK(in <= INT_MAX - kLinearWsLdAlign, "linear: x has ", in, " columns (in); at most ", INT_MAX - kLinearWsLdAlign,
-           " on CUDA (cuBLAS int sizes)");
+  RF_CHECK(in <= INT_MAX - kLinearWsLdAlign, "linear: x has ", in, " columns (in); at most ",
+           INT_MAX - kLinearWsLdAlign, " on CUDA (cuBLAS int sizes)");
   RF_CHECK(out <= INT_MAX, "linear: weight has ", out, " rows (out); cuBLAS takes at most ", INT_MAX);
   LinearGemmDims d;
   d.m = int(out), d.n = int(tokens), d.k = int(in);
   d.lda = linear_ld("weight", out, in, p.weight.stride[0]);
-  d.ldb = linear_converts_x<TX, TW>() ? int(linear_ws_ld(in)) : linear_ld("x", tokens, in, p.x.stride[0]);
-  if (linear_converts_x<TX, TW>()) linear_ld("x", tokens, in, p.x.stride[0]);  // the same rule for the source
+  const int ldx = linear_ld("x", tokens, in, p.x.stride[0]);  // also the converting kernel's source rows
+  d.ldb = linear_converts_x<TX, TW>() ? int(linear_ws_ld(in)) : ldx;
   d.ldc = linear_ld("y", tokens, out, p.y.stride[0]);
   return d;
 }
@@ -137,8 +137,9 @@ template <class TI, class TO>
 void linear_copy_rows(const TI* src, int64_t src_ld, TO* dst, int64_t dst_ld, int64_t rows, int64_t cols,
                       cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  const dim3 grid(unsigned(std::min<int64_t>((cols + kLinearCopyThreads - 1) / kLinearCopyThreads, kLinearCopyMaxBlocksX)),
-                  unsigned(std::min<int64_t>(rows, kLinearCopyMaxBlocksY)));
+  const int64_t col_blocks = (cols + kLinearCopyThreads - 1) / kLinearCopyThreads;
+  const dim3 grid(unsigned(std::min(col_blocks, kLinearCopyMaxBlocksX)),
+                  unsigned(std::min(rows, kLinearCopyMaxBlocksY)));
   linear_copy_rows_kernel<TI, TO><<<grid, kLinearCopyThreads, 0, stream>>>(src, src_ld, dst, dst_ld, rows, cols);
   RF_CUDA_CHECK_LAUNCH("linear_copy_rows_kernel");
 }
@@ -172,19 +173,20 @@ void linear(const LinearParams<TX, TW>& p, CudaExec exec, void* workspace, size_
   RF_CUBLAS_CHECK(cublasSetStream(handle, exec.stream));
 
   // B: x itself, or x rounded to TW into the (aligned) workspace, rows of ldb elements.
-  const void* b = p.x.data;
+  const void* gemm_x = p.x.data;
   if constexpr (cuda::detail::linear_converts_x<TX, TW>()) {
     const auto base = reinterpret_cast<uintptr_t>(workspace);
     constexpr auto align = uintptr_t(cuda::detail::kLinearWsAlign);
     TW* xw = reinterpret_cast<TW*>((base + align - 1) & ~(align - 1));  // <= 255 bytes in: the slack
     cuda::detail::linear_copy_rows(p.x.data, p.x.stride[0], xw, int64_t(d.ldb), tokens, in, exec.stream);
-    b = xw;
+    gemm_x = xw;
   }
-  // y = b (broadcast row, src_ld = 0) then y = x W^T + 1 * y in fp32, rounded once.
-  if (p.bias.data) cuda::detail::linear_copy_rows(p.bias.data, int64_t(0), p.y.data, p.y.stride[0], tokens, out, exec.stream);
+  // y = bias (one source row repeated: src_ld = 0), then y = x W^T + 1 * y in fp32, rounded once.
+  if (p.bias.data)
+    cuda::detail::linear_copy_rows(p.bias.data, int64_t(0), p.y.data, p.y.stride[0], tokens, out, exec.stream);
   const float alpha = 1.f, beta = p.bias.data ? 1.f : 0.f;  // host scalars: the handle's default pointer mode
   RF_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, d.m, d.n, d.k, &alpha, p.weight.data,
-                               CublasType<TW>::value, d.lda, b, CublasType<TW>::value, d.ldb, &beta, p.y.data,
+                               CublasType<TW>::value, d.lda, gemm_x, CublasType<TW>::value, d.ldb, &beta, p.y.data,
                                CublasType<TX>::value, d.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
