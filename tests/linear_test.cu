@@ -1,14 +1,17 @@
 // CUDA linear (cuBLAS) against a double reference and against the CPU op (linear_test_cpu.cpp) on
 // the same random inputs: every supported (TX, TW) pair, with and without bias, tokens 1, 3, 17 and
 // 64, in and out not multiples of 8 (and 1), x / weight / y rows strided past their length (the
-// padding of y must stay untouched), a workspace that starts unaligned, a non-default stream, and
-// tokens = 0. Bad shapes, strides and workspaces throw an Error naming the argument, y untouched.
+// padding of y must stay untouched), a workspace that starts unaligned, a non-default stream,
+// tokens = 0, and a second host thread (its own cuBLAS handle). Bad shapes, strides and workspaces
+// throw an Error naming the argument, y untouched.
 #include <cuda_runtime.h>
 
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -150,6 +153,36 @@ TEMPLATE_LIST_TEST_CASE("CUDA linear matches a double reference and the CPU line
   run_case<TX, TW>(17, 40, 24, true, true, stream);
   RF_CUDA_CHECK(cudaStreamDestroy(stream));
   run_case<TX, TW>(0, 16, 8, true, false);  // no tokens: no launch, no workspace
+}
+
+TEST_CASE("CUDA linear gives the same y from another host thread (its own cuBLAS handle)", "[linear][cuda]") {
+  const int64_t tokens = 5, in = 72, out = 40;
+  rftest::DeviceBuffer<float> dx(rftest::random_vector<float>(size_t(tokens * in)));
+  rftest::DeviceBuffer<bfloat16> dw(rftest::random_vector<bfloat16>(size_t(out * in)));
+  const std::vector<float> zeros(size_t(tokens * out));
+  rftest::DeviceBuffer<float> dy1(zeros), dy2(zeros);
+  LinearParams<float, bfloat16> p;
+  p.x = make_view<const float>(dx.data(), {tokens, in});
+  p.weight = make_view<const bfloat16>(dw.data(), {out, in});
+  p.y = make_view(dy1.data(), {tokens, out});
+  const size_t need = linear_workspace_bytes(p, CudaExec{});
+  rftest::DeviceBuffer<unsigned char> ws1{std::vector<unsigned char>(need)}, ws2{std::vector<unsigned char>(need)};
+  linear(p, CudaExec{}, ws1.data(), need);
+  LinearParams<float, bfloat16> p2 = p;
+  p2.y.data = dy2.data();
+  std::exception_ptr error;  // Catch's assertions are not thread-safe: the thread only records
+  std::thread other([&] {
+    try {
+      linear(p2, CudaExec{}, ws2.data(), need);
+      RF_CUDA_CHECK(cudaDeviceSynchronize());
+    } catch (...) {
+      error = std::current_exception();
+    }
+  });
+  other.join();
+  if (error) std::rethrow_exception(error);
+  // Same call, same GPU, same toolkit: cuBLAS results are bit-wise reproducible across handles.
+  REQUIRE(dy1.download() == dy2.download());
 }
 
 TEST_CASE("CUDA linear checks its arguments before launching", "[linear][cuda]") {
