@@ -16,6 +16,11 @@
 // Key positions are a function of the slot's length (stream_positions), so nothing but K and V is
 // stored and the byte report equals the spec formula exactly.
 //
+// Memory: HostMemory (default) or DeviceMemory (cuda/memory.cuh, a cudaStream_t): the same cache
+// over device memory, whose views the CUDA ops take and whose reset/copy/snapshot/restore are
+// asynchronous on that stream. Lengths and epochs live on the host in both: they are the
+// scheduler's metadata, and a device layer uploads what its kernels need with each call.
+//
 // Appending is two-phase, because every layer of a forward pass writes at the same positions:
 // the layer calls check_append (throws before anything changes if any slot would overflow), writes
 // its K/V/states at positions [length, length + n), and after the last layer the caller commits the
@@ -32,6 +37,7 @@
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/error.hpp"
 #include "recurformer/core/head_layout.hpp"
+#include "recurformer/core/memory.hpp"
 #include "recurformer/core/view.hpp"
 
 namespace recurformer {
@@ -105,20 +111,24 @@ inline CacheBytes hybrid_cache_spec_bytes(const HybridCacheConfig& c, int64_t co
 }
 
 /// The cache. T = storage type of K, V and conv state (float, half, bfloat16); SSM state is fp32.
-template <class T>
+/// Memory = HostMemory or DeviceMemory (where K, V, states and snapshots live).
+template <class T, class Memory = HostMemory>
 class HybridCache {
  public:
+  template <class E>
+  using Buffer = typename Memory::template Buffer<E>;
+
   /// Everything a slot holds besides its attention K/V (those are append-only, so rolling back only
   /// needs the length): recurrent and conv states and streaming rings, per layer, plus the length.
   struct Snapshot {
     int slot = -1;
     int64_t length = -1;
     uint64_t epoch = 0;
-    std::vector<float> ssm;  // per layer: [n_rec, hd, N]
-    std::vector<T> small;    // per layer: conv [n_rec, Kc-1, hd], ring K, ring V [n_stream, ring, hd]
+    Buffer<float> ssm;  // per layer: [n_rec, hd, N]
+    Buffer<T> small;    // per layer: conv [n_rec, Kc-1, hd], ring K, ring V [n_stream, ring, hd]
   };
 
-  explicit HybridCache(HybridCacheConfig cfg) : cfg_(std::move(cfg)) {
+  explicit HybridCache(HybridCacheConfig cfg, Memory memory = {}) : cfg_(std::move(cfg)), mem_(memory) {
     cfg_.check();
     const int64_t S = cfg_.slots, hd = cfg_.head_dim;
     ring_ = std::min<int64_t>(cfg_.capacity, int64_t(cfg_.streaming.sink) + cfg_.streaming.window);
@@ -129,12 +139,12 @@ class HybridCache {
       L.n_attn = ll.count(HeadKind::attention);
       L.n_rec = ll.count(HeadKind::recurrent);
       L.n_stream = ll.count(HeadKind::streaming);
-      L.k.assign(size_t(S * L.n_attn * cfg_.capacity * hd), T(0.f));
-      L.v.assign(L.k.size(), T(0.f));
-      L.ssm.assign(size_t(S * L.n_rec * hd * d_state()), 0.f);
-      L.conv.assign(size_t(S * L.n_rec * (conv_kernel() - 1) * hd), T(0.f));
-      L.ring_k.assign(size_t(S * L.n_stream * ring_ * hd), T(0.f));
-      L.ring_v.assign(L.ring_k.size(), T(0.f));
+      L.k = Memory::template zeros<T>(S * L.n_attn * cfg_.capacity * hd);
+      L.v = Memory::template zeros<T>(S * L.n_attn * cfg_.capacity * hd);
+      L.ssm = Memory::template zeros<float>(S * L.n_rec * hd * d_state());
+      L.conv = Memory::template zeros<T>(S * L.n_rec * (conv_kernel() - 1) * hd);
+      L.ring_k = Memory::template zeros<T>(S * L.n_stream * ring_ * hd);
+      L.ring_v = Memory::template zeros<T>(S * L.n_stream * ring_ * hd);
     }
     lengths_.assign(size_t(S), 0);
     epochs_.assign(size_t(S), 0);
@@ -145,6 +155,7 @@ class HybridCache {
   HybridCache& operator=(HybridCache&&) noexcept = default;
 
   const HybridCacheConfig& config() const { return cfg_; }
+  const Memory& memory() const { return mem_; }
   int n_layers() const { return cfg_.n_layers; }
   int slots() const { return cfg_.slots; }
   int64_t capacity() const { return cfg_.capacity; }
@@ -246,10 +257,7 @@ class HybridCache {
     lengths_[size_t(slot)] = 0;
     ++epochs_[size_t(slot)];
     for (int l = 0; l < cfg_.n_layers; ++l) {
-      for_slot_state(l, slot, [](auto* p, int64_t n) {
-        using E = std::remove_pointer_t<decltype(p)>;
-        std::fill(p, p + n, E(0.f));
-      });
+      for_slot_state(l, slot, [&](auto* p, int64_t n, auto) { mem_.zero(p, n); });
     }
   }
   /// Forks: dst becomes an exact copy of src (its K/V up to src's length, states, rings, length).
@@ -260,20 +268,19 @@ class HybridCache {
     const int64_t len = lengths_[size_t(src)], hd = cfg_.head_dim;
     for (int l = 0; l < cfg_.n_layers; ++l) {
       Layer& L = layers_[size_t(l)];
-      for (std::vector<T>* kv : {&L.k, &L.v}) {
+      for (Buffer<T>* kv : {&L.k, &L.v}) {
         for (int g = 0; g < L.n_attn; ++g) {
           const int64_t base_s = (int64_t(src) * L.n_attn + g) * cfg_.capacity * hd;
           const int64_t base_d = (int64_t(dst) * L.n_attn + g) * cfg_.capacity * hd;
-          std::copy_n(kv->data() + base_s, len * hd, kv->data() + base_d);
+          mem_.copy(kv->data() + base_d, kv->data() + base_s, len * hd);
         }
       }
       // The rest of a slot's per-layer memory is contiguous per kind.
-      const int64_t sizes[4] = {int64_t(L.ssm.size()) / cfg_.slots, int64_t(L.conv.size()) / cfg_.slots,
-                                int64_t(L.ring_k.size()) / cfg_.slots, int64_t(L.ring_v.size()) / cfg_.slots};
-      std::copy_n(L.ssm.data() + src * sizes[0], sizes[0], L.ssm.data() + dst * sizes[0]);
-      std::copy_n(L.conv.data() + src * sizes[1], sizes[1], L.conv.data() + dst * sizes[1]);
-      std::copy_n(L.ring_k.data() + src * sizes[2], sizes[2], L.ring_k.data() + dst * sizes[2]);
-      std::copy_n(L.ring_v.data() + src * sizes[3], sizes[3], L.ring_v.data() + dst * sizes[3]);
+      auto copy_slot = [&](auto& buf) {
+        const int64_t per = int64_t(buf.size()) / cfg_.slots;
+        mem_.copy(buf.data() + dst * per, buf.data() + src * per, per);
+      };
+      copy_slot(L.ssm), copy_slot(L.conv), copy_slot(L.ring_k), copy_slot(L.ring_v);
     }
     lengths_[size_t(dst)] = int32_t(len);
     ++epochs_[size_t(dst)];
@@ -284,16 +291,18 @@ class HybridCache {
     snap.slot = slot;
     snap.length = lengths_[size_t(slot)];
     snap.epoch = epochs_[size_t(slot)];
-    snap.ssm.clear();
-    snap.small.clear();
-    for (int l = 0; l < cfg_.n_layers; ++l) {
-      const_cast<HybridCache*>(this)->for_slot_state(l, slot, [&](auto* p, int64_t n) {
-        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(p)>, float>)
-          snap.ssm.insert(snap.ssm.end(), p, p + n);
+    const auto [n_ssm, n_small] = slot_state_sizes();
+    if (int64_t(snap.ssm.size()) != n_ssm) snap.ssm.resize(size_t(n_ssm));
+    if (int64_t(snap.small.size()) != n_small) snap.small.resize(size_t(n_small));
+    float* ps = snap.ssm.data();
+    T* pt = snap.small.data();
+    for (int l = 0; l < cfg_.n_layers; ++l)
+      const_cast<HybridCache*>(this)->for_slot_state(l, slot, [&](auto* p, int64_t n, auto is_ssm) {
+        if constexpr (decltype(is_ssm)::value)
+          mem_.copy(ps, p, n), ps += n;
         else
-          snap.small.insert(snap.small.end(), p, p + n);
+          mem_.copy(pt, p, n), pt += n;
       });
-    }
   }
   Snapshot snapshot(int slot) const {
     Snapshot s;
@@ -310,25 +319,17 @@ class HybridCache {
              ", not slot ", slot);
     RF_CHECK(snap.epoch == epochs_[size_t(slot)], "HybridCache::restore: slot ", slot,
              " was reset or copied onto since the snapshot was taken");
-    int64_t n_ssm = 0, n_small = 0;
-    for (int l = 0; l < cfg_.n_layers; ++l)
-      for_slot_state(l, slot, [&](auto* p, int64_t n) {
-        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(p)>, float>)
-          n_ssm += n;
-        else
-          n_small += n;
-        (void)p;
-      });
+    const auto [n_ssm, n_small] = slot_state_sizes();
     RF_CHECK(int64_t(snap.ssm.size()) == n_ssm && int64_t(snap.small.size()) == n_small,
              "HybridCache::restore: the snapshot does not match this cache's shape");
     const float* ps = snap.ssm.data();
     const T* pt = snap.small.data();
     for (int l = 0; l < cfg_.n_layers; ++l)
-      for_slot_state(l, slot, [&](auto* p, int64_t n) {
-        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(p)>, float>)
-          std::copy_n(ps, n, p), ps += n;
+      for_slot_state(l, slot, [&](auto* p, int64_t n, auto is_ssm) {
+        if constexpr (decltype(is_ssm)::value)
+          mem_.copy(p, ps, n), ps += n;
         else
-          std::copy_n(pt, n, p), pt += n;
+          mem_.copy(p, pt, n), pt += n;
       });
     lengths_[size_t(slot)] = int32_t(snap.length);
   }
@@ -360,10 +361,10 @@ class HybridCache {
  private:
   struct Layer {
     int n_attn = 0, n_rec = 0, n_stream = 0;
-    std::vector<T> k, v;            // [slots, n_attn, capacity, hd]
-    std::vector<float> ssm;         // [slots, n_rec, hd, N]
-    std::vector<T> conv;            // [slots, n_rec, Kc-1, hd]
-    std::vector<T> ring_k, ring_v;  // [slots, n_stream, ring, hd]
+    Buffer<T> k, v;            // [slots, n_attn, capacity, hd]
+    Buffer<float> ssm;         // [slots, n_rec, hd, N]
+    Buffer<T> conv;            // [slots, n_rec, Kc-1, hd]
+    Buffer<T> ring_k, ring_v;  // [slots, n_stream, ring, hd]
   };
 
   int checked_slot(const char* op, int slot) const {
@@ -376,21 +377,32 @@ class HybridCache {
              cfg_.n_layers, ")");
     return layers_[size_t(layer)];
   }
-  View<T, 4> kv_view(std::vector<T>& buf, int groups, int64_t tokens) {
+  View<T, 4> kv_view(Buffer<T>& buf, int groups, int64_t tokens) {
     return make_view(buf.data(), {int64_t(cfg_.slots), int64_t(groups), tokens, int64_t(cfg_.head_dim)});
   }
-  // fn(pointer, count) for each contiguous block of a slot's state in one layer, in a fixed order:
-  // ssm (float), conv, ring K, ring V (T).
+  // fn(pointer, count, is_ssm) for each contiguous block of a slot's state in one layer, in a fixed
+  // order: ssm (float, std::true_type), conv, ring K, ring V (T, std::false_type).
   template <class F>
   void for_slot_state(int l, int slot, F&& fn) {
     Layer& L = layers_[size_t(l)];
     const int64_t S = cfg_.slots;
-    if (!L.ssm.empty()) fn(L.ssm.data() + slot * (int64_t(L.ssm.size()) / S), int64_t(L.ssm.size()) / S);
-    for (std::vector<T>* b : {&L.conv, &L.ring_k, &L.ring_v})
-      if (!b->empty()) fn(b->data() + slot * (int64_t(b->size()) / S), int64_t(b->size()) / S);
+    if (!L.ssm.empty())
+      fn(L.ssm.data() + slot * (int64_t(L.ssm.size()) / S), int64_t(L.ssm.size()) / S, std::true_type{});
+    for (Buffer<T>* b : {&L.conv, &L.ring_k, &L.ring_v})
+      if (!b->empty()) fn(b->data() + slot * (int64_t(b->size()) / S), int64_t(b->size()) / S, std::false_type{});
+  }
+  // Elements of one slot's state over all layers: {fp32 SSM, T conv + rings} (a snapshot's sizes).
+  std::pair<int64_t, int64_t> slot_state_sizes() const {
+    int64_t n_ssm = 0, n_small = 0;
+    for (const Layer& L : layers_) {
+      n_ssm += int64_t(L.ssm.size()) / cfg_.slots;
+      n_small += int64_t(L.conv.size() + L.ring_k.size() + L.ring_v.size()) / cfg_.slots;
+    }
+    return {n_ssm, n_small};
   }
 
   HybridCacheConfig cfg_;
+  Memory mem_;
   int64_t ring_ = 0;
   std::vector<Layer> layers_;
   std::vector<int32_t> lengths_;
