@@ -41,25 +41,13 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams<T> 
   }
 }
 
-/// The shape part of check(RopeParams): positions are on the device and not read here.
-template <class T>
-void check_cuda_rope(const RopeParams<T>& p) {
-  const char* op = "rope";
-  recurformer::detail::check_shape(op, "x", p.x, {-1, -1, -1});
-  const int64_t hd = p.x.shape[2];
-  RF_CHECK(hd > 0 && hd % 2 == 0, op, ": x head_dim must be positive and even (got ", hd, ")");
-  recurformer::detail::check_inner_contiguous(op, "x", p.x);
-  recurformer::detail::check_shape(op, "positions", p.positions, {p.x.shape[0]});
-  recurformer::detail::check_shape(op, "inv_freq", p.inv_freq, {hd / 2});
-}
-
 }  // namespace detail
 }  // namespace cuda
 
 /// Applies RoPE in place on the device. Checks the shapes first (positions are not read on the host).
 template <class T>
 void rope(const RopeParams<T>& p, CudaExec exec) {
-  cuda::detail::check_cuda_rope(p);
+  check(p, detail::IndexMemory::device);
   const int64_t pairs = p.x.shape[0] * p.x.shape[1] * (p.x.shape[2] / 2);
   if (pairs == 0) return;
   // Grid-stride loop: enough blocks to fill any current GPU, never more than 2^20.
