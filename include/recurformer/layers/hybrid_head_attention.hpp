@@ -62,12 +62,16 @@ struct HybridAttentionWeights {
   int n_recurrent = 0;
 };
 
-template <class T, class TW>  // T: cache storage type; TW: weight type
+/// T: cache storage type; TW: weight type; Memory: where the cache, weights, x, out and the
+/// workspace live (HostMemory for CpuExec, DeviceMemory for CudaExec: cuda/hybrid_head_attention.cuh).
+/// cu_seqlens and slots are host arrays in both: the layer plans the call from them and the
+/// cache's host-side lengths.
+template <class T, class TW, class Memory = HostMemory>
 struct HybridHeadAttentionParams {
   View<const float, 2> x;              // [tokens, d_model] RMS-normalised input
   View<float, 2> out;                  // [tokens, d_model] (may alias x)
   HybridAttentionWeights<TW> weights;
-  HybridCache<T>* cache = nullptr;     // read, and written at positions [length, length + n)
+  HybridCache<T, Memory>* cache = nullptr;  // read, and written at positions [length, length + n)
   int layer = 0;                       // layer index in the cache (its head layout)
   int n_q = 0;                         // query heads (n_kv, head_dim come from the cache)
   View<const int32_t, 1> cu_seqlens;   // [S+1] optional: sequence s = tokens [cu[s], cu[s+1]) (absent: one)
@@ -78,8 +82,8 @@ struct HybridHeadAttentionParams {
 
 /// Throws Error naming the argument unless the shapes, weights and layout are consistent (the
 /// capacity and the inner ops are checked by hybrid_head_attention itself, before any write).
-template <class T, class TW>
-void check(const HybridHeadAttentionParams<T, TW>& p);
+template <class T, class TW, class Memory>
+void check(const HybridHeadAttentionParams<T, TW, Memory>& p);
 
 /// Scratch bytes hybrid_head_attention needs for this call (it depends on the tokens, sequences,
 /// the cache lengths and the thread count).

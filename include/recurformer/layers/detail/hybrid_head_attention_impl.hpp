@@ -1,620 +1,153 @@
 // recurformer/layers/detail/hybrid_head_attention_impl.hpp: the CPU implementation of
-// layers/hybrid_head_attention.hpp.
-//
-// One call runs in stages, each an op over the whole batch (the ops parallelise inside):
-//   1. q, k, v projections (fp32) -> gather the heads by kind into packed T buffers
-//      [tokens, groups_of_kind (* g), hd] (what each kind's op reads), scaling recurrent q by
-//      1/sqrt(hd) on the way (C of the scan);
-//   2. attention groups: RoPE, append K/V to the slot, attention over the slot;
-//   3. streaming groups: RoPE, copy the ring's live entries and the chunk's keys into scratch
-//      (with their positions), attention with the sink/window mask, then write the chunk into the ring;
-//   4. recurrent groups: conv over v_j, low-rank Δ, scan over the slot's state. Prefill runs the
-//      groups one after another, each op parallel inside; decode (tiny ops) runs the groups in
-//      parallel, each on one thread with its own scratch, so a step costs one fork-join, not ~4 per group;
-//   5. scatter the head outputs back to head order (fp32) and project with Wo.
-// Before any of this the whole call is run "dry": every inner op's params are built and checked
-// and the cache's capacity check runs, so an error leaves the cache and out untouched.
+// layers/hybrid_head_attention.hpp: the shared orchestration (hybrid_head_attention_run.hpp) over
+// the CPU ops, with the data movement between them as loops over the thread pool.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <cstdio>
 #include <cstring>
-#include <utility>
-#include <vector>
 
-#include "recurformer/core/dispatch.hpp"
 #include "recurformer/cpu/attention.hpp"
 #include "recurformer/cpu/causal_conv1d.hpp"
 #include "recurformer/cpu/linear.hpp"
 #include "recurformer/cpu/rope.hpp"
 #include "recurformer/cpu/selective_scan.hpp"
-#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/layers/detail/hybrid_head_attention_run.hpp"
 
 namespace recurformer {
 namespace detail {
 namespace hybrid {
 
-constexpr const char* kOp = "hybrid_head_attention";
-constexpr int kAttn = 0, kRec = 1, kStream = 2;  // kind slots in the per-kind arrays
-constexpr size_t kAlign = 64;
+template <>
+struct HybridBackend<CpuExec> {
+  static constexpr IndexMemory kIndex = IndexMemory::host;
 
-inline size_t align_up(size_t b) { return (b + kAlign - 1) / kAlign * kAlign; }
+  /// The executor for a copy loop of `work` elements: below a few tens of KB a fork-join costs
+  /// more than the copy (decode), so it runs on the calling thread.
+  static CpuExec for_work(CpuExec exec, int64_t work) { return work < (int64_t(1) << 15) ? CpuExec{} : exec; }
 
-/// The executor for a copy loop of `work` elements: below a few tens of KB a fork-join costs more
-/// than the copy (decode), so it runs on the calling thread.
-inline CpuExec for_work(CpuExec exec, int64_t work) { return work < (int64_t(1) << 15) ? CpuExec{} : exec; }
+  // The metadata is filled in place: the workspace is host memory.
+  static unsigned char* metadata_buffer(unsigned char* ws, size_t, CpuExec) { return ws; }
+  static void upload_metadata(unsigned char*, const unsigned char*, size_t, CpuExec) {}
 
-inline int kind_slot(HeadKind k) {
-  return k == HeadKind::attention ? kAttn : k == HeadKind::recurrent ? kRec : kStream;
-}
-
-/// A non-null pointer for params whose data a size query or check never reads.
-template <class U>
-U* placeholder() {
-  static U u{};
-  return &u;
-}
-
-/// Sizes of one call and the byte offsets of its scratch buffers in the workspace.
-struct Plan {
-  int64_t n = 0, S = 0, d_model = 0, n_q = 0, n_kv = 0, hd = 0, g = 0;
-  int64_t groups[3] = {0, 0, 0};  // KV groups per kind
-  int64_t ring = 0, max_len = 0, stream_cap = 0, dt_rank_max = 0;
-  bool decode = false;
-  // int32 metadata
-  size_t pos = 0, cu = 0, slots = 0, counts = 0, kv_lens = 0, s_kv_lens = 0, s_kpos = 0, meta_end = 0;
-  // fp32 projections (q doubles as the fp32 head concat for Wo)
-  size_t qf = 0, kf = 0, vf = 0;
-  // T per kind: q heads, k, v, head outputs
-  size_t q[3] = {}, k[3] = {}, v[3] = {}, o[3] = {};
-  size_t stream_k = 0, stream_v = 0;                       // [S, n_stream, stream_cap, hd] T
-  size_t u = 0, dt_low = 0, delta_f = 0, delta_t = 0;      // recurrent scratch, per group
-  size_t lin = 0, lin_bytes = 0, attn = 0, attn_bytes = 0;
-  size_t rec_lin = 0, rec_lin_bytes = 0;                   // per-thread linear scratch (decode)
-  size_t total = 0;
-};
-
-template <class T, class TW>
-int64_t num_sequences(const HybridHeadAttentionParams<T, TW>& p) {
-  return p.cu_seqlens.present() ? p.cu_seqlens.shape[0] - 1 : 1;
-}
-
-// Everything but the attention / linear scratch, which depend on the metadata.
-template <class T, class TW>
-Plan plan_layout(const HybridHeadAttentionParams<T, TW>& p) {
-  Plan pl;
-  const HybridCache<T>& c = *p.cache;
-  pl.n = p.x.shape[0];
-  pl.d_model = p.x.shape[1];
-  pl.S = num_sequences(p);
-  pl.n_q = p.n_q;
-  pl.n_kv = c.config().n_kv;
-  pl.hd = c.head_dim();
-  pl.g = pl.n_q / pl.n_kv;
-  const LayerLayout& ll = c.layer_layout(p.layer);
-  for (HeadKind k : ll.groups) ++pl.groups[kind_slot(k)];
-  pl.ring = c.ring_size();
-  bool all_one = true;
-  for (int64_t s = 0; s < pl.S; ++s) {
-    const int64_t len = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) - p.cu_seqlens(s) : pl.n;
-    pl.max_len = std::max(pl.max_len, len);
-    all_one = all_one && len == 1;
+  template <class T>
+  static void check_attention(const AttentionParams<T>& ap) { check(ap); }
+  template <class T>
+  static void check_conv(const CausalConv1dParams<T>& cp, bool decode) {
+    if (decode) check_conv_update(cp); else check(cp);
   }
-  pl.decode = all_one && pl.S == pl.n;
-  pl.stream_cap = pl.groups[kStream] ? pl.ring + pl.max_len : 0;
-  for (int i = 0; i < p.weights.n_recurrent; ++i)
-    pl.dt_rank_max = std::max(pl.dt_rank_max, p.weights.recurrent[i].dt_down.shape[0]);
-
-  size_t off = 0;
-  auto take = [&](size_t& at, int64_t count, size_t elem) {
-    at = off;
-    off += align_up(size_t(std::max<int64_t>(count, 0)) * elem);
-  };
-  take(pl.pos, pl.n, 4);
-  take(pl.cu, pl.S + 1, 4);
-  take(pl.slots, pl.S, 4);
-  take(pl.counts, pl.S, 4);
-  take(pl.kv_lens, pl.S, 4);
-  take(pl.s_kv_lens, pl.S, 4);
-  take(pl.s_kpos, pl.S * pl.stream_cap, 4);
-  pl.meta_end = off;
-  take(pl.qf, pl.n * pl.n_q * pl.hd, 4);
-  take(pl.kf, pl.n * pl.n_kv * pl.hd, 4);
-  take(pl.vf, pl.n * pl.n_kv * pl.hd, 4);
-  for (int k = 0; k < 3; ++k) {
-    take(pl.q[k], pl.n * pl.groups[k] * pl.g * pl.hd, sizeof(T));
-    take(pl.k[k], pl.n * pl.groups[k] * pl.hd, sizeof(T));
-    take(pl.v[k], pl.n * pl.groups[k] * pl.hd, sizeof(T));
-    take(pl.o[k], pl.n * pl.groups[k] * pl.g * pl.hd, sizeof(T));
+  template <class T>
+  static void check_scan(const SelectiveScanParams<T>& sp, bool decode) {
+    if (decode) check_state_update(sp); else check(sp);
   }
-  take(pl.stream_k, pl.S * pl.groups[kStream] * pl.stream_cap * pl.hd, sizeof(T));
-  take(pl.stream_v, pl.S * pl.groups[kStream] * pl.stream_cap * pl.hd, sizeof(T));
-  const int64_t rec = pl.groups[kRec] * pl.n;
-  take(pl.u, rec * pl.hd, sizeof(T));
-  take(pl.dt_low, rec * pl.dt_rank_max, 4);
-  take(pl.delta_f, rec * pl.hd, 4);
-  take(pl.delta_t, rec * pl.hd, sizeof(T));
-  pl.lin = off;
-  return pl;
-}
 
-// Fills the int32 metadata (positions, offsets, slots, counts, key counts, streaming key positions).
-template <class T, class TW>
-void fill_metadata(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, unsigned char* ws) {
-  const HybridCache<T>& c = *p.cache;
-  auto* pos = reinterpret_cast<int32_t*>(ws + pl.pos);
-  auto* cu = reinterpret_cast<int32_t*>(ws + pl.cu);
-  auto* slots = reinterpret_cast<int32_t*>(ws + pl.slots);
-  auto* counts = reinterpret_cast<int32_t*>(ws + pl.counts);
-  auto* kv_lens = reinterpret_cast<int32_t*>(ws + pl.kv_lens);
-  auto* s_kv_lens = reinterpret_cast<int32_t*>(ws + pl.s_kv_lens);
-  auto* s_kpos = reinterpret_cast<int32_t*>(ws + pl.s_kpos);
-  cu[0] = 0;
-  for (int64_t s = 0; s < pl.S; ++s) {
-    cu[s + 1] = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) : int32_t(pl.n);
-    slots[s] = p.slots.present() ? p.slots(s) : int32_t(s);
-    counts[s] = cu[s + 1] - cu[s];
-  }
-  for (int64_t s = 0; s < pl.S; ++s) {
-    // Slot validity is the cache's check (check_append); read lengths only for valid slots.
-    const bool ok = slots[s] >= 0 && slots[s] < c.slots();
-    const int64_t len = ok ? c.length(slots[s]) : 0;
-    kv_lens[s] = int32_t(std::min<int64_t>(len + counts[s], INT32_MAX));
-    for (int32_t t = cu[s]; t < cu[s + 1]; ++t) pos[t] = int32_t(len + (t - cu[s]));
-    if (pl.stream_cap) {
-      // The ring's live entries (in entry order), then the chunk's tokens.
-      int32_t* kp = s_kpos + s * pl.stream_cap;
-      int64_t m = 0;
-      for (int64_t e = 0; e < pl.ring; ++e) {
-        const int64_t rp = c.ring_position(e, len);
-        if (rp >= 0) kp[m++] = int32_t(rp);
-      }
-      for (int32_t t = 0; t < counts[s]; ++t) kp[m++] = int32_t(len + t);
-      s_kv_lens[s] = int32_t(m);
-    } else {
-      s_kv_lens[s] = 0;
-    }
-  }
-}
-
-template <class U, int N>
-View<U, N> ws_view(unsigned char* ws, size_t off, const int64_t (&shape)[N]) {
-  return make_view(reinterpret_cast<U*>(ws + off), shape);
-}
-inline View<const int32_t, 1> ws_ints(unsigned char* ws, size_t off, int64_t n) {
-  return make_view(reinterpret_cast<const int32_t*>(ws + off), {n});
-}
-
-// One recurrent group i (KV group j): u = conv(v_j), Δ = dt_up (dt_down x) rounded to T, scan.
-// Its scratch (u, Δ) is the group's own, so groups may run concurrently (decode).
-template <bool Execute, class T, class TW>
-void recurrent_group(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, int64_t i, CpuExec exec,
-                     unsigned char* ws, void* lin_ws, size_t lin_bytes) {
-  HybridCache<T>& cache = *p.cache;
-  const int64_t n = pl.n, hd = pl.hd, g = pl.g, nR = pl.groups[kRec];
-  const View<const int32_t, 1> cu = ws_ints(ws, pl.cu, pl.S + 1), slots = ws_ints(ws, pl.slots, pl.S);
-  const T* qr = reinterpret_cast<const T*>(ws + pl.q[kRec]);
-  const T* kr = reinterpret_cast<const T*>(ws + pl.k[kRec]);
-  const T* vr = reinterpret_cast<const T*>(ws + pl.v[kRec]);
-  T* yr = reinterpret_cast<T*>(ws + pl.o[kRec]);
-  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, View<float, 2> y) {
-    LinearParams<float, TW> lp{x, w, View<const TW, 1>{}, y};
-    if constexpr (Execute) {
-      linear(lp, exec, lin_ws, lin_bytes);
-    } else {
-      check(lp);
-      RF_CHECK(linear_workspace_bytes(lp, exec) <= lin_bytes, kOp, ": internal: linear scratch too small");
-    }
-  };
-  const RecurrentGroupWeights<TW>& rw = p.weights.recurrent[i];
-  const int64_t r = rw.dt_down.shape[0];
-  T* u = reinterpret_cast<T*>(ws + pl.u) + i * n * hd;
-  float* dt_low = reinterpret_cast<float*>(ws + pl.dt_low) + i * n * pl.dt_rank_max;
-  float* delta_f = reinterpret_cast<float*>(ws + pl.delta_f) + i * n * hd;
-  T* delta_t = reinterpret_cast<T*>(ws + pl.delta_t) + i * n * hd;
-  CausalConv1dParams<T> cp;
-  cp.x = make_strided_view(vr + i * hd, {n, hd}, {nR * hd, 1});
-  cp.weight = rw.conv_weight;
-  cp.bias = rw.conv_bias;
-  cp.y = make_view(u, {n, hd});
-  cp.conv_state = cache.conv_state(p.layer, int(i));
-  cp.state_slots = slots;
-  if (!pl.decode) cp.cu_seqlens = cu;
-  SelectiveScanParams<T> sp;
-  sp.u = make_view(const_cast<const T*>(u), {n, hd});
-  sp.delta = make_view(const_cast<const T*>(delta_t), {n, hd});
-  sp.A = rw.A;
-  sp.B = make_strided_view(kr + i * hd, {n, int64_t(1), hd}, {nR * hd, hd, 1});
-  sp.C = make_strided_view(qr + i * g * hd, {n, int64_t(1), g, hd}, {nR * g * hd, g * hd, hd, 1});
-  sp.D = rw.D;
-  sp.delta_bias = rw.dt_bias;
-  sp.y = make_strided_view(yr + i * g * hd, {n, g, hd}, {nR * g * hd, hd, 1});
-  sp.state = cache.ssm_state(p.layer, int(i));
-  sp.state_slots = slots;
-  if (!pl.decode) sp.cu_seqlens = cu;
-  sp.delta_activation = DeltaActivation::softplus;
-  if constexpr (Execute) {
-    if (pl.decode) causal_conv1d_update(cp, exec); else causal_conv1d(cp, exec);
-  } else {
-    if (pl.decode) check_conv_update(cp); else check(cp);
-  }
-  do_linear(p.x, rw.dt_down, make_view(dt_low, {n, r}));
-  do_linear(make_view(const_cast<const float*>(dt_low), {n, r}), rw.dt_up, make_view(delta_f, {n, hd}));
-  if constexpr (Execute) {
-    for_work(exec, n * hd).parallel_for(n * hd, [&](int64_t e0, int64_t e1, int) {
-      for (int64_t e = e0; e < e1; ++e) delta_t[e] = from_float<T>(delta_f[e]);
+  template <class T>
+  static void to_storage(T* dst, const float* src, int64_t n, CpuExec exec) {
+    for_work(exec, n).parallel_for(n, [&](int64_t e0, int64_t e1, int) {
+      for (int64_t e = e0; e < e1; ++e) dst[e] = from_float<T>(src[e]);
     });
-    if (pl.decode) selective_state_update(sp, exec); else selective_scan(sp, exec);
-  } else {
-    if (pl.decode) check_state_update(sp); else check(sp);
-  }
-}
-
-// The layer's inner ops, built from the plan. Execute = false only builds and checks each op's
-// params (and the scratch each needs); true runs them.
-template <bool Execute, class T, class TW>
-void run(const HybridHeadAttentionParams<T, TW>& p, const Plan& pl, CpuExec exec, unsigned char* ws) {
-  HybridCache<T>& cache = *p.cache;
-  const int64_t n = pl.n, hd = pl.hd, g = pl.g, n_q = pl.n_q, n_kv = pl.n_kv;
-  const LayerLayout& ll = cache.layer_layout(p.layer);
-  void* lin_ws = ws + pl.lin;
-  void* attn_ws = ws + pl.attn;
-  const View<const int32_t, 1> pos = ws_ints(ws, pl.pos, n), cu = ws_ints(ws, pl.cu, pl.S + 1),
-                               slots = ws_ints(ws, pl.slots, pl.S), kv_lens = ws_ints(ws, pl.kv_lens, pl.S);
-  float* qf = reinterpret_cast<float*>(ws + pl.qf);
-  float* kf = reinterpret_cast<float*>(ws + pl.kf);
-  float* vf = reinterpret_cast<float*>(ws + pl.vf);
-  T* qk[3], *kk[3], *vk[3], *ok[3];
-  for (int k = 0; k < 3; ++k) {
-    qk[k] = reinterpret_cast<T*>(ws + pl.q[k]);
-    kk[k] = reinterpret_cast<T*>(ws + pl.k[k]);
-    vk[k] = reinterpret_cast<T*>(ws + pl.v[k]);
-    ok[k] = reinterpret_cast<T*>(ws + pl.o[k]);
   }
 
-  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, View<const TW, 1> b, View<float, 2> y) {
-    LinearParams<float, TW> lp{x, w, b, y};
-    if constexpr (Execute) {
-      linear(lp, exec, lin_ws, pl.lin_bytes);
-    } else {
-      check(lp);
-      RF_CHECK(linear_workspace_bytes(lp, exec) <= pl.lin_bytes, kOp, ": internal: linear scratch too small");
-    }
-  };
-  auto do_attention = [&](const AttentionParams<T>& ap) {
-    if constexpr (Execute) {
-      attention(ap, exec, attn_ws, pl.attn_bytes);
-    } else {
-      check(ap);
-      RF_CHECK(attention_workspace_bytes(ap, exec) <= pl.attn_bytes, kOp,
-               ": internal: attention scratch too small");
-    }
-  };
-  auto do_rope = [&](T* x, int64_t heads) {
-    RopeParams<T> rp{make_view(x, {n, heads, hd}), pos, p.inv_freq, p.rope_layout};
-    if constexpr (Execute) rope(rp, exec); else check(rp);
-  };
-
-  // 1. projections and the gather by kind.
-  const HybridAttentionWeights<TW>& w = p.weights;
-  do_linear(p.x, w.wq, w.bq, make_view(qf, {n, n_q * hd}));
-  do_linear(p.x, w.wk, w.bk, make_view(kf, {n, n_kv * hd}));
-  do_linear(p.x, w.wv, w.bv, make_view(vf, {n, n_kv * hd}));
-  if constexpr (Execute) {
-    const float c_scale = float(1.0 / std::sqrt(double(hd)));
-    for_work(exec, n * (n_q + 2 * n_kv) * hd).parallel_for(n, [&](int64_t t0, int64_t t1, int) {
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t local[3] = {0, 0, 0};
+  // qf/kf/vf (fp32, head order) -> q/k/v per kind (T), recurrent q scaled by c_scale.
+  template <class T>
+  static void gather_heads(const Plan& pl, const CallBuffers<T>& b, float c_scale, CpuExec exec) {
+    const int64_t n_q = pl.n_q, n_kv = pl.n_kv, g = pl.g, hd = pl.hd;
+    for_work(exec, pl.n * (n_q + 2 * n_kv) * hd).parallel_for(pl.n, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t)
         for (int64_t j = 0; j < n_kv; ++j) {
-          const int kind = kind_slot(ll.groups[size_t(j)]);
-          const int64_t i = local[kind]++, nk = pl.groups[kind];
+          const int kind = b.group_kind[j];
+          const int64_t i = b.group_local[j], nk = pl.groups[kind];
           const float qs = kind == kRec ? c_scale : 1.f;
-          const float* qs_src = qf + (t * n_q + j * g) * hd;
-          T* qd = qk[kind] + (t * nk * g + i * g) * hd;
-          for (int64_t e = 0; e < g * hd; ++e) qd[e] = from_float<T>(qs_src[e] * qs);
-          const float* ks = kf + (t * n_kv + j) * hd;
-          const float* vs = vf + (t * n_kv + j) * hd;
-          T* kd = kk[kind] + (t * nk + i) * hd;
-          T* vd = vk[kind] + (t * nk + i) * hd;
+          const float* q_src = b.qf + (t * n_q + j * g) * hd;
+          T* qd = b.q[kind] + (t * nk * g + i * g) * hd;
+          for (int64_t e = 0; e < g * hd; ++e) qd[e] = from_float<T>(q_src[e] * qs);
+          const float* ks = b.kf + (t * n_kv + j) * hd;
+          const float* vs = b.vf + (t * n_kv + j) * hd;
+          T* kd = b.k[kind] + (t * nk + i) * hd;
+          T* vd = b.v[kind] + (t * nk + i) * hd;
           for (int64_t e = 0; e < hd; ++e) kd[e] = from_float<T>(ks[e]), vd[e] = from_float<T>(vs[e]);
         }
-      }
     });
   }
 
-  // 2. attention groups.
-  const int64_t nA = pl.groups[kAttn];
-  if (nA) {
-    do_rope(qk[kAttn], nA * g);
-    do_rope(kk[kAttn], nA);
-    View<T, 4> K = cache.keys(p.layer), V = cache.values(p.layer);
-    if constexpr (Execute) {
-      for_work(exec, n * nA * hd * 2).parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
-        for (int64_t s = s0; s < s1; ++s)
-          for (int64_t t = cu(s); t < cu(s + 1); ++t)
-            for (int64_t i = 0; i < nA; ++i) {
-              std::memcpy(K.ptr(slots(s), i, pos(t), 0), kk[kAttn] + (t * nA + i) * hd, size_t(hd) * sizeof(T));
-              std::memcpy(V.ptr(slots(s), i, pos(t), 0), vk[kAttn] + (t * nA + i) * hd, size_t(hd) * sizeof(T));
-            }
-      });
-    }
-    AttentionParams<T> ap;
-    ap.q = make_view(const_cast<const T*>(qk[kAttn]), {n, nA * g, hd});
-    ap.k = K;
-    ap.v = V;
-    ap.out = make_view(ok[kAttn], {n, nA * g, hd});
-    ap.cu_seqlens = cu;
-    ap.kv_slots = slots;
-    ap.kv_lens = kv_lens;
-    ap.q_positions = pos;
-    do_attention(ap);
-  }
-
-  // 3. streaming groups: attention over [ring's live entries, chunk] gathered into scratch.
-  const int64_t nS = pl.groups[kStream];
-  if (nS) {
-    do_rope(qk[kStream], nS * g);
-    do_rope(kk[kStream], nS);
-    View<T, 4> RK = cache.stream_keys(p.layer), RV = cache.stream_values(p.layer);
-    const int64_t cap = pl.stream_cap;
-    View<T, 4> SK = ws_view<T>(ws, pl.stream_k, {pl.S, nS, cap, hd});
-    View<T, 4> SV = ws_view<T>(ws, pl.stream_v, {pl.S, nS, cap, hd});
-    if constexpr (Execute) {
-      for_work(exec, pl.S * nS * cap * hd * 2).parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t len = cache.length(slots(s));
-          for (int64_t i = 0; i < nS; ++i) {
-            int64_t m = 0;
-            for (int64_t e = 0; e < pl.ring; ++e)
-              if (cache.ring_position(e, len) >= 0) {
-                std::memcpy(SK.ptr(s, i, m, 0), RK.ptr(slots(s), i, e, 0), size_t(hd) * sizeof(T));
-                std::memcpy(SV.ptr(s, i, m, 0), RV.ptr(slots(s), i, e, 0), size_t(hd) * sizeof(T));
-                ++m;
-              }
-            for (int64_t t = cu(s); t < cu(s + 1); ++t, ++m) {
-              std::memcpy(SK.ptr(s, i, m, 0), kk[kStream] + (t * nS + i) * hd, size_t(hd) * sizeof(T));
-              std::memcpy(SV.ptr(s, i, m, 0), vk[kStream] + (t * nS + i) * hd, size_t(hd) * sizeof(T));
-            }
-          }
-        }
-      });
-    }
-    AttentionParams<T> ap;
-    ap.q = make_view(const_cast<const T*>(qk[kStream]), {n, nS * g, hd});
-    ap.k = SK;
-    ap.v = SV;
-    ap.out = make_view(ok[kStream], {n, nS * g, hd});
-    ap.cu_seqlens = cu;
-    ap.kv_lens = ws_ints(ws, pl.s_kv_lens, pl.S);
-    ap.q_positions = pos;
-    ap.k_positions = make_view(reinterpret_cast<const int32_t*>(ws + pl.s_kpos), {pl.S, cap});
-    ap.sink = cache.sink();
-    ap.window = cache.window();
-    do_attention(ap);
-    if constexpr (Execute) {
-      // The chunk's keys into the ring, in order (a later token overwrites an earlier one's entry).
-      for_work(exec, n * nS * hd * 2).parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
-        for (int64_t s = s0; s < s1; ++s)
-          for (int64_t t = cu(s); t < cu(s + 1); ++t) {
-            const int64_t e = cache.ring_entry(pos(t));
-            for (int64_t i = 0; i < nS; ++i) {
-              std::memcpy(RK.ptr(slots(s), i, e, 0), kk[kStream] + (t * nS + i) * hd, size_t(hd) * sizeof(T));
-              std::memcpy(RV.ptr(slots(s), i, e, 0), vk[kStream] + (t * nS + i) * hd, size_t(hd) * sizeof(T));
-            }
-          }
-      });
-    }
-  }
-
-  // 4. recurrent groups (G = 1 group of hd channels, R = g readers).
-  const int64_t nR = pl.groups[kRec];
-  if (!Execute || !pl.decode) {
-    for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, lin_ws, pl.lin_bytes);
-    if (!Execute && pl.decode)  // the decode path's per-thread scratch, on one thread
-      for (int64_t i = 0; i < nR; ++i) recurrent_group<false>(p, pl, i, CpuExec{}, ws, ws + pl.rec_lin, pl.rec_lin_bytes);
-  } else {
-    exec.for_each(nR, [&](int64_t i, int thread) {
-      recurrent_group<true>(p, pl, i, CpuExec{}, ws, ws + pl.rec_lin + size_t(thread) * align_up(pl.rec_lin_bytes),
-                            pl.rec_lin_bytes);
-    });
-  }
-
-  // 5. head outputs back to head order in fp32 (reusing qf), then Wo.
-  if constexpr (Execute) {
-    for_work(exec, n * n_q * hd).parallel_for(n, [&](int64_t t0, int64_t t1, int) {
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t local[3] = {0, 0, 0};
+  // Head outputs per kind (T) -> head order (fp32, into qf).
+  template <class T>
+  static void scatter_heads(const Plan& pl, const CallBuffers<T>& b, CpuExec exec) {
+    const int64_t n_q = pl.n_q, n_kv = pl.n_kv, g = pl.g, hd = pl.hd;
+    for_work(exec, pl.n * n_q * hd).parallel_for(pl.n, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t)
         for (int64_t j = 0; j < n_kv; ++j) {
-          const int kind = kind_slot(ll.groups[size_t(j)]);
-          const int64_t i = local[kind]++, nk = pl.groups[kind];
-          const T* src = ok[kind] + (t * nk * g + i * g) * hd;
-          float* dst = qf + (t * n_q + j * g) * hd;
+          const int kind = b.group_kind[j];
+          const int64_t i = b.group_local[j], nk = pl.groups[kind];
+          const T* src = b.o[kind] + (t * nk * g + i * g) * hd;
+          float* dst = b.qf + (t * n_q + j * g) * hd;
           for (int64_t e = 0; e < g * hd; ++e) dst[e] = to_float(src[e]);
         }
+    });
+  }
+
+  // The chunk's attention-group keys and values into their slots at the tokens' positions.
+  template <class T>
+  static void append_kv(const Plan& pl, const CallBuffers<T>& b, View<T, 4> K, View<T, 4> V, CpuExec exec) {
+    const int64_t nA = pl.groups[kAttn], hd = pl.hd;
+    const size_t row = size_t(hd) * sizeof(T);
+    for_work(exec, pl.n * nA * hd * 2).parallel_for(pl.n, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t i = 0; i < nA; ++i) {
+          const int32_t slot = b.slots[b.tok_seq[t]];
+          std::memcpy(K.ptr(slot, i, b.pos[t], 0), b.k[kAttn] + (t * nA + i) * hd, row);
+          std::memcpy(V.ptr(slot, i, b.pos[t], 0), b.v[kAttn] + (t * nA + i) * hd, row);
+        }
+    });
+  }
+
+  // Streaming scratch [S, nS, cap, hd]: each key from its ring entry or from the chunk (s_src).
+  template <class T>
+  static void stream_gather(const Plan& pl, const CallBuffers<T>& b, View<T, 4> RK, View<T, 4> RV,
+                            View<T, 4> SK, View<T, 4> SV, CpuExec exec) {
+    const int64_t nS = pl.groups[kStream], hd = pl.hd, cap = pl.stream_cap;
+    const size_t row = size_t(hd) * sizeof(T);
+    for_work(exec, pl.S * nS * cap * hd * 2).parallel_for(pl.S, [&](int64_t s0, int64_t s1, int) {
+      for (int64_t s = s0; s < s1; ++s)
+        for (int64_t i = 0; i < nS; ++i)
+          for (int64_t m = 0; m < b.s_kv_lens[s]; ++m) {
+            const int32_t src = b.s_src[s * cap + m];
+            const T* k = src >= 0 ? RK.ptr(b.slots[s], i, src, 0) : b.k[kStream] + (int64_t(-src - 1) * nS + i) * hd;
+            const T* v = src >= 0 ? RV.ptr(b.slots[s], i, src, 0) : b.v[kStream] + (int64_t(-src - 1) * nS + i) * hd;
+            std::memcpy(SK.ptr(s, i, m, 0), k, row);
+            std::memcpy(SV.ptr(s, i, m, 0), v, row);
+          }
+    });
+  }
+
+  // The chunk's streaming keys into the ring (only the tokens that keep their entry: ring_dst).
+  template <class T>
+  static void ring_write(const Plan& pl, const CallBuffers<T>& b, View<T, 4> RK, View<T, 4> RV, CpuExec exec) {
+    const int64_t nS = pl.groups[kStream], hd = pl.hd;
+    const size_t row = size_t(hd) * sizeof(T);
+    for_work(exec, pl.n * nS * hd * 2).parallel_for(pl.n, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t) {
+        if (b.ring_dst[t] < 0) continue;
+        const int32_t slot = b.slots[b.tok_seq[t]];
+        for (int64_t i = 0; i < nS; ++i) {
+          std::memcpy(RK.ptr(slot, i, b.ring_dst[t], 0), b.k[kStream] + (t * nS + i) * hd, row);
+          std::memcpy(RV.ptr(slot, i, b.ring_dst[t], 0), b.v[kStream] + (t * nS + i) * hd, row);
+        }
       }
     });
   }
-  do_linear(make_view(const_cast<const float*>(qf), {n, n_q * hd}), w.wo, View<const TW, 1>{}, p.out);
-}
-
-// The full plan: the layout, plus the linear and attention scratch for this call's metadata
-// (which the caller has filled at the start of `meta`).
-template <class T, class TW>
-Plan plan_call(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec, unsigned char* meta) {
-  Plan pl = plan_layout(p);
-  const int64_t n = pl.n, hd = pl.hd, g = pl.g;
-  const HybridAttentionWeights<TW>& w = p.weights;
-  size_t lin = 0;
-  auto lin_need = [&](int64_t tokens, View<const TW, 2> wt, int64_t in) {
-    LinearParams<float, TW> lp;
-    lp.x = make_view(const_cast<const float*>(placeholder<float>()), {tokens, in});
-    lp.weight = wt;
-    lp.y = make_view(placeholder<float>(), {tokens, wt.shape[0]});
-    lin = std::max(lin, linear_workspace_bytes(lp, exec));
-  };
-  lin_need(n, w.wq, pl.d_model);
-  lin_need(n, w.wk, pl.d_model);
-  lin_need(n, w.wv, pl.d_model);
-  lin_need(n, w.wo, pl.n_q * hd);
-  for (int i = 0; i < w.n_recurrent; ++i) {
-    lin_need(n, w.recurrent[i].dt_down, pl.d_model);
-    lin_need(n, w.recurrent[i].dt_up, w.recurrent[i].dt_down.shape[0]);
-  }
-  size_t attn = 0;
-  const View<const int32_t, 1> pos = make_view(reinterpret_cast<const int32_t*>(meta + pl.pos), {n});
-  const View<const int32_t, 1> cu = make_view(reinterpret_cast<const int32_t*>(meta + pl.cu), {pl.S + 1});
-  const View<const int32_t, 1> slots = make_view(reinterpret_cast<const int32_t*>(meta + pl.slots), {pl.S});
-  for (int kind : {kAttn, kStream}) {
-    const int64_t nk = pl.groups[kind];
-    if (!nk) continue;
-    AttentionParams<T> ap;
-    ap.q = make_view(const_cast<const T*>(placeholder<T>()), {n, nk * g, hd});
-    ap.out = make_view(placeholder<T>(), {n, nk * g, hd});
-    ap.cu_seqlens = cu;
-    ap.q_positions = pos;
-    if (kind == kAttn) {
-      ap.k = p.cache->keys(p.layer);
-      ap.v = p.cache->values(p.layer);
-      ap.kv_slots = slots;
-      ap.kv_lens = make_view(reinterpret_cast<const int32_t*>(meta + pl.kv_lens), {pl.S});
-    } else {
-      ap.k = make_view(const_cast<const T*>(placeholder<T>()), {pl.S, nk, pl.stream_cap, hd});
-      ap.v = ap.k;
-      ap.kv_lens = make_view(reinterpret_cast<const int32_t*>(meta + pl.s_kv_lens), {pl.S});
-    }
-    // Slot and length errors are reported by the cache's own check before this matters.
-    bool valid = true;
-    for (int64_t s = 0; s < pl.S; ++s)
-      valid = valid && slots(s) >= 0 && slots(s) < p.cache->slots() && ap.kv_lens(s) <= ap.k.shape[2];
-    if (valid) attn = std::max(attn, attention_workspace_bytes(ap, exec));
-  }
-  size_t rec_lin = 0;  // the decode path runs each group's Δ projections on one thread
-  if (pl.decode)
-    for (int i = 0; i < w.n_recurrent; ++i) {
-      const int64_t r = w.recurrent[i].dt_down.shape[0];
-      for (auto [wt, in] : {std::pair<View<const TW, 2>, int64_t>{w.recurrent[i].dt_down, pl.d_model},
-                            std::pair<View<const TW, 2>, int64_t>{w.recurrent[i].dt_up, r}}) {
-        LinearParams<float, TW> lp;
-        lp.x = make_view(const_cast<const float*>(placeholder<float>()), {n, in});
-        lp.weight = wt;
-        lp.y = make_view(placeholder<float>(), {n, wt.shape[0]});
-        rec_lin = std::max(rec_lin, linear_workspace_bytes(lp, CpuExec{}));
-      }
-    }
-  size_t off = pl.lin;
-  pl.lin_bytes = lin;
-  off += align_up(lin);
-  pl.rec_lin = off;
-  pl.rec_lin_bytes = rec_lin;
-  off += align_up(rec_lin) * size_t(exec.threads());
-  pl.attn = off;
-  pl.attn_bytes = attn;
-  off += align_up(attn);
-  pl.total = off + kAlign;  // + alignment slack for the caller's pointer
-  return pl;
-}
-
-inline unsigned char* align_ptr(void* p) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  return reinterpret_cast<unsigned char*>((a + kAlign - 1) / kAlign * kAlign);
-}
+};
 
 }  // namespace hybrid
 }  // namespace detail
 
 template <class T, class TW>
-void check(const HybridHeadAttentionParams<T, TW>& p) {
-  using detail::hybrid::kOp;
-  RF_CHECK(p.cache != nullptr, kOp, ": cache is null");
-  const HybridCache<T>& c = *p.cache;
-  RF_CHECK(p.layer >= 0 && p.layer < c.n_layers(), kOp, ": layer ", p.layer, " out of range [0, ",
-           c.n_layers(), ")");
-  const int64_t n_kv = c.config().n_kv, hd = c.head_dim();
-  RF_CHECK(p.n_q >= 1 && p.n_q % n_kv == 0, kOp, ": n_q (", p.n_q, ") must be a positive multiple of n_kv (",
-           n_kv, ")");
-  const int64_t n_q = p.n_q;
-  detail::check_shape(kOp, "x", p.x, {-1, -1});
-  const int64_t tokens = p.x.shape[0], d_model = p.x.shape[1];
-  RF_CHECK(d_model >= 1, kOp, ": x must have at least one column (d_model)");
-  detail::check_shape(kOp, "out", p.out, {tokens, d_model});
-  const HybridAttentionWeights<TW>& w = p.weights;
-  detail::check_shape(kOp, "weights.wq", w.wq, {n_q * hd, d_model});
-  detail::check_shape(kOp, "weights.wk", w.wk, {n_kv * hd, d_model});
-  detail::check_shape(kOp, "weights.wv", w.wv, {n_kv * hd, d_model});
-  detail::check_shape(kOp, "weights.wo", w.wo, {d_model, n_q * hd});
-  detail::check_optional_shape(kOp, "weights.bq", w.bq, {n_q * hd});
-  detail::check_optional_shape(kOp, "weights.bk", w.bk, {n_kv * hd});
-  detail::check_optional_shape(kOp, "weights.bv", w.bv, {n_kv * hd});
-  const LayerLayout& ll = c.layer_layout(p.layer);
-  const int n_rec = ll.count(HeadKind::recurrent);
-  RF_CHECK(w.n_recurrent == n_rec && (n_rec == 0 || w.recurrent != nullptr), kOp, ": layer ", p.layer,
-           " has ", n_rec, " recurrent groups but weights.recurrent has ", w.n_recurrent, " entries");
-  if (n_rec > 0)
-    RF_CHECK(c.d_state() == hd, kOp, ": d_state (", c.d_state(), ") must equal head_dim (", hd,
-             ") for recurrent groups (B = k, C = q)");
-  for (int i = 0; i < n_rec; ++i) {
-    const RecurrentGroupWeights<TW>& r = w.recurrent[i];
-    char name[64];  // no allocation on the hot path: the names are formatted into a stack buffer
-    auto nm = [&](const char* field) {
-      std::snprintf(name, sizeof name, "weights.recurrent[%d].%s", i, field);
-      return name;
-    };
-    detail::check_shape(kOp, nm("dt_down"), r.dt_down, {-1, d_model});
-    const int64_t rank = r.dt_down.shape[0];
-    RF_CHECK(rank >= 1, kOp, ": ", nm("dt_down"), " must have at least one row (dt_rank)");
-    detail::check_shape(kOp, nm("dt_up"), r.dt_up, {hd, rank});
-    detail::check_shape(kOp, nm("dt_bias"), r.dt_bias, {hd});
-    detail::check_shape(kOp, nm("A"), r.A, {hd, hd});
-    detail::check_optional_shape(kOp, nm("D"), r.D, {hd});
-    detail::check_shape(kOp, nm("conv_weight"), r.conv_weight, {hd, int64_t(c.conv_kernel())});
-    detail::check_optional_shape(kOp, nm("conv_bias"), r.conv_bias, {hd});
-  }
-  if (ll.count(HeadKind::attention) + ll.count(HeadKind::streaming) > 0) {
-    dispatch_value("hybrid_head_attention: head_dim of attention groups", AttentionHeadDims{}, hd, [](auto) {});
-    detail::check_shape(kOp, "inv_freq", p.inv_freq, {hd / 2});
-  }
-  int64_t S = 1;
-  if (p.cu_seqlens.present()) {
-    S = p.cu_seqlens.shape[0] - 1;
-    RF_CHECK(S >= 1, kOp, ": cu_seqlens needs at least 2 entries");
-    RF_CHECK(p.cu_seqlens(0) == 0 && p.cu_seqlens(S) == tokens, kOp, ": cu_seqlens must start at 0 and end at ",
-             tokens, " (got ", p.cu_seqlens(0), " .. ", p.cu_seqlens(S), ")");
-    for (int64_t s = 0; s < S; ++s)
-      RF_CHECK(p.cu_seqlens(s) <= p.cu_seqlens(s + 1), kOp, ": cu_seqlens must be non-decreasing (at ", s, ")");
-  }
-  detail::check_optional_shape(kOp, "slots", p.slots, {S});
-}
-
-template <class T, class TW>
 size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec) {
-  check(p);
-  namespace h = detail::hybrid;
-  const h::Plan layout = h::plan_layout(p);
-  std::vector<unsigned char> meta(layout.meta_end + h::kAlign);  // a size query may allocate
-  unsigned char* m = h::align_ptr(meta.data());
-  h::fill_metadata(p, layout, m);
-  return h::plan_call(p, exec, m).total;
+  return detail::hybrid::workspace_bytes(p, exec);
 }
 
 template <class T, class TW>
 void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec, void* workspace,
                            size_t workspace_bytes) {
-  check(p);
-  namespace h = detail::hybrid;
-  using h::kOp;
-  const h::Plan layout = h::plan_layout(p);
-  RF_CHECK(workspace != nullptr && workspace_bytes >= layout.meta_end + h::kAlign, kOp, ": workspace has ",
-           workspace_bytes, " bytes, expected at least hybrid_head_attention_workspace_bytes()");
-  unsigned char* ws = h::align_ptr(workspace);
-  h::fill_metadata(p, layout, ws);
-  const h::Plan pl = h::plan_call(p, exec, ws);
-  RF_CHECK(workspace_bytes >= pl.total, kOp, ": workspace has ", workspace_bytes, " bytes, expected at least ",
-           pl.total, " (hybrid_head_attention_workspace_bytes)");
-  p.cache->check_append(h::ws_ints(ws, pl.slots, pl.S), h::ws_ints(ws, pl.counts, pl.S));
-  if (pl.n == 0) return;
-  h::run<false>(p, pl, exec, ws);  // every inner op's params checked before anything is written
-  h::run<true>(p, pl, exec, ws);
+  detail::hybrid::call(p, exec, workspace, workspace_bytes);
 }
 
 }  // namespace recurformer

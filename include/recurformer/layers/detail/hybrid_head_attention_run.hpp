@@ -1,0 +1,593 @@
+// recurformer/layers/detail/hybrid_head_attention_run.hpp: the orchestration of
+// layers/hybrid_head_attention.hpp, written once for every exec.
+//
+// One call runs in stages, each an op over the whole batch (the ops parallelise inside):
+//   1. q, k, v projections (fp32) -> gather the heads by kind into packed T buffers
+//      [tokens, groups_of_kind (* g), hd] (what each kind's op reads), scaling recurrent q by
+//      1/sqrt(hd) on the way (C of the scan);
+//   2. attention groups: RoPE, append K/V to the slot, attention over the slot;
+//   3. streaming groups: RoPE, copy the ring's live entries and the chunk's keys into scratch
+//      (with their positions), attention with the sink/window mask, then write the chunk into the ring;
+//   4. recurrent groups: conv over v_j, low-rank Δ, scan over the slot's state;
+//   5. scatter the head outputs back to head order (fp32) and project with Wo.
+// The ops (linear, rope, attention, causal_conv1d, selective_scan) are found by overload on the
+// exec; the data movement between them (gather, append, ring copies, scatter) and the op checks
+// are the exec's HybridBackend<Exec> (CPU: layers/detail/hybrid_head_attention_impl.hpp, CUDA:
+// cuda/hybrid_head_attention.cuh). All index metadata (positions, offsets, slots, key counts,
+// ring sources and destinations) is computed on the host from the cache's host-side lengths,
+// then handed to the backend, which uploads it when the exec's memory is not the host's.
+// Before anything runs the whole call is run "dry": every inner op's params are built and
+// checked and the cache's capacity check runs, so an error leaves the cache and out untouched.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "recurformer/core/dispatch.hpp"
+#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/ops/attention.hpp"
+#include "recurformer/ops/causal_conv1d.hpp"
+#include "recurformer/ops/linear.hpp"
+#include "recurformer/ops/rope.hpp"
+#include "recurformer/ops/selective_scan.hpp"
+
+namespace recurformer {
+namespace detail {
+namespace hybrid {
+
+constexpr const char* kOp = "hybrid_head_attention";
+constexpr int kAttn = 0, kRec = 1, kStream = 2;  // kind slots in the per-kind arrays
+constexpr size_t kAlign = 64;
+
+/// The exec's data movement and op checks (specialised next to each exec's ops).
+template <class Exec>
+struct HybridBackend;
+
+inline size_t align_up(size_t b) { return (b + kAlign - 1) / kAlign * kAlign; }
+inline unsigned char* align_ptr(void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<unsigned char*>((a + kAlign - 1) / kAlign * kAlign);
+}
+
+inline int kind_slot(HeadKind k) {
+  return k == HeadKind::attention ? kAttn : k == HeadKind::recurrent ? kRec : kStream;
+}
+
+/// A non-null pointer for params whose data a size query or check never reads.
+template <class U>
+U* placeholder() {
+  alignas(kAlign) static U u{};  // aligned: the CUDA checks look at K/V alignment
+  return &u;
+}
+
+/// Sizes of one call and the byte offsets of its scratch buffers in the workspace.
+struct Plan {
+  int64_t n = 0, S = 0, d_model = 0, n_q = 0, n_kv = 0, hd = 0, g = 0;
+  int64_t groups[3] = {0, 0, 0};  // KV groups per kind
+  int64_t ring = 0, sink = 0, window = 0, max_len = 0, stream_cap = 0, dt_rank_max = 0;
+  bool decode = false;
+  // int32 metadata, computed on the host (the first meta_end bytes of the workspace)
+  size_t pos = 0, cu = 0, slots = 0, counts = 0, kv_lens = 0, s_kv_lens = 0, s_kpos = 0, tok_seq = 0;
+  size_t group_kind = 0, group_local = 0, s_src = 0, ring_dst = 0, meta_end = 0;
+  // fp32 projections (q doubles as the fp32 head concat for Wo)
+  size_t qf = 0, kf = 0, vf = 0;
+  // T per kind: q heads, k, v, head outputs
+  size_t q[3] = {}, k[3] = {}, v[3] = {}, o[3] = {};
+  size_t stream_k = 0, stream_v = 0;                       // [S, n_stream, stream_cap, hd] T
+  size_t u = 0, dt_low = 0, delta_f = 0, delta_t = 0;      // recurrent scratch, per group
+  size_t lin = 0, lin_bytes = 0, attn = 0, attn_bytes = 0;
+  size_t rec_lin = 0, rec_lin_bytes = 0;                   // per-thread linear scratch (CPU decode)
+  size_t total = 0;
+};
+
+/// The call's buffers, resolved from the plan and the workspace (in the exec's memory). The
+/// backends' data movement reads and writes only these.
+template <class T>
+struct CallBuffers {
+  const int32_t *pos, *cu, *slots, *tok_seq;  // [n], [S+1], [S], [n] (sequence of each token)
+  const int32_t *group_kind, *group_local;    // [n_kv] kind slot and index within the kind
+  const int32_t *s_src;     // [S, stream_cap] ring entry (>= 0) or -(chunk token + 1) of each key
+  const int32_t *s_kv_lens; // [S] keys of each sequence in the streaming scratch
+  const int32_t *ring_dst;  // [n] ring entry a token is written to, -1 when a later token takes it
+  float *qf, *kf, *vf;
+  T *q[3], *k[3], *v[3], *o[3];
+};
+
+template <class P>
+int64_t num_sequences(const P& p) {
+  return p.cu_seqlens.present() ? p.cu_seqlens.shape[0] - 1 : 1;
+}
+
+// Everything but the attention / linear scratch, which depend on the metadata.
+template <class T, class TW, class M>
+Plan plan_layout(const HybridHeadAttentionParams<T, TW, M>& p) {
+  Plan pl;
+  const HybridCache<T, M>& c = *p.cache;
+  pl.n = p.x.shape[0];
+  pl.d_model = p.x.shape[1];
+  pl.S = num_sequences(p);
+  pl.n_q = p.n_q;
+  pl.n_kv = c.config().n_kv;
+  pl.hd = c.head_dim();
+  pl.g = pl.n_q / pl.n_kv;
+  const LayerLayout& ll = c.layer_layout(p.layer);
+  for (HeadKind k : ll.groups) ++pl.groups[kind_slot(k)];
+  pl.ring = c.ring_size();
+  pl.sink = c.sink();
+  pl.window = pl.ring - pl.sink;
+  bool all_one = true;
+  for (int64_t s = 0; s < pl.S; ++s) {
+    const int64_t len = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) - p.cu_seqlens(s) : pl.n;
+    pl.max_len = std::max(pl.max_len, len);
+    all_one = all_one && len == 1;
+  }
+  pl.decode = all_one && pl.S == pl.n;
+  pl.stream_cap = pl.groups[kStream] ? pl.ring + pl.max_len : 0;
+  for (int i = 0; i < p.weights.n_recurrent; ++i)
+    pl.dt_rank_max = std::max(pl.dt_rank_max, p.weights.recurrent[i].dt_down.shape[0]);
+
+  size_t off = 0;
+  auto take = [&](size_t& at, int64_t count, size_t elem) {
+    at = off;
+    off += align_up(size_t(std::max<int64_t>(count, 0)) * elem);
+  };
+  take(pl.pos, pl.n, 4);
+  take(pl.cu, pl.S + 1, 4);
+  take(pl.slots, pl.S, 4);
+  take(pl.counts, pl.S, 4);
+  take(pl.kv_lens, pl.S, 4);
+  take(pl.s_kv_lens, pl.S, 4);
+  take(pl.s_kpos, pl.S * pl.stream_cap, 4);
+  take(pl.tok_seq, pl.n, 4);
+  take(pl.group_kind, pl.n_kv, 4);
+  take(pl.group_local, pl.n_kv, 4);
+  take(pl.s_src, pl.S * pl.stream_cap, 4);
+  take(pl.ring_dst, pl.groups[kStream] ? pl.n : 0, 4);
+  pl.meta_end = off;
+  take(pl.qf, pl.n * pl.n_q * pl.hd, 4);
+  take(pl.kf, pl.n * pl.n_kv * pl.hd, 4);
+  take(pl.vf, pl.n * pl.n_kv * pl.hd, 4);
+  for (int k = 0; k < 3; ++k) {
+    take(pl.q[k], pl.n * pl.groups[k] * pl.g * pl.hd, sizeof(T));
+    take(pl.k[k], pl.n * pl.groups[k] * pl.hd, sizeof(T));
+    take(pl.v[k], pl.n * pl.groups[k] * pl.hd, sizeof(T));
+    take(pl.o[k], pl.n * pl.groups[k] * pl.g * pl.hd, sizeof(T));
+  }
+  take(pl.stream_k, pl.S * pl.groups[kStream] * pl.stream_cap * pl.hd, sizeof(T));
+  take(pl.stream_v, pl.S * pl.groups[kStream] * pl.stream_cap * pl.hd, sizeof(T));
+  const int64_t rec = pl.groups[kRec] * pl.n;
+  take(pl.u, rec * pl.hd, sizeof(T));
+  take(pl.dt_low, rec * pl.dt_rank_max, 4);
+  take(pl.delta_f, rec * pl.hd, 4);
+  take(pl.delta_t, rec * pl.hd, sizeof(T));
+  pl.lin = off;
+  return pl;
+}
+
+// Fills the int32 metadata into `meta` (host memory laid out as the workspace's first meta_end bytes).
+template <class T, class TW, class M>
+void fill_metadata(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, unsigned char* meta) {
+  const HybridCache<T, M>& c = *p.cache;
+  auto ints = [&](size_t off) { return reinterpret_cast<int32_t*>(meta + off); };
+  int32_t *pos = ints(pl.pos), *cu = ints(pl.cu), *slots = ints(pl.slots), *counts = ints(pl.counts);
+  int32_t *kv_lens = ints(pl.kv_lens), *s_kv_lens = ints(pl.s_kv_lens), *s_kpos = ints(pl.s_kpos);
+  int32_t *tok_seq = ints(pl.tok_seq), *s_src = ints(pl.s_src), *ring_dst = ints(pl.ring_dst);
+  const LayerLayout& ll = c.layer_layout(p.layer);
+  int32_t local[3] = {0, 0, 0};
+  for (int64_t j = 0; j < pl.n_kv; ++j) {
+    const int kind = kind_slot(ll.groups[size_t(j)]);
+    ints(pl.group_kind)[j] = kind;
+    ints(pl.group_local)[j] = local[kind]++;
+  }
+  cu[0] = 0;
+  for (int64_t s = 0; s < pl.S; ++s) {
+    cu[s + 1] = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) : int32_t(pl.n);
+    slots[s] = p.slots.present() ? p.slots(s) : int32_t(s);
+    counts[s] = cu[s + 1] - cu[s];
+  }
+  for (int64_t s = 0; s < pl.S; ++s) {
+    // Slot validity is the cache's check (check_append); read lengths only for valid slots.
+    const bool ok = slots[s] >= 0 && slots[s] < c.slots();
+    const int64_t len = ok ? c.length(slots[s]) : 0;
+    const int64_t last = len + counts[s] - 1;  // position of the sequence's last token
+    kv_lens[s] = int32_t(std::min<int64_t>(len + counts[s], INT32_MAX));
+    for (int32_t t = cu[s]; t < cu[s + 1]; ++t) {
+      pos[t] = int32_t(len + (t - cu[s]));
+      tok_seq[t] = int32_t(s);
+      // A streaming token keeps its ring entry unless a later token of the chunk lands there,
+      // so every entry is written once and the writes need no order.
+      if (pl.groups[kStream])
+        ring_dst[t] = pos[t] < pl.sink || pos[t] + pl.window > last ? int32_t(c.ring_entry(pos[t])) : -1;
+    }
+    s_kv_lens[s] = 0;
+    if (!pl.stream_cap) continue;
+    // The ring's live entries (in entry order), then the chunk's tokens.
+    int32_t* kp = s_kpos + s * pl.stream_cap;
+    int32_t* src = s_src + s * pl.stream_cap;
+    int64_t m = 0;
+    for (int64_t e = 0; e < pl.ring; ++e) {
+      const int64_t rp = c.ring_position(e, len);
+      if (rp >= 0) kp[m] = int32_t(rp), src[m++] = int32_t(e);
+    }
+    for (int32_t t = 0; t < counts[s]; ++t) kp[m] = int32_t(len + t), src[m++] = -(cu[s] + t + 1);
+    s_kv_lens[s] = int32_t(m);
+    for (int64_t r = m; r < pl.stream_cap; ++r) kp[r] = 0, src[r] = 0;  // never read: past the key count
+  }
+}
+
+inline View<const int32_t, 1> ws_ints(unsigned char* ws, size_t off, int64_t n) {
+  return make_view(reinterpret_cast<const int32_t*>(ws + off), {n});
+}
+
+template <class T>
+CallBuffers<T> call_buffers(const Plan& pl, unsigned char* ws) {
+  auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(ws + off); };
+  CallBuffers<T> b;
+  b.pos = ints(pl.pos), b.cu = ints(pl.cu), b.slots = ints(pl.slots), b.tok_seq = ints(pl.tok_seq);
+  b.group_kind = ints(pl.group_kind), b.group_local = ints(pl.group_local);
+  b.s_src = ints(pl.s_src), b.s_kv_lens = ints(pl.s_kv_lens), b.ring_dst = ints(pl.ring_dst);
+  b.qf = reinterpret_cast<float*>(ws + pl.qf);
+  b.kf = reinterpret_cast<float*>(ws + pl.kf);
+  b.vf = reinterpret_cast<float*>(ws + pl.vf);
+  for (int k = 0; k < 3; ++k) {
+    b.q[k] = reinterpret_cast<T*>(ws + pl.q[k]);
+    b.k[k] = reinterpret_cast<T*>(ws + pl.k[k]);
+    b.v[k] = reinterpret_cast<T*>(ws + pl.v[k]);
+    b.o[k] = reinterpret_cast<T*>(ws + pl.o[k]);
+  }
+  return b;
+}
+
+template <class Exec>
+constexpr bool is_cpu_exec = std::is_same_v<Exec, CpuExec>;
+
+// One recurrent group i (KV group j): u = conv(v_j), Δ = dt_up (dt_down x) rounded to T, scan.
+// Its scratch (u, Δ) is the group's own, so groups may run concurrently (CPU decode).
+template <bool Execute, class Exec, class T, class TW, class M>
+void recurrent_group(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, int64_t i, Exec exec,
+                     unsigned char* ws, void* lin_ws, size_t lin_bytes) {
+  using B = HybridBackend<Exec>;
+  HybridCache<T, M>& cache = *p.cache;
+  const int64_t n = pl.n, hd = pl.hd, g = pl.g, nR = pl.groups[kRec];
+  const View<const int32_t, 1> cu = ws_ints(ws, pl.cu, pl.S + 1), slots = ws_ints(ws, pl.slots, pl.S);
+  const T* qr = reinterpret_cast<const T*>(ws + pl.q[kRec]);
+  const T* kr = reinterpret_cast<const T*>(ws + pl.k[kRec]);
+  const T* vr = reinterpret_cast<const T*>(ws + pl.v[kRec]);
+  T* yr = reinterpret_cast<T*>(ws + pl.o[kRec]);
+  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, View<float, 2> y) {
+    LinearParams<float, TW> lp{x, w, View<const TW, 1>{}, y};
+    if constexpr (Execute) {
+      linear(lp, exec, lin_ws, lin_bytes);
+    } else {
+      check(lp);
+      RF_CHECK(linear_workspace_bytes(lp, exec) <= lin_bytes, kOp, ": internal: linear scratch too small");
+    }
+  };
+  const RecurrentGroupWeights<TW>& rw = p.weights.recurrent[i];
+  const int64_t r = rw.dt_down.shape[0];
+  T* u = reinterpret_cast<T*>(ws + pl.u) + i * n * hd;
+  float* dt_low = reinterpret_cast<float*>(ws + pl.dt_low) + i * n * pl.dt_rank_max;
+  float* delta_f = reinterpret_cast<float*>(ws + pl.delta_f) + i * n * hd;
+  T* delta_t = reinterpret_cast<T*>(ws + pl.delta_t) + i * n * hd;
+  CausalConv1dParams<T> cp;
+  cp.x = make_strided_view(vr + i * hd, {n, hd}, {nR * hd, 1});
+  cp.weight = rw.conv_weight;
+  cp.bias = rw.conv_bias;
+  cp.y = make_view(u, {n, hd});
+  cp.conv_state = cache.conv_state(p.layer, int(i));
+  cp.state_slots = slots;
+  if (!pl.decode) cp.cu_seqlens = cu;
+  SelectiveScanParams<T> sp;
+  sp.u = make_view(const_cast<const T*>(u), {n, hd});
+  sp.delta = make_view(const_cast<const T*>(delta_t), {n, hd});
+  sp.A = rw.A;
+  sp.B = make_strided_view(kr + i * hd, {n, int64_t(1), hd}, {nR * hd, hd, 1});
+  sp.C = make_strided_view(qr + i * g * hd, {n, int64_t(1), g, hd}, {nR * g * hd, g * hd, hd, 1});
+  sp.D = rw.D;
+  sp.delta_bias = rw.dt_bias;
+  sp.y = make_strided_view(yr + i * g * hd, {n, g, hd}, {nR * g * hd, hd, 1});
+  sp.state = cache.ssm_state(p.layer, int(i));
+  sp.state_slots = slots;
+  if (!pl.decode) sp.cu_seqlens = cu;
+  sp.delta_activation = DeltaActivation::softplus;
+  if constexpr (Execute) {
+    if (pl.decode) causal_conv1d_update(cp, exec); else causal_conv1d(cp, exec);
+  } else {
+    B::check_conv(cp, pl.decode);
+  }
+  do_linear(p.x, rw.dt_down, make_view(dt_low, {n, r}));
+  do_linear(make_view(const_cast<const float*>(dt_low), {n, r}), rw.dt_up, make_view(delta_f, {n, hd}));
+  if constexpr (Execute) {
+    B::to_storage(delta_t, delta_f, n * hd, exec);
+    if (pl.decode) selective_state_update(sp, exec); else selective_scan(sp, exec);
+  } else {
+    B::check_scan(sp, pl.decode);
+  }
+}
+
+// The layer's inner ops, built from the plan. Execute = false only builds and checks each op's
+// params (and the scratch each needs); true runs them.
+template <bool Execute, class Exec, class T, class TW, class M>
+void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec, unsigned char* ws) {
+  using B = HybridBackend<Exec>;
+  HybridCache<T, M>& cache = *p.cache;
+  const int64_t n = pl.n, hd = pl.hd, g = pl.g, n_q = pl.n_q, n_kv = pl.n_kv;
+  void* lin_ws = ws + pl.lin;
+  void* attn_ws = ws + pl.attn;
+  const CallBuffers<T> b = call_buffers<T>(pl, ws);
+  const View<const int32_t, 1> pos = ws_ints(ws, pl.pos, n), cu = ws_ints(ws, pl.cu, pl.S + 1),
+                               slots = ws_ints(ws, pl.slots, pl.S), kv_lens = ws_ints(ws, pl.kv_lens, pl.S);
+
+  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, View<const TW, 1> bias, View<float, 2> y) {
+    LinearParams<float, TW> lp{x, w, bias, y};
+    if constexpr (Execute) {
+      linear(lp, exec, lin_ws, pl.lin_bytes);
+    } else {
+      check(lp);
+      RF_CHECK(linear_workspace_bytes(lp, exec) <= pl.lin_bytes, kOp, ": internal: linear scratch too small");
+    }
+  };
+  auto do_attention = [&](const AttentionParams<T>& ap) {
+    if constexpr (Execute) {
+      attention(ap, exec, attn_ws, pl.attn_bytes);
+    } else {
+      B::check_attention(ap);
+      RF_CHECK(attention_workspace_bytes(ap, exec) <= pl.attn_bytes, kOp,
+               ": internal: attention scratch too small");
+    }
+  };
+  auto do_rope = [&](T* x, int64_t heads) {
+    RopeParams<T> rp{make_view(x, {n, heads, hd}), pos, p.inv_freq, p.rope_layout};
+    if constexpr (Execute) rope(rp, exec); else check(rp, B::kIndex);
+  };
+
+  // 1. projections and the gather by kind.
+  const HybridAttentionWeights<TW>& w = p.weights;
+  do_linear(p.x, w.wq, w.bq, make_view(b.qf, {n, n_q * hd}));
+  do_linear(p.x, w.wk, w.bk, make_view(b.kf, {n, n_kv * hd}));
+  do_linear(p.x, w.wv, w.bv, make_view(b.vf, {n, n_kv * hd}));
+  if constexpr (Execute) B::gather_heads(pl, b, float(1.0 / std::sqrt(double(hd))), exec);
+
+  // 2. attention groups.
+  const int64_t nA = pl.groups[kAttn];
+  if (nA) {
+    do_rope(b.q[kAttn], nA * g);
+    do_rope(b.k[kAttn], nA);
+    View<T, 4> K = cache.keys(p.layer), V = cache.values(p.layer);
+    if constexpr (Execute) B::append_kv(pl, b, K, V, exec);
+    AttentionParams<T> ap;
+    ap.q = make_view(const_cast<const T*>(b.q[kAttn]), {n, nA * g, hd});
+    ap.k = K;
+    ap.v = V;
+    ap.out = make_view(b.o[kAttn], {n, nA * g, hd});
+    ap.cu_seqlens = cu;
+    ap.kv_slots = slots;
+    ap.kv_lens = kv_lens;
+    ap.q_positions = pos;
+    do_attention(ap);
+  }
+
+  // 3. streaming groups: attention over [ring's live entries, chunk] gathered into scratch.
+  const int64_t nS = pl.groups[kStream];
+  if (nS) {
+    do_rope(b.q[kStream], nS * g);
+    do_rope(b.k[kStream], nS);
+    View<T, 4> RK = cache.stream_keys(p.layer), RV = cache.stream_values(p.layer);
+    const int64_t cap = pl.stream_cap;
+    View<T, 4> SK = make_view(reinterpret_cast<T*>(ws + pl.stream_k), {pl.S, nS, cap, hd});
+    View<T, 4> SV = make_view(reinterpret_cast<T*>(ws + pl.stream_v), {pl.S, nS, cap, hd});
+    if constexpr (Execute) B::stream_gather(pl, b, RK, RV, SK, SV, exec);
+    AttentionParams<T> ap;
+    ap.q = make_view(const_cast<const T*>(b.q[kStream]), {n, nS * g, hd});
+    ap.k = SK;
+    ap.v = SV;
+    ap.out = make_view(b.o[kStream], {n, nS * g, hd});
+    ap.cu_seqlens = cu;
+    ap.kv_lens = ws_ints(ws, pl.s_kv_lens, pl.S);
+    ap.q_positions = pos;
+    ap.k_positions = make_view(reinterpret_cast<const int32_t*>(ws + pl.s_kpos), {pl.S, cap});
+    ap.sink = cache.sink();
+    ap.window = cache.window();
+    do_attention(ap);
+    if constexpr (Execute) B::ring_write(pl, b, RK, RV, exec);  // after the attention read the ring
+  }
+
+  // 4. recurrent groups (G = 1 group of hd channels, R = g readers).
+  const int64_t nR = pl.groups[kRec];
+  if constexpr (is_cpu_exec<Exec>) {
+    // Decode (tiny ops) runs the groups in parallel, each on one thread with its own scratch, so a
+    // step costs one fork-join, not ~4 per group.
+    if (!Execute || !pl.decode) {
+      for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, lin_ws, pl.lin_bytes);
+      if (!Execute && pl.decode)  // the decode path's per-thread scratch, on one thread
+        for (int64_t i = 0; i < nR; ++i)
+          recurrent_group<false>(p, pl, i, CpuExec{}, ws, ws + pl.rec_lin, pl.rec_lin_bytes);
+    } else {
+      exec.for_each(nR, [&](int64_t i, int thread) {
+        recurrent_group<true>(p, pl, i, CpuExec{}, ws,
+                              ws + pl.rec_lin + size_t(thread) * align_up(pl.rec_lin_bytes), pl.rec_lin_bytes);
+      });
+    }
+  } else {
+    for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, lin_ws, pl.lin_bytes);
+  }
+
+  // 5. head outputs back to head order in fp32 (reusing qf), then Wo.
+  if constexpr (Execute) B::scatter_heads(pl, b, exec);
+  do_linear(make_view(const_cast<const float*>(b.qf), {n, n_q * hd}), w.wo, View<const TW, 1>{}, p.out);
+}
+
+// The full plan: the layout, plus the linear and attention scratch for this call's metadata
+// (filled, on the host, at `meta`).
+template <class Exec, class T, class TW, class M>
+Plan plan_call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, unsigned char* meta) {
+  Plan pl = plan_layout(p);
+  const int64_t n = pl.n, hd = pl.hd, g = pl.g;
+  const HybridAttentionWeights<TW>& w = p.weights;
+  auto lin_need = [&](int64_t tokens, View<const TW, 2> wt, int64_t in, auto lin_exec) {
+    LinearParams<float, TW> lp;
+    lp.x = make_view(const_cast<const float*>(placeholder<float>()), {tokens, in});
+    lp.weight = wt;
+    lp.y = make_view(placeholder<float>(), {tokens, wt.shape[0]});
+    return linear_workspace_bytes(lp, lin_exec);
+  };
+  size_t lin = 0;
+  for (auto [wt, in] : {std::pair<View<const TW, 2>, int64_t>{w.wq, pl.d_model}, {w.wk, pl.d_model},
+                        {w.wv, pl.d_model}, {w.wo, pl.n_q * hd}})
+    lin = std::max(lin, lin_need(n, wt, in, exec));
+  for (int i = 0; i < w.n_recurrent; ++i) {
+    lin = std::max(lin, lin_need(n, w.recurrent[i].dt_down, pl.d_model, exec));
+    lin = std::max(lin, lin_need(n, w.recurrent[i].dt_up, w.recurrent[i].dt_down.shape[0], exec));
+  }
+  size_t attn = 0;
+  const View<const int32_t, 1> pos = ws_ints(meta, pl.pos, n), cu = ws_ints(meta, pl.cu, pl.S + 1),
+                               slots = ws_ints(meta, pl.slots, pl.S);
+  for (int kind : {kAttn, kStream}) {
+    const int64_t nk = pl.groups[kind];
+    if (!nk) continue;
+    AttentionParams<T> ap;
+    ap.q = make_view(const_cast<const T*>(placeholder<T>()), {n, nk * g, hd});
+    ap.out = make_view(placeholder<T>(), {n, nk * g, hd});
+    ap.cu_seqlens = cu;
+    ap.q_positions = pos;
+    if (kind == kAttn) {
+      ap.k = p.cache->keys(p.layer);
+      ap.v = p.cache->values(p.layer);
+      ap.kv_slots = slots;
+      ap.kv_lens = ws_ints(meta, pl.kv_lens, pl.S);
+    } else {
+      ap.k = make_view(const_cast<const T*>(placeholder<T>()), {pl.S, nk, pl.stream_cap, hd});
+      ap.v = ap.k;
+      ap.kv_lens = ws_ints(meta, pl.s_kv_lens, pl.S);
+    }
+    // Slot and length errors are reported by the cache's own check before this matters.
+    bool valid = true;
+    for (int64_t s = 0; s < pl.S; ++s)
+      valid = valid && slots(s) >= 0 && slots(s) < p.cache->slots() && ap.kv_lens(s) <= ap.k.shape[2];
+    if (valid) attn = std::max(attn, attention_workspace_bytes(ap, exec));
+  }
+  size_t rec_lin = 0;
+  int threads = 1;
+  if constexpr (is_cpu_exec<Exec>) {  // CPU decode runs each group's Δ projections on one thread
+    threads = exec.threads();
+    if (pl.decode)
+      for (int i = 0; i < w.n_recurrent; ++i) {
+        rec_lin = std::max(rec_lin, lin_need(n, w.recurrent[i].dt_down, pl.d_model, CpuExec{}));
+        rec_lin = std::max(rec_lin, lin_need(n, w.recurrent[i].dt_up, w.recurrent[i].dt_down.shape[0], CpuExec{}));
+      }
+  }
+  size_t off = pl.lin;
+  pl.lin_bytes = lin;
+  off += align_up(lin);
+  pl.rec_lin = off;
+  pl.rec_lin_bytes = rec_lin;
+  off += align_up(rec_lin) * size_t(threads);
+  pl.attn = off;
+  pl.attn_bytes = attn;
+  off += align_up(attn);
+  pl.total = off + kAlign;  // + alignment slack for the caller's pointer
+  return pl;
+}
+
+template <class Exec, class T, class TW, class M>
+size_t workspace_bytes(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) {
+  check(p);
+  const Plan layout = plan_layout(p);
+  std::vector<unsigned char> meta(layout.meta_end + kAlign);  // a size query may allocate
+  unsigned char* m = align_ptr(meta.data());
+  fill_metadata(p, layout, m);
+  return plan_call(p, exec, m).total;
+}
+
+template <class Exec, class T, class TW, class M>
+void call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, void* workspace, size_t workspace_bytes) {
+  using B = HybridBackend<Exec>;
+  check(p);
+  const Plan layout = plan_layout(p);
+  RF_CHECK(workspace != nullptr && workspace_bytes >= layout.meta_end + kAlign, kOp, ": workspace has ",
+           workspace_bytes, " bytes, expected at least hybrid_head_attention_workspace_bytes()");
+  unsigned char* ws = align_ptr(workspace);
+  unsigned char* meta = B::metadata_buffer(ws, layout.meta_end, exec);  // host memory
+  fill_metadata(p, layout, meta);
+  const Plan pl = plan_call(p, exec, meta);
+  RF_CHECK(workspace_bytes >= pl.total, kOp, ": workspace has ", workspace_bytes, " bytes, expected at least ",
+           pl.total, " (hybrid_head_attention_workspace_bytes)");
+  p.cache->check_append(ws_ints(meta, pl.slots, pl.S), ws_ints(meta, pl.counts, pl.S));
+  if (pl.n == 0) return;
+  run<false>(p, pl, exec, ws);  // every inner op's params checked before anything is written
+  B::upload_metadata(ws, meta, pl.meta_end, exec);
+  run<true>(p, pl, exec, ws);
+}
+
+}  // namespace hybrid
+}  // namespace detail
+
+template <class T, class TW, class M>
+void check(const HybridHeadAttentionParams<T, TW, M>& p) {
+  using detail::hybrid::kOp;
+  RF_CHECK(p.cache != nullptr, kOp, ": cache is null");
+  const HybridCache<T, M>& c = *p.cache;
+  RF_CHECK(p.layer >= 0 && p.layer < c.n_layers(), kOp, ": layer ", p.layer, " out of range [0, ",
+           c.n_layers(), ")");
+  const int64_t n_kv = c.config().n_kv, hd = c.head_dim();
+  RF_CHECK(p.n_q >= 1 && p.n_q % n_kv == 0, kOp, ": n_q (", p.n_q, ") must be a positive multiple of n_kv (",
+           n_kv, ")");
+  const int64_t n_q = p.n_q;
+  detail::check_shape(kOp, "x", p.x, {-1, -1});
+  const int64_t tokens = p.x.shape[0], d_model = p.x.shape[1];
+  RF_CHECK(d_model >= 1, kOp, ": x must have at least one column (d_model)");
+  detail::check_shape(kOp, "out", p.out, {tokens, d_model});
+  const HybridAttentionWeights<TW>& w = p.weights;
+  detail::check_shape(kOp, "weights.wq", w.wq, {n_q * hd, d_model});
+  detail::check_shape(kOp, "weights.wk", w.wk, {n_kv * hd, d_model});
+  detail::check_shape(kOp, "weights.wv", w.wv, {n_kv * hd, d_model});
+  detail::check_shape(kOp, "weights.wo", w.wo, {d_model, n_q * hd});
+  detail::check_optional_shape(kOp, "weights.bq", w.bq, {n_q * hd});
+  detail::check_optional_shape(kOp, "weights.bk", w.bk, {n_kv * hd});
+  detail::check_optional_shape(kOp, "weights.bv", w.bv, {n_kv * hd});
+  const LayerLayout& ll = c.layer_layout(p.layer);
+  const int n_rec = ll.count(HeadKind::recurrent);
+  RF_CHECK(w.n_recurrent == n_rec && (n_rec == 0 || w.recurrent != nullptr), kOp, ": layer ", p.layer,
+           " has ", n_rec, " recurrent groups but weights.recurrent has ", w.n_recurrent, " entries");
+  if (n_rec > 0)
+    RF_CHECK(c.d_state() == hd, kOp, ": d_state (", c.d_state(), ") must equal head_dim (", hd,
+             ") for recurrent groups (B = k, C = q)");
+  for (int i = 0; i < n_rec; ++i) {
+    const RecurrentGroupWeights<TW>& r = w.recurrent[i];
+    char name[64];  // no allocation on the hot path: the names are formatted into a stack buffer
+    auto nm = [&](const char* field) {
+      std::snprintf(name, sizeof name, "weights.recurrent[%d].%s", i, field);
+      return name;
+    };
+    detail::check_shape(kOp, nm("dt_down"), r.dt_down, {-1, d_model});
+    const int64_t rank = r.dt_down.shape[0];
+    RF_CHECK(rank >= 1, kOp, ": ", nm("dt_down"), " must have at least one row (dt_rank)");
+    detail::check_shape(kOp, nm("dt_up"), r.dt_up, {hd, rank});
+    detail::check_shape(kOp, nm("dt_bias"), r.dt_bias, {hd});
+    detail::check_shape(kOp, nm("A"), r.A, {hd, hd});
+    detail::check_optional_shape(kOp, nm("D"), r.D, {hd});
+    detail::check_shape(kOp, nm("conv_weight"), r.conv_weight, {hd, int64_t(c.conv_kernel())});
+    detail::check_optional_shape(kOp, nm("conv_bias"), r.conv_bias, {hd});
+  }
+  if (ll.count(HeadKind::attention) + ll.count(HeadKind::streaming) > 0) {
+    dispatch_value("hybrid_head_attention: head_dim of attention groups", AttentionHeadDims{}, hd, [](auto) {});
+    detail::check_shape(kOp, "inv_freq", p.inv_freq, {hd / 2});
+  }
+  int64_t S = 1;
+  if (p.cu_seqlens.present()) {
+    S = p.cu_seqlens.shape[0] - 1;
+    RF_CHECK(S >= 1, kOp, ": cu_seqlens needs at least 2 entries");
+    RF_CHECK(p.cu_seqlens(0) == 0 && p.cu_seqlens(S) == tokens, kOp, ": cu_seqlens must start at 0 and end at ",
+             tokens, " (got ", p.cu_seqlens(0), " .. ", p.cu_seqlens(S), ")");
+    for (int64_t s = 0; s < S; ++s)
+      RF_CHECK(p.cu_seqlens(s) <= p.cu_seqlens(s + 1), kOp, ": cu_seqlens must be non-decreasing (at ", s, ")");
+  }
+  detail::check_optional_shape(kOp, "slots", p.slots, {S});
+}
+
+}  // namespace recurformer
