@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "recurformer/core/dispatch.hpp"
-#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/layers/hybrid_head_attention_params.hpp"
 #include "recurformer/ops/attention.hpp"
 #include "recurformer/ops/causal_conv1d.hpp"
 #include "recurformer/ops/linear.hpp"
@@ -437,9 +437,8 @@ Plan plan_call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, unsigned
     return linear_workspace_bytes(lp, lin_exec);
   };
   size_t lin = 0;
-  for (auto [wt, in] : {std::pair<View<const TW, 2>, int64_t>{w.wq, pl.d_model}, {w.wk, pl.d_model},
-                        {w.wv, pl.d_model}, {w.wo, pl.n_q * hd}})
-    lin = std::max(lin, lin_need(n, wt, in, exec));
+  lin = std::max({lin_need(n, w.wq, pl.d_model, exec), lin_need(n, w.wk, pl.d_model, exec),
+                  lin_need(n, w.wv, pl.d_model, exec), lin_need(n, w.wo, pl.n_q * hd, exec)});
   for (int i = 0; i < w.n_recurrent; ++i) {
     lin = std::max(lin, lin_need(n, w.recurrent[i].dt_down, pl.d_model, exec));
     lin = std::max(lin, lin_need(n, w.recurrent[i].dt_up, w.recurrent[i].dt_down.shape[0], exec));

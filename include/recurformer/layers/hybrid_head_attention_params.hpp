@@ -1,0 +1,65 @@
+// recurformer/layers/hybrid_head_attention_params.hpp: the parameters of the hybrid head attention
+// layer (layers/hybrid_head_attention.hpp documents the layer; its CPU entry points live there, its
+// CUDA ones in cuda/hybrid_head_attention.cuh). This header has no implementation, so both a host
+// and a CUDA translation unit can take it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "recurformer/cache/hybrid_cache.hpp"
+#include "recurformer/core/exec.hpp"
+#include "recurformer/core/view.hpp"
+#include "recurformer/ops/rope.hpp"
+
+namespace recurformer {
+
+/// The new tensors of one recurrent group (spec section 7), as the kernels take them.
+template <class TW>
+struct RecurrentGroupWeights {
+  View<const TW, 2> dt_down;         // [dt_rank, d_model]
+  View<const TW, 2> dt_up;           // [hd, dt_rank]
+  View<const float, 1> dt_bias;      // [hd]
+  View<const float, 2> A;            // [hd, N] = -exp(A_log), precomputed in fp32
+  View<const float, 1> D;            // [hd] optional skip
+  View<const float, 2> conv_weight;  // [hd, Kc]
+  View<const float, 1> conv_bias;    // [hd] optional
+};
+
+/// One layer's attention weights in the weight dtype TW (any the linear op takes with fp32 x).
+template <class TW>
+struct HybridAttentionWeights {
+  View<const TW, 2> wq;  // [n_q * hd, d_model]
+  View<const TW, 2> wk;  // [n_kv * hd, d_model]
+  View<const TW, 2> wv;  // [n_kv * hd, d_model]
+  View<const TW, 2> wo;  // [d_model, n_q * hd]
+  View<const TW, 1> bq, bk, bv;  // [n_q * hd], [n_kv * hd], [n_kv * hd] optional (Qwen2)
+  /// [n_recurrent] one entry per recurrent group of the layer, in KV-group order (caller-owned).
+  const RecurrentGroupWeights<TW>* recurrent = nullptr;
+  int n_recurrent = 0;
+};
+
+/// T: cache storage type; TW: weight type; Memory: where the cache, weights, x, out and the
+/// workspace live (HostMemory for CpuExec, DeviceMemory for CudaExec: cuda/hybrid_head_attention.cuh).
+/// cu_seqlens and slots are host arrays in both: the layer plans the call from them and the
+/// cache's host-side lengths.
+template <class T, class TW, class Memory = HostMemory>
+struct HybridHeadAttentionParams {
+  View<const float, 2> x;              // [tokens, d_model] RMS-normalised input
+  View<float, 2> out;                  // [tokens, d_model] (may alias x)
+  HybridAttentionWeights<TW> weights;
+  HybridCache<T, Memory>* cache = nullptr;  // read, and written at positions [length, length + n)
+  int layer = 0;                       // layer index in the cache (its head layout)
+  int n_q = 0;                         // query heads (n_kv, head_dim come from the cache)
+  View<const int32_t, 1> cu_seqlens;   // [S+1] optional: sequence s = tokens [cu[s], cu[s+1]) (absent: one)
+  View<const int32_t, 1> slots;        // [S] optional: cache slot of sequence s (absent: s)
+  View<const float, 1> inv_freq;       // [hd/2] RoPE table (rope_inv_freq)
+  RopeLayout rope_layout = RopeLayout::rotate_half;
+};
+
+/// Throws Error naming the argument unless the shapes, weights and layout are consistent (the
+/// capacity and the inner ops are checked by hybrid_head_attention itself, before any write).
+template <class T, class TW, class Memory>
+void check(const HybridHeadAttentionParams<T, TW, Memory>& p);
+
+}  // namespace recurformer
