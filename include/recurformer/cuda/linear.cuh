@@ -24,7 +24,8 @@
 // not required; cuBLAS picks its fastest kernels when data pointers are 16-byte aligned and row
 // strides are multiples of 16 bytes. y must not overlap x, weight, bias or the workspace.
 // tokens == 0 launches nothing. The cuBLAS handle is per (host thread, device) and internal
-// (cuda/detail/linear_cublas.cuh); a program that includes this header links CUDA::cublas.
+// (cuda/detail/linear_cublas.cuh); a program that includes this header links recurformer::cuda
+// (CUDA::cudart + CUDA::cublas).
 #pragma once
 
 #include <algorithm>
