@@ -1,8 +1,8 @@
 // recurformer/cuda/memory.cuh: DeviceMemory, HostMemory's twin (core/memory.hpp) for owners of
 // long-lived device buffers: HybridCache<T, DeviceMemory> is the cache in device memory.
 //
-// Buffers are cudaMalloc'ed on the current device and zeroed at allocation (synchronously, so a
-// new cache is ready before any stream uses it). zero() and copy() are asynchronous on the
+// Buffers are cudaMalloc'ed on the current device and zeroed at allocation (waited for, so a new
+// cache is ready before any stream uses it). zero() and copy() are asynchronous on the
 // memory's stream, ordered with the kernels the caller enqueues on the same stream.
 #pragma once
 
@@ -47,6 +47,9 @@ class DeviceBuffer {
     RF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&data_), n * sizeof(E)));
     size_ = n;
     RF_CUDA_CHECK(cudaMemset(data_, 0, n * sizeof(E)));
+    // cudaMemset of device memory is asynchronous on the default stream, which a non-blocking (or
+    // per-thread default) stream does not wait for: wait here, or its first kernels may read garbage.
+    RF_CUDA_CHECK(cudaStreamSynchronize(nullptr));
   }
 
  private:
