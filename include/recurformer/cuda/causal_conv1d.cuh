@@ -9,6 +9,7 @@
 // template argument (dispatched once, in conv_width_dispatch) so the taps stay in registers.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "recurformer/core/dispatch.hpp"
@@ -48,74 +49,82 @@ __device__ __forceinline__ float conv_finish(const CausalConv1dParams<T>& p, flo
   return p.activation == ConvActivation::silu ? acc * (1.f / (1.f + expf(-acc))) : acc;
 }
 
-// grid (ceil(Dch / kConvThreads), tokens)
+// grid (ceil(Dch / kConvThreads), min(tokens, 65535)), rows grid-stride (grid.y is at most 65535)
 template <int K, class T>
 __global__ void __launch_bounds__(kConvThreads) causal_conv1d_kernel(const CausalConv1dParams<T> p) {
-  const int64_t c = int64_t(blockIdx.x) * kConvThreads + threadIdx.x, t = blockIdx.y;
+  const int64_t c = int64_t(blockIdx.x) * kConvThreads + threadIdx.x;
   if (c >= p.x.shape[1]) return;
-  const int64_t s = conv_sequence_of(p, t);
-  const int64_t slot = conv_slot_of(p, s);
-  if (slot < 0) return;
-  const int64_t t0 = p.cu_seqlens.data ? p.cu_seqlens(s) : 0;
-  const bool history = p.conv_state.data && p.use_initial_state;
-  float acc = p.bias.data ? p.bias(c) : 0.f;
+  for (int64_t t = blockIdx.y; t < p.x.shape[0]; t += gridDim.y) {
+    const int64_t s = conv_sequence_of(p, t);
+    const int64_t slot = conv_slot_of(p, s);
+    if (slot < 0) continue;
+    const int64_t t0 = p.cu_seqlens.data ? p.cu_seqlens(s) : 0;
+    const bool history = p.conv_state.data && p.use_initial_state;
+    float acc = p.bias.data ? p.bias(c) : 0.f;
 #pragma unroll
-  for (int i = 0; i < K; ++i) {
-    const int64_t tau = t - (K - 1) + i;  // the input this tap reads
-    float v = 0.f;
-    if (tau >= t0)
-      v = load_float(p.x.ptr(tau, c));
-    else if (history)  // row K-1 - (t0 - tau) of the state: the last K-1 inputs, oldest first
-      v = load_float_rw(p.conv_state.ptr(slot, (K - 1) - (t0 - tau), c));
-    acc += p.weight(c, i) * v;
+    for (int i = 0; i < K; ++i) {
+      const int64_t tau = t - (K - 1) + i;  // the input this tap reads
+      float v = 0.f;
+      if (tau >= t0)
+        v = load_float(p.x.ptr(tau, c));
+      else if (history)  // row K-1 - (t0 - tau) of the state: the last K-1 inputs, oldest first
+        v = load_float_rw(p.conv_state.ptr(slot, (K - 1) - (t0 - tau), c));
+      acc += p.weight(c, i) * v;
+    }
+    store_float(p.y.ptr(t, c), conv_finish(p, acc));
   }
-  store_float(p.y.ptr(t, c), conv_finish(p, acc));
 }
 
-// grid (ceil(Dch / kConvThreads), S): the new state = the last K-1 of (old state ++ the sequence).
+// grid (ceil(Dch / kConvThreads), min(S, 65535)), sequences grid-stride: the new state = the last
+// K-1 of (old state ++ the sequence).
 template <int K, class T>
 __global__ void __launch_bounds__(kConvThreads)
-    causal_conv1d_state_kernel(const CausalConv1dParams<T> p) {
-  const int64_t c = int64_t(blockIdx.x) * kConvThreads + threadIdx.x, s = blockIdx.y;
+    causal_conv1d_state_kernel(const CausalConv1dParams<T> p, int64_t n_seq) {
+  const int64_t c = int64_t(blockIdx.x) * kConvThreads + threadIdx.x;
   if (c >= p.x.shape[1]) return;
-  const int64_t slot = conv_slot_of(p, s);
-  if (slot < 0) return;
-  const int64_t t0 = p.cu_seqlens.data ? p.cu_seqlens(s) : 0;
-  const int64_t t1 = p.cu_seqlens.data ? p.cu_seqlens(s + 1) : p.x.shape[0];
-  const int64_t len = t1 - t0;
-  float window[K - 1];
+  for (int64_t s = blockIdx.y; s < n_seq; s += gridDim.y) {
+    const int64_t slot = conv_slot_of(p, s);
+    if (slot < 0) continue;
+    const int64_t t0 = p.cu_seqlens.data ? p.cu_seqlens(s) : 0;
+    const int64_t t1 = p.cu_seqlens.data ? p.cu_seqlens(s + 1) : p.x.shape[0];
+    const int64_t len = t1 - t0;
+    float window[K - 1];
 #pragma unroll
-  for (int i = 0; i < K - 1; ++i) {
-    const int64_t j = len + i;  // index into (old state ++ sequence), old state first
-    if (j >= K - 1)
-      window[i] = load_float(p.x.ptr(t0 + j - (K - 1), c));
-    else
-      window[i] = p.use_initial_state ? load_float_rw(p.conv_state.ptr(slot, j, c)) : 0.f;
+    for (int i = 0; i < K - 1; ++i) {
+      const int64_t j = len + i;  // index into (old state ++ sequence), old state first
+      if (j >= K - 1)
+        window[i] = load_float(p.x.ptr(t0 + j - (K - 1), c));
+      else
+        window[i] = p.use_initial_state ? load_float_rw(p.conv_state.ptr(slot, j, c)) : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < K - 1; ++i) store_float(p.conv_state.ptr(slot, i, c), window[i]);
   }
-#pragma unroll
-  for (int i = 0; i < K - 1; ++i) store_float(p.conv_state.ptr(slot, i, c), window[i]);
 }
 
-// grid (ceil(Dch / kConvThreads), rows): row t is a one-token sequence on its slot.
+// grid (ceil(Dch / kConvThreads), min(rows, 65535)), rows grid-stride: row t is a one-token
+// sequence on its slot.
 template <int K, class T>
 __global__ void __launch_bounds__(kConvThreads)
     causal_conv1d_update_kernel(const CausalConv1dParams<T> p) {
-  const int64_t c = int64_t(blockIdx.x) * kConvThreads + threadIdx.x, t = blockIdx.y;
+  const int64_t c = int64_t(blockIdx.x) * kConvThreads + threadIdx.x;
   if (c >= p.x.shape[1]) return;
-  const int64_t slot = conv_slot_of(p, t);
-  if (slot < 0) return;
-  float window[K - 1];
+  for (int64_t t = blockIdx.y; t < p.x.shape[0]; t += gridDim.y) {
+    const int64_t slot = conv_slot_of(p, t);
+    if (slot < 0) continue;
+    float window[K - 1];
 #pragma unroll
-  for (int i = 0; i < K - 1; ++i)
-    window[i] = p.use_initial_state ? load_float_rw(p.conv_state.ptr(slot, i, c)) : 0.f;
-  const float x = load_float(p.x.ptr(t, c));
-  float acc = (p.bias.data ? p.bias(c) : 0.f) + p.weight(c, K - 1) * x;
+    for (int i = 0; i < K - 1; ++i)
+      window[i] = p.use_initial_state ? load_float_rw(p.conv_state.ptr(slot, i, c)) : 0.f;
+    const float x = load_float(p.x.ptr(t, c));
+    float acc = (p.bias.data ? p.bias(c) : 0.f) + p.weight(c, K - 1) * x;
 #pragma unroll
-  for (int i = 0; i < K - 1; ++i) acc += p.weight(c, i) * window[i];
-  store_float(p.y.ptr(t, c), conv_finish(p, acc));
+    for (int i = 0; i < K - 1; ++i) acc += p.weight(c, i) * window[i];
+    store_float(p.y.ptr(t, c), conv_finish(p, acc));
 #pragma unroll
-  for (int i = 0; i + 1 < K - 1; ++i) store_float(p.conv_state.ptr(slot, i, c), window[i + 1]);
-  store_float(p.conv_state.ptr(slot, K - 2, c), x);
+    for (int i = 0; i + 1 < K - 1; ++i) store_float(p.conv_state.ptr(slot, i, c), window[i + 1]);
+    store_float(p.conv_state.ptr(slot, K - 2, c), x);
+  }
 }
 
 /// The one place the conv width becomes a template argument.
@@ -124,9 +133,10 @@ void conv_width_dispatch(const char* op, int64_t k, F&& f) {
   dispatch_value(op, ConvWidths{}, int(k), std::forward<F>(f));
 }
 
+// The kernels stride over rows, so any count fits grid.y's 65535 (a limit here would throw in the
+// middle of a hybrid layer call, after it wrote the cache).
 inline dim3 conv_grid(int64_t channels, int64_t rows) {
-  RF_CHECK(rows <= 65535, "causal_conv1d (CUDA): at most 65535 rows or sequences per call, got ", rows);
-  return dim3(unsigned((channels + kConvThreads - 1) / kConvThreads), unsigned(rows));
+  return dim3(unsigned((channels + kConvThreads - 1) / kConvThreads), unsigned(std::min<int64_t>(rows, 65535)));
 }
 
 }  // namespace detail
@@ -147,7 +157,7 @@ void causal_conv1d(const CausalConv1dParams<T>& p, CudaExec exec) {
     }
     if (p.conv_state.data && n_seq > 0) {
       cuda::detail::causal_conv1d_state_kernel<K, T>
-          <<<cuda::detail::conv_grid(dch, n_seq), cuda::detail::kConvThreads, 0, exec.stream>>>(p);
+          <<<cuda::detail::conv_grid(dch, n_seq), cuda::detail::kConvThreads, 0, exec.stream>>>(p, n_seq);
       RF_CUDA_CHECK_LAUNCH("causal_conv1d_state_kernel");
     }
   });

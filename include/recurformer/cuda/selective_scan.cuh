@@ -197,6 +197,12 @@ void check_cuda_scan(const char* op, recurformer::detail::ScanMode mode,
            " readers R, got ", p.C.shape[2]);
   RF_CHECK(p.A.shape[1] <= 32 * kMaxStatesPerLane, op, ": the CUDA kernels take d_state N <= ",
            32 * kMaxStatesPerLane, ", got ", p.A.shape[1]);
+  // grid.y: checked here, not at the launch, so a caller's dry run of the checks (the hybrid layer)
+  // sees it before anything is written.
+  const bool update = mode == recurformer::detail::ScanMode::state_update;
+  const int64_t rows = update ? p.u.shape[0] : p.cu_seqlens.data ? p.cu_seqlens.shape[0] - 1 : 1;
+  RF_CHECK(rows <= 65535, op, ": at most 65535 ", update ? "token rows" : "sequences", " per call on CUDA, got ",
+           rows);
 }
 
 }  // namespace detail
@@ -209,7 +215,6 @@ void selective_scan(const SelectiveScanParams<T>& p, CudaExec exec) {
   const int64_t n_seq = p.cu_seqlens.data ? p.cu_seqlens.shape[0] - 1 : 1;
   if (n_seq == 0) return;
   constexpr int kThreads = 128, kItems = 4;
-  RF_CHECK(n_seq <= 65535, "selective_scan: at most 65535 sequences per call on CUDA, got ", n_seq);
   const dim3 grid(unsigned(p.u.shape[1]), unsigned(n_seq));
   cuda::detail::selective_scan_kernel<T, kThreads, kItems>
       <<<grid, kThreads, size_t(p.A.shape[1]) * sizeof(float), exec.stream>>>(p);
@@ -222,7 +227,6 @@ void selective_state_update(const SelectiveScanParams<T>& p, CudaExec exec) {
   cuda::detail::check_cuda_scan("selective_state_update", detail::ScanMode::state_update, p);
   const int64_t rows = p.u.shape[0];
   if (rows == 0) return;
-  RF_CHECK(rows <= 65535, "selective_state_update: at most 65535 token rows per call on CUDA, got ", rows);
   constexpr int kWarps = 4;
   const dim3 grid(unsigned((p.u.shape[1] + kWarps - 1) / kWarps), unsigned(rows));
   cuda::detail::selective_state_update_kernel<T, kWarps><<<grid, 32 * kWarps, 0, exec.stream>>>(p);
