@@ -17,6 +17,9 @@ class DeviceBuffer {
   explicit DeviceBuffer(const std::vector<T>& host) : n_(host.size()) {
     RF_CUDA_CHECK(cudaMalloc(&data_, (n_ ? n_ : 1) * sizeof(T)));
     if (n_) RF_CUDA_CHECK(cudaMemcpy(data_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+    // A pageable cudaMemcpy may return before its DMA lands, ordered only on the default stream:
+    // wait, so a kernel on a non-blocking stream (linear_test.cu) reads the uploaded data.
+    RF_CUDA_CHECK(cudaStreamSynchronize(nullptr));
   }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
