@@ -20,8 +20,8 @@ namespace {
 
 using namespace rftest::hybrid_layer;
 
-// Runs a schedule: a list of batches, each a list of (sequence, tokens); sequence s lives in slot
-// slot_of[s] and takes its next tokens from xs[s]. Returns each sequence's outputs [L, d_model].
+// The CPU layer over a schedule (run_schedule): sequence s lives in slot slot_of[s] and takes its
+// next tokens from xs[s]; step() runs one batch and advances the cache.
 template <class T, class TW>
 struct Runner {
   const Model<TW>& m;
@@ -72,21 +72,6 @@ struct Runner {
     for (const Step& b : batch) done[size_t(b.seq)] += b.count;
     return out;
   }
-  std::vector<std::vector<float>> run(const std::vector<std::vector<float>>& xs,
-                                      const std::vector<std::vector<Step>>& schedule) {
-    std::vector<int64_t> done(xs.size(), 0);
-    std::vector<std::vector<float>> outs(xs.size());
-    for (const auto& batch : schedule) {
-      const std::vector<float> out = step(xs, done, batch);
-      int64_t off = 0;
-      for (const Step& b : batch) {
-        outs[size_t(b.seq)].insert(outs[size_t(b.seq)].end(), out.begin() + off,
-                                   out.begin() + off + int64_t(b.count) * kDModel);
-        off += int64_t(b.count) * kDModel;
-      }
-    }
-    return outs;
-  }
 };
 
 // Tolerance: the plain per-dtype budget. q, k, v, the head outputs and Δ are each rounded once to
@@ -104,7 +89,7 @@ void check_schedule(const Model<TW>& m, const std::vector<int64_t>& lens,
     r.threaded = cpu::active_isa() == cpu::detected_isa();
     r.slot_of = {};
     for (size_t s = 0; s < lens.size(); ++s) r.slot_of.push_back(int(lens.size() - s));  // not the identity
-    const auto outs = r.run(xs, schedule);
+    const auto outs = run_schedule(r, xs, schedule);
     for (size_t s = 0; s < xs.size(); ++s) {
       REQUIRE(int64_t(outs[s].size()) == lens[s] * kDModel);
       rftest::check_close<T>(std::string(what) + ", sequence " + std::to_string(s), outs[s], refs[s]);
@@ -199,33 +184,7 @@ TEMPLATE_LIST_TEST_CASE("HybridHeadAttention snapshot/restore and fork reproduce
   using T = TestType;
   Model<T> m({{K::recurrent, K::attention, K::streaming}}, true);
   Runner<T, T> r(m, 3, 30);
-  std::vector<std::vector<float>> xs = {rftest::random_vector<float>(size_t(20 * kDModel))};
-  std::vector<int64_t> done = {0};
-  r.step(xs, done, {{0, 8}});
-  // Speculative decoding: snapshot, decode 4 draft tokens, roll back, decode them again.
-  auto snap = r.cache.snapshot(0);
-  std::vector<float> first;
-  for (int i = 0; i < 4; ++i) {
-    auto o = r.step(xs, done, {{0, 1}});
-    first.insert(first.end(), o.begin(), o.end());
-  }
-  r.cache.restore(0, snap);
-  done[0] = 8;
-  std::vector<float> again;
-  for (int i = 0; i < 4; ++i) {
-    auto o = r.step(xs, done, {{0, 1}});
-    again.insert(again.end(), o.begin(), o.end());
-  }
-  REQUIRE(std::memcmp(first.data(), again.data(), first.size() * 4) == 0);
-  // Fork slot 0 (12 tokens) into slot 2; both continue with the same tokens: identical outputs.
-  r.cache.copy(0, 2);
-  std::vector<std::vector<float>> xs2 = {xs[0], xs[0]};
-  std::vector<int64_t> done2 = {12, 12};
-  r.slot_of = {0, 2};
-  const auto a = r.step(xs2, done2, {{0, 3}});
-  const auto b = r.step(xs2, done2, {{1, 3}});
-  REQUIRE(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
-  REQUIRE(r.cache.length(2) == 15);
+  check_snapshot_and_fork(r);
 }
 
 TEST_CASE("HybridHeadAttention without cu_seqlens and slots: one sequence in slot 0",

@@ -144,17 +144,7 @@ void check_schedule(const Model<TW>& m, const std::vector<std::vector<Step>>& sc
   DeviceRunner<T, TW> r(m, int(kLens.size()) + 1, 40);
   r.slot_of = {};
   for (size_t s = 0; s < kLens.size(); ++s) r.slot_of.push_back(int(kLens.size() - s));  // not the identity
-  std::vector<int64_t> done(xs.size(), 0);
-  std::vector<std::vector<float>> outs(xs.size());
-  for (const auto& batch : schedule) {
-    const std::vector<float> out = r.step(xs, done, batch);
-    int64_t off = 0;
-    for (const Step& b : batch) {
-      outs[size_t(b.seq)].insert(outs[size_t(b.seq)].end(), out.begin() + off,
-                                 out.begin() + off + int64_t(b.count) * kDModel);
-      off += int64_t(b.count) * kDModel;
-    }
-  }
+  const auto outs = run_schedule(r, xs, schedule);
   const double scale = std::is_same_v<TW, float> ? 1.0 : 2.0;
   for (size_t s = 0; s < xs.size(); ++s)
     rftest::check_close<T>(std::string(what) + ", sequence " + std::to_string(s), outs[s],
@@ -194,30 +184,7 @@ TEMPLATE_LIST_TEST_CASE("CUDA HybridHeadAttention: device snapshot/restore and f
   using K = HeadKind;
   Model<T> m({{K::recurrent, K::attention, K::streaming}}, true);
   DeviceRunner<T, T> r(m, 3, 30);
-  std::vector<std::vector<float>> xs = {rftest::random_vector<float>(size_t(20 * kDModel))};
-  std::vector<int64_t> done = {0};
-  r.step(xs, done, {{0, 8}});
-  auto snap = r.cache.snapshot(0);
-  std::vector<float> first, again;
-  for (int i = 0; i < 4; ++i) {
-    auto o = r.step(xs, done, {{0, 1}});
-    first.insert(first.end(), o.begin(), o.end());
-  }
-  r.cache.restore(0, snap);
-  done[0] = 8;
-  for (int i = 0; i < 4; ++i) {
-    auto o = r.step(xs, done, {{0, 1}});
-    again.insert(again.end(), o.begin(), o.end());
-  }
-  REQUIRE(std::memcmp(first.data(), again.data(), first.size() * 4) == 0);
-  r.cache.copy(0, 2);
-  std::vector<std::vector<float>> xs2 = {xs[0], xs[0]};
-  std::vector<int64_t> done2 = {12, 12};
-  r.slot_of = {0, 2};
-  const auto a = r.step(xs2, done2, {{0, 3}});
-  const auto b = r.step(xs2, done2, {{1, 3}});
-  REQUIRE(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
-  REQUIRE(r.cache.length(2) == 15);
+  check_snapshot_and_fork(r);
   // reset clears the slot on the device.
   r.cache.reset(2);
   auto cleared = r.cache.snapshot(2);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -225,6 +226,58 @@ inline std::vector<std::vector<Step>> prefill_then_decode() {
 }
 inline std::vector<std::vector<Step>> alone() {  // each sequence in its own calls: same as batched
   return {{{0, 20}}, {{1, 5}}, {{1, 8}}};
+}
+
+/// Runs a schedule on a runner whose step(xs, done, batch) runs one batch and returns its outputs
+/// packed like the input; returns each sequence's outputs [L, d_model].
+template <class Runner>
+std::vector<std::vector<float>> run_schedule(Runner& r, const std::vector<std::vector<float>>& xs,
+                                             const std::vector<std::vector<Step>>& schedule) {
+  std::vector<int64_t> done(xs.size(), 0);
+  std::vector<std::vector<float>> outs(xs.size());
+  for (const auto& batch : schedule) {
+    const std::vector<float> out = r.step(xs, done, batch);
+    int64_t off = 0;
+    for (const Step& b : batch) {
+      outs[size_t(b.seq)].insert(outs[size_t(b.seq)].end(), out.begin() + off,
+                                 out.begin() + off + int64_t(b.count) * kDModel);
+      off += int64_t(b.count) * kDModel;
+    }
+  }
+  return outs;
+}
+
+/// Speculative decoding and fork on a runner with 3 slots of >= 15 tokens (step() as above, plus
+/// cache and slot_of): snapshot, decode 4 draft tokens, roll back, decode them again: the same bits;
+/// fork slot 0 into slot 2 and continue both with the same tokens: the same bits.
+template <class Runner>
+void check_snapshot_and_fork(Runner& r) {
+  std::vector<std::vector<float>> xs = {rftest::random_vector<float>(size_t(20 * kDModel))};
+  std::vector<int64_t> done = {0};
+  r.step(xs, done, {{0, 8}});
+  auto snap = r.cache.snapshot(0);
+  std::vector<float> first, again;
+  for (int i = 0; i < 4; ++i) {
+    auto o = r.step(xs, done, {{0, 1}});
+    first.insert(first.end(), o.begin(), o.end());
+  }
+  r.cache.restore(0, snap);
+  done[0] = 8;
+  for (int i = 0; i < 4; ++i) {
+    auto o = r.step(xs, done, {{0, 1}});
+    again.insert(again.end(), o.begin(), o.end());
+  }
+  REQUIRE(first.size() == again.size());
+  REQUIRE(std::memcmp(first.data(), again.data(), first.size() * 4) == 0);
+  r.cache.copy(0, 2);
+  std::vector<std::vector<float>> xs2 = {xs[0], xs[0]};
+  std::vector<int64_t> done2 = {12, 12};
+  r.slot_of = {0, 2};
+  const auto a = r.step(xs2, done2, {{0, 3}});
+  const auto b = r.step(xs2, done2, {{1, 3}});
+  REQUIRE(a.size() == b.size());
+  REQUIRE(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
+  REQUIRE(r.cache.length(2) == 15);
 }
 
 }  // namespace hybrid_layer
