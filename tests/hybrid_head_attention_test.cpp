@@ -53,23 +53,13 @@ struct Runner {
   // One batch; returns the outputs packed like the input.
   std::vector<float> step(const std::vector<std::vector<float>>& xs, std::vector<int64_t>& done,
                           const std::vector<Step>& batch) {
-    std::vector<float> x;
-    std::vector<int32_t> cu = {0}, slots, counts;
-    for (const Step& b : batch) {
-      const float* src = xs[size_t(b.seq)].data() + done[size_t(b.seq)] * kDModel;
-      x.insert(x.end(), src, src + int64_t(b.count) * kDModel);
-      cu.push_back(cu.back() + b.count);
-      slots.push_back(slot_of[size_t(b.seq)]);
-      counts.push_back(b.count);
-    }
-    std::vector<float> out(x.size(), -7.f);
-    auto p = params(x, out, cu, slots);
+    const PackedBatch pb(xs, done, batch, slot_of);
+    std::vector<float> out(pb.x.size(), -7.f);
+    auto p = params(pb.x, out, pb.cu, pb.slots);
     CpuExec exec{threaded ? &pool : nullptr};
     ws.resize(hybrid_head_attention_workspace_bytes(p, exec));
     hybrid_head_attention(p, exec, ws.data(), ws.size());
-    cache.advance(make_view(const_cast<const int32_t*>(slots.data()), {int64_t(slots.size())}),
-                  make_view(const_cast<const int32_t*>(counts.data()), {int64_t(counts.size())}));
-    for (const Step& b : batch) done[size_t(b.seq)] += b.count;
+    pb.advance(cache, done, batch);
     return out;
   }
 };

@@ -228,6 +228,30 @@ inline std::vector<std::vector<Step>> alone() {  // each sequence in its own cal
   return {{{0, 20}}, {{1, 5}}, {{1, 8}}};
 }
 
+/// One batch of a schedule, packed: the tokens of each step's sequence from its next unprocessed
+/// token (done[seq]), its offsets, cache slots and counts.
+struct PackedBatch {
+  std::vector<float> x;
+  std::vector<int32_t> cu = {0}, slots, counts;
+
+  PackedBatch(const std::vector<std::vector<float>>& xs, const std::vector<int64_t>& done,
+              const std::vector<Step>& batch, const std::vector<int>& slot_of) {
+    for (const Step& b : batch) {
+      const float* src = xs[size_t(b.seq)].data() + done[size_t(b.seq)] * kDModel;
+      x.insert(x.end(), src, src + int64_t(b.count) * kDModel);
+      cu.push_back(cu.back() + b.count);
+      slots.push_back(slot_of[size_t(b.seq)]);
+      counts.push_back(b.count);
+    }
+  }
+  /// Commits the batch: the cache's lengths and each sequence's next token.
+  template <class Cache>
+  void advance(Cache& cache, std::vector<int64_t>& done, const std::vector<Step>& batch) const {
+    cache.advance(make_view(slots.data(), {int64_t(slots.size())}), make_view(counts.data(), {int64_t(counts.size())}));
+    for (const Step& b : batch) done[size_t(b.seq)] += b.count;
+  }
+};
+
 /// Runs a schedule on a runner whose step(xs, done, batch) runs one batch and returns its outputs
 /// packed like the input; returns each sequence's outputs [L, d_model].
 template <class Runner>
