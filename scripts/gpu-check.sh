@@ -31,9 +31,16 @@ time cmake --build build-gpu -j"$jobs" --target $targets recurformer-bench-cuda 
 status=0
 ctest --test-dir build-gpu -L gpu --output-on-failure 2>&1 | tee "$out/tests.log" || status=1
 if command -v compute-sanitizer > /dev/null; then
+  # Each under a time limit, so one slow run (memcheck costs 10-100x) cannot eat the device call.
   for t in $targets; do
-    compute-sanitizer --tool memcheck --error-exitcode 9 "build-gpu/bin/$t" > "$out/memcheck-$t.log" 2>&1 &&
-      echo "memcheck $t: clean" || { echo "memcheck $t: FAILED (see $out/memcheck-$t.log)"; status=1; }
+    rc=0
+    timeout "${MEMCHECK_SECONDS:-120}" compute-sanitizer --tool memcheck --error-exitcode 9 "build-gpu/bin/$t" \
+      > "$out/memcheck-$t.log" 2>&1 || rc=$?
+    case $rc in
+      0) echo "memcheck $t: clean" ;;
+      124) echo "memcheck $t: timed out after ${MEMCHECK_SECONDS:-120} s (see $out/memcheck-$t.log)" ;;
+      *) echo "memcheck $t: FAILED (see $out/memcheck-$t.log)"; status=1 ;;
+    esac
   done
 fi
 
