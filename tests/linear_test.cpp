@@ -1,6 +1,7 @@
 // linear: y = x W^T + b against a double reference, in every required (activation, weight) dtype
-// pair and every ISA, on both paths (GEMV for <= 4 tokens, blocked GEMM above) at shapes that cut
-// every block edge: tokens 1..5, MR-1, MR, MR+1, 37 and past the MC block; in not a multiple of 16
+// pair and every ISA, on both paths (GEMV up to kGemvMaxTokens, blocked GEMM above) at shapes that
+// cut every block edge: tokens 1..5 (GEMV passes of 4), 7..9 and kGemvMaxTokens (GEMV), the first
+// GEMM size and MR-1, MR, MR+1 past it, 37 and past the MC block; in not a multiple of 16
 // and past KC; out = 1, NR-1, NR+1 and past NC. Plus strided rows, bias on/off and bad input.
 #include <cmath>
 #include <cstring>
@@ -134,9 +135,12 @@ TEMPLATE_LIST_TEST_CASE("linear matches a double reference", "[linear]", Pairs) 
   struct Shape {
     int64_t in, out;
   };
+  constexpr int64_t kGemvMax = cpu::detail::LinearBlocking::kGemvMaxTokens, kMR = cpu::detail::LinearBlocking::kMR;
+  static_assert(3 * kMR - 1 > kGemvMax, "the MR edges must be GEMM sizes");
   // in: 1, not a multiple of 16, past KC = 128 (three k slices); out: 1, NR-1, NR+1, past NC = 128
   for (Shape s : {Shape{1, 1}, Shape{17, 33}, Shape{40, 31}, Shape{300, 129}})
-    for (int64_t tokens : {1, 2, 3, 4, 5, 7, 8, 9, 37}) {
+    for (int64_t tokens : {int64_t(1), int64_t(2), int64_t(3), int64_t(4), int64_t(5), int64_t(7), int64_t(8),
+                           int64_t(9), kGemvMax, kGemvMax + 1, 3 * kMR - 1, 3 * kMR, 3 * kMR + 1, int64_t(37)}) {
       INFO("tokens " << tokens << ", in " << s.in << ", out " << s.out);
       run_linear<TX, TW>(tokens, s.in, s.out, false, false);
       run_linear<TX, TW>(tokens, s.in, s.out, true, true);
@@ -151,7 +155,7 @@ TEST_CASE("linear with Q8_0 weights matches a double reference", "[linear][q8_0]
   // in: one block, past KC = 128 (in 3 slices); out: 1, NR-1, NR+1, past NC
   for (int64_t in : {32, 96, 320})
     for (int64_t out : {1, 31, 33, 129})
-      for (int64_t tokens : {1, 2, 4, 5, 9, 37}) {
+      for (int64_t tokens : {1, 2, 4, 5, 9, 17, 37}) {
         INFO("tokens " << tokens << ", in " << in << ", out " << out);
         run_linear<float, BlockQ8_0>(tokens, in, out, false, false);
         run_linear<float, BlockQ8_0>(tokens, in, out, true, true);
@@ -159,7 +163,7 @@ TEST_CASE("linear with Q8_0 weights matches a double reference", "[linear][q8_0]
 }
 
 TEST_CASE("linear rejects bad input and leaves y untouched", "[linear]") {
-  const int64_t tokens = 9, in = 20, out = 12;
+  const int64_t tokens = cpu::detail::LinearBlocking::kGemvMaxTokens + 1, in = 20, out = 12;  // GEMM: a workspace
   auto x = rftest::random_vector<float>(size_t(2 * tokens * in));  // room for a stride-2 view
   auto w = rftest::random_vector<bfloat16>(size_t(out * in));
   auto b = rftest::random_vector<bfloat16>(size_t(out));

@@ -1,7 +1,8 @@
 // recurformer/cpu/linear.hpp: CPU linear layer (ops/linear.hpp).
 //
-// Few tokens (<= LinearBlocking::kGemvMaxTokens): GEMV, output rows split into one contiguous block
-// per thread so each thread streams its own part of W once. More tokens: blocked GEMM over
+// Few tokens (<= LinearBlocking::kGemvMaxTokens = 16): GEMV, output rows split into one contiguous
+// block per thread so each thread streams its own part of W once per kGemvTokens tokens (up to four
+// passes still cost less than packing 16-bit W into fp32 panels: batched decode). More tokens: blocked GEMM over
 // (kMC tokens x kNC outputs) tasks handed out dynamically, each thread packing W into its own
 // slice of the workspace. Kernel bodies: cpu/detail/gemm_kernels.hpp.
 #pragma once

@@ -35,7 +35,7 @@ namespace detail {
 struct LinearBlocking {
   static constexpr int kGemvTokens = 4;     // tokens per pass over W in the GEMV
   static constexpr int kGemvRows = 4;       // weight rows per GEMV step
-  static constexpr int64_t kGemvMaxTokens = 4;  // at most this many tokens take the GEMV path
+  static constexpr int64_t kGemvMaxTokens = 16;  // at most this many tokens take the GEMV path (passes of kGemvTokens)
   static constexpr int kMR = 8;             // GEMM tile: tokens
   static constexpr int kNRVectors = 2;      // GEMM tile: outputs = kNRVectors * vector width
   static constexpr int64_t kNRMax = 32;     // the widest NR (AVX-512)
