@@ -2,8 +2,8 @@
 //
 // Input byte 0 picks the shape of the file: odd: the bytes are the whole file; even: a valid
 // "GGUF" v3 prefix is put before the rest, so the fuzzer starts at the counts. A parsed file also
-// goes through model_config_from_gguf, tokenizer_data, the HF name mapping and (for Q8_0) the
-// dequantisation, and every tensor's bytes are read, so ASan catches a validation gap. Only
+// goes through model_config_from_gguf, tokenizer_data, the HF name mapping and (for every quantised
+// type) the block decoders, and every tensor's bytes are read, so ASan catches a validation gap. Only
 // recurformer::Error may escape the parser.
 #include <cstddef>
 #include <cstdint>
@@ -27,9 +27,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     unsigned sum = 0;
     for (const auto& t : g.tensors()) {
       sum += unsigned(detail::hf_name_from_gguf(t.name).size());
-      if (t.type == GgmlType::q8_0 && t.numel() <= (int64_t(1) << 20)) {
+      if (is_quantized(t.type) && t.numel() <= (int64_t(1) << 20)) {
         std::vector<float> out(size_t(t.numel()));
-        dequantize_q8_0(t.data, t.numel(), out.data());
+        dequantize_row(t.type, t.data, t.numel(), out.data());
         sum += unsigned(out.empty() ? 0 : out.back() != 0);
       } else {
         for (size_t i = 0; i < t.nbytes; ++i) sum += t.data[i];

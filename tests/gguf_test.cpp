@@ -313,13 +313,15 @@ TEST_CASE("GGUF: bad magic, versions, lying counts, types, offsets and alignment
   CHECK_THAT(parse_error(tensor_file(2, {4, 2}, 0, 64, 32)), Catch::Contains("run past the end of the data section"));
   CHECK_THAT(parse_error(tensor_file(2, {4, 2}, 0, ~uint64_t(0) - 31, 32)), Catch::Contains("run past the end"));
   CHECK_THAT(parse_error(tensor_file(2, {4, 2}, 0, 8, 64)), Catch::Contains("offset 8 is not a multiple of the alignment 32"));
+  CHECK_THAT(parse_error(tensor_file(2, {4, 2}, 15, 0, 32), "m.gguf"),
+             Catch::StartsWith("m.gguf: unsupported tensor type Q8_K (15) for tensor w (supported: F32, F16, BF16, Q4_0,"));
   CHECK(parse_error(tensor_file(2, {4, 2}, 12, 0, 32), "m.gguf") ==
-        "m.gguf: unsupported tensor type Q4_K (12) for tensor w (supported: F32, F16, BF16, Q8_0)");
+        "m.gguf: tensor w: Q4_K row length 4 is not a multiple of its block size 256");
   CHECK_THAT(parse_error(tensor_file(1, {4}, 999, 0, 32)), Catch::Contains("unknown (999)"));
   CHECK_THAT(parse_error(tensor_file(5, {1, 1, 1, 1, 1}, 0, 0, 32)), Catch::Contains("tensor w: rank 5"));
   CHECK_THAT(parse_error(tensor_file(0, {}, 0, 0, 32)), Catch::Contains("tensor w: rank 0"));
   CHECK_THAT(parse_error(tensor_file(2, {uint64_t(1) << 40, uint64_t(1) << 40}, 0, 0, 32)), Catch::Contains("too large"));
-  CHECK_THAT(parse_error(tensor_file(1, {48}, 8, 0, 64)), Catch::Contains("Q8_0 row length 48 is not a multiple of 32"));
+  CHECK_THAT(parse_error(tensor_file(1, {48}, 8, 0, 64)), Catch::Contains("Q8_0 row length 48 is not a multiple of its block size 32"));
   {  // two tensors over the same bytes; a tensor named twice
     Bytes t;
     t.head(2, 0);

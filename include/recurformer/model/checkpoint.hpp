@@ -7,12 +7,14 @@
 // extents (innermost first) reversed. GGUF q/k rows stay as llama.cpp stored them: llama.cpp permutes
 // the q/k rows of llama models so that interleaved RoPE on them equals rotate_half RoPE on the HF
 // weights, so config().rope_layout says interleaved for a llama GGUF (and rotate_half for qwen2 GGUF
-// and every HF directory, which are not permuted). Q8_0 GGUF tensors are presented as fp32 copies,
-// dequantised at open and owned by the Checkpoint (4 bytes per weight: fine for the small models
-// this library targets; a Q8_0 linear path would remove the copy).
+// and every HF directory, which are not permuted). Quantised GGUF tensors (Q4_0 .. Q6_K, IQ4_*:
+// core/quant.hpp) are presented as fp32 copies, dequantised at open and owned by the Checkpoint
+// (4 bytes per weight: fine for the small models this library targets; GgufFile keeps the blocks
+// for a caller that runs linear on them directly).
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <initializer_list>
 #include <memory>
@@ -253,8 +255,6 @@ class Checkpoint {
     format_ = Format::gguf;
     source_ = file.string();
     gguf_ = std::make_unique<GgufFile>(GgufFile::open(source_));
-    config_ = model_config_from_gguf(*gguf_);
-    if (gguf_->find("tokenizer.ggml.model")) gguf_tokenizer_ = gguf_->tokenizer_data();
     for (const GgufTensorInfo& g : gguf_->tensors()) {
       TensorRef t;
       t.name = detail::hf_name_from_gguf(g.name);
@@ -263,9 +263,14 @@ class Checkpoint {
         case GgmlType::f32: t.dtype = DType::f32; t.data = g.data; break;
         case GgmlType::f16: t.dtype = DType::f16; t.data = g.data; break;
         case GgmlType::bf16: t.dtype = DType::bf16; t.data = g.data; break;
-        case GgmlType::q8_0: {
+        default: {  // quantised: dequantised once to fp32, owned here (model/gguf.hpp lists the types)
           owned_.emplace_back(size_t(g.numel()));
-          dequantize_q8_0(g.data, g.numel(), owned_.back().data());
+          std::vector<float>& w = owned_.back();
+          dequantize_row(g.type, g.data, g.numel(), w.data());
+          const int64_t block = ggml_type_traits(g.type).block;
+          for (size_t i = 0; i < w.size(); ++i)  // a NaN or inf scale would poison every product silently
+            RF_CHECK(std::isfinite(w[i]), source_, ": tensor ", g.name, " (", ggml_type_name(g.type), "): block ",
+                     int64_t(i) / block, " decodes to a non-finite weight (its scale is inf or NaN)");
           t.dtype = DType::f32;
           t.data = owned_.back().data();
           break;
@@ -276,6 +281,8 @@ class Checkpoint {
                ": tensor ", g.name, " is not aligned to its ", dtype_size(t.dtype), "-byte elements");
       add(std::move(t));
     }
+    config_ = model_config_from_gguf(*gguf_);
+    if (gguf_->find("tokenizer.ggml.model")) gguf_tokenizer_ = gguf_->tokenizer_data();
   }
 
   Format format_ = Format::safetensors;
@@ -286,7 +293,7 @@ class Checkpoint {
   std::vector<std::unique_ptr<SafetensorsFile>> shards_;
   std::unique_ptr<GgufFile> gguf_;
   std::optional<GgufTokenizerData> gguf_tokenizer_;
-  std::vector<std::vector<float>> owned_;  ///< dequantised Q8_0 tensors (vector moves keep the buffers)
+  std::vector<std::vector<float>> owned_;  ///< dequantised tensors (vector moves keep the buffers)
   std::unordered_map<std::string, TensorRef> tensors_;
 };
 

@@ -7,7 +7,8 @@
 // u64 offset), padding to general.alignment (default 32), then the data section. Every count,
 // length and offset is checked against the bytes that remain before it is used, so a hostile file
 // is a one-line Error ("FILE: problem"), never an out-of-bounds read or a huge allocation.
-// Tensor types F32, F16, BF16 and Q8_0 are accepted (Q8_0: blocks of an fp16 scale + 32 int8).
+// Tensor types F32, F16, BF16 and the quantised block types of core/quant.hpp (Q4_0 .. Q8_0, the
+// K-quants Q2_K .. Q6_K, IQ4_NL, IQ4_XS) are accepted; a row must be whole blocks.
 #pragma once
 
 #include <algorithm>
@@ -26,6 +27,7 @@
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/error.hpp"
+#include "recurformer/core/quant.hpp"
 #include "recurformer/model/gguf_vocab.hpp"
 #include "recurformer/model/mmap_file.hpp"
 
@@ -37,20 +39,9 @@ enum class GgufValueType : uint32_t {
   string = 8, array = 9, uint64 = 10, int64 = 11, float64 = 12,
 };
 
-/// Tensor types this library reads (ggml_type numbering).
-enum class GgmlType : uint32_t { f32 = 0, f16 = 1, q8_0 = 8, bf16 = 30 };
-
-inline const char* ggml_type_name(uint32_t t) {
-  static const char* names[] = {"F32",  "F16",  "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1",
-                                "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
-                                "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
-                                "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16"};
-  return t < sizeof(names) / sizeof(names[0]) ? names[t] : "unknown";
-}
-
-/// Q8_0: 32 weights share one fp16 scale d; weight i = d * qs[i].
-constexpr int64_t kQ8_0Block = 32;
-constexpr int64_t kQ8_0BlockBytes = 2 + kQ8_0Block;
+/// Q8_0: 32 weights share one fp16 scale d; weight i = d * qs[i] (BlockQ8_0).
+constexpr int64_t kQ8_0Block = BlockQ8_0::size;
+constexpr int64_t kQ8_0BlockBytes = int64_t(sizeof(BlockQ8_0));
 
 /// One metadata value. Scalars use i (integers and bool; uint64 keeps its bits), f or s; arrays
 /// keep their elements by family (ints, floats, strings, or nested arrays) with `elem` their type.
@@ -212,28 +203,16 @@ inline GgufValue gguf_read_value(GgufCursor& c, uint32_t type_raw, const std::st
   return v;
 }
 
+/// The storage type of a GGUF type number, when this library reads it.
 inline bool gguf_tensor_type(uint32_t t, GgmlType& out) {
-  switch (t) {
-    case 0: out = GgmlType::f32; return true;
-    case 1: out = GgmlType::f16; return true;
-    case 8: out = GgmlType::q8_0; return true;
-    case 30: out = GgmlType::bf16; return true;
-    default: return false;
-  }
+  out = GgmlType(t);
+  return ggml_type_traits(out).block != 0;
 }
 
 }  // namespace detail
 
 /// Dequantises n (a multiple of 32) Q8_0 weights to fp32.
-inline void dequantize_q8_0(const uint8_t* blocks, int64_t n, float* out) {
-  for (int64_t b = 0; b < n / kQ8_0Block; ++b) {
-    const uint8_t* blk = blocks + b * kQ8_0BlockBytes;
-    uint16_t d_bits;
-    std::memcpy(&d_bits, blk, 2);
-    const float d = detail::half_bits_to_float(d_bits);
-    for (int64_t i = 0; i < kQ8_0Block; ++i) out[b * kQ8_0Block + i] = d * float(int8_t(blk[2 + i]));
-  }
-}
+inline void dequantize_q8_0(const uint8_t* blocks, int64_t n, float* out) { dequantize_row(GgmlType::q8_0, blocks, n, out); }
 
 /// Quantises n (a multiple of 32) fp32 weights to Q8_0 as ggml does: d = max|x| / 127, q = round(x / d).
 inline void quantize_q8_0(const float* x, int64_t n, uint8_t* blocks) {
@@ -391,15 +370,13 @@ class GgufFile {
       }
       const uint32_t type = c.read<uint32_t>("a tensor type");
       RF_CHECK(detail::gguf_tensor_type(type, t.type), src, ": unsupported tensor type ", detail_type_name(type),
-               " for tensor ", t.name, " (supported: F32, F16, BF16, Q8_0)");
+               " for tensor ", t.name,
+               " (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)");
       t.offset = c.read<uint64_t>("a tensor offset");
-      if (t.type == GgmlType::q8_0) {
-        RF_CHECK(t.ne[0] % kQ8_0Block == 0, src, ": tensor ", t.name, ": Q8_0 row length ", t.ne[0],
-                 " is not a multiple of 32");
-        t.nbytes = size_t(numel / kQ8_0Block * kQ8_0BlockBytes);
-      } else {
-        t.nbytes = size_t(numel * (t.type == GgmlType::f32 ? 4 : 2));
-      }
+      const GgmlTypeTraits tt = ggml_type_traits(t.type);
+      RF_CHECK(t.ne[0] % tt.block == 0, src, ": tensor ", t.name, ": ", ggml_type_name(t.type), " row length ", t.ne[0],
+               " is not a multiple of its block size ", tt.block);
+      t.nbytes = size_t(int64_t(numel) / tt.block * tt.bytes);
       RF_CHECK(t.offset % alignment_ == 0, src, ": tensor ", t.name, ": offset ", t.offset,
                " is not a multiple of the alignment ", alignment_);
       RF_CHECK(tensor_index_.emplace(t.name, tensors_.size()).second, src, ": tensor ", t.name, " appears twice");
@@ -481,8 +458,8 @@ class GgufWriter {
   static size_t tensor_bytes(GgmlType type, const std::vector<int64_t>& ne) {
     int64_t n = 1;
     for (int64_t d : ne) n *= d;
-    return type == GgmlType::q8_0 ? size_t(n / kQ8_0Block * kQ8_0BlockBytes)
-                                  : size_t(n * (type == GgmlType::f32 ? 4 : 2));
+    const GgmlTypeTraits tt = ggml_type_traits(type);
+    return size_t(n / tt.block * tt.bytes);
   }
 
  private:

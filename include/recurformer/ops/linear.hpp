@@ -16,7 +16,7 @@
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/exec.hpp"
-#include "recurformer/core/q8_0.hpp"
+#include "recurformer/core/quant.hpp"
 #include "recurformer/core/view.hpp"
 
 namespace recurformer {

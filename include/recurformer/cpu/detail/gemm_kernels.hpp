@@ -13,7 +13,7 @@
 // fp32 x is read in place; 16-bit x is converted into a fp32 block first. Partial sums live in y
 // itself when y is fp32, else in a fp32 block converted to TX at the end.
 //
-// Q8_0 weights (core/q8_0.hpp): the GEMV sums x * q over each 32-weight block and applies the
+// Q8_0 weights (core/quant.hpp): the GEMV sums x * q over each 32-weight block and applies the
 // block's scale once; the GEMM pack dequantises into the same fp32 panels.
 #pragma once
 
@@ -23,7 +23,7 @@
 
 #include "recurformer/core/config.hpp"
 #include "recurformer/core/dtype.hpp"
-#include "recurformer/core/q8_0.hpp"
+#include "recurformer/core/quant.hpp"
 #include "recurformer/cpu/detail/simd.hpp"
 #include "recurformer/ops/linear.hpp"
 
