@@ -11,6 +11,7 @@
 #include "recurformer/model/convert.hpp"
 #include "recurformer/model/llama.hpp"
 #include "recurformer/model/random_model.hpp"
+#include "recurformer/model/tokenizer.hpp"
 #include "support/npy.hpp"
 #include "support/test_util.hpp"
 
@@ -214,6 +215,72 @@ TEST_CASE("convert writes spec section 7; no recurrent groups reproduces the ori
   for (float x : lc) REQUIRE(std::isfinite(x));
   CHECK(all_logits(conv, g.ids, 31, exec) == all_logits(conv, g.ids, 31, exec));
   CHECK_THROWS_WITH(convert_to_recurformer(out, half, (tmp / "again").string()), Catch::Contains("already a RecurFormer"));
+  fs::remove_all(tmp);
+}
+
+TEST_CASE("convert reads GGUF and writes the HF directory it came from", "[model][convert][gguf]") {
+  const CpuExec exec{&pool()};
+  const Golden g = golden("llama_gqa");
+  const fs::path tmp = fs::temp_directory_path() / ("rf_model_gguf_test_" + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  const Checkpoint hf = Checkpoint::open(model_dir("llama_gqa"));
+  const Checkpoint gg = Checkpoint::open(model_dir("llama_gqa") + "/model-f32.gguf");
+  const ModelConfig& c = hf.config();
+  ConvertOptions none;
+  none.layout = HeadLayout::uniform(c.n_layers, c.n_kv, HeadKind::attention);
+  convert_to_recurformer(gg, none, (tmp / "none").string());
+  const Checkpoint out = Checkpoint::open((tmp / "none").string());
+  CHECK(out.config().rope_layout == RopeLayout::rotate_half);
+  CHECK(out.config().n_layers == c.n_layers);
+  CHECK(out.config().tie_word_embeddings == c.tie_word_embeddings);
+  // The GGUF's F32 tensors are llama.cpp's conversion of the HF ones: un-permuting the q/k rows
+  // must give the HF bytes back exactly, and every other tensor is copied.
+  REQUIRE(out.tensor_names() == hf.tensor_names());
+  for (const std::string& n : hf.tensor_names()) {
+    INFO(n);
+    const TensorRef &x = hf.tensor(n), &y = out.tensor(n);
+    REQUIRE(x.shape == y.shape);
+    REQUIRE(y.dtype == DType::f32);
+    CHECK(std::memcmp(x.data, y.data, x.nbytes()) == 0);
+  }
+  // The written directory runs as the GGUF does (golden logits; rotate_half on HF rows).
+  check_logits("GGUF -> HF directory", all_logits(LlamaModel::open((tmp / "none").string()), g.ids, 16, exec), g);
+  // Its tokenizer.json encodes as the GGUF vocabulary does, special tokens included.
+  const Tokenizer a = Tokenizer::from_gguf(*gg.gguf_tokenizer()), b = Tokenizer::from_hf((tmp / "none").string());
+  for (const char* text : {"The river ran past the old mill, 12345 times!", "  two  spaces\n\tand tabs",
+                           "<|begin_of_text|>hello<|end_of_text|>", "caf\xc3\xa9 \xe2\x82\xac 42"}) {
+    INFO(text);
+    CHECK(a.encode(text, true) == b.encode(text, true));
+    CHECK(a.encode(text, false) == b.encode(text, false));
+  }
+  CHECK(b.bos_id() == a.bos_id());
+  CHECK(b.eos_id() == a.eos_id());
+
+  // A RecurFormer from the GGUF is the one from the HF directory, byte for byte.
+  ConvertOptions half = none;
+  half.layout.layers[1].groups[0] = HeadKind::recurrent;
+  half.seed = 7;
+  convert_to_recurformer(gg, half, (tmp / "from_gguf").string());
+  convert_to_recurformer(hf, half, (tmp / "from_hf").string());
+  std::ifstream f1(tmp / "from_gguf" / "model.safetensors", std::ios::binary),
+      f2(tmp / "from_hf" / "model.safetensors", std::ios::binary);
+  const std::string s1((std::istreambuf_iterator<char>(f1)), {}), s2((std::istreambuf_iterator<char>(f2)), {});
+  CHECK(s1 == s2);
+  CHECK(Checkpoint::open((tmp / "from_gguf").string()).config().recurformer ==
+        Checkpoint::open((tmp / "from_hf").string()).config().recurformer);
+
+  // --dtype bf16: every original tensor re-stored in bfloat16, the new ones stay fp32.
+  ConvertOptions bf = half;
+  bf.weight_dtype = DType::bf16;
+  convert_to_recurformer(gg, bf, (tmp / "bf16").string());
+  const Checkpoint ob = Checkpoint::open((tmp / "bf16").string());
+  const TensorRef& q = ob.tensor("model.layers.0.self_attn.q_proj.weight");
+  REQUIRE(q.dtype == DType::bf16);
+  const auto* qh = static_cast<const bfloat16*>(q.data);
+  const auto* qf = static_cast<const float*>(hf.tensor("model.layers.0.self_attn.q_proj.weight").data);
+  for (int64_t i = 0; i < q.numel(); ++i) REQUIRE(qh[i].bits == bfloat16(qf[i]).bits);
+  CHECK(ob.tensor("model.layers.1.self_attn.recurrent.0.A_log").dtype == DType::f32);
+  CHECK(ob.config().torch_dtype == "bfloat16");
   fs::remove_all(tmp);
 }
 

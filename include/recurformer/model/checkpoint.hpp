@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <initializer_list>
 #include <memory>
@@ -61,6 +62,20 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
   std::string r = "[";
   for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
   return r + "]";
+}
+
+/// llama.cpp stores the q/k rows of each head of a llama model permuted so that interleaved RoPE
+/// on them is rotate_half RoPE on the HF rows: stored item 2i + s of a head is HF item s hd/2 + i.
+/// This writes the HF order of n_heads * hd items of item_bytes each (weight rows, or the values
+/// of a q / k activation vector).
+inline void unpermute_interleaved_heads(const void* src, void* dst, int64_t n_heads, int64_t hd, size_t item_bytes) {
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<uint8_t*>(dst);
+  for (int64_t h = 0; h < n_heads; ++h)
+    for (int64_t i = 0; i < hd / 2; ++i)
+      for (int64_t s = 0; s < 2; ++s)
+        std::memcpy(out + size_t(h * hd + s * (hd / 2) + i) * item_bytes, in + size_t(h * hd + 2 * i + s) * item_bytes,
+                    item_bytes);
 }
 
 }  // namespace detail

@@ -7,6 +7,11 @@
 // `default`: dt_up = 0, dt_bias = softplus^-1(Δ0) with Δ0 log-uniform in [1e-3, 1e-1] (seeded),
 // A_log[c, n] = log(n + 1), D = 0, conv identity (last tap 1), conv bias 0; dt_down is seeded
 // uniform with std 1/sqrt(d_model) (it has no effect while dt_up is 0, and gives training a start).
+// A GGUF input (any tensor type the reader takes; quantised ones arrive dequantised to fp32) is
+// written as the HF directory it came from: HF tensor names, llama q/k rows un-permuted back to
+// the rotate_half order (llama.cpp permutes them for interleaved RoPE), a full config.json, and
+// tokenizer.json / tokenizer_config.json (with the GGUF's chat template) equivalent to its
+// vocabulary. `weight_dtype` re-stores the original tensors (F32, F16 or BF16; default: as read).
 // `fit` (model/fit_init.hpp) starts from the same tensors and replaces dt_bias, D and the conv with
 // the least-squares fit to the recorded attention outputs; the per-group errors go to fit_report.json
 // beside the checkpoint (spec section 7 lists the "recurformer" object exactly, so not there).
@@ -17,6 +22,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -24,8 +30,10 @@
 #include "recurformer/model/checkpoint.hpp"
 #include "recurformer/model/config.hpp"
 #include "recurformer/model/fit_init.hpp"
+#include "recurformer/model/detail/llama_weights.hpp"
 #include "recurformer/model/random_model.hpp"
 #include "recurformer/model/safetensors.hpp"
+#include "recurformer/model/tokenizer.hpp"
 
 namespace recurformer {
 
@@ -41,6 +49,7 @@ struct ConvertOptions {
   float dt_min = 1e-3f, dt_max = 1e-1f;
   ConvertInit init = ConvertInit::default_init;
   std::vector<FitGroupData> fit_data;  ///< init fit: one entry per recurrent group (record_fit_data)
+  std::optional<DType> weight_dtype;   ///< re-store the original tensors in this dtype (default: as read)
 };
 
 /// The errors of one fitted group (relative to the original attention output).
@@ -71,6 +80,7 @@ inline void copy_file(const std::string& from, const std::string& to) {
   out << in.rdbuf();
   RF_CHECK(out, to, ": write error");
 }
+
 }  // namespace detail
 
 /// The RecurFormer config a conversion with these options writes.
@@ -86,13 +96,14 @@ inline RecurFormerConfig convert_config(const ModelConfig& c, const ConvertOptio
   return rf;
 }
 
-/// Writes the RecurFormer checkpoint of `ck` (a HF directory) into `out_dir`. With init fit, returns
+/// Writes the RecurFormer checkpoint of `ck` (a HF directory or a GGUF file) into `out_dir`. With init fit, returns
 /// the errors per recurrent group (also written to out_dir/fit_report.json); `exec` runs the fit.
 inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, const ConvertOptions& o,
                                                          const std::string& out_dir, CpuExec exec = {}) {
-  RF_CHECK(ck.format() == Checkpoint::Format::safetensors, "convert: ", ck.path().string(),
-           " is a GGUF file; convert reads a Hugging Face directory (config.json + safetensors)");
   const ModelConfig& c = ck.config();
+  const bool gguf = ck.format() == Checkpoint::Format::gguf;
+  RF_CHECK(!gguf || !ck.has("rope_freqs.weight"), "convert: ", ck.path().string(),
+           " carries its RoPE scaling as rope_freqs.weight, which a HF config.json cannot express yet");
   RF_CHECK(!c.recurformer, "convert: ", ck.path().string(), " is already a RecurFormer (its config has a recurformer object)");
   o.layout.check(c.n_layers, c.n_kv);
   const RecurFormerConfig rf = convert_config(c, o);
@@ -105,7 +116,37 @@ inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, c
   detail::make_dirs(out_dir);
   RF_CHECK(!std::filesystem::equivalent(ck.path(), out_dir), "convert: the output directory is the input model's");
   std::vector<TensorRef> tensors;
-  for (const std::string& name : ck.tensor_names()) tensors.push_back(ck.tensor(name));
+  std::deque<std::vector<uint8_t>> owned_bytes;  // re-stored or un-permuted original tensors
+  const bool unpermute = gguf && c.rope_layout == RopeLayout::interleaved;
+  for (const std::string& name : ck.tensor_names()) {
+    TensorRef t = ck.tensor(name);
+    const bool is_qk = unpermute && t.shape.size() == 2 &&
+                       (name.find("self_attn.q_proj.weight") != std::string::npos ||
+                        name.find("self_attn.k_proj.weight") != std::string::npos);
+    const DType to = o.weight_dtype ? *o.weight_dtype : t.dtype;
+    if (!is_qk && to == t.dtype) {
+      tensors.push_back(t);
+      continue;
+    }
+    owned_bytes.emplace_back(size_t(t.numel()) * size_t(dtype_size(to)));
+    uint8_t* dst = owned_bytes.back().data();
+    if (to == t.dtype) {
+      std::memcpy(dst, t.data, t.nbytes());
+    } else {
+      dispatch_dtype("convert: weight dtype", to, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        detail::convert_values(t.data, t.dtype, t.numel(), reinterpret_cast<T*>(dst));
+      });
+    }
+    if (is_qk) {
+      const int64_t rows = t.shape[0], row_bytes = t.shape[1] * int64_t(dtype_size(to));
+      std::vector<uint8_t> stored(dst, dst + rows * row_bytes);
+      detail::unpermute_interleaved_heads(stored.data(), dst, rows / c.head_dim, c.head_dim, size_t(row_bytes));
+    }
+    t.dtype = to;
+    t.data = dst;
+    tensors.push_back(t);
+  }
   std::deque<std::vector<float>> owned;
   std::mt19937_64 g(o.seed);
   auto uniform = [&] { return double(g() >> 11) * (1.0 / 9007199254740992.0); };
@@ -150,12 +191,28 @@ inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, c
     }
   }
   write_safetensors(out_dir + "/model.safetensors", tensors, {{"format", "pt"}});
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                        "tokenizer.model"}) {
-    const std::string src = (ck.path() / f).string();
-    if (detail::path_exists(src)) detail::copy_file(src, out_dir + "/" + f);
+  if (gguf) {
+    const GgufVocab* v = ck.gguf_tokenizer();
+    RF_CHECK(v, "convert: ", ck.path().string(), " has no tokenizer metadata (tokenizer.ggml.*) to write");
+    const GgufValue* tmpl = ck.gguf()->find("tokenizer.chat_template");
+    const std::string chat = tmpl && tmpl->type == GgufValueType::string ? tmpl->s : std::string();
+    detail::write_text(out_dir + "/tokenizer.json", detail::gguf_to_hf_tokenizer_json(*v));
+    detail::write_text(out_dir + "/tokenizer_config.json",
+                       detail::gguf_to_hf_tokenizer_config_json(*v, chat, c.max_position_embeddings));
+    ModelConfig hf = c;
+    hf.rope_layout = RopeLayout::rotate_half;  // the rows are in HF order now
+    const DType wd = o.weight_dtype ? *o.weight_dtype : ck.tensor("model.layers.0.self_attn.q_proj.weight").dtype;
+    hf.torch_dtype = wd == DType::f32 ? "float32" : wd == DType::f16 ? "float16" : "bfloat16";
+    hf.recurformer.reset();
+    detail::write_text(out_dir + "/config.json", config_json_with_recurformer(model_config_to_json(hf), rf));
+  } else {
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "generation_config.json", "tokenizer.model"}) {
+      const std::string src = (ck.path() / f).string();
+      if (detail::path_exists(src)) detail::copy_file(src, out_dir + "/" + f);
+    }
+    detail::write_text(out_dir + "/config.json", config_json_with_recurformer(ck.config_json_text(), rf));
   }
-  detail::write_text(out_dir + "/config.json", config_json_with_recurformer(ck.config_json_text(), rf));
   if (fit) detail::write_text(out_dir + "/fit_report.json", fit_report_json(errors, o));
   return errors;
 }

@@ -303,6 +303,18 @@ inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const 
           std::copy_n(k.data() + (t * nkv + j) * hd, hd, s.k.data() + t * hd);
           std::copy_n(q.data() + (t * nq + j * g) * hd, g * hd, s.q.data() + t * g * hd);
         }
+        if (c.rope_layout == RopeLayout::interleaved) {
+          // llama GGUF rows: keep B and C in the HF order the converted checkpoint is written in,
+          // so each state dimension meets the A_log row it will have there.
+          std::vector<float> stored;
+          for (std::vector<float>* a : {&s.k, &s.q}) {
+            stored = *a;
+            const int64_t heads = a == &s.k ? 1 : g;
+            for (int64_t t = 0; t < T; ++t)
+              detail::unpermute_interleaved_heads(stored.data() + t * heads * hd, a->data() + t * heads * hd, heads,
+                                                  hd, sizeof(float));
+          }
+        }
         out[size_t(gi)].sequences.push_back(std::move(s));
       }
       // the original attention output: RoPE at positions 0..T-1, keys and values in a one-slot cache

@@ -39,6 +39,13 @@ namespace detail {
 struct TokenizerData;
 }
 
+namespace detail {
+/// tokenizer.json / tokenizer_config.json texts equivalent to a GGUF "gpt2" vocabulary (the
+/// converter writes them when its input is a GGUF file); Error for any other vocabulary model.
+inline std::string gguf_to_hf_tokenizer_json(const GgufVocab& v);
+inline std::string gguf_to_hf_tokenizer_config_json(const GgufVocab& v, const std::string& chat_template, int64_t max_length);
+}  // namespace detail
+
 class StreamDecoder;
 
 /// A loaded tokenizer. Ids are int32_t, as everywhere else in the library.

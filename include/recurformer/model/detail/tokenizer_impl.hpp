@@ -884,6 +884,22 @@ inline std::string read_text_file(const std::string& path, bool required) {
   return ss.str();
 }
 
+/// How a GGUF "gpt2" vocabulary pre-tokenizes, by tokenizer.ggml.pre (llama.cpp's names): one
+/// Split regex, optionally after single-digit splitting (SmolLM), and whether merges are skipped
+/// for whole-vocabulary words (Llama 3). Shared by the loader and the tokenizer.json export.
+struct GgufPreTokenizer {
+  const char* pattern;
+  bool digits_first = false, ignore_merges = false;
+};
+inline GgufPreTokenizer gguf_pre_tokenizer(const std::string& pre) {
+  if (pre == "llama-bpe" || pre == "llama3") return {tok::Patterns::llama3, false, true};
+  if (pre == "qwen2") return {tok::Patterns::qwen2, false, false};
+  if (pre == "smollm") return {tok::Patterns::gpt2, true, false};
+  if (pre.empty() || pre == "default" || pre == "gpt2") return {tok::Patterns::gpt2, false, false};
+  fail("tokenizer (GGUF vocabulary): unsupported pre-tokenizer \"", pre,
+       "\" (supported: llama-bpe, qwen2, smollm, default, gpt2)");
+}
+
 inline void load_gguf(TokenizerData& d, const GgufVocab& v) {
   d.source = "GGUF vocabulary";
   const size_t n = v.tokens.size();
@@ -901,26 +917,17 @@ inline void load_gguf(TokenizerData& d, const GgufVocab& v) {
   if (v.model == "gpt2") {
     d.byte_level = true;
     d.decode_byte_level = true;
-    tok::PreStep st{};
-    st.kind = tok::PreStep::Kind::split;
-    const std::string pre = v.pre;
-    const char* pattern = nullptr;
-    if (pre == "llama-bpe" || pre == "llama3") {
-      pattern = tok::Patterns::llama3;
-      d.ignore_merges = true;
-    } else if (pre == "qwen2") {
-      pattern = tok::Patterns::qwen2;
-    } else if (pre == "smollm") {
+    const GgufPreTokenizer gp = gguf_pre_tokenizer(v.pre);
+    d.ignore_merges = gp.ignore_merges;
+    if (gp.digits_first) {
       tok::PreStep digits{};
       digits.kind = tok::PreStep::Kind::split;
       digits.re = std::make_shared<tok::Regex>("\\p{N}", "Digits");
       d.pre.push_back(digits);
-      pattern = tok::Patterns::gpt2;
-    } else if (pre.empty() || pre == "default" || pre == "gpt2") {
-      pattern = tok::Patterns::gpt2;
-    } else {
-      bad("unsupported pre-tokenizer \"" + pre + "\" (supported: llama-bpe, qwen2, smollm, default, gpt2)");
     }
+    tok::PreStep st{};
+    st.kind = tok::PreStep::Kind::split;
+    const char* pattern = gp.pattern;
     st.re = std::make_shared<tok::Regex>(pattern, "GGUF pre-tokenizer");
     d.pre.push_back(st);
     const auto& bm = tok::ByteUnicodeMap::get();
@@ -966,6 +973,83 @@ inline void load_gguf(TokenizerData& d, const GgufVocab& v) {
     if (v.eos < 0) bad("add_eos without an eos id");
     d.suffix.push_back(v.eos);
   }
+}
+
+/// The Hugging Face tokenizer.json of a GGUF "gpt2" vocabulary: the same pre-tokenizer steps,
+/// vocabulary, merges, added tokens and BOS / EOS rule that load_gguf() builds, so
+/// Tokenizer::from_hf_json of the text encodes exactly as Tokenizer::from_gguf of the vocabulary.
+inline std::string gguf_to_hf_tokenizer_json(const GgufVocab& v) {
+  using ojson = nlohmann::ordered_json;
+  const auto bad = [&](const std::string& what) { fail("tokenizer export (GGUF vocabulary): ", what); };
+  if (v.model != "gpt2")
+    bad("model \"" + v.model + "\" cannot be written as tokenizer.json yet (supported: gpt2, byte-level BPE)");
+  const size_t n = v.tokens.size();
+  if (n == 0) bad("no tokens");
+  if (!v.token_types.empty() && v.token_types.size() != n) bad("token_types and tokens differ in length");
+  const GgufPreTokenizer gp = gguf_pre_tokenizer(v.pre);
+  const auto type = [&](size_t i) { return v.token_types.empty() ? 1 : v.token_types[i]; };
+  ojson added = ojson::array();
+  for (size_t i = 0; i < n; ++i)
+    if (type(i) >= 2 && type(i) <= 4)
+      added.push_back({{"id", i}, {"content", v.tokens[i]}, {"single_word", false}, {"lstrip", false},
+                       {"rstrip", false}, {"normalized", false}, {"special", type(i) != 4}});
+  ojson vocab = ojson::object();
+  for (size_t i = 0; i < n; ++i) {
+    if (vocab.contains(v.tokens[i])) bad("token \"" + v.tokens[i].substr(0, 40) + "\" appears twice");
+    vocab[v.tokens[i]] = i;
+  }
+  ojson steps = ojson::array();
+  if (gp.digits_first) steps.push_back({{"type", "Digits"}, {"individual_digits", true}});
+  steps.push_back({{"type", "Split"}, {"pattern", {{"Regex", gp.pattern}}}, {"behavior", "Isolated"}, {"invert", false}});
+  steps.push_back({{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}});
+  ojson tok;
+  tok["version"] = "1.0";
+  tok["truncation"] = nullptr;
+  tok["padding"] = nullptr;
+  tok["added_tokens"] = added;
+  tok["normalizer"] = nullptr;
+  tok["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", steps}};
+  if (v.add_bos || v.add_eos) {
+    if ((v.add_bos && v.bos < 0) || (v.add_eos && v.eos < 0)) bad("add_bos / add_eos without the token id");
+    ojson single = ojson::array(), specials = ojson::object();
+    auto special = [&](int32_t id) {
+      const std::string& t = v.tokens[size_t(id)];
+      specials[t] = {{"id", t}, {"ids", {id}}, {"tokens", {t}}};
+      return ojson{{"SpecialToken", {{"id", t}, {"type_id", 0}}}};
+    };
+    if (v.add_bos) single.push_back(special(v.bos));
+    single.push_back({{"Sequence", {{"id", "A"}, {"type_id", 0}}}});
+    if (v.add_eos) single.push_back(special(v.eos));
+    tok["post_processor"] = {{"type", "TemplateProcessing"}, {"single", single}, {"pair", single},
+                             {"special_tokens", specials}};
+  } else {
+    tok["post_processor"] = nullptr;
+  }
+  tok["decoder"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}};
+  tok["model"] = {{"type", "BPE"},       {"dropout", nullptr},       {"unk_token", nullptr},
+                  {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr},
+                  {"fuse_unk", false},   {"byte_fallback", false},   {"ignore_merges", gp.ignore_merges},
+                  {"vocab", vocab},      {"merges", v.merges}};
+  return tok.dump(1) + "\n";
+}
+
+/// The tokenizer_config.json that goes with it: the special tokens by text, the BOS / EOS rule,
+/// and the chat template (empty: none).
+inline std::string gguf_to_hf_tokenizer_config_json(const GgufVocab& v, const std::string& chat_template,
+                                                    int64_t max_length) {
+  nlohmann::ordered_json c;
+  c["add_bos_token"] = v.add_bos;
+  c["add_eos_token"] = v.add_eos;
+  const auto token = [&](int32_t id) { return id >= 0 && size_t(id) < v.tokens.size() ? v.tokens[size_t(id)] : std::string(); };
+  if (v.bos >= 0) c["bos_token"] = token(v.bos);
+  if (v.eos >= 0) c["eos_token"] = token(v.eos);
+  if (v.unk >= 0) c["unk_token"] = token(v.unk);
+  if (v.pad >= 0) c["pad_token"] = token(v.pad);
+  if (!chat_template.empty()) c["chat_template"] = chat_template;
+  c["model_max_length"] = max_length;
+  c["tokenizer_class"] = "PreTrainedTokenizerFast";
+  c["clean_up_tokenization_spaces"] = false;
+  return c.dump(2) + "\n";
 }
 
 }  // namespace detail
