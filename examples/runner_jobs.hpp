@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <memory>
 #include <ostream>
@@ -43,6 +44,35 @@ inline std::string bytes_by_kind(const CacheBytes& c) {
   return "attention " + human_bytes(c.attention) + ", recurrent " + human_bytes(c.recurrent) + ", streaming " +
          human_bytes(c.streaming) + ", total " + human_bytes(c.total);
 }
+
+/// "1m 05s" / "12.3 s".
+inline std::string human_seconds(double s) {
+  char buf[32];
+  if (s < 60) std::snprintf(buf, sizeof buf, "%.1f s", s);
+  else std::snprintf(buf, sizeof buf, "%dm %02ds", int(s) / 60, int(s) % 60);
+  return buf;
+}
+
+/// A progress line for long work, on stderr: what, how far, time so far and the ETA. At most one
+/// line a second (and always the last), so a log stays short.
+class Progress {
+ public:
+  Progress(std::ostream& err, std::string what) : err_(&err), what_(std::move(what)), t0_(Clock::now()) {}
+  void operator()(int64_t done, int64_t total) {
+    const double t = seconds_since(t0_);
+    if (done < total && t - last_ < 1.0) return;
+    last_ = t;
+    *err_ << what_ << ": " << done << "/" << total << ", " << human_seconds(t);
+    if (done < total && done > 0) *err_ << ", ETA " << human_seconds(t / double(done) * double(total - done));
+    *err_ << "\n" << std::flush;
+  }
+
+ private:
+  std::ostream* err_;
+  std::string what_;
+  Clock::time_point t0_;
+  double last_ = -1;
+};
 
 inline std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -152,9 +182,8 @@ inline CalibrationResult calibrate_text(const Loaded& m, const std::string& text
   CalibrationOptions o;
   o.seq_len = seq_len;
   o.window = window;
-  return calibrate(*m.model, ids, o, exec, [&](int64_t done, int64_t total) {
-    err << "calibrate: sequence " << done << "/" << total << "\n";
-  });
+  Progress progress(err, "calibrate: sequences of " + std::to_string(seq_len) + " tokens");
+  return calibrate(*m.model, ids, o, exec, std::ref(progress));
 }
 
 inline std::string svg_path_for(const std::string& json_path) {
@@ -202,8 +231,15 @@ inline void print_cache_saving(const ModelConfig& c, const RecurFormerConfig& rf
   }
 }
 
-inline void convert_model(const std::string& model, const CalibrationScores& scores, const Args& a,
-                          const std::string& out_dir, std::ostream& out) {
+inline DType dtype_from_flag(const std::string& f) {
+  return f == "f16" ? DType::f16 : f == "bf16" ? DType::bf16 : DType::f32;
+}
+
+/// Converts `model` with its scores as the flags say; prints the outcome (every group's fit error
+/// when per_group, else their range) to `out` and progress to `err`. Returns the fit errors.
+inline std::vector<FitGroupError> convert_model(const std::string& model, const CalibrationScores& scores,
+                                                const Args& a, const std::string& out_dir, std::ostream& out,
+                                                std::ostream& err, bool per_group = true) {
   RF_CHECK(a.init == "default" || a.init == "fit", "convert: --init ", a.init, " is not supported (default or fit)");
   RF_CHECK(a.init != "fit" || !a.file.empty(), "convert: --init fit needs calibration text (-f TEXT)");
   RF_CHECK((a.ratio >= 0) != (a.threshold >= 0), "convert: give exactly one of --ratio R or --threshold X");
@@ -221,32 +257,63 @@ inline void convert_model(const std::string& model, const CalibrationScores& sco
   o.recurrent.dt_rank = a.dt_rank;
   o.recency_window = scores.window;
   o.seed = a.seed;
+  if (!a.dtype.empty()) o.weight_dtype = dtype_from_flag(a.dtype);
   for (const auto& row : scores.group_mean) o.recency_scores.emplace_back(row.begin(), row.end());
   ThreadPool pool(threads_of(a));
   if (a.init == "fit") {
     const Loaded m = load(model);
     o.init = ConvertInit::fit;
+    Progress record(err, "convert: recording attention on the calibration text, sequences");
     o.fit_data = record_fit_data(*m.model, m.tok->encode(read_file(a.file), true), a.ctx_set ? int(a.ctx) : 512,
-                                 o.layout, o.recurrent.conv_kernel, CpuExec{&pool});
+                                 o.layout, o.recurrent.conv_kernel, CpuExec{&pool}, std::ref(record));
   }
+  Progress fit_progress(err, "convert: fitting recurrent groups");
+  if (a.init == "fit") o.progress = std::ref(fit_progress);
   const std::vector<FitGroupError> errors = convert_to_recurformer(ck, o, out_dir, CpuExec{&pool});
   out << "converted " << o.layout.count(HeadKind::recurrent) << " of " << c.n_layers * c.n_kv
       << " KV groups to recurrent -> " << out_dir << "\n";
-  for (const FitGroupError& e : errors) {
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "fit layer %d group %d: relative error %.4f (default init %.4f)\n", e.layer, e.group,
-                  e.fit_error, e.default_error);
+  char buf[160];
+  if (per_group) {
+    for (const FitGroupError& e : errors) {
+      std::snprintf(buf, sizeof buf, "fit layer %d group %d: relative error %.4f (default init %.4f)\n", e.layer,
+                    e.group, e.fit_error, e.default_error);
+      out << buf;
+    }
+  } else if (!errors.empty()) {
+    double lo = 1e300, hi = 0, sum = 0, dsum = 0;
+    for (const FitGroupError& e : errors)
+      lo = std::min(lo, e.fit_error), hi = std::max(hi, e.fit_error), sum += e.fit_error, dsum += e.default_error;
+    std::snprintf(buf, sizeof buf, "fit: relative error of the recurrent groups %.3f..%.3f, mean %.3f (default init: mean %.3f)\n",
+                  lo, hi, sum / double(errors.size()), dsum / double(errors.size()));
     out << buf;
   }
   if (!errors.empty()) out << "fit errors -> " << out_dir << "/fit_report.json\n";
   print_cache_saving(c, convert_config(c, o), out);
+  return errors;
 }
 
-inline int run_convert(const Args& a, std::ostream& out, std::ostream&) {
+inline int run_convert(const Args& a, std::ostream& out, std::ostream& err) {
   RF_CHECK(!a.model.empty(), "convert: no model given (-m PATH)");
   RF_CHECK(!a.scores.empty(), "convert: no scores given (--scores S.json, written by `recurformer calibrate`)");
-  convert_model(a.model, parse_calibration_scores(read_file(a.scores), a.scores), a, a.out, out);
+  convert_model(a.model, parse_calibration_scores(read_file(a.scores), a.scores), a, a.out, out, err);
   return 0;
+}
+
+/// llama.cpp's perplexity protocol over `text` in chunks of n_ctx; on_chunk(i, running ppl).
+inline PerplexityResult measure_perplexity(const Loaded& m, const std::string& text, int n_ctx, int batch, CpuExec exec,
+                                           const std::function<void(int, double)>& on_chunk = {}) {
+  const std::vector<int32_t> ids = m.tok->encode(text, true);
+  const int32_t bos = m.tok->add_bos() ? m.tok->bos_id() : -1;
+  LlamaSession s(*m.model, 1, n_ctx, exec, std::min(batch, n_ctx));
+  std::vector<float> all;
+  return perplexity(
+      ids, n_ctx, m.model->config().vocab_size, bos,
+      [&](const int32_t* t, int n, float* logits) {
+        s.cache().reset(0);
+        s.prefill(0, t, n, &all);
+        std::copy(all.begin(), all.end(), logits);
+      },
+      on_chunk);
 }
 
 inline int run_perplexity(const Args& a, std::ostream& out, std::ostream& err) {
@@ -255,24 +322,14 @@ inline int run_perplexity(const Args& a, std::ostream& out, std::ostream& err) {
   Loaded m = load(a.model);
   ThreadPool pool(threads_of(a));
   const int n_ctx = a.ctx_set ? int(a.ctx) : 512;
-  const std::vector<int32_t> ids = m.tok->encode(text, true);
-  const int32_t bos = m.tok->add_bos() ? m.tok->bos_id() : -1;
-  err << "perplexity: " << ids.size() << " tokens, " << ids.size() / size_t(n_ctx) << " chunks of " << n_ctx << "\n";
-  LlamaSession s(*m.model, 1, n_ctx, CpuExec{&pool}, std::min(a.batch, n_ctx));
-  std::vector<float> all;
+  const size_t n_tokens = m.tok->encode(text, true).size();
+  err << "perplexity: " << n_tokens << " tokens, " << n_tokens / size_t(n_ctx) << " chunks of " << n_ctx << "\n";
   auto t0 = Clock::now();
-  const auto r = perplexity(
-      ids, n_ctx, m.model->config().vocab_size, bos,
-      [&](const int32_t* t, int n, float* logits) {
-        s.cache().reset(0);
-        s.prefill(0, t, n, &all);
-        std::copy(all.begin(), all.end(), logits);
-      },
-      [&](int c, double ppl) {
-        char buf[32];
-        std::snprintf(buf, sizeof buf, "[%d]%.4f,", c + 1, ppl);
-        out << buf << std::flush;
-      });
+  const auto r = measure_perplexity(m, text, n_ctx, a.batch, CpuExec{&pool}, [&](int c, double ppl) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "[%d]%.4f,", c + 1, ppl);
+    out << buf << std::flush;
+  });
   char buf[128];
   std::snprintf(buf, sizeof buf, "\nFinal estimate: PPL = %.4f +/- %.5f\n", r.ppl, r.ppl_error);
   out << buf;
@@ -373,8 +430,121 @@ inline const char* builtin_text() {
          "and it did not matter which. She took a piece of bark from the path and let it fall into the water.";
 }
 
-/// The main job: random model -> calibrate -> convert (ratio 0.5) -> generate with both.
+/// What the main job needs beside the executable (examples/CMakeLists.txt passes the paths).
+struct MainJobFiles {
+  std::string fetch_script;      ///< scripts/fetch-smollm2.sh; empty: no download, the random model
+  std::string calibration_text;  ///< examples/data/calibration.txt
+  std::string heldout_text;      ///< examples/data/heldout.txt
+};
+
+/// Runs the fetch script (`bash SCRIPT DIR`, which prints the GGUF's path); "" when it fails.
+inline std::string fetch_smollm2(const std::string& script, const std::string& dir) {
+  const std::string cmd = "bash '" + script + "' '" + dir + "'";
+  RF_CHECK(script.find('\'') == std::string::npos && dir.find('\'') == std::string::npos,
+           "main job: paths with a single quote are not supported: ", dir);
+  std::FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return "";
+  std::string path;
+  char buf[4096];
+  while (std::fgets(buf, sizeof buf, p)) path += buf;
+  const int status = ::pclose(p);
+  while (!path.empty() && (path.back() == '\n' || path.back() == '\r')) path.pop_back();
+  return status == 0 && recurformer::detail::path_exists(path) ? path : "";
+}
+
+/// The main job on SmolLM2: calibrate -> convert half of the KV groups (--init fit) -> generate
+/// with both -> perplexity of both on held-out text, with speed and cache side by side.
+inline int run_smollm2_job(const Args& a, const std::string& gguf, const MainJobFiles& f, const std::string& home,
+                           std::ostream& out, std::ostream& err) {
+  ThreadPool pool(threads_of(a));
+  const CpuExec exec{&pool};
+  const std::string conv = home + "/recurformer", scores = home + "/scores.json";
+  recurformer::detail::make_dirs(home);
+  out << "recurformer main job: SmolLM2-135M-Instruct (a real Llama), turned into a RecurFormer.\n"
+      << "[1/5] model " << gguf << "\n";
+  auto t0 = Clock::now();
+  Loaded m = load(gguf);
+  const ModelConfig& c = m.model->config();
+  out << "      " << c.n_layers << " layers, d_model " << c.d_model << ", " << c.n_q << " query / " << c.n_kv
+      << " KV heads, vocabulary " << c.vocab_size << "; loaded in " << human_seconds(seconds_since(t0))
+      << " (quantised weights dequantised to fp32)\n";
+  const std::string calib = read_file(f.calibration_text), heldout = read_file(f.heldout_text);
+  out << "[2/5] calibrating recency on " << f.calibration_text << " (" << calib.size() / 1024 << " KB)\n";
+  const int seq = 256;
+  const auto r = calibrate_text(m, calib, seq, a.window, exec, err);
+  write_calibration(r, gguf, scores, out);
+  out << "[3/5] converting half of the KV groups (--ratio 0.5 --init fit, fitted on the same text)\n";
+  Args ca = a;
+  ca.ratio = 0.5, ca.threshold = -1, ca.init = "fit", ca.file = f.calibration_text, ca.ctx = seq, ca.ctx_set = true;
+  t0 = Clock::now();
+  convert_model(gguf, parse_calibration_scores(read_file(scores), scores), ca, conv, out, err, false);
+  out << "      converted in " << human_seconds(seconds_since(t0)) << "\n";
+  Loaded rf = load(conv);
+  const std::string prompt = a.prompt.empty() ? "The three most important inventions of the nineteenth century were" : a.prompt;
+  const SamplingParams greedy{0.f, 0, 1.f, a.seed};
+  const int n = a.n_predict;
+  out << "[4/5] generating " << n << " tokens from \"" << prompt << "\" (greedy)\n\n--- original ---\n" << prompt;
+  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, greedy, exec, &out);
+  out << "\n";
+  print_generate_stats(out, s1);
+  const int recurrent = rf.model->head_layout().count(HeadKind::recurrent);
+  out << "\n--- RecurFormer (" << recurrent << " of " << c.n_layers * c.n_kv << " KV groups recurrent) ---\n" << prompt;
+  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, greedy, exec, &out);
+  out << "\n";
+  print_generate_stats(out, s2);
+  out << "\n[5/5] perplexity on held-out text " << f.heldout_text << " (llama.cpp's protocol, chunks of " << seq
+      << " tokens)\n";
+  const double p1 = measure_perplexity(m, heldout, seq, a.batch, exec).ppl;
+  const double p2 = measure_perplexity(rf, heldout, seq, a.batch, exec).ppl;
+  const int64_t ctx = c.max_position_embeddings;
+  out << "      and decode speed with the cache filled to " << ctx << " tokens (synthetic keys, values and states)\n";
+  const BenchPoint d1 = bench_at(*m.model, ctx, 16, 32, exec), d2 = bench_at(*rf.model, ctx, 16, 32, exec);
+  HybridCacheConfig orig_cache = m.model->cache_config(1, 1), rf_cache = rf.model->cache_config(1, 1);
+  const CacheBytes b1 = hybrid_cache_spec_bytes(orig_cache, ctx, 4), b2 = hybrid_cache_spec_bytes(rf_cache, ctx, 4);
+  char buf[256];
+  const std::string deep = "at " + std::to_string(ctx / 1024) + "K tokens";
+  std::snprintf(buf, sizeof buf, "\n%-26s %12s %12s %16s %12s\n", "", "decode tok/s", "decode tok/s", "cache (fp32)",
+                "perplexity");
+  out << buf;
+  std::snprintf(buf, sizeof buf, "%-26s %12s %12s %16s %12s\n", "", "(above)", deep.c_str(), deep.c_str(), "(held-out)");
+  out << buf;
+  const auto row = [&](const char* name, const GenerateStats& st, const BenchPoint& d, const CacheBytes& b, double ppl) {
+    const double tps = st.generated > 1 ? double(st.generated - 1) / std::max(st.decode_s, 1e-9) : 0.0;
+    std::snprintf(buf, sizeof buf, "%-26s %12.1f %12.1f %16s %12.2f\n", name, tps, d.decode_tps,
+                  human_bytes(b.total).c_str(), ppl);
+    out << buf;
+  };
+  row("original", s1, d1, b1, p1);
+  row("RecurFormer (half groups)", s2, d2, b2, p2);
+  std::snprintf(buf, sizeof buf, "RecurFormer / original: decode %s %.2fx, cache %.1f%%, perplexity %+.1f%%\n",
+                deep.c_str(), d2.decode_tps / d1.decode_tps, 100.0 * double(b2.total) / double(b1.total),
+                100.0 * (p2 / p1 - 1));
+  out << buf
+      << "(A recurrent group keeps a fixed state instead of every token's keys and values. Converted without\n"
+      << "training, the model loses quality; recovering it by distillation and continual training is the\n"
+      << "project's next step.)\n";
+  return 0;
+}
+
+inline int run_random_job(const Args& a, const std::string& home, std::ostream& out, std::ostream& err);
+
+/// The main job: SmolLM2 when the files say where to fetch it (and --offline is not given), else
+/// the built-in random model.
+inline int run_main_job(const Args& a, const std::string& home, const MainJobFiles& f, std::ostream& out,
+                        std::ostream& err) {
+  if (!a.offline && !f.fetch_script.empty()) {
+    const std::string gguf = fetch_smollm2(f.fetch_script, home + "/smollm2");
+    if (!gguf.empty()) return run_smollm2_job(a, gguf, f, home + "/smollm2", out, err);
+    out << "recurformer: SmolLM2 could not be fetched (offline?), so the main job runs on the built-in random model.\n";
+  }
+  return run_random_job(a, home, out, err);
+}
 inline int run_main_job(const Args& a, const std::string& home, std::ostream& out, std::ostream& err) {
+  return run_main_job(a, home, MainJobFiles{}, out, err);
+}
+
+/// The main job on the random model: calibrate -> convert (ratio 0.5) -> generate with both.
+inline int run_random_job(const Args& a, const std::string& home, std::ostream& out, std::ostream& err) {
   // One thread unless -t: the model is tiny, and fork-join over a busy machine only adds waiting.
   ThreadPool pool(a.threads > 0 ? a.threads : 1);
   const CpuExec exec{&pool};
@@ -393,7 +563,7 @@ inline int run_main_job(const Args& a, const std::string& home, std::ostream& ou
   out << "[3/4] converting half of the KV groups (--ratio 0.5)\n";
   Args ca = a;
   ca.ratio = 0.5, ca.threshold = -1;
-  convert_model(orig, parse_calibration_scores(read_file(scores), scores), ca, conv, out);
+  convert_model(orig, parse_calibration_scores(read_file(scores), scores), ca, conv, out, err);
   Loaded rf = load(conv);
   const std::string prompt = a.prompt.empty() ? "The river ran past the old mill and" : a.prompt;
   const int n = a.n_predict;

@@ -48,6 +48,42 @@ TEST_CASE("the main job runs end to end and says the weights are random", "[runn
   CHECK_THAT(out2.str(), Catch::Contains("using the random Llama"));
 }
 
+TEST_CASE("the main job on a fetched GGUF model, and its offline fallback", "[runner]") {
+  // The real job fetches SmolLM2 with scripts/fetch-smollm2.sh; here a stand-in script "fetches"
+  // the tiny llama_gqa GGUF, so the whole path (GGUF load, calibrate, convert --init fit from the
+  // GGUF, generation, depth benchmark, perplexity) runs without a network.
+  TmpDir dir("rf_runner_real_");
+  const std::string gguf = std::string(RECURFORMER_TEST_DATA_DIR) + "/models/llama_gqa/model-f32.gguf";
+  const std::string text_dir = std::string(RECURFORMER_TEST_DATA_DIR) + "/../../examples/data";
+  recurformer::detail::write_text(dir / "fetch.sh", "echo '" + gguf + "'\n");
+  recurformer::detail::write_text(dir / "offline.sh", "echo 'no registry' >&2; exit 2\n");
+  const runner::MainJobFiles files{dir / "fetch.sh", text_dir + "/calibration.txt", text_dir + "/heldout.txt"};
+  runner::Args a = args({"-n", "6", "-t", "2"});
+  std::ostringstream out, err;
+  REQUIRE(runner::run_main_job(a, dir / "home", files, out, err) == 0);
+  const std::string o = out.str();
+  CHECK_THAT(o, Catch::Contains("[1/5] model " + gguf));
+  CHECK_THAT(o, Catch::Contains("converted 1 of 2 KV groups to recurrent"));
+  CHECK_THAT(o, Catch::Contains("fit: relative error of the recurrent groups"));
+  CHECK_THAT(o, Catch::Contains("--- RecurFormer (1 of 2 KV groups recurrent) ---"));
+  CHECK_THAT(o, Catch::Contains("RecurFormer / original: decode at 2K tokens"));
+  CHECK_THAT(err.str(), Catch::Contains("convert: fitting recurrent groups: 1/1"));
+  CHECK(fs::exists(dir / "home/smollm2/recurformer/tokenizer.json"));
+  CHECK(fs::exists(dir / "home/smollm2/recurformer/fit_report.json"));
+  CHECK_THAT(o, !Catch::Contains("RANDOM"));
+  // A script that cannot reach the registry: one line, then the random model.
+  const runner::MainJobFiles offline{dir / "offline.sh", files.calibration_text, files.heldout_text};
+  std::ostringstream out2, err2;
+  REQUIRE(runner::run_main_job(args({"-n", "4"}), dir / "home2", offline, out2, err2) == 0);
+  CHECK_THAT(out2.str(), Catch::StartsWith("recurformer: SmolLM2 could not be fetched (offline?)"));
+  CHECK_THAT(out2.str(), Catch::Contains("RANDOM"));
+  // --offline does not even try.
+  std::ostringstream out3, err3;
+  REQUIRE(runner::run_main_job(args({"-n", "4", "--offline"}), dir / "home3", files, out3, err3) == 0);
+  CHECK_THAT(out3.str(), Catch::Contains("RANDOM"));
+  CHECK_THAT(out3.str(), !Catch::Contains("could not be fetched"));
+}
+
 TEST_CASE("generate: greedy is the argmax of the logits; sampling is seeded", "[runner]") {
   TmpDir dir("rf_runner_gen_");
   write_random_model(dir / "m", tiny());

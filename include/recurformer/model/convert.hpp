@@ -22,6 +22,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
@@ -50,6 +51,7 @@ struct ConvertOptions {
   ConvertInit init = ConvertInit::default_init;
   std::vector<FitGroupData> fit_data;  ///< init fit: one entry per recurrent group (record_fit_data)
   std::optional<DType> weight_dtype;   ///< re-store the original tensors in this dtype (default: as read)
+  std::function<void(int64_t, int64_t)> progress;  ///< init fit: (groups fitted, groups) after each group
 };
 
 /// The errors of one fitted group (relative to the original attention output).
@@ -171,6 +173,7 @@ inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, c
                  " where layer ", l, " group ", j, " was expected");
         FitResult fr = fit_recurrent_group(fd, hd, c.n_q / c.n_kv, bias, FitOptions{int(Kc), o.recency_window}, exec);
         errors.push_back({l, j, fr.fit_error, fr.default_error});
+        if (o.progress) o.progress(int64_t(errors.size()), int64_t(o.fit_data.size()));
         add(p + "dt_bias", {hd}, std::move(fr.dt_bias));
         add(p + "A_log", {hd, N}, std::move(fr.A_log));
         add(p + "D", {hd}, std::move(fr.D));

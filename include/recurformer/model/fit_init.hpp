@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -236,7 +237,8 @@ struct FitProjections {
 /// Runs the original model over `tokens` in sequences of seq_len tokens (a tail of fewer than Kc
 /// tokens is dropped) and records every recurrent group of `layout` (layer, then group order).
 inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const std::vector<int32_t>& tokens,
-                                                 int seq_len, const HeadLayout& layout, int conv_kernel, CpuExec exec) {
+                                                 int seq_len, const HeadLayout& layout, int conv_kernel, CpuExec exec,
+                                                 const std::function<void(int64_t, int64_t)>& progress = {}) {
   const ModelConfig& c = model.config();
   RF_CHECK(seq_len >= 2, "fit_init: sequence length must be >= 2, got ", seq_len);
   layout.check(c.n_layers, c.n_kv);
@@ -350,9 +352,10 @@ inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const 
           std::copy_n(att.data() + (t * nq + j * g) * hd, g * hd, s.y_attn.data() + t * g * hd);
       }
     };
-    for (const auto& sq : seqs) {
+    for (size_t i = 0; i < seqs.size(); ++i) {
       session.cache().reset(0);
-      session.prefill(0, tokens.data() + sq.first, sq.second, nullptr, hook);
+      session.prefill(0, tokens.data() + seqs[i].first, seqs[i].second, nullptr, hook);
+      if (progress) progress(int64_t(i) + 1, int64_t(seqs.size()));
     }
   });
   return out;
