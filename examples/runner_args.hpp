@@ -30,6 +30,7 @@ struct Args {
   std::vector<int64_t> contexts;    // bench -c list
   int n_decode = 32;                // bench decode tokens
   std::string dtype;                // convert: weight dtype of the written tensors ("" = as read)
+  std::string cache_type = "f32";   // storage of K, V and conv states (llama.cpp's -ctk/-ctv)
   bool offline = false;             // main job: do not download SmolLM2
   bool help = false;
 };
@@ -51,7 +52,8 @@ inline const char* kMainHelp =
     "  perplexity  llama.cpp's perplexity protocol on a text file\n"
     "  bench       prefill / decode speed and cache bytes at several context sizes\n"
     "\n"
-    "main job options: -n N (tokens generated, default 64), -p TEXT (the prompt), -t N, --offline\n"
+    "main job options: -n N (tokens generated, default 64), -p TEXT (the prompt), -t N, --offline,\n"
+    "  --cache-type f32|f16|bf16\n"
     "\n"
     "`recurformer COMMAND --help` lists the command's options.\n";
 
@@ -61,9 +63,14 @@ inline const char* kCommonHelp =
     "  --device cpu         where to run (only cpu in this build)\n"
     "  -h, --help           this text\n";
 
+// generate, perplexity, bench: the cache they fill.
+inline const char* kCacheHelp =
+    "  --cache-type T       storage of the cache's keys, values and conv states: f32, f16 or bf16\n"
+    "                       (default f32; the recurrent groups' SSM state is fp32 whatever T)\n";
+
 inline std::string command_help(const std::string& cmd) {
   if (cmd == "generate")
-    return std::string("usage: recurformer generate -m MODEL -p PROMPT [options]\n\n") + kCommonHelp +
+    return std::string("usage: recurformer generate -m MODEL -p PROMPT [options]\n\n") + kCommonHelp + kCacheHelp +
            "  -p, --prompt TEXT    the prompt\n"
            "  -f, --file PATH      read the prompt from a file\n"
            "  -n, --n-predict N    tokens to generate (default 64)\n"
@@ -95,14 +102,15 @@ inline std::string command_help(const std::string& cmd) {
            "  --seed S             seed of the initialisation\n"
            "  --dtype f32|f16|bf16 store the original tensors in this dtype (default: as read; a\n"
            "                       quantised GGUF tensor is read as f32)\n"
+           "  --cache-type T       the cache type of the byte report (f32, f16, bf16; default f32)\n"
            "  -o, --output DIR     output directory (a HF directory; a GGUF input is written as the HF\n"
            "                       model it came from, tokenizer and chat template included)\n";
   if (cmd == "perplexity")
-    return std::string("usage: recurformer perplexity -m MODEL -f TEXT [-c N]\n\n") + kCommonHelp +
+    return std::string("usage: recurformer perplexity -m MODEL -f TEXT [-c N]\n\n") + kCommonHelp + kCacheHelp +
            "  -f, --file PATH      text file (e.g. wiki.test.raw)\n"
            "  -c, --ctx-size N     chunk size in tokens (default 512)\n";
   if (cmd == "bench")
-    return std::string("usage: recurformer bench -m MODEL [-c 512,4096,32768] [options]\n\n") + kCommonHelp +
+    return std::string("usage: recurformer bench -m MODEL [-c 512,4096,32768] [options]\n\n") + kCommonHelp + kCacheHelp +
            "  -c, --ctx-size LIST  context depths, comma separated (default 512,4096,32768)\n"
            "  -b, --batch-size N   prefill tokens measured at each depth (default 256)\n"
            "  -n, --n-predict N    decode steps measured at each depth (default 32)\n";
@@ -180,6 +188,10 @@ inline Args parse_args(int argc, char** argv) {
       a.dtype = val();
       RF_CHECK(a.dtype == "f32" || a.dtype == "f16" || a.dtype == "bf16", "--dtype: \"", a.dtype,
                "\" is not one of f32, f16, bf16");
+    } else if (f == "--cache-type") {
+      a.cache_type = val();
+      RF_CHECK(a.cache_type == "f32" || a.cache_type == "f16" || a.cache_type == "bf16", "--cache-type: \"",
+               a.cache_type, "\" is not one of f32, f16, bf16");
     } else if (f == "--offline") a.offline = true;
     else recurformer::fail("unknown option \"", f, "\" (see --help)");
   }

@@ -11,6 +11,7 @@
 #include <ostream>
 #include <sstream>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "recurformer/model/calibrate.hpp"
@@ -108,28 +109,94 @@ inline Loaded load(const std::string& path) {
 
 inline int threads_of(const Args& a) { return a.threads > 0 ? a.threads : int(std::max(1u, std::thread::hardware_concurrency())); }
 
+inline DType dtype_from_flag(const std::string& f) {
+  return f == "f16" ? DType::f16 : f == "bf16" ? DType::bf16 : DType::f32;
+}
+inline DType cache_dtype(const Args& a) { return dtype_from_flag(a.cache_type); }
+
+/// Fills the first `depth` tokens of a slot with synthetic keys, values and states (no forward
+/// pass), so decode speed at depth can be measured at once.
+template <class T>
+void fill_synthetic(HybridCache<T>& cache, int slot, int64_t depth, uint64_t seed) {
+  recurformer::detail::RandomStream rs(seed);
+  const int64_t hd = cache.head_dim();
+  auto fill_kv = [&](View<T, 4> kv, int64_t n) {
+    for (int64_t g = 0; g < kv.shape[1]; ++g)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t i = 0; i < hd; ++i) kv(slot, g, t, i) = from_float<T>(rs.uniform_std(0.5f));
+  };
+  for (int l = 0; l < cache.n_layers(); ++l) {
+    for (View<T, 4> kv : {cache.keys(l), cache.values(l)}) fill_kv(kv, depth);
+    View<float, 4> st = cache.ssm_states(l);
+    for (int64_t g = 0; g < st.shape[1]; ++g)
+      for (int64_t c = 0; c < st.shape[2]; ++c)
+        for (int64_t n = 0; n < st.shape[3]; ++n) st(slot, g, c, n) = rs.uniform_std(0.1f);
+    for (View<T, 4> kv : {cache.stream_keys(l), cache.stream_values(l)}) fill_kv(kv, kv.shape[2]);
+  }
+  const int32_t sl[1] = {slot}, cnt[1] = {int32_t(depth)};
+  cache.advance(make_view(sl, {1}), make_view(cnt, {1}));
+}
+
+/// One sequence slot of a LlamaSession whose cache type is a run-time choice (--cache-type): the
+/// runner's one dispatch from that value to the template argument.
+class Session {
+ public:
+  Session(const LlamaModel& model, DType cache_type, int64_t capacity, CpuExec exec, int64_t chunk)
+      : s_(make(model, cache_type, capacity, exec, chunk)), type_(cache_type) {}
+  DType cache_type() const { return type_; }
+  const std::vector<float>& prefill(const int32_t* tokens, int64_t n, std::vector<float>* all_logits = nullptr) {
+    return std::visit([&](auto& s) -> const std::vector<float>& { return s.prefill(0, tokens, n, all_logits); }, s_);
+  }
+  const std::vector<float>& decode(int32_t token) {
+    return std::visit([&](auto& s) -> const std::vector<float>& { return s.decode(0, token); }, s_);
+  }
+  void reset() {
+    std::visit([](auto& s) { s.cache().reset(0); }, s_);
+  }
+  CacheReport bytes() {
+    return std::visit([](auto& s) { return s.cache().bytes(); }, s_);
+  }
+  void fill_synthetic(int64_t depth, uint64_t seed) {
+    std::visit([&](auto& s) { runner::fill_synthetic(s.cache(), 0, depth, seed); }, s_);
+  }
+
+ private:
+  using Any = std::variant<BasicLlamaSession<float>, BasicLlamaSession<half>, BasicLlamaSession<bfloat16>>;
+  static Any make(const LlamaModel& model, DType t, int64_t capacity, CpuExec exec, int64_t chunk) {
+    return dispatch_dtype("--cache-type", t, [&](auto tag) {
+      using S = BasicLlamaSession<typename decltype(tag)::type>;
+      return Any(std::in_place_type<S>, model, 1, capacity, exec, chunk);
+    });
+  }
+  Any s_;
+  DType type_;
+};
+
 struct GenerateStats {
   int64_t prompt_tokens = 0, generated = 0;
   double prefill_s = 0, decode_s = 0;
   CacheBytes cache;
+  DType cache_type = DType::f32;
   std::vector<int32_t> ids;
   std::string text;
 };
 
 /// Tokenizes the prompt, prefills, then samples up to n tokens (stopping at EOS), streaming text.
 inline GenerateStats generate(const Loaded& m, const std::string& prompt, int n, int64_t ctx, int chunk,
-                              const SamplingParams& sp, CpuExec exec, std::ostream* stream) {
+                              const SamplingParams& sp, CpuExec exec, std::ostream* stream,
+                              DType cache_type = DType::f32) {
   const ModelConfig& c = m.model->config();
   std::vector<int32_t> ids = m.tok->encode(prompt, true);
   RF_CHECK(!ids.empty(), "generate: the prompt is empty (and the tokenizer adds no BOS)");
   RF_CHECK(int64_t(ids.size()) <= ctx, "generate: the prompt has ", ids.size(), " tokens, more than the context of ",
            ctx, " (raise -c)");
   const int64_t budget = std::min<int64_t>(n, ctx - int64_t(ids.size()));
-  LlamaSession s(*m.model, 1, ctx, exec, chunk);
+  Session s(*m.model, cache_type, ctx, exec, chunk);
   GenerateStats st;
   st.prompt_tokens = int64_t(ids.size());
+  st.cache_type = cache_type;
   auto t0 = Clock::now();
-  std::vector<float> logits = s.prefill(0, ids.data(), int64_t(ids.size()));
+  std::vector<float> logits = s.prefill(ids.data(), int64_t(ids.size()));
   st.prefill_s = seconds_since(t0);
   Sampler sampler(sp);
   StreamDecoder dec = m.tok->stream_decoder(true);
@@ -146,11 +213,11 @@ inline GenerateStats generate(const Loaded& m, const std::string& prompt, int n,
     for (int e : c.eos_token_ids) eos = eos || next == e;
     if (next < m.tok->vocab_size()) emit(dec.push(next));
     if (eos || i + 1 == budget) break;
-    logits = s.decode(0, next);
+    logits = s.decode(next);
   }
   emit(dec.flush());
   st.decode_s = seconds_since(t1);
-  st.cache = s.cache().bytes().held;
+  st.cache = s.bytes().held;
   return st;
 }
 
@@ -160,7 +227,8 @@ inline void print_generate_stats(std::ostream& out, const GenerateStats& st) {
                 (long long)st.prompt_tokens, st.prefill_s, double(st.prompt_tokens) / std::max(st.prefill_s, 1e-9),
                 (long long)st.generated, st.decode_s,
                 st.generated > 1 ? double(st.generated - 1) / std::max(st.decode_s, 1e-9) : 0.0);
-  out << buf << "cache (" << st.prompt_tokens + st.generated - 1 << " tokens, fp32): " << bytes_by_kind(st.cache) << "\n";
+  out << buf << "cache (" << st.prompt_tokens + st.generated - 1 << " tokens, " << dtype_name(st.cache_type)
+      << "): " << bytes_by_kind(st.cache) << "\n";
 }
 
 inline int run_generate(const Args& a, std::ostream& out, std::ostream& err) {
@@ -170,7 +238,7 @@ inline int run_generate(const Args& a, std::ostream& out, std::ostream& err) {
   Loaded m = load(a.model);
   ThreadPool pool(threads_of(a));
   const auto st = generate(m, prompt, a.n_predict, a.ctx, a.batch, SamplingParams{a.temp, a.top_k, a.top_p, a.seed},
-                           CpuExec{&pool}, &out);
+                           CpuExec{&pool}, &out, cache_dtype(a));
   out << "\n\n";
   print_generate_stats(err, st);
   return 0;
@@ -212,8 +280,9 @@ inline int run_calibrate(const Args& a, std::ostream& out, std::ostream& err) {
   return 0;
 }
 
-/// Prints the cache of the original and the converted layout at 4K and 32K tokens (fp32 cache).
-inline void print_cache_saving(const ModelConfig& c, const RecurFormerConfig& rf, std::ostream& out) {
+/// Prints the cache of the original and the converted layout at 4K and 32K tokens.
+inline void print_cache_saving(const ModelConfig& c, const RecurFormerConfig& rf, std::ostream& out,
+                               DType cache_type = DType::f32) {
   HybridCacheConfig orig, conv;
   orig.n_layers = conv.n_layers = c.n_layers;
   orig.n_kv = conv.n_kv = c.n_kv;
@@ -223,16 +292,14 @@ inline void print_cache_saving(const ModelConfig& c, const RecurFormerConfig& rf
   conv.recurrent = rf.recurrent;
   conv.streaming = rf.streaming;
   for (int64_t T : {int64_t(4096), int64_t(32768)}) {
-    const CacheBytes a = hybrid_cache_spec_bytes(orig, T, 4), b = hybrid_cache_spec_bytes(conv, T, 4);
+    const int64_t e = dtype_size(cache_type);
+    const CacheBytes a = hybrid_cache_spec_bytes(orig, T, e), b = hybrid_cache_spec_bytes(conv, T, e);
     char buf[64];
     std::snprintf(buf, sizeof buf, "%.1f%%", 100.0 * double(b.total) / double(a.total));
-    out << "cache per sequence at " << T / 1024 << "K tokens (fp32): original " << human_bytes(a.total)
+    out << "cache per sequence at " << T / 1024 << "K tokens (" << dtype_name(cache_type) << "): original "
+        << human_bytes(a.total)
         << ", RecurFormer " << human_bytes(b.total) << " (" << buf << ")\n";
   }
-}
-
-inline DType dtype_from_flag(const std::string& f) {
-  return f == "f16" ? DType::f16 : f == "bf16" ? DType::bf16 : DType::f32;
 }
 
 /// Converts `model` with its scores as the flags say; prints the outcome (every group's fit error
@@ -288,7 +355,7 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
     out << buf;
   }
   if (!errors.empty()) out << "fit errors -> " << out_dir << "/fit_report.json\n";
-  print_cache_saving(c, convert_config(c, o), out);
+  print_cache_saving(c, convert_config(c, o), out, cache_dtype(a));
   return errors;
 }
 
@@ -301,16 +368,17 @@ inline int run_convert(const Args& a, std::ostream& out, std::ostream& err) {
 
 /// llama.cpp's perplexity protocol over `text` in chunks of n_ctx; on_chunk(i, running ppl).
 inline PerplexityResult measure_perplexity(const Loaded& m, const std::string& text, int n_ctx, int batch, CpuExec exec,
+                                           DType cache_type = DType::f32,
                                            const std::function<void(int, double)>& on_chunk = {}) {
   const std::vector<int32_t> ids = m.tok->encode(text, true);
   const int32_t bos = m.tok->add_bos() ? m.tok->bos_id() : -1;
-  LlamaSession s(*m.model, 1, n_ctx, exec, std::min(batch, n_ctx));
+  Session s(*m.model, cache_type, n_ctx, exec, std::min(batch, n_ctx));
   std::vector<float> all;
   return perplexity(
       ids, n_ctx, m.model->config().vocab_size, bos,
       [&](const int32_t* t, int n, float* logits) {
-        s.cache().reset(0);
-        s.prefill(0, t, n, &all);
+        s.reset();
+        s.prefill(t, n, &all);
         std::copy(all.begin(), all.end(), logits);
       },
       on_chunk);
@@ -325,7 +393,7 @@ inline int run_perplexity(const Args& a, std::ostream& out, std::ostream& err) {
   const size_t n_tokens = m.tok->encode(text, true).size();
   err << "perplexity: " << n_tokens << " tokens, " << n_tokens / size_t(n_ctx) << " chunks of " << n_ctx << "\n";
   auto t0 = Clock::now();
-  const auto r = measure_perplexity(m, text, n_ctx, a.batch, CpuExec{&pool}, [&](int c, double ppl) {
+  const auto r = measure_perplexity(m, text, n_ctx, a.batch, CpuExec{&pool}, cache_dtype(a), [&](int c, double ppl) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "[%d]%.4f,", c + 1, ppl);
     out << buf << std::flush;
@@ -338,29 +406,6 @@ inline int run_perplexity(const Args& a, std::ostream& out, std::ostream& err) {
   return 0;
 }
 
-/// Fills the first `depth` tokens of a slot with synthetic keys, values and states (no forward
-/// pass), so decode speed at depth can be measured at once.
-inline void fill_synthetic(LlamaCache& cache, int slot, int64_t depth, uint64_t seed) {
-  recurformer::detail::RandomStream rs(seed);
-  const int64_t hd = cache.head_dim();
-  for (int l = 0; l < cache.n_layers(); ++l) {
-    for (View<float, 4> kv : {cache.keys(l), cache.values(l)})
-      for (int64_t g = 0; g < kv.shape[1]; ++g)
-        for (int64_t t = 0; t < depth; ++t)
-          for (int64_t i = 0; i < hd; ++i) kv(slot, g, t, i) = rs.uniform_std(0.5f);
-    View<float, 4> st = cache.ssm_states(l);
-    for (int64_t g = 0; g < st.shape[1]; ++g)
-      for (int64_t c = 0; c < st.shape[2]; ++c)
-        for (int64_t n = 0; n < st.shape[3]; ++n) st(slot, g, c, n) = rs.uniform_std(0.1f);
-    for (View<float, 4> kv : {cache.stream_keys(l), cache.stream_values(l)})
-      for (int64_t g = 0; g < kv.shape[1]; ++g)
-        for (int64_t t = 0; t < kv.shape[2]; ++t)
-          for (int64_t i = 0; i < hd; ++i) kv(slot, g, t, i) = rs.uniform_std(0.5f);
-  }
-  const int32_t sl[1] = {slot}, cnt[1] = {int32_t(depth)};
-  cache.advance(make_view(sl, {1}), make_view(cnt, {1}));
-}
-
 struct BenchPoint {
   int64_t ctx = 0;
   double prefill_tps = 0, decode_tps = 0;
@@ -368,24 +413,25 @@ struct BenchPoint {
 };
 
 /// Prefill of `prefill` tokens and `decode` single-token steps ending at depth ctx.
-inline BenchPoint bench_at(const LlamaModel& model, int64_t ctx, int prefill, int decode, CpuExec exec) {
+inline BenchPoint bench_at(const LlamaModel& model, int64_t ctx, int prefill, int decode, CpuExec exec,
+                           DType cache_type = DType::f32) {
   RF_CHECK(ctx > prefill + decode + 1, "bench: context ", ctx, " must exceed the ", prefill, " prefill + ", decode,
            " (+1 warm-up) decode tokens measured");
-  LlamaSession s(model, 1, ctx, exec, prefill);
-  fill_synthetic(s.cache(), 0, ctx - prefill - decode - 1, 99);
+  Session s(model, cache_type, ctx, exec, prefill);
+  s.fill_synthetic(ctx - prefill - decode - 1, 99);
   const int64_t V = model.config().vocab_size;
   std::vector<int32_t> toks(static_cast<size_t>(prefill));
   for (int i = 0; i < prefill; ++i) toks[size_t(i)] = int32_t((i * 7919) % V);
   BenchPoint p;
   p.ctx = ctx;
   auto t0 = Clock::now();
-  s.prefill(0, toks.data(), prefill);
+  s.prefill(toks.data(), prefill);
   p.prefill_tps = prefill / seconds_since(t0);
-  s.decode(0, 1);  // warm-up step (first-touch of the decode workspace), not timed
+  s.decode(1);  // warm-up step (first-touch of the decode workspace), not timed
   auto t1 = Clock::now();
-  for (int i = 0; i < decode; ++i) s.decode(0, int32_t((i * 31) % V));
+  for (int i = 0; i < decode; ++i) s.decode(int32_t((i * 31) % V));
   p.decode_tps = decode / seconds_since(t1);
-  p.cache = s.cache().bytes().held;
+  p.cache = s.bytes().held;
   return p;
 }
 
@@ -400,11 +446,12 @@ inline int run_bench(const Args& a, std::ostream& out, std::ostream& err) {
       << threads_of(a) << " threads\n";
   out << "(the cache is filled to depth with synthetic keys, values and states, not a forward pass)\n";
   out << std::setw(8) << "context" << std::setw(16) << "prefill tok/s" << std::setw(16) << "decode tok/s"
-      << "  cache (fp32)\n";
+      << "  cache (" << a.cache_type << ")\n";
   for (int64_t ctx : ctxs) {
     const int pre = int(std::min<int64_t>(a.batch, ctx / 2));
     err << "bench: context " << ctx << " ...\n";
-    const BenchPoint p = bench_at(*m.model, ctx, pre, int(std::min<int64_t>(a.n_decode, ctx / 4)), CpuExec{&pool});
+    const BenchPoint p =
+        bench_at(*m.model, ctx, pre, int(std::min<int64_t>(a.n_decode, ctx / 4)), CpuExec{&pool}, cache_dtype(a));
     char buf[96];
     std::snprintf(buf, sizeof buf, "%8lld%16.1f%16.2f  ", (long long)ctx, p.prefill_tps, p.decode_tps);
     out << buf << bytes_by_kind(p.cache) << "\n";
@@ -484,26 +531,29 @@ inline int run_smollm2_job(const Args& a, const std::string& gguf, const MainJob
   const SamplingParams greedy{0.f, 0, 1.f, a.seed};
   const int n = a.n_predict;
   out << "[4/5] generating " << n << " tokens from \"" << prompt << "\" (greedy)\n\n--- original ---\n" << prompt;
-  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, greedy, exec, &out);
+  const DType ct = cache_dtype(a);
+  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, greedy, exec, &out, ct);
   out << "\n";
   print_generate_stats(out, s1);
   const int recurrent = rf.model->head_layout().count(HeadKind::recurrent);
   out << "\n--- RecurFormer (" << recurrent << " of " << c.n_layers * c.n_kv << " KV groups recurrent) ---\n" << prompt;
-  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, greedy, exec, &out);
+  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, greedy, exec, &out, ct);
   out << "\n";
   print_generate_stats(out, s2);
   out << "\n[5/5] perplexity on held-out text " << f.heldout_text << " (llama.cpp's protocol, chunks of " << seq
       << " tokens)\n";
-  const double p1 = measure_perplexity(m, heldout, seq, a.batch, exec).ppl;
-  const double p2 = measure_perplexity(rf, heldout, seq, a.batch, exec).ppl;
+  const double p1 = measure_perplexity(m, heldout, seq, a.batch, exec, ct).ppl;
+  const double p2 = measure_perplexity(rf, heldout, seq, a.batch, exec, ct).ppl;
   const int64_t ctx = c.max_position_embeddings;
   out << "      and decode speed with the cache filled to " << ctx << " tokens (synthetic keys, values and states)\n";
-  const BenchPoint d1 = bench_at(*m.model, ctx, 16, 32, exec), d2 = bench_at(*rf.model, ctx, 16, 32, exec);
+  const BenchPoint d1 = bench_at(*m.model, ctx, 16, 32, exec, ct), d2 = bench_at(*rf.model, ctx, 16, 32, exec, ct);
   HybridCacheConfig orig_cache = m.model->cache_config(1, 1), rf_cache = rf.model->cache_config(1, 1);
-  const CacheBytes b1 = hybrid_cache_spec_bytes(orig_cache, ctx, 4), b2 = hybrid_cache_spec_bytes(rf_cache, ctx, 4);
+  const CacheBytes b1 = hybrid_cache_spec_bytes(orig_cache, ctx, dtype_size(ct)),
+                   b2 = hybrid_cache_spec_bytes(rf_cache, ctx, dtype_size(ct));
   char buf[256];
   const std::string deep = "at " + std::to_string(ctx / 1024) + "K tokens";
-  std::snprintf(buf, sizeof buf, "\n%-26s %12s %12s %16s %12s\n", "", "decode tok/s", "decode tok/s", "cache (fp32)",
+  const std::string cache_head = std::string("cache (") + dtype_name(ct) + ")";
+  std::snprintf(buf, sizeof buf, "\n%-26s %12s %12s %16s %12s\n", "", "decode tok/s", "decode tok/s", cache_head.c_str(),
                 "perplexity");
   out << buf;
   std::snprintf(buf, sizeof buf, "%-26s %12s %12s %16s %12s\n", "", "(above)", deep.c_str(), deep.c_str(), "(held-out)");
@@ -569,16 +619,16 @@ inline int run_random_job(const Args& a, const std::string& home, std::ostream& 
   const int n = a.n_predict;
   const SamplingParams sp{a.temp, a.top_k, a.top_p, a.seed};
   out << "[4/4] generating " << n << " tokens from \"" << prompt << "\"\n\n--- original Llama ---\n" << prompt;
-  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, sp, exec, &out);
+  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, sp, exec, &out, cache_dtype(a));
   out << "\n";
   print_generate_stats(out, s1);
   out << "\n--- RecurFormer (" << rf.model->head_layout().count(HeadKind::recurrent) << " of "
       << m.model->config().n_layers * m.model->config().n_kv << " KV groups recurrent) ---\n" << prompt;
-  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, sp, exec, &out);
+  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, sp, exec, &out, cache_dtype(a));
   out << "\n";
   print_generate_stats(out, s2);
   out << "\n";
-  print_cache_saving(m.model->config(), *rf.model->config().recurformer, out);
+  print_cache_saving(m.model->config(), *rf.model->config().recurformer, out, cache_dtype(a));
   return 0;
 }
 

@@ -126,6 +126,44 @@ TEST_CASE("decode and packed batches agree with one prefill", "[model]") {
                       std::vector<double>(alone.begin(), alone.end()), 1e-5, 1e-5 * g.max_abs);
 }
 
+TEST_CASE("a half or bfloat16 cache follows the fp32 one at half the bytes", "[model][cache-type]") {
+  // q, k, v are rounded once to the cache type (unit roundoff 2^-11 for half, 2^-8 for bfloat16),
+  // then attention, the conv and the scan read them so; the SSM state stays fp32. Tolerances on the
+  // logits: 1e-2 * max|logit| for half (the golden F16-weights bound is 2e-2 for the same roundoff),
+  // 8x that for bfloat16 (8x the roundoff).
+  const CpuExec exec{&pool()};
+  for (const char* name : {"llama_gqa", "recurformer_mixed"}) {
+    const Golden g = golden(name);
+    const LlamaModel m = LlamaModel::open(model_dir(name));
+    const int64_t T = int64_t(g.ids.size()), V = m.config().vocab_size, P = 7;
+    auto run = [&](auto tag, double abs_factor) {
+      using T16 = typename decltype(tag)::type;
+      INFO("model " << name << ", cache " << dtype_name(dtype_of<T16>()));
+      BasicLlamaSession<T16> s(m, 1, T, exec, 4);
+      std::vector<float> got(size_t(T * V)), rows;
+      s.prefill(0, g.ids.data(), P, &rows);  // chunked prefill, then one-token decode steps
+      std::copy(rows.begin(), rows.end(), got.begin());
+      for (int64_t t = P; t < T; ++t) {
+        const auto& l = s.decode(0, g.ids[size_t(t)]);
+        std::copy(l.begin(), l.end(), got.begin() + t * V);
+      }
+      check_logits("prefill + decode", got, g, abs_factor);
+      double dev = 0;  // the rounding is really there: the cache type is used, not ignored
+      for (size_t i = 0; i < got.size(); ++i) dev = std::max(dev, std::fabs(double(got[i]) - g.logits[i]));
+      CHECK(dev > 1e-6 * g.max_abs);
+      LlamaSession f32(m, 1, T, exec, 4);
+      f32.prefill(0, g.ids.data(), T);
+      const CacheBytes b16 = s.cache().bytes().held, b32 = f32.cache().bytes().held;
+      CHECK(b16.attention * 2 == b32.attention);
+      CHECK(b16.streaming * 2 == b32.streaming);
+      CHECK(b16.recurrent <= b32.recurrent);  // fp32 SSM state + half conv state
+      CHECK(s.cache().allocated_bytes() == s.cache().bytes().capacity.total);
+    };
+    run(TypeTag<half>{}, 1e-2);
+    run(TypeTag<bfloat16>{}, 8e-2);
+  }
+}
+
 TEST_CASE("bad input throws and leaves the cache as it was", "[model]") {
   const CpuExec exec{&pool()};
   const LlamaModel m = LlamaModel::open(model_dir("recurformer_mixed"));

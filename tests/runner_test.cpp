@@ -146,6 +146,26 @@ TEST_CASE("calibrate -> convert -> generate through files; perplexity prints lla
   std::ostringstream bout;
   REQUIRE(runner::run_bench(args({"bench", "-m", dir / "rf", "-c", "64,96", "-b", "16", "-n", "4"}), bout, err) == 0);
   CHECK_THAT(bout.str(), Catch::Contains("synthetic"));
+  // --cache-type: the same greedy text from a bf16 cache on this tiny model, at half the K/V bytes
+  std::ostringstream g16, e16, e32;
+  REQUIRE(runner::run_generate(args({"generate", "-m", dir / "m", "-p", "hello", "-n", "5", "--temp", "0", "--cache-type",
+                                     "bf16"}),
+                               g16, e16) == 0);
+  std::ostringstream g32;
+  REQUIRE(runner::run_generate(args({"generate", "-m", dir / "m", "-p", "hello", "-n", "5", "--temp", "0"}), g32, e32) == 0);
+  CHECK(g16.str() == g32.str());
+  // 9 tokens x 2 layers x 2 groups x (K, V) x head_dim 16 x 2 bytes
+  CHECK_THAT(e16.str(), Catch::Contains("cache (9 tokens, bf16): attention 9.0 KiB"));
+  CHECK_THAT(e32.str(), Catch::Contains("cache (9 tokens, f32): attention 18.0 KiB"));
+  std::ostringstream b16;
+  REQUIRE(runner::run_bench(args({"bench", "-m", dir / "rf", "-c", "64", "-b", "16", "-n", "4", "--cache-type", "f16"}), b16,
+                            err) == 0);
+  CHECK_THAT(b16.str(), Catch::Contains("cache (f16)"));
+  std::ostringstream p16;
+  REQUIRE(runner::run_perplexity(args({"perplexity", "-m", dir / "rf", "-f", dir / "text.txt", "-c", "128", "--cache-type",
+                                       "f16"}),
+                                 p16, perr) == 0);
+  CHECK_THAT(p16.str(), Catch::Contains("Final estimate: PPL = "));
 }
 
 TEST_CASE("runner errors are one clear line", "[runner]") {
@@ -155,6 +175,7 @@ TEST_CASE("runner errors are one clear line", "[runner]") {
   CHECK_THROWS_WITH(args({"generate", "-n", "x"}), Catch::Contains("expected an integer"));
   CHECK_THROWS_WITH(args({"generate", "--device", "cuda"}), Catch::Contains("not built with CUDA"));
   CHECK_THROWS_WITH(args({"generate", "--bogus"}), Catch::Contains("unknown option"));
+  CHECK_THROWS_WITH(args({"generate", "--cache-type", "q8_0"}), Catch::Contains("--cache-type: \"q8_0\" is not one of"));
   CHECK_THROWS_WITH(runner::load(dir / "nope"), Catch::Contains("no such file or directory"));
   // a tokenizer bigger than the model's vocabulary
   RandomModelSpec s = tiny();

@@ -6,7 +6,9 @@
 //   logits = lm_head(rmsnorm(x))  for the last token of each sequence (decode) or every token
 //
 // Activations are fp32; weights are used as stored (f32, f16 or bf16; TW below, dispatched once
-// when the model is opened); the cache holds fp32 K/V and states (HybridCache<float>). A batch is
+// when the model is opened). The cache's storage type is the caller's choice, like llama.cpp's
+// -ctk/-ctv: K, V and conv states in float, half or bfloat16 (HybridCache<T>; the SSM state is fp32
+// whatever T), one model serving all three. A batch is
 // a set of packed sequences, each with its own cache slot (continuous batching): a prefill chunk,
 // a decode step of many slots, or a mix. The caller owns the workspace (forward_workspace_bytes);
 // LlamaSession below keeps one and only grows it, so steady-state decode allocates nothing.
@@ -16,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "recurformer/cache/hybrid_cache.hpp"
@@ -27,7 +30,7 @@
 
 namespace recurformer {
 
-/// The cache a LlamaModel reads and appends.
+/// The cache a LlamaModel reads and appends: K/V and conv states in T (float, half, bfloat16).
 using LlamaCache = HybridCache<float>;
 
 /// A batch of packed sequences.
@@ -51,6 +54,10 @@ namespace detail {
 class LlamaImplBase;
 }
 
+/// The cache storage types a LlamaModel serves (the one place a cache type is dispatched from a
+/// run-time value is the runner's --cache-type; the model takes any of these).
+using LlamaCacheRef = std::variant<HybridCache<float>*, HybridCache<half>*, HybridCache<bfloat16>*>;
+
 class LlamaModel {
  public:
   /// Opens a HF directory or a .gguf file (Checkpoint::open) and binds its weights.
@@ -66,32 +73,48 @@ class LlamaModel {
 
   /// A cache config for `slots` sequences of up to `capacity` tokens each.
   HybridCacheConfig cache_config(int slots, int64_t capacity) const;
-  LlamaCache make_cache(int slots, int64_t capacity) const { return LlamaCache(cache_config(slots, capacity)); }
+  /// A cache with K, V and conv states stored in T (float, half or bfloat16).
+  template <class T = float>
+  HybridCache<T> make_cache(int slots, int64_t capacity) const {
+    return HybridCache<T>(cache_config(slots, capacity));
+  }
 
   /// Workspace forward() needs for this batch at the cache's current lengths.
-  size_t forward_workspace_bytes(const LlamaBatch& batch, const LlamaCache& cache, LogitsRows rows, CpuExec exec) const;
+  template <class T>
+  size_t forward_workspace_bytes(const LlamaBatch& batch, const HybridCache<T>& cache, LogitsRows rows,
+                                 CpuExec exec) const {
+    return forward_workspace_bytes(batch, LlamaCacheRef(const_cast<HybridCache<T>*>(&cache)), rows, exec);
+  }
 
   /// Runs the batch, appends it to the cache (all layers, then the slots' lengths advance) and
   /// writes logits [S or T, vocab]. Throws before changing anything when a slot would overflow, a
   /// token id is out of range or the batch is malformed.
-  void forward(const LlamaBatch& batch, LlamaCache& cache, View<float, 2> logits, LogitsRows rows,
-               CpuExec exec, void* workspace, size_t workspace_bytes, const LayerInputHook& hook = {}) const;
+  template <class T>
+  void forward(const LlamaBatch& batch, HybridCache<T>& cache, View<float, 2> logits, LogitsRows rows,
+               CpuExec exec, void* workspace, size_t workspace_bytes, const LayerInputHook& hook = {}) const {
+    forward(batch, LlamaCacheRef(&cache), logits, rows, exec, workspace, workspace_bytes, hook);
+  }
+  // The same over a cache of any served type (the size query only reads the cache).
+  size_t forward_workspace_bytes(const LlamaBatch& batch, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const;
+  void forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
+               void* workspace, size_t workspace_bytes, const LayerInputHook& hook = {}) const;
 
  private:
   std::shared_ptr<const Checkpoint> ckpt_;
   std::shared_ptr<const detail::LlamaImplBase> impl_;
 };
 
-/// A model, a cache and a workspace: the convenient way to run sequences.
-class LlamaSession {
+/// A model, a cache (storage type T) and a workspace: the convenient way to run sequences.
+template <class T>
+class BasicLlamaSession {
  public:
   /// `chunk`: the most tokens one forward pass takes (longer prompts are prefilled in chunks).
-  LlamaSession(const LlamaModel& model, int slots, int64_t capacity, CpuExec exec, int64_t chunk = 256)
-      : model_(&model), cache_(model.make_cache(slots, capacity)), exec_(exec), chunk_(chunk) {
+  BasicLlamaSession(const LlamaModel& model, int slots, int64_t capacity, CpuExec exec, int64_t chunk = 256)
+      : model_(&model), cache_(model.make_cache<T>(slots, capacity)), exec_(exec), chunk_(chunk) {
     RF_CHECK(chunk >= 1, "LlamaSession: chunk must be >= 1");
   }
   const LlamaModel& model() const { return *model_; }
-  LlamaCache& cache() { return cache_; }
+  HybridCache<T>& cache() { return cache_; }
   int64_t vocab() const { return model_->config().vocab_size; }
 
   /// Feeds tokens to one slot (appending to what it holds), in chunks; returns the logits of the
@@ -137,13 +160,16 @@ class LlamaSession {
   }
 
   const LlamaModel* model_;
-  LlamaCache cache_;
+  HybridCache<T> cache_;
   CpuExec exec_;
   int64_t chunk_;
   std::vector<unsigned char> ws_;
   std::vector<float> last_;
   std::vector<int32_t> cu_;
 };
+
+/// The session with an fp32 cache.
+using LlamaSession = BasicLlamaSession<float>;
 
 }  // namespace recurformer
 

@@ -1,12 +1,14 @@
 // recurformer/model/detail/llama_impl.hpp: LlamaModel's implementation (see model/llama.hpp).
 //
 // The weight dtype is a run-time property of the file; it becomes the template argument TW here,
-// once, through dispatch_dtype (LlamaModel's constructor). Every op runs on the caller's exec;
-// parallelism is inside the ops.
+// once, through dispatch_dtype (LlamaModel's constructor). The cache's storage type arrives as
+// TC, the alternative held by a LlamaCacheRef and is visited once per call. Every op runs on the
+// caller's exec; parallelism is inside the ops.
 #pragma once
 
 #include <algorithm>
 #include <cstring>
+#include <variant>
 
 #include "recurformer/model/llama.hpp"  // declarations (this file is included at its end)
 #include "recurformer/cpu/embedding.hpp"
@@ -24,8 +26,8 @@ class LlamaImplBase {
  public:
   virtual ~LlamaImplBase() = default;
   virtual DType weight_dtype() const = 0;
-  virtual size_t workspace_bytes(const LlamaBatch& b, const LlamaCache& cache, LogitsRows rows, CpuExec exec) const = 0;
-  virtual void forward(const LlamaBatch& b, LlamaCache& cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
+  virtual size_t workspace_bytes(const LlamaBatch& b, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const = 0;
+  virtual void forward(const LlamaBatch& b, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
                        void* ws, size_t ws_bytes, const LayerInputHook& hook) const = 0;
 };
 
@@ -52,13 +54,24 @@ class LlamaImpl final : public LlamaImplBase {
   }
   DType weight_dtype() const override { return dtype_of<TW>(); }
 
-  size_t workspace_bytes(const LlamaBatch& b, const LlamaCache& cache, LogitsRows rows, CpuExec exec) const override {
-    Buffers buf;
-    return carve(b, rows, cache, exec, nullptr, buf);
+  size_t workspace_bytes(const LlamaBatch& b, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const override {
+    return std::visit(
+        [&](auto* c) {
+          Buffers buf;
+          return carve(b, rows, *c, exec, nullptr, buf);
+        },
+        cache);
   }
 
-  void forward(const LlamaBatch& b, LlamaCache& cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
+  void forward(const LlamaBatch& b, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
                void* ws, size_t ws_bytes, const LayerInputHook& hook) const override {
+    std::visit([&](auto* c) { run(b, *c, logits, rows, exec, ws, ws_bytes, hook); }, cache);
+  }
+
+ private:
+  template <class TC>
+  void run(const LlamaBatch& b, HybridCache<TC>& cache, View<float, 2> logits, LogitsRows rows, CpuExec exec, void* ws,
+           size_t ws_bytes, const LayerInputHook& hook) const {
     const char* op = "model forward";
     check_batch(b, cache);
     const int64_t T = b.tokens.shape[0], S = b.slots.shape[0], V = cfg_.vocab_size, d = cfg_.d_model;
@@ -112,7 +125,6 @@ class LlamaImpl final : public LlamaImplBase {
     linear(LinearParams<float, TW>{sel, w_.lm_head, {}, logits}, exec, buf.lin_ws, buf.lin_ws_bytes);
   }
 
- private:
   struct Buffers {
     float *x = nullptr, *xn = nullptr, *tmp = nullptr, *gate = nullptr, *up = nullptr, *sel = nullptr;
     void* layer_ws = nullptr;
@@ -121,7 +133,8 @@ class LlamaImpl final : public LlamaImplBase {
     size_t lin_ws_bytes = 0;
   };
 
-  void check_batch(const LlamaBatch& b, const LlamaCache& cache) const {
+  template <class TC>
+  void check_batch(const LlamaBatch& b, const HybridCache<TC>& cache) const {
     const char* op = "model forward";
     detail::check_shape(op, "tokens", b.tokens, {-1});
     detail::check_shape(op, "cu_seqlens", b.cu_seqlens, {-1});
@@ -138,10 +151,11 @@ class LlamaImpl final : public LlamaImplBase {
              ": the cache was made for another model shape");
   }
 
-  HybridHeadAttentionParams<float, TW> layer_params(int l, const LlamaBatch& b, LlamaCache& cache,
-                                                    View<const float, 2> x, View<float, 2> out) const {
+  template <class TC>
+  HybridHeadAttentionParams<TC, TW> layer_params(int l, const LlamaBatch& b, HybridCache<TC>& cache,
+                                                View<const float, 2> x, View<float, 2> out) const {
     const LlamaLayerWeights<TW>& L = w_.layers[size_t(l)];
-    HybridHeadAttentionParams<float, TW> p;
+    HybridHeadAttentionParams<TC, TW> p;
     p.x = x;
     p.out = out;
     p.weights.wq = L.wq, p.weights.wk = L.wk, p.weights.wv = L.wv, p.weights.wo = L.wo;
@@ -159,7 +173,8 @@ class LlamaImpl final : public LlamaImplBase {
   }
 
   // Lays the buffers out from `base` (or only sizes them when base is null); returns the bytes.
-  size_t carve(const LlamaBatch& b, LogitsRows rows, const LlamaCache& cache, CpuExec exec, unsigned char* base,
+  template <class TC>
+  size_t carve(const LlamaBatch& b, LogitsRows rows, const HybridCache<TC>& cache, CpuExec exec, unsigned char* base,
                Buffers& buf) const {
     const int64_t T = b.tokens.shape[0], S = b.slots.shape[0], d = cfg_.d_model, F = cfg_.ffn;
     WorkspaceCarver c{base, 0};
@@ -174,7 +189,7 @@ class LlamaImpl final : public LlamaImplBase {
     static float dummy[1];
     auto shaped = [](int64_t r, int64_t k) { return make_view(dummy, {r, k}); };
     size_t layer_ws = 0, lin_ws = 0;
-    LlamaCache& mc = const_cast<LlamaCache&>(cache);  // the query only reads the lengths
+    auto& mc = const_cast<HybridCache<TC>&>(cache);  // the query only reads the lengths
     for (int l = 0; l < cfg_.n_layers; ++l)
       layer_ws = std::max(layer_ws, hybrid_head_attention_workspace_bytes(
                                         layer_params(l, b, mc, shaped(T, d), shaped(T, d)), exec));
@@ -245,12 +260,12 @@ inline HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity) c
   return cc;
 }
 
-inline size_t LlamaModel::forward_workspace_bytes(const LlamaBatch& batch, const LlamaCache& cache, LogitsRows rows,
+inline size_t LlamaModel::forward_workspace_bytes(const LlamaBatch& batch, LlamaCacheRef cache, LogitsRows rows,
                                                   CpuExec exec) const {
   return impl_->workspace_bytes(batch, cache, rows, exec);
 }
 
-inline void LlamaModel::forward(const LlamaBatch& batch, LlamaCache& cache, View<float, 2> logits, LogitsRows rows,
+inline void LlamaModel::forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows,
                                 CpuExec exec, void* workspace, size_t workspace_bytes,
                                 const LayerInputHook& hook) const {
   impl_->forward(batch, cache, logits, rows, exec, workspace, workspace_bytes, hook);
