@@ -82,6 +82,13 @@ std::string tiny_config(const std::string& extra = "") {
          extra + "}";
 }
 
+// tiny_config with some of its keys given other values (a key twice in one object is an error).
+std::string tiny_config_with(const std::string& changes) {
+  nlohmann::json o = nlohmann::json::parse(tiny_config());
+  o.update(nlohmann::json::parse(changes));
+  return o.dump();
+}
+
 }  // namespace
 
 TEST_CASE("ModelConfig parses real Llama, SmolLM2, TinyLlama and Qwen2.5 configs", "[config]") {
@@ -153,7 +160,7 @@ TEST_CASE("ModelConfig rejects bad configs with the file and the problem", "[con
   CHECK_THAT(config_error("{\"model_type\": \"llama\",,}"), Catch::StartsWith("cfg.json: malformed JSON in config"));
   CHECK_THAT(config_error("[1]"), Catch::Contains("config must be a JSON object"));
   CHECK(config_error(R"({"model_type": "llama", "vocab_size": 10})") == "cfg.json: missing hidden_size");
-  CHECK_THAT(config_error(tiny_config(R"(, "num_key_value_heads": 3, "num_attention_heads": 4, "head_dim": 2)")),
+  CHECK_THAT(config_error(tiny_config_with(R"({"num_key_value_heads": 3, "num_attention_heads": 4, "head_dim": 2})")),
              Catch::Contains("num_attention_heads = 4 is not a multiple of num_key_value_heads = 3"));
   CHECK_THAT(config_error(R"({"model_type": "llama", "vocab_size": 10, "hidden_size": 10, "num_hidden_layers": 1,
                              "num_attention_heads": 4, "intermediate_size": 4})"),
@@ -164,13 +171,37 @@ TEST_CASE("ModelConfig rejects bad configs with the file and the problem", "[con
              Catch::Contains("unsupported rope_scaling type \"linear\""));
   CHECK_THAT(config_error(tiny_config(R"(, "rope_scaling": {"rope_type": "llama3", "factor": 4.0})")),
              Catch::Contains("missing rope_scaling.low_freq_factor"));
-  CHECK_THAT(config_error(tiny_config(R"(, "hidden_size": "8")")), Catch::Contains("hidden_size must be an integer"));
-  CHECK_THAT(config_error(tiny_config(R"(, "hidden_size": -8)")), Catch::Contains("hidden_size = -8 is out of range"));
+  CHECK_THAT(config_error(tiny_config_with(R"({"hidden_size": "8"})")), Catch::Contains("hidden_size must be an integer"));
+  CHECK_THAT(config_error(tiny_config_with(R"({"hidden_size": -8})")), Catch::Contains("hidden_size = -8 is out of range"));
   CHECK_THAT(config_error(tiny_config(R"(, "eos_token_id": 10)")), Catch::Contains("eos_token_id = 10 is out of range"));
   CHECK_THAT(config_error(tiny_config(R"(, "mlp_bias": true)")), Catch::Contains("mlp_bias = true is not supported"));
   CHECK_THAT(config_error(R"({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
                              "num_attention_heads": 2, "intermediate_size": 4, "use_sliding_window": true})"),
              Catch::Contains("use_sliding_window = true is not supported"));
+}
+
+TEST_CASE("JSON input rules: nesting depth, duplicate keys, short quotes, no UB casts", "[config][bad][hostile]") {
+  // 10^5 nested lists used to overflow the stack in nlohmann's dump() on the error path (SIGSEGV).
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::string e = config_error(tiny_config(", \"bos_token_id\": " + deep));
+  CHECK_THAT(e, Catch::StartsWith("cfg.json: malformed JSON in config (nested deeper than 64 levels)"));
+  CHECK(e.size() < 200);
+  // 63 levels are fine (the error is about the value, quoted by its size only)
+  const std::string ok_deep = std::string(62, '[') + std::string(62, ']');
+  CHECK(config_error(tiny_config(", \"bos_token_id\": " + ok_deep)) == "cfg.json: bos_token_id must be an integer, got array a list of 1 elements");
+  // a key twice: which one counts would be a guess
+  CHECK(config_error(tiny_config(", \"num_hidden_layers\": 1")) ==
+        "cfg.json: malformed JSON in config (key \"num_hidden_layers\" appears twice in one object)");
+  // the same key in two different objects is fine
+  CHECK(config_error(tiny_config(", \"rope_scaling\": {\"rope_type\": \"default\", \"factor\": 1.0}, \"factor\": 2")).empty());
+  // a float far outside int64 is an error, not undefined behaviour (UBSan would flag the cast)
+  CHECK_THAT(config_error(tiny_config(", \"bos_token_id\": 2.6e75")), Catch::Contains("bos_token_id must be an integer"));
+  CHECK(config_error(tiny_config(", \"bos_token_id\": 3.0")).empty());
+  // a long string value is quoted in at most 48 characters
+  const std::string huge = "\"" + std::string(100000, 'x') + "\"";
+  const std::string e2 = config_error(tiny_config(", \"bos_token_id\": " + huge));
+  CHECK_THAT(e2, Catch::Contains("bos_token_id must be an integer, got string \"xxxx"));
+  CHECK(e2.size() < 120);
 }
 
 TEST_CASE("The recurformer object round trips and is validated", "[config][recurformer]") {
@@ -358,6 +389,34 @@ TEST_CASE("Checkpoint opens a HF directory, single file or sharded", "[checkpoin
   }
 }
 
+TEST_CASE("a config whose sizes the tensors do not carry fails before allocating", "[checkpoint][bad][hostile]") {
+  TempDir dir;
+  const TinyWeights w;
+  write_safetensors(dir.file("model.safetensors"), w.refs(0, w.t.size()), {{"format", "pt"}});
+  auto open_error = [&](const std::string& cfg) -> std::string {
+    write_text(dir.file("config.json"), cfg);
+    try {
+      Checkpoint::open(dir.path);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  auto with = [](std::string cfg, const std::string& from, const std::string& to) {
+    cfg.replace(cfg.find(from), from.size(), to);
+    return cfg;
+  };
+  REQUIRE(open_error(tiny_config()).empty());
+  // 10^9 layers: used to allocate the head layout (24 GB) before any tensor was looked at
+  CHECK(open_error(with(tiny_config(), "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000000")) ==
+        dir.file("config.json") + ": the config says 1000000000 layers but " + dir.file("model.safetensors") +
+            " has no tensor model.layers.999999999.self_attn.q_proj.weight");
+  CHECK_THAT(open_error(with(tiny_config(), "\"num_key_value_heads\": 1", "\"num_key_value_heads\": 2")),
+             Catch::Contains("the config says num_key_value_heads * head_dim = 8 but"));
+  CHECK_THAT(open_error(with(tiny_config(), "\"vocab_size\": 10", "\"vocab_size\": 2000000000")),
+             Catch::Contains("the config says vocab_size = 2000000000 but"));
+}
+
 TEST_CASE("Checkpoint::open errors name the path", "[checkpoint][bad]") {
   TempDir dir;
   REQUIRE_THROWS_WITH(Checkpoint::open(dir.path / "none"), dir.file("none") + ": no such file or directory");
@@ -502,6 +561,16 @@ TEST_CASE("Checkpoint opens GGUF with HF names, row-major shapes and Q8_0 dequan
     g.w.write(path);
     REQUIRE_THROWS_WITH(Checkpoint::open(path), path + ": metadata llama.attention.head_count_kv must be an integer");
   }
+}
+
+TEST_CASE("a GGUF whose block_count lies fails before allocating", "[checkpoint][gguf][bad][hostile]") {
+  TempDir dir;
+  TinyGguf g("llama", false);
+  g.w.set("llama.block_count", GgufValue::u32(1000000000));
+  g.w.write(dir.file("m.gguf"));
+  REQUIRE_THROWS_WITH(Checkpoint::open(dir.file("m.gguf")),
+                      dir.file("m.gguf") + " (metadata): the config says 1000000000 layers but " + dir.file("m.gguf") +
+                          " has no tensor model.layers.999999999.self_attn.q_proj.weight");
 }
 
 TEST_CASE("GGUF tensor names map to HF names", "[checkpoint][gguf]") {

@@ -4,6 +4,7 @@
 // writes spec section 7 exactly, and a layout without recurrent groups reproduces the original.
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -12,7 +13,9 @@
 #include "recurformer/model/llama.hpp"
 #include "recurformer/model/random_model.hpp"
 #include "recurformer/model/tokenizer.hpp"
+#include "recurformer/model/gguf.hpp"
 #include "support/npy.hpp"
+#include "support/temp_dir.hpp"
 #include "support/test_util.hpp"
 
 using namespace recurformer;
@@ -320,6 +323,82 @@ TEST_CASE("convert reads GGUF and writes the HF directory it came from", "[model
   CHECK(ob.tensor("model.layers.1.self_attn.recurrent.0.A_log").dtype == DType::f32);
   CHECK(ob.config().torch_dtype == "bfloat16");
   fs::remove_all(tmp);
+}
+
+TEST_CASE("a GGUF whose Llama 3 scaling lives only in rope_freqs.weight", "[model][gguf]") {
+  // llama.cpp writes Llama-3 RoPE scaling not as metadata but as per-pair divisors of the base
+  // frequencies in rope_freqs.weight. The llama3_rope fixture is written here as such a GGUF (q/k
+  // rows permuted as llama.cpp does, no scaling metadata) and must give transformers' logits; the
+  // same GGUF without the tensor must not (so the fixture's positions do feel the scaling).
+  const CpuExec exec{&pool()};
+  const Golden g = golden("llama3_rope");
+  const Checkpoint hf = Checkpoint::open(model_dir("llama3_rope"));
+  const ModelConfig& c = hf.config();
+  REQUIRE(c.rope_scaling.type == RopeScaling::Type::llama3);
+  const std::vector<float> plain = rope_inv_freq(c.head_dim, c.rope_theta),
+                           scaled = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+  std::vector<float> div(plain.size());
+  for (size_t i = 0; i < div.size(); ++i) div[i] = plain[i] / scaled[i];
+  std::deque<std::vector<float>> permuted;
+  auto write = [&](const std::string& path, bool with_freqs) {
+    GgufWriter w;
+    w.set("general.architecture", GgufValue::str("llama"));
+    w.set("llama.embedding_length", GgufValue::u32(uint32_t(c.d_model)));
+    w.set("llama.block_count", GgufValue::u32(uint32_t(c.n_layers)));
+    w.set("llama.feed_forward_length", GgufValue::u32(uint32_t(c.ffn)));
+    w.set("llama.attention.head_count", GgufValue::u32(uint32_t(c.n_q)));
+    w.set("llama.attention.head_count_kv", GgufValue::u32(uint32_t(c.n_kv)));
+    w.set("llama.attention.key_length", GgufValue::u32(uint32_t(c.head_dim)));
+    w.set("llama.attention.layer_norm_rms_epsilon", GgufValue::f32(c.rms_eps));
+    w.set("llama.rope.freq_base", GgufValue::f32(c.rope_theta));
+    w.set("llama.vocab_size", GgufValue::u32(uint32_t(c.vocab_size)));
+    for (const std::string& name : hf.tensor_names()) {
+      const TensorRef& t = hf.tensor(name);
+      REQUIRE(t.dtype == DType::f32);
+      std::string gname = name == "model.embed_tokens.weight" ? "token_embd.weight"
+                          : name == "model.norm.weight"       ? "output_norm.weight"
+                          : name == "lm_head.weight"          ? "output.weight"
+                                                              : "";
+      const void* data = t.data;
+      if (gname.empty()) {
+        const size_t dot = name.find('.', 13);  // "model.layers.L.part.weight"
+        const std::string layer = name.substr(13, dot - 13), part = name.substr(dot + 1);
+        static const std::pair<const char*, const char*> map[] = {
+            {"self_attn.q_proj.weight", "attn_q.weight"},   {"self_attn.k_proj.weight", "attn_k.weight"},
+            {"self_attn.v_proj.weight", "attn_v.weight"},   {"self_attn.o_proj.weight", "attn_output.weight"},
+            {"mlp.gate_proj.weight", "ffn_gate.weight"},    {"mlp.up_proj.weight", "ffn_up.weight"},
+            {"mlp.down_proj.weight", "ffn_down.weight"},    {"input_layernorm.weight", "attn_norm.weight"},
+            {"post_attention_layernorm.weight", "ffn_norm.weight"}};
+        for (const auto& m : map)
+          if (part == m.first) gname = "blk." + layer + "." + m.second;
+        REQUIRE(!gname.empty());
+        const bool q = part == "self_attn.q_proj.weight", k = part == "self_attn.k_proj.weight";
+        if (q || k) {  // llama.cpp's row order: stored row 2i + s of a head is HF row s hd/2 + i
+          const int64_t heads = q ? c.n_q : c.n_kv, hd = c.head_dim, in = t.shape[1];
+          const float* src = static_cast<const float*>(t.data);
+          std::vector<float>& dst = permuted.emplace_back(size_t(t.numel()));
+          for (int64_t h = 0; h < heads; ++h)
+            for (int64_t i = 0; i < hd / 2; ++i)
+              for (int64_t s = 0; s < 2; ++s)
+                std::copy_n(src + (h * hd + s * (hd / 2) + i) * in, in, dst.data() + (h * hd + 2 * i + s) * in);
+          data = dst.data();
+        }
+      }
+      w.add_tensor(gname, GgmlType::f32, std::vector<int64_t>(t.shape.rbegin(), t.shape.rend()), data);
+    }
+    if (with_freqs) w.add_tensor("rope_freqs.weight", GgmlType::f32, {int64_t(div.size())}, div.data());
+    w.write(path);
+  };
+  rftest::TempDir dir("rf_model_rope_freqs_");
+  write(dir / "scaled.gguf", true);
+  write(dir / "plain.gguf", false);
+  const LlamaModel scaled_model = LlamaModel::open(dir / "scaled.gguf");
+  CHECK(scaled_model.config().rope_scaling.type == RopeScaling::Type::none);  // the scaling is only in the tensor
+  check_logits("GGUF with rope_freqs.weight", all_logits(scaled_model, g.ids, 5, exec), g);
+  const auto unscaled = all_logits(LlamaModel::open(dir / "plain.gguf"), g.ids, 5, exec);
+  double dev = 0;
+  for (size_t i = 0; i < unscaled.size(); ++i) dev = std::max(dev, std::fabs(double(unscaled[i]) - g.logits[i]));
+  CHECK(dev > 1e-3 * g.max_abs);
 }
 
 TEST_CASE("the random model is deterministic and loads", "[model]") {

@@ -18,6 +18,7 @@
 #include "recurformer/cpu/linear.hpp"
 #include "recurformer/cpu/recency_score.hpp"
 #include "recurformer/cpu/rope.hpp"
+#include "recurformer/model/detail/json_util.hpp"
 #include "recurformer/model/llama.hpp"
 #include "recurformer/ops/recency_score.hpp"
 
@@ -75,7 +76,7 @@ inline CalibrationResult calibrate(const LlamaModel& model, const std::vector<in
   RF_CHECK(!seqs.empty(), "calibrate: the text has ", tokens.size(), " tokens; more than the window (", opt.window,
            ") are needed");
   const Checkpoint& ck = model.checkpoint();
-  const std::vector<float> inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+  const std::vector<float> inv_freq = ck.rope_inv_freq();  // rope_freqs.weight included
   const int64_t hd = c.head_dim, nq = c.n_q, nkv = c.n_kv;
   std::vector<float> q, k;
   std::vector<int32_t> pos;
@@ -170,12 +171,7 @@ struct CalibrationScores {
   std::vector<std::vector<double>> group_mean;
 };
 inline CalibrationScores parse_calibration_scores(const std::string& text, const std::string& source) {
-  nlohmann::json o;
-  try {
-    o = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    fail(source, ": not valid JSON (", e.what(), ")");
-  }
+  nlohmann::json o = detail::parse_json(text.data(), text.data() + text.size(), source, "calibration scores");
   RF_CHECK(o.is_object() && o.contains("layers") && o["layers"].is_array(), source,
            ": expected a calibration scores object with a \"layers\" list (written by `recurformer calibrate`)");
   CalibrationScores s;

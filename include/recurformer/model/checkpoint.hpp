@@ -239,6 +239,7 @@ class Checkpoint {
       source_ = single.string();
       shards_.push_back(std::make_unique<SafetensorsFile>(SafetensorsFile::open(source_)));
       for (const TensorRef& t : shards_.back()->tensors()) add(t);
+      check_config_against_tensors(cfg.string());
       return;
     }
     RF_CHECK(fs::is_regular_file(index), dir.string(), ": no model.safetensors or model.safetensors.index.json");
@@ -264,6 +265,27 @@ class Checkpoint {
       RF_CHECK(t, found->second->source(), ": missing tensor ", it.key(), " (listed in ", source_, ")");
       add(*t);
     }
+    check_config_against_tensors(cfg.string());
+  }
+
+  // The sizes a config states are checked against the tensors that carry them before anything is
+  // allocated per layer, head or token, so a lying config (num_hidden_layers = 10^9) fails here
+  // in one line instead of allocating gigabytes: every layer up to the last has its q_proj, and
+  // the embedding and layer 0's q_proj / k_proj have the shapes the head counts imply.
+  void check_config_against_tensors(const std::string& config_source) const {
+    const ModelConfig& c = config_;
+    const std::string last = "model.layers." + std::to_string(c.n_layers - 1) + ".self_attn.q_proj.weight";
+    RF_CHECK(has(last), config_source, ": the config says ", c.n_layers, " layers but ", source_,
+             " has no tensor ", last);
+    auto rows_of = [&](const std::string& name, int64_t want, const char* says) {
+      if (!has(name)) return;  // a missing tensor is reported by whoever needs it
+      const TensorRef& t = tensor(name);
+      RF_CHECK(t.shape.size() == 2 && t.shape[0] == want, config_source, ": the config says ", says, " = ", want,
+               " but ", source_, " has ", name, " of shape ", t.shape_str());
+    };
+    rows_of("model.embed_tokens.weight", c.vocab_size, "vocab_size");
+    rows_of("model.layers.0.self_attn.q_proj.weight", int64_t(c.n_q) * c.head_dim, "num_attention_heads * head_dim");
+    rows_of("model.layers.0.self_attn.k_proj.weight", int64_t(c.n_kv) * c.head_dim, "num_key_value_heads * head_dim");
   }
 
   void open_gguf(const std::filesystem::path& file) {
@@ -297,6 +319,7 @@ class Checkpoint {
       add(std::move(t));
     }
     config_ = model_config_from_gguf(*gguf_);
+    check_config_against_tensors(source_ + " (metadata)");
     if (gguf_->find("tokenizer.ggml.model")) gguf_tokenizer_ = gguf_->tokenizer_data();
   }
 

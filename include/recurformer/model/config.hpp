@@ -87,7 +87,7 @@ inline std::string float_repr(float x) {
 inline json float_json(float x) { return json(std::stod(float_repr(x))); }
 
 inline std::vector<int> json_index_list(const json& v, const std::string& source, const std::string& key, int n) {
-  RF_CHECK(v.is_array(), source, ": ", key, " must be a list of KV-group indices, got ", v.dump());
+  RF_CHECK(v.is_array(), source, ": ", key, " must be a list of KV-group indices, got ", json_quote(v));
   std::vector<int> r;
   for (size_t i = 0; i < v.size(); ++i)
     r.push_back(int(json_int(v[i], source, key + "[" + std::to_string(i) + "]", 0, n - 1)));
@@ -331,12 +331,8 @@ inline nlohmann::ordered_json recurformer_to_json(const RecurFormerConfig& rf) {
 /// replaced by `rf`, or removed when rf is empty. This is what the converter writes.
 inline std::string config_json_with_recurformer(const std::string& original, const std::optional<RecurFormerConfig>& rf,
                                                 const std::string& source = "config.json") {
-  nlohmann::ordered_json o;
-  try {
-    o = nlohmann::ordered_json::parse(original);
-  } catch (const nlohmann::json::exception& e) {
-    fail(source, ": malformed JSON in config (", e.what(), ")");
-  }
+  nlohmann::ordered_json o =
+      detail::parse_json_as<nlohmann::ordered_json>(original.data(), original.data() + original.size(), source, "config");
   RF_CHECK(o.is_object(), source, ": config must be a JSON object");
   if (rf)
     o["recurformer"] = recurformer_to_json(*rf);

@@ -258,7 +258,7 @@ inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const 
     }
   if (out.empty()) return out;
   const Checkpoint& ck = model.checkpoint();
-  const std::vector<float> inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+  const std::vector<float> inv_freq = ck.rope_inv_freq();  // rope_freqs.weight included
   const int64_t hd = c.head_dim, nq = c.n_q, nkv = c.n_kv, g = nq / nkv;
   std::vector<float> q, k, v, kc, vc, att;
   std::vector<int32_t> pos;

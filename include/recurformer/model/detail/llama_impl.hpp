@@ -50,7 +50,7 @@ class LlamaImpl final : public LlamaImplBase {
   template <class Ckpt>
   LlamaImpl(const Ckpt& ck, const ModelConfig& c) : cfg_(c) {
     bind_llama_weights<TW>(ck, c, w_);
-    inv_freq_ = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+    inv_freq_ = ck.rope_inv_freq();  // the config's scaling, or a GGUF's rope_freqs.weight
   }
   DType weight_dtype() const override { return dtype_of<TW>(); }
 

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "recurformer/core/error.hpp"
+#include "recurformer/model/detail/json_util.hpp"
 #include "recurformer/model/detail/tokenizer_bpe.hpp"
 #include "recurformer/model/detail/tokenizer_nfc.hpp"
 #include "recurformer/model/detail/tokenizer_regex.hpp"
@@ -1061,9 +1062,12 @@ inline Tokenizer Tokenizer::from_hf_json(std::string_view tokenizer_json, std::s
   auto d = std::make_shared<detail::TokenizerData>();
   d->source = source;
   try {
-    const auto root = nlohmann::json::parse(tokenizer_json.begin(), tokenizer_json.end());
+    const auto root = detail::parse_json(tokenizer_json.data(), tokenizer_json.data() + tokenizer_json.size(), source,
+                                 "tokenizer.json");
     nlohmann::json config;
-    if (!tokenizer_config_json.empty()) config = nlohmann::json::parse(tokenizer_config_json.begin(), tokenizer_config_json.end());
+    if (!tokenizer_config_json.empty())
+      config = detail::parse_json(tokenizer_config_json.data(), tokenizer_config_json.data() + tokenizer_config_json.size(),
+                          source, "tokenizer_config.json");
     detail::HfLoader(*d, source).load(root, tokenizer_config_json.empty() ? nullptr : &config);
   } catch (const nlohmann::json::exception& e) {
     fail("tokenizer (", source, "): malformed JSON: ", e.what());
