@@ -31,6 +31,7 @@ struct Args {
   int n_decode = 32;                // bench decode tokens
   std::string dtype;                // convert: weight dtype of the written tensors ("" = as read)
   std::string cache_type = "f32";   // storage of K, V and conv states (llama.cpp's -ctk/-ctv)
+  int64_t memory_limit_mib = 0;     // the most a cache may take; 0 = the machine's available memory
   bool offline = false;             // main job: do not download SmolLM2
   bool help = false;
 };
@@ -66,7 +67,8 @@ inline const char* kCommonHelp =
 // generate, perplexity, bench: the cache they fill.
 inline const char* kCacheHelp =
     "  --cache-type T       storage of the cache's keys, values and conv states: f32, f16 or bf16\n"
-    "                       (default f32; the recurrent groups' SSM state is fp32 whatever T)\n";
+    "                       (default f32; the recurrent groups' SSM state is fp32 whatever T)\n"
+    "  --memory-limit MiB   refuse a cache larger than this (default: the memory available now)\n";
 
 inline std::string command_help(const std::string& cmd) {
   if (cmd == "generate")
@@ -122,14 +124,17 @@ inline int64_t to_int(const std::string& flag, const std::string& v, int64_t lo,
   char* end = nullptr;
   errno = 0;
   const long long x = std::strtoll(v.c_str(), &end, 10);
-  RF_CHECK(!v.empty() && end && *end == '\0' && errno == 0, flag, ": expected an integer, got \"", v, "\"");
+  RF_CHECK(!v.empty() && end && *end == '\0' && errno == 0, flag, ": expected an integer, got \"", v.substr(0, 48),
+           "\"");
   RF_CHECK(x >= lo && x <= hi, flag, ": ", x, " is out of range [", lo, ", ", hi, "]");
   return x;
 }
-inline double to_num(const std::string& flag, const std::string& v) {
+inline double to_num(const std::string& flag, const std::string& v, double lo, double hi) {
   char* end = nullptr;
   const double x = std::strtod(v.c_str(), &end);
-  RF_CHECK(!v.empty() && end && *end == '\0' && std::isfinite(x), flag, ": expected a number, got \"", v, "\"");
+  RF_CHECK(!v.empty() && end && *end == '\0' && std::isfinite(x), flag, ": expected a number, got \"",
+           v.substr(0, 48), "\"");
+  RF_CHECK(x >= lo && x <= hi, flag, ": ", x, " is out of range [", lo, ", ", hi, "]");
   return x;
 }
 }  // namespace args_detail
@@ -172,15 +177,15 @@ inline Args parse_args(int argc, char** argv) {
       a.ctx = a.contexts.front();
     } else if (f == "-t" || f == "--threads") a.threads = int(to_int(f, val(), 1, 1024));
     else if (f == "-b" || f == "--batch-size") a.batch = int(to_int(f, val(), 1, 1 << 20));
-    else if (f == "--temp") a.temp = float(to_num(f, val()));
+    else if (f == "--temp") a.temp = float(to_num(f, val(), 0, 1e6));
     else if (f == "--top-k") a.top_k = int(to_int(f, val(), 0, 1 << 30));
-    else if (f == "--top-p") a.top_p = float(to_num(f, val()));
+    else if (f == "--top-p") a.top_p = float(to_num(f, val(), 1e-9, 1));
     else if (f == "--seed") a.seed = uint64_t(to_int(f, val(), 0, INT64_MAX));
     else if (f == "--device") a.device = val();
     else if (f == "--window") a.window = int(to_int(f, val(), 1, 1 << 20));
     else if (f == "--scores") a.scores = val();
-    else if (f == "--ratio") a.ratio = to_num(f, val());
-    else if (f == "--threshold") a.threshold = to_num(f, val());
+    else if (f == "--ratio") a.ratio = to_num(f, val(), 0, 1);
+    else if (f == "--threshold") a.threshold = to_num(f, val(), 0, 1);
     else if (f == "--min-attention-per-layer") a.min_attention_per_layer = int(to_int(f, val(), 0, 1 << 20));
     else if (f == "--init") a.init = val();
     else if (f == "--dt-rank") a.dt_rank = int(to_int(f, val(), 1, 1 << 16));
@@ -192,7 +197,8 @@ inline Args parse_args(int argc, char** argv) {
       a.cache_type = val();
       RF_CHECK(a.cache_type == "f32" || a.cache_type == "f16" || a.cache_type == "bf16", "--cache-type: \"",
                a.cache_type, "\" is not one of f32, f16, bf16");
-    } else if (f == "--offline") a.offline = true;
+    } else if (f == "--memory-limit") a.memory_limit_mib = to_int(f, val(), 1, int64_t(1) << 40);
+    else if (f == "--offline") a.offline = true;
     else recurformer::fail("unknown option \"", f, "\" (see --help)");
   }
   if (a.device != "cpu") {

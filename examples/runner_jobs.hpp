@@ -4,10 +4,12 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iomanip>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <sstream>
 #include <string>
@@ -76,6 +78,7 @@ class Progress {
 };
 
 inline std::string read_file(const std::string& path) {
+  RF_CHECK(!std::filesystem::is_directory(path), path, ": is a directory, not a file");
   std::ifstream f(path, std::ios::binary);
   RF_CHECK(f, path, ": cannot open for reading");
   std::ostringstream ss;
@@ -112,7 +115,12 @@ inline int threads_of(const Args& a) { return a.threads > 0 ? a.threads : int(st
 inline DType dtype_from_flag(const std::string& f) {
   return f == "f16" ? DType::f16 : f == "bf16" ? DType::bf16 : DType::f32;
 }
-inline DType cache_dtype(const Args& a) { return dtype_from_flag(a.cache_type); }
+/// The cache a command allocates: its storage type and the memory it may take.
+struct CacheOptions {
+  DType type = DType::f32;
+  int64_t memory_limit_mib = 0;  ///< 0: the memory available
+};
+inline CacheOptions cache_options(const Args& a) { return {dtype_from_flag(a.cache_type), a.memory_limit_mib}; }
 
 /// Fills the first `depth` tokens of a slot with synthetic keys, values and states (no forward
 /// pass), so decode speed at depth can be measured at once.
@@ -137,12 +145,39 @@ void fill_synthetic(HybridCache<T>& cache, int slot, int64_t depth, uint64_t see
   cache.advance(make_view(sl, {1}), make_view(cnt, {1}));
 }
 
+/// The memory a new allocation may take: --memory-limit, else MemAvailable from /proc/meminfo
+/// (what the kernel can give without swapping), else no limit (0).
+inline int64_t memory_limit_bytes(int64_t limit_mib) {
+  if (limit_mib > 0) return limit_mib << 20;
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (f >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib << 10;
+  return 0;
+}
+
+/// Refuses a cache that would not fit before allocating it (a large -c fails at once with the
+/// estimate instead of swapping or being killed).
+inline void check_cache_fits(const LlamaModel& model, DType cache_type, int64_t capacity, int64_t limit_mib) {
+  RF_CHECK(capacity >= 1 && capacity <= (int64_t(1) << 31), "context size ", capacity, " is out of range [1, 2^31]");
+  const CacheBytes b = hybrid_cache_spec_bytes(model.cache_config(1, capacity), capacity, dtype_size(cache_type));
+  const int64_t limit = memory_limit_bytes(limit_mib);
+  RF_CHECK(limit == 0 || b.total <= limit, "a cache of ", capacity, " tokens (", dtype_name(cache_type), ") needs ",
+           human_bytes(b.total), ", more than the ", human_bytes(limit),
+           limit_mib > 0 ? " of --memory-limit" : " of memory available", " (lower -c, or --cache-type f16)");
+}
+
 /// One sequence slot of a LlamaSession whose cache type is a run-time choice (--cache-type): the
-/// runner's one dispatch from that value to the template argument.
+/// runner's one dispatch from that value to the template argument. Checks that the cache fits in
+/// memory before allocating it.
 class Session {
  public:
-  Session(const LlamaModel& model, DType cache_type, int64_t capacity, CpuExec exec, int64_t chunk)
-      : s_(make(model, cache_type, capacity, exec, chunk)), type_(cache_type) {}
+  Session(const LlamaModel& model, CacheOptions cache, int64_t capacity, CpuExec exec, int64_t chunk)
+      : s_((check_cache_fits(model, cache.type, capacity, cache.memory_limit_mib),
+            make(model, cache.type, capacity, exec, chunk))),
+        type_(cache.type) {}
   DType cache_type() const { return type_; }
   const std::vector<float>& prefill(const int32_t* tokens, int64_t n, std::vector<float>* all_logits = nullptr) {
     return std::visit([&](auto& s) -> const std::vector<float>& { return s.prefill(0, tokens, n, all_logits); }, s_);
@@ -184,17 +219,17 @@ struct GenerateStats {
 /// Tokenizes the prompt, prefills, then samples up to n tokens (stopping at EOS), streaming text.
 inline GenerateStats generate(const Loaded& m, const std::string& prompt, int n, int64_t ctx, int chunk,
                               const SamplingParams& sp, CpuExec exec, std::ostream* stream,
-                              DType cache_type = DType::f32) {
+                              CacheOptions cache = {}) {
   const ModelConfig& c = m.model->config();
   std::vector<int32_t> ids = m.tok->encode(prompt, true);
   RF_CHECK(!ids.empty(), "generate: the prompt is empty (and the tokenizer adds no BOS)");
   RF_CHECK(int64_t(ids.size()) <= ctx, "generate: the prompt has ", ids.size(), " tokens, more than the context of ",
            ctx, " (raise -c)");
   const int64_t budget = std::min<int64_t>(n, ctx - int64_t(ids.size()));
-  Session s(*m.model, cache_type, ctx, exec, chunk);
+  Session s(*m.model, cache, ctx, exec, chunk);
   GenerateStats st;
   st.prompt_tokens = int64_t(ids.size());
-  st.cache_type = cache_type;
+  st.cache_type = cache.type;
   auto t0 = Clock::now();
   std::vector<float> logits = s.prefill(ids.data(), int64_t(ids.size()));
   st.prefill_s = seconds_since(t0);
@@ -238,7 +273,7 @@ inline int run_generate(const Args& a, std::ostream& out, std::ostream& err) {
   Loaded m = load(a.model);
   ThreadPool pool(threads_of(a));
   const auto st = generate(m, prompt, a.n_predict, a.ctx, a.batch, SamplingParams{a.temp, a.top_k, a.top_p, a.seed},
-                           CpuExec{&pool}, &out, cache_dtype(a));
+                           CpuExec{&pool}, &out, cache_options(a));
   out << "\n\n";
   print_generate_stats(err, st);
   return 0;
@@ -355,7 +390,7 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
     out << buf;
   }
   if (!errors.empty()) out << "fit errors -> " << out_dir << "/fit_report.json\n";
-  print_cache_saving(c, convert_config(c, o), out, cache_dtype(a));
+  print_cache_saving(c, convert_config(c, o), out, cache_options(a).type);
   return errors;
 }
 
@@ -368,17 +403,18 @@ inline int run_convert(const Args& a, std::ostream& out, std::ostream& err) {
 
 /// llama.cpp's perplexity protocol over `text` in chunks of n_ctx; on_chunk(i, running ppl).
 inline PerplexityResult measure_perplexity(const Loaded& m, const std::string& text, int n_ctx, int batch, CpuExec exec,
-                                           DType cache_type = DType::f32,
+                                           CacheOptions cache = {},
                                            const std::function<void(int, double)>& on_chunk = {}) {
   const std::vector<int32_t> ids = m.tok->encode(text, true);
   const int32_t bos = m.tok->add_bos() ? m.tok->bos_id() : -1;
-  Session s(*m.model, cache_type, n_ctx, exec, std::min(batch, n_ctx));
+  std::optional<Session> s;  // made at the first chunk, after perplexity() has checked the text's length
   std::vector<float> all;
   return perplexity(
       ids, n_ctx, m.model->config().vocab_size, bos,
       [&](const int32_t* t, int n, float* logits) {
-        s.reset();
-        s.prefill(t, n, &all);
+        if (!s) s.emplace(*m.model, cache, n_ctx, exec, std::min(batch, n_ctx));
+        s->reset();
+        s->prefill(t, n, &all);
         std::copy(all.begin(), all.end(), logits);
       },
       on_chunk);
@@ -393,7 +429,7 @@ inline int run_perplexity(const Args& a, std::ostream& out, std::ostream& err) {
   const size_t n_tokens = m.tok->encode(text, true).size();
   err << "perplexity: " << n_tokens << " tokens, " << n_tokens / size_t(n_ctx) << " chunks of " << n_ctx << "\n";
   auto t0 = Clock::now();
-  const auto r = measure_perplexity(m, text, n_ctx, a.batch, CpuExec{&pool}, cache_dtype(a), [&](int c, double ppl) {
+  const auto r = measure_perplexity(m, text, n_ctx, a.batch, CpuExec{&pool}, cache_options(a), [&](int c, double ppl) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "[%d]%.4f,", c + 1, ppl);
     out << buf << std::flush;
@@ -414,10 +450,10 @@ struct BenchPoint {
 
 /// Prefill of `prefill` tokens and `decode` single-token steps ending at depth ctx.
 inline BenchPoint bench_at(const LlamaModel& model, int64_t ctx, int prefill, int decode, CpuExec exec,
-                           DType cache_type = DType::f32) {
+                           CacheOptions cache = {}) {
   RF_CHECK(ctx > prefill + decode + 1, "bench: context ", ctx, " must exceed the ", prefill, " prefill + ", decode,
            " (+1 warm-up) decode tokens measured");
-  Session s(model, cache_type, ctx, exec, prefill);
+  Session s(model, cache, ctx, exec, prefill);
   s.fill_synthetic(ctx - prefill - decode - 1, 99);
   const int64_t V = model.config().vocab_size;
   std::vector<int32_t> toks(static_cast<size_t>(prefill));
@@ -451,7 +487,7 @@ inline int run_bench(const Args& a, std::ostream& out, std::ostream& err) {
     const int pre = int(std::min<int64_t>(a.batch, ctx / 2));
     err << "bench: context " << ctx << " ...\n";
     const BenchPoint p =
-        bench_at(*m.model, ctx, pre, int(std::min<int64_t>(a.n_decode, ctx / 4)), CpuExec{&pool}, cache_dtype(a));
+        bench_at(*m.model, ctx, pre, int(std::min<int64_t>(a.n_decode, ctx / 4)), CpuExec{&pool}, cache_options(a));
     char buf[96];
     std::snprintf(buf, sizeof buf, "%8lld%16.1f%16.2f  ", (long long)ctx, p.prefill_tps, p.decode_tps);
     out << buf << bytes_by_kind(p.cache) << "\n";
@@ -531,22 +567,23 @@ inline int run_smollm2_job(const Args& a, const std::string& gguf, const MainJob
   const SamplingParams greedy{0.f, 0, 1.f, a.seed};
   const int n = a.n_predict;
   out << "[4/5] generating " << n << " tokens from \"" << prompt << "\" (greedy)\n\n--- original ---\n" << prompt;
-  const DType ct = cache_dtype(a);
-  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, greedy, exec, &out, ct);
+  const CacheOptions co = cache_options(a);
+  const DType ct = co.type;
+  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, greedy, exec, &out, co);
   out << "\n";
   print_generate_stats(out, s1);
   const int recurrent = rf.model->head_layout().count(HeadKind::recurrent);
   out << "\n--- RecurFormer (" << recurrent << " of " << c.n_layers * c.n_kv << " KV groups recurrent) ---\n" << prompt;
-  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, greedy, exec, &out, ct);
+  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, greedy, exec, &out, co);
   out << "\n";
   print_generate_stats(out, s2);
   out << "\n[5/5] perplexity on held-out text " << f.heldout_text << " (llama.cpp's protocol, chunks of " << seq
       << " tokens)\n";
-  const double p1 = measure_perplexity(m, heldout, seq, a.batch, exec, ct).ppl;
-  const double p2 = measure_perplexity(rf, heldout, seq, a.batch, exec, ct).ppl;
+  const double p1 = measure_perplexity(m, heldout, seq, a.batch, exec, co).ppl;
+  const double p2 = measure_perplexity(rf, heldout, seq, a.batch, exec, co).ppl;
   const int64_t ctx = c.max_position_embeddings;
   out << "      and decode speed with the cache filled to " << ctx << " tokens (synthetic keys, values and states)\n";
-  const BenchPoint d1 = bench_at(*m.model, ctx, 16, 32, exec, ct), d2 = bench_at(*rf.model, ctx, 16, 32, exec, ct);
+  const BenchPoint d1 = bench_at(*m.model, ctx, 16, 32, exec, co), d2 = bench_at(*rf.model, ctx, 16, 32, exec, co);
   HybridCacheConfig orig_cache = m.model->cache_config(1, 1), rf_cache = rf.model->cache_config(1, 1);
   const CacheBytes b1 = hybrid_cache_spec_bytes(orig_cache, ctx, dtype_size(ct)),
                    b2 = hybrid_cache_spec_bytes(rf_cache, ctx, dtype_size(ct));
@@ -619,16 +656,16 @@ inline int run_random_job(const Args& a, const std::string& home, std::ostream& 
   const int n = a.n_predict;
   const SamplingParams sp{a.temp, a.top_k, a.top_p, a.seed};
   out << "[4/4] generating " << n << " tokens from \"" << prompt << "\"\n\n--- original Llama ---\n" << prompt;
-  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, sp, exec, &out, cache_dtype(a));
+  const auto s1 = generate(m, prompt, n, a.ctx, a.batch, sp, exec, &out, cache_options(a));
   out << "\n";
   print_generate_stats(out, s1);
   out << "\n--- RecurFormer (" << rf.model->head_layout().count(HeadKind::recurrent) << " of "
       << m.model->config().n_layers * m.model->config().n_kv << " KV groups recurrent) ---\n" << prompt;
-  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, sp, exec, &out, cache_dtype(a));
+  const auto s2 = generate(rf, prompt, n, a.ctx, a.batch, sp, exec, &out, cache_options(a));
   out << "\n";
   print_generate_stats(out, s2);
   out << "\n";
-  print_cache_saving(m.model->config(), *rf.model->config().recurformer, out, cache_dtype(a));
+  print_cache_saving(m.model->config(), *rf.model->config().recurformer, out, cache_options(a).type);
   return 0;
 }
 

@@ -154,7 +154,7 @@ TEST_CASE("calibrate -> convert -> generate through files; perplexity prints lla
   std::ostringstream g32;
   REQUIRE(runner::run_generate(args({"generate", "-m", dir / "m", "-p", "hello", "-n", "5", "--temp", "0"}), g32, e32) == 0);
   CHECK(g16.str() == g32.str());
-  // 9 tokens x 2 layers x 2 groups x (K, V) x head_dim 16 x 2 bytes
+  // 9 tokens x 2 layers x 2 groups x (K, V) x head_dim 64 x 2 bytes
   CHECK_THAT(e16.str(), Catch::Contains("cache (9 tokens, bf16): attention 9.0 KiB"));
   CHECK_THAT(e32.str(), Catch::Contains("cache (9 tokens, f32): attention 18.0 KiB"));
   std::ostringstream b16;
@@ -176,15 +176,39 @@ TEST_CASE("runner errors are one clear line", "[runner]") {
   CHECK_THROWS_WITH(args({"generate", "--device", "cuda"}), Catch::Contains("not built with CUDA"));
   CHECK_THROWS_WITH(args({"generate", "--bogus"}), Catch::Contains("unknown option"));
   CHECK_THROWS_WITH(args({"generate", "--cache-type", "q8_0"}), Catch::Contains("--cache-type: \"q8_0\" is not one of"));
+  // flags outside their ranges say the range
+  CHECK_THROWS_WITH(args({"generate", "--temp", "-1"}), "--temp: -1 is out of range [0, 1e+06]");
+  CHECK_THROWS_WITH(args({"generate", "--top-p", "2"}), Catch::Contains("--top-p: 2 is out of range"));
+  CHECK_THROWS_WITH(args({"generate", "--top-p", "0"}), Catch::Contains("--top-p: 0 is out of range"));
+  CHECK_THROWS_WITH(args({"convert", "--ratio", "-0.5"}), "--ratio: -0.5 is out of range [0, 1]");
+  CHECK_THROWS_WITH(args({"generate", "-n", std::string(100000, '7')}), Catch::Contains("expected an integer"));
   CHECK_THROWS_WITH(runner::load(dir / "nope"), Catch::Contains("no such file or directory"));
-  // a tokenizer bigger than the model's vocabulary
+  // a config whose vocabulary the embedding does not have
   RandomModelSpec s = tiny();
   write_random_model(dir / "m", s);
   std::string cfg = runner::read_file(dir / "m/config.json");
   cfg.replace(cfg.find("\"vocab_size\": 288"), 17, "\"vocab_size\": 280");
   recurformer::detail::write_text(dir / "m/config.json", cfg);
-  CHECK_THROWS_WITH(runner::load(dir / "m"), Catch::Contains("do not belong together"));
+  CHECK_THROWS_WITH(runner::load(dir / "m"), Catch::Contains("the config says vocab_size = 280 but"));
   std::ostringstream out, err;
   CHECK_THROWS_WITH(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "-o", dir / "o"}), out, err),
                     Catch::Contains("cannot open"));
+  // -f on a directory; a context whose cache cannot fit, refused before it is allocated
+  CHECK_THROWS_WITH(runner::run_generate(args({"generate", "-m", dir / "m", "-f", dir.path.string()}), out, err),
+                    dir.path.string() + ": is a directory, not a file");
+  write_random_model(dir / "ok", tiny());
+  {
+    std::ofstream f(dir / "short.txt");
+    f << "a b";
+  }
+  CHECK_THROWS_WITH(
+      runner::run_perplexity(args({"perplexity", "-m", dir / "ok", "-f", dir / "short.txt", "-c", "1048576"}), out, err),
+      Catch::Contains("at least 2 * ctx-size = 2097152 are needed"));
+  CHECK_THROWS_WITH(runner::run_bench(args({"bench", "-m", dir / "ok", "-c", "1073741824"}), out, err),
+                    Catch::Contains("a cache of 1073741824 tokens (f32) needs 2048.00 GiB, more than the"));
+  CHECK_THROWS_WITH(runner::run_generate(args({"generate", "-m", dir / "ok", "-p", "hi", "--memory-limit", "1", "-c",
+                                               "8192"}),
+                                         out, err),
+                    "a cache of 8192 tokens (f32) needs 16.00 MiB, more than the 1.00 MiB of --memory-limit (lower -c, "
+                    "or --cache-type f16)");
 }
