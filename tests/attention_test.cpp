@@ -260,6 +260,20 @@ TEST_CASE("attention: bad input throws and leaves the output untouched", "[atten
     b.out = make_view<float>(out.data(), {2, 3, 64});
     REQUIRE_THROWS_WITH(attention(b, CpuExec{}, nullptr, 0), Catch::Contains("multiple of n_kv"));
   }
+  SECTION("no query heads (n_q = 0 divided by zero in the plan)") {
+    auto b = p;
+    b.q = make_view<const float>(q.data(), {2, 0, 64});
+    b.out = make_view<float>(out.data(), {2, 0, 64});
+    b.lse = {};
+    REQUIRE_THROWS_WITH(attention(b, CpuExec{}, nullptr, 0), Catch::Contains("n_q (0) must be a positive multiple"));
+  }
+  SECTION("extents whose element count overflows int64") {
+    auto b = p;
+    b.k.shape[2] = int64_t(1) << 61;  // capacity 2^61 x 64 x 2 x 2 elements
+    b.v.shape[2] = int64_t(1) << 61;
+    REQUIRE_THROWS_WITH(attention(b, CpuExec{}, nullptr, 0),
+                        Catch::Contains("k of shape [2, 2, 2305843009213693952, 64] holds more elements than"));
+  }
   SECTION("kv_len past capacity") {
     std::vector<int32_t> big{9};
     auto b = p;

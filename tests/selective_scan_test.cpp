@@ -400,6 +400,15 @@ TEST_CASE("selective_scan rejects bad input and leaves y and state untouched", "
     p.A = make_view<const float>(big_A.data(), {s.dch, 300});
     p.B = make_view<const T>(big_B.data(), {s.tokens, 1, 300});
   }, false);
+  expect_throw("R * N past the limit", "R * N = 72057594037927936 * 4 exceeds", [](P p) {
+    p.C.shape[2] = int64_t(1) << 56;
+    p.y.shape[1] = int64_t(1) << 56;
+  }, false);
+  expect_throw("R * N past int64 (R = 2^62 from a caller)",
+               "C of shape [6, 2, 4611686018427387904, 4] holds more elements than 64-bit sizes count",
+               [](P p) { p.C.shape[2] = int64_t(1) << 62; }, false);
+  expect_throw("extents past int64", "u of shape [4611686018427387904, 8] holds more elements than 64-bit sizes count",
+               [](P p) { p.u.shape[0] = int64_t(1) << 62; }, false);
   expect_throw("y readers", "selective_scan: y has shape", [](P p) { p.y.shape[1] = 3; }, false);
   expect_throw("D size", "selective_scan: D has shape", [](P p) { p.D.shape[0] = 9; }, false);
   expect_throw("z rows", "selective_scan: z has shape", [](P p) { p.z.shape[0] = 1; }, false);

@@ -114,6 +114,21 @@ void check_shape(const char* op, const char* name, const View<T, N>& v,
            shape_string(expected, N));
     RF_CHECK(v.shape[d] >= 0, op, ": ", name, " has a negative extent in dimension ", d);
   }
+  // Extents from a file or a caller can be huge: the elements, and the bytes from the first to the
+  // last one, must be countable in int64, or index arithmetic downstream would wrap.
+  int64_t count = 1, span = 0;
+  bool ok = true;
+  for (int d = 0; d < N && ok; ++d) {
+    if (v.shape[d] == 0) return;  // an empty view reads nothing
+    int64_t step = 0;
+    ok = !__builtin_mul_overflow(count, v.shape[d], &count) &&
+         v.stride[d] != INT64_MIN &&
+         !__builtin_mul_overflow(v.shape[d] - 1, v.stride[d] < 0 ? -v.stride[d] : v.stride[d], &step) &&
+         !__builtin_add_overflow(span, step, &span);
+  }
+  int64_t bytes = 0;
+  ok = ok && !__builtin_mul_overflow(span + 1, int64_t(sizeof(T)), &bytes);
+  RF_CHECK(ok, op, ": ", name, " of shape ", shape_string(v.shape, N), " holds more elements than 64-bit sizes count");
 }
 template <class T, int N>
 void check_optional_shape(const char* op, const char* name, const View<T, N>& v,

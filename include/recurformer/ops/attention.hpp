@@ -74,7 +74,9 @@ void check(const AttentionParams<T>& p, detail::IndexMemory where = detail::Inde
   const int64_t slots = p.k.shape[0], n_kv = p.k.shape[1], cap = p.k.shape[2];
   detail::check_shape(op, "v", p.v, {slots, n_kv, cap, hd});
   detail::check_shape(op, "out", p.out, {tokens, n_q, hd});
-  RF_CHECK(n_kv > 0 && n_q % n_kv == 0, op, ": n_q (", n_q, ") must be a positive multiple of n_kv (", n_kv, ")");
+  RF_CHECK(n_kv > 0 && n_q > 0 && n_q % n_kv == 0, op, ": n_q (", n_q, ") must be a positive multiple of n_kv (",
+           n_kv, ")");
+  RF_CHECK(hd > 0, op, ": head_dim must be positive");
   detail::check_inner_contiguous(op, "q", p.q);
   detail::check_inner_contiguous(op, "k", p.k);
   detail::check_inner_contiguous(op, "v", p.v);

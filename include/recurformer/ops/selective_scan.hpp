@@ -123,8 +123,8 @@ void check_selective_scan(const char* op, ScanMode mode, const SelectiveScanPara
   check_shape(op, "C", p.C, {tokens, g, -1, n});
   const int64_t r = p.C.shape[2];
   RF_CHECK(r >= 1, op, ": the number of readers R = C.shape[2] must be >= 1, got ", r);
-  RF_CHECK(r * n <= kSelectiveScanMaxReaderStates, op, ": R * N = ", r * n, " exceeds ",
-           kSelectiveScanMaxReaderStates);
+  RF_CHECK(r <= kSelectiveScanMaxReaderStates / n, op, ": R * N = ", r, " * ", n, " exceeds ",
+           kSelectiveScanMaxReaderStates);  // divided, not multiplied: R from a caller can be 2^58
   check_shape(op, "delta", p.delta, {tokens, dch});
   check_optional_shape(op, "D", p.D, {dch});
   check_optional_shape(op, "z", p.z, {tokens, dch});
