@@ -29,6 +29,7 @@ const LlamaModel& bench_model(DType wt, bool recurformer) {
     if (!detail::path_exists(path + "/config.json")) {
       const Checkpoint ck = Checkpoint::open(orig);
       ConvertOptions o;
+      o.replace = true;  // a directory without config.json is a leftover of an interrupted run
       o.layout = HeadLayout::uniform(ck.config().n_layers, ck.config().n_kv, HeadKind::attention);
       int k = 0;
       for (auto& l : o.layout.layers)

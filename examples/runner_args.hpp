@@ -33,6 +33,7 @@ struct Args {
   std::string cache_type = "f32";   // storage of K, V and conv states (llama.cpp's -ctk/-ctv)
   int64_t memory_limit_mib = 0;     // the most a cache may take; 0 = the machine's available memory
   bool offline = false;             // main job: do not download SmolLM2
+  bool force = false;               // convert: replace a non-empty output directory
   bool help = false;
 };
 
@@ -105,6 +106,8 @@ inline std::string command_help(const std::string& cmd) {
            "  --dtype f32|f16|bf16 store the original tensors in this dtype (default: as read; a\n"
            "                       quantised GGUF tensor is read as f32)\n"
            "  --cache-type T       the cache type of the byte report (f32, f16, bf16; default f32)\n"
+           "  --force              replace DIR when it exists and is not empty (it is refused otherwise);\n"
+           "                       DIR appears complete or not at all\n"
            "  -o, --output DIR     output directory (a HF directory; a GGUF input is written as the HF\n"
            "                       model it came from, tokenizer and chat template included)\n";
   if (cmd == "perplexity")
@@ -199,6 +202,7 @@ inline Args parse_args(int argc, char** argv) {
                a.cache_type, "\" is not one of f32, f16, bf16");
     } else if (f == "--memory-limit") a.memory_limit_mib = to_int(f, val(), 1, int64_t(1) << 40);
     else if (f == "--offline") a.offline = true;
+    else if (f == "--force") a.force = true;
     else recurformer::fail("unknown option \"", f, "\" (see --help)");
   }
   if (a.device != "cpu") {

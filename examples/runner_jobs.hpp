@@ -16,6 +16,8 @@
 #include <variant>
 #include <vector>
 
+#include <unistd.h>
+
 #include "recurformer/model/calibrate.hpp"
 #include "recurformer/model/checkpoint.hpp"
 #include "recurformer/model/convert.hpp"
@@ -305,13 +307,26 @@ inline void write_calibration(const CalibrationResult& r, const std::string& mod
       << "\n";
 }
 
+/// Fails at once (not after a long run) when `path` cannot be written: a directory, or a folder
+/// where no file can be created.
+inline void check_writable(const std::string& path) {
+  namespace fs = std::filesystem;
+  RF_CHECK(!fs::is_directory(path), path, ": is a directory, not a file");
+  const fs::path dir = fs::absolute(path).parent_path();
+  RF_CHECK(fs::is_directory(dir) && ::access(dir.c_str(), W_OK) == 0, path, ": cannot be written (",
+           dir.string(), " is not a writable directory)");
+}
+
 inline int run_calibrate(const Args& a, std::ostream& out, std::ostream& err) {
   RF_CHECK(!a.file.empty(), "calibrate: no text (-f FILE)");
   const std::string text = read_file(a.file);
   Loaded m = load(a.model);
   ThreadPool pool(threads_of(a));
+  const std::string json_path = a.out.empty() ? "scores.json" : a.out;
+  check_writable(json_path);
+  check_writable(svg_path_for(json_path));
   const auto r = calibrate_text(m, text, a.ctx_set ? int(a.ctx) : 512, a.window, CpuExec{&pool}, err);
-  write_calibration(r, a.model, a.out.empty() ? "scores.json" : a.out, out);
+  write_calibration(r, a.model, json_path, out);
   return 0;
 }
 
@@ -347,6 +362,7 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
   RF_CHECK((a.ratio >= 0) != (a.threshold >= 0), "convert: give exactly one of --ratio R or --threshold X");
   RF_CHECK(!out_dir.empty(), "convert: no output directory (-o DIR)");
   const Checkpoint ck = Checkpoint::open(model);
+  recurformer::detail::check_output_dir(out_dir, ck.path(), a.force);  // before the long work
   const ModelConfig& c = ck.config();
   RF_CHECK(int(scores.group_mean.size()) == c.n_layers, "convert: the scores have ", scores.group_mean.size(),
            " layers, the model ", c.n_layers, " (scores of another model?)");
@@ -359,6 +375,7 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
   o.recurrent.dt_rank = a.dt_rank;
   o.recency_window = scores.window;
   o.seed = a.seed;
+  o.replace = a.force;
   if (!a.dtype.empty()) o.weight_dtype = dtype_from_flag(a.dtype);
   for (const auto& row : scores.group_mean) o.recency_scores.emplace_back(row.begin(), row.end());
   ThreadPool pool(threads_of(a));
@@ -559,6 +576,7 @@ inline int run_smollm2_job(const Args& a, const std::string& gguf, const MainJob
   out << "[3/5] converting half of the KV groups (--ratio 0.5 --init fit, fitted on the same text)\n";
   Args ca = a;
   ca.ratio = 0.5, ca.threshold = -1, ca.init = "fit", ca.file = f.calibration_text, ca.ctx = seq, ca.ctx_set = true;
+  ca.force = true;  // the job's own directory, rewritten each run
   t0 = Clock::now();
   convert_model(gguf, parse_calibration_scores(read_file(scores), scores), ca, conv, out, err, false);
   out << "      converted in " << human_seconds(seconds_since(t0)) << "\n";
@@ -650,6 +668,7 @@ inline int run_random_job(const Args& a, const std::string& home, std::ostream& 
   out << "[3/4] converting half of the KV groups (--ratio 0.5)\n";
   Args ca = a;
   ca.ratio = 0.5, ca.threshold = -1;
+  ca.force = true;  // the job's own directory, rewritten each run
   convert_model(orig, parse_calibration_scores(read_file(scores), scores), ca, conv, out, err);
   Loaded rf = load(conv);
   const std::string prompt = a.prompt.empty() ? "The river ran past the old mill and" : a.prompt;

@@ -214,6 +214,23 @@ TEST_CASE("convert writes spec section 7; no recurrent groups reproduces the ori
   half.seed = 7;
   convert_to_recurformer(ck, half, (tmp / "half").string());
   convert_to_recurformer(ck, half, (tmp / "half2").string());
+  {  // outputs: an existing non-empty directory is refused, or replaced whole; a failure leaves nothing
+    const std::string dst = (tmp / "half2").string();
+    CHECK_THROWS_WITH(convert_to_recurformer(ck, half, dst), "convert: " + dst + " exists and is not empty (--force replaces it whole)");
+    detail::write_text(dst + "/model.safetensors.index.json", "{}");  // stale file of an earlier sharded model
+    ConvertOptions again = half;
+    again.replace = true;
+    convert_to_recurformer(ck, again, dst);
+    CHECK(fs::exists(dst + "/config.json"));
+    CHECK(!fs::exists(dst + "/model.safetensors.index.json"));
+    CHECK_THROWS_WITH(convert_to_recurformer(ck, again, model_dir("llama_gqa")), Catch::Contains("holds the input model"));
+    ConvertOptions failing = half;  // the fit throws after the first files are written
+    failing.init = ConvertInit::fit;
+    failing.fit_data = {FitGroupData{1, 0, {}}};
+    CHECK_THROWS_WITH(convert_to_recurformer(ck, failing, (tmp / "failed").string()),
+                      Catch::Contains("no calibration sequences"));
+    for (const auto& e : fs::directory_iterator(tmp)) CHECK(e.path().filename().string().rfind("failed", 0) != 0);
+  }
   const Checkpoint out = Checkpoint::open((tmp / "half").string());
   REQUIRE(out.config().recurformer.has_value());
   CHECK(out.config().recurformer->layout.layers[1].groups[0] == HeadKind::recurrent);

@@ -135,6 +135,19 @@ TEST_CASE("calibrate -> convert -> generate through files; perplexity prints lla
                                     dir / "rf"}),
                               out, err) == 0);
   CHECK_THAT(out.str(), Catch::Contains("converted 4 of 4 KV groups"));
+  // the same output again: refused before any work unless --force
+  CHECK_THROWS_WITH(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--threshold", "0",
+                                              "-o", dir / "rf"}),
+                                        out, err),
+                    Catch::Contains("exists and is not empty (--force replaces it whole)"));
+  REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--threshold", "0", "-o",
+                                    dir / "rf", "--force"}),
+                              out, err) == 0);
+  // calibrate refuses an output it cannot write before it runs
+  CHECK_THROWS_WITH(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o",
+                                                dir / "no_such_dir/s.json"}),
+                                          out, err),
+                    Catch::Contains("is not a writable directory"));
   CHECK_THAT(out.str(), Catch::Contains("at 32K tokens"));
   std::ostringstream gout;
   REQUIRE(runner::run_generate(args({"generate", "-m", dir / "rf", "-p", "hello", "-n", "5", "--temp", "0"}), gout, err) == 0);

@@ -28,6 +28,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "recurformer/model/checkpoint.hpp"
 #include "recurformer/model/config.hpp"
 #include "recurformer/model/fit_init.hpp"
@@ -52,6 +54,7 @@ struct ConvertOptions {
   std::vector<FitGroupData> fit_data;  ///< init fit: one entry per recurrent group (record_fit_data)
   std::optional<DType> weight_dtype;   ///< re-store the original tensors in this dtype (default: as read)
   std::function<void(int64_t, int64_t)> progress;  ///< init fit: (groups fitted, groups) after each group
+  bool replace = false;  ///< an existing non-empty output directory is replaced whole (else refused)
 };
 
 /// The errors of one fitted group (relative to the original attention output).
@@ -83,6 +86,57 @@ inline void copy_file(const std::string& from, const std::string& to) {
   RF_CHECK(out, to, ": write error");
 }
 
+/// Refuses an output directory a conversion would clobber by accident, before any long work: a
+/// non-directory, a non-empty directory unless `replace`, one holding the input model (replace
+/// would delete it), or a parent that cannot be written.
+inline void check_output_dir(const std::string& out_dir, const std::filesystem::path& input, bool replace) {
+  namespace fs = std::filesystem;
+  RF_CHECK(!out_dir.empty(), "convert: no output directory");
+  std::error_code ec;
+  const fs::path out = fs::absolute(out_dir);
+  if (fs::exists(out, ec)) {
+    RF_CHECK(fs::is_directory(out, ec), "convert: ", out_dir, " exists and is not a directory");
+    const std::string in = fs::canonical(input, ec).string(), o = fs::canonical(out, ec).string();
+    RF_CHECK(in != o && in.compare(0, o.size() + 1, o + "/") != 0, "convert: the output directory ", out_dir,
+             " holds the input model ", input.string());
+    RF_CHECK(replace || fs::is_empty(out, ec), "convert: ", out_dir,
+             " exists and is not empty (--force replaces it whole)");
+  }
+  make_dirs(out.parent_path().string());
+  RF_CHECK(::access(out.parent_path().c_str(), W_OK) == 0, "convert: cannot write in ", out.parent_path().string());
+}
+
+/// A sibling directory the output is written into, renamed over the destination when complete,
+/// and removed (with whatever it holds) when the conversion fails, so a failure leaves no partial
+/// model and a success leaves no stale file of an earlier one.
+class StagingDir {
+ public:
+  explicit StagingDir(std::string dest) : dest_(std::move(dest)), path_(dest_ + ".partial-" + std::to_string(::getpid())) {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+    make_dirs(path_);
+  }
+  ~StagingDir() {
+    std::error_code ec;
+    if (!committed_) std::filesystem::remove_all(path_, ec);
+  }
+  StagingDir(const StagingDir&) = delete;
+  StagingDir& operator=(const StagingDir&) = delete;
+  const std::string& path() const { return path_; }
+  void commit() {
+    std::error_code ec;
+    std::filesystem::remove_all(dest_, ec);
+    RF_CHECK(!ec, "convert: cannot replace ", dest_, " (", ec.message(), ")");
+    std::filesystem::rename(path_, dest_, ec);
+    RF_CHECK(!ec, "convert: cannot rename ", path_, " to ", dest_, " (", ec.message(), ")");
+    committed_ = true;
+  }
+
+ private:
+  std::string dest_, path_;
+  bool committed_ = false;
+};
+
 }  // namespace detail
 
 /// The RecurFormer config a conversion with these options writes.
@@ -99,9 +153,11 @@ inline RecurFormerConfig convert_config(const ModelConfig& c, const ConvertOptio
 }
 
 /// Writes the RecurFormer checkpoint of `ck` (a HF directory or a GGUF file) into `out_dir`. With init fit, returns
-/// the errors per recurrent group (also written to out_dir/fit_report.json); `exec` runs the fit.
+/// the errors per recurrent group (also written to out_dir/fit_report.json); `exec` runs the fit. The
+/// directory appears complete or not at all (detail::StagingDir); an existing non-empty one is
+/// refused unless o.replace.
 inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, const ConvertOptions& o,
-                                                         const std::string& out_dir, CpuExec exec = {}) {
+                                                         const std::string& final_dir, CpuExec exec = {}) {
   const ModelConfig& c = ck.config();
   const bool gguf = ck.format() == Checkpoint::Format::gguf;
   RF_CHECK(!gguf || !ck.has("rope_freqs.weight"), "convert: ", ck.path().string(),
@@ -115,8 +171,9 @@ inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, c
   RF_CHECK(!fit || int64_t(o.fit_data.size()) == rf.layout.count(HeadKind::recurrent), "convert: --init fit has data for ",
            o.fit_data.size(), " groups, the layout has ", rf.layout.count(HeadKind::recurrent), " recurrent groups");
   std::vector<FitGroupError> errors;
-  detail::make_dirs(out_dir);
-  RF_CHECK(!std::filesystem::equivalent(ck.path(), out_dir), "convert: the output directory is the input model's");
+  detail::check_output_dir(final_dir, ck.path(), o.replace);
+  detail::StagingDir staging(final_dir);
+  const std::string& out_dir = staging.path();
   std::vector<TensorRef> tensors;
   std::deque<std::vector<uint8_t>> owned_bytes;  // re-stored or un-permuted original tensors
   const bool unpermute = gguf && c.rope_layout == RopeLayout::interleaved;
@@ -217,6 +274,7 @@ inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, c
     detail::write_text(out_dir + "/config.json", config_json_with_recurformer(ck.config_json_text(), rf));
   }
   if (fit) detail::write_text(out_dir + "/fit_report.json", fit_report_json(errors, o));
+  staging.commit();
   return errors;
 }
 

@@ -15,7 +15,9 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <cstdio>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <vector>
 
 #include "recurformer/core/dtype.hpp"
@@ -129,12 +131,24 @@ inline std::pair<std::string, std::string> random_model_tokenizer_files() {
 constexpr int kRandomTokenizerSize = 256 + 22 + 3;
 constexpr int kRandomBosId = 256 + 22, kRandomEosId = 256 + 22 + 1;
 
+/// Writes `text` to a temporary sibling and renames it over `path`, so a full disk or an error
+/// leaves the old file (or none), never a truncated one.
 inline void write_text(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  RF_CHECK(f, path, ": cannot open for writing");
-  f << text;
-  f.flush();
-  RF_CHECK(f, path, ": write error");
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    RF_CHECK(f, path, ": cannot open for writing");
+    f << text;
+    f.flush();
+    if (!f) {
+      std::remove(tmp.c_str());
+      fail(path, ": write error");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    fail(path, ": cannot rename ", tmp, " over it");
+  }
 }
 
 inline bool path_exists(const std::string& p) {
