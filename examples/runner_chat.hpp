@@ -26,8 +26,8 @@ struct ChatReply {
 class Chat {
  public:
   Chat(const Loaded& m, ChatTemplate tmpl, std::string system, int64_t ctx, int chunk, const SamplingParams& sp,
-       CpuExec exec)
-      : m_(&m), tmpl_(std::move(tmpl)), session_(*m.model, 1, ctx, exec, chunk), sampler_(sp), ctx_(ctx) {
+       CpuExec exec, CacheOptions cache = {})
+      : m_(&m), tmpl_(std::move(tmpl)), session_(*m.model, cache, ctx, exec, chunk), sampler_(sp), ctx_(ctx) {
     const std::string eot = tmpl_.end_of_turn();
     const int32_t eot_id = m.tok->token_id(eot);
     RF_CHECK(eot_id >= 0, "--chat: the tokenizer has no \"", eot, "\" token, which ends a turn in the ",
@@ -61,7 +61,7 @@ class Chat {
              " tokens) has outgrown the context of ", ctx_, " tokens (raise -c)");
     ChatReply r;
     r.prompt_tokens = int64_t(ids.size());
-    std::vector<float> logits = session_.prefill(0, ids.data(), int64_t(ids.size()));
+    std::vector<float> logits = session_.prefill(ids.data(), int64_t(ids.size()));
     cached_ += int64_t(ids.size());
     StreamDecoder dec = m_->tok->stream_decoder(true);
     auto emit = [&](const std::string& piece) {
@@ -78,7 +78,7 @@ class Chat {
       r.ids.push_back(next);
       if (next < m_->tok->vocab_size()) emit(dec.push(next));
       // Fed even at the budget's end, so the cache holds every token of the reply.
-      logits = session_.decode(0, next);
+      logits = session_.decode(next);
       ++cached_;
     }
     emit(dec.flush());
@@ -90,7 +90,7 @@ class Chat {
  private:
   const Loaded* m_;
   ChatTemplate tmpl_;
-  LlamaSession session_;
+  Session session_;
   Sampler sampler_;
   int64_t ctx_, cached_ = 0;
   std::vector<int32_t> stop_;
@@ -104,7 +104,7 @@ inline int run_chat(const Args& a, std::istream& in, std::ostream& out, std::ost
   Loaded m = load(a.model);
   ThreadPool pool(threads_of(a));
   Chat chat(m, chat_template_for(m.model->checkpoint(), *m.tok, a.chat_template), a.system, a.ctx, a.batch,
-            SamplingParams{a.temp, a.top_k, a.top_p, a.seed}, CpuExec{&pool});
+            SamplingParams{a.temp, a.top_k, a.top_p, a.seed}, CpuExec{&pool}, cache_options(a));
   err << "chat: " << chat.chat_template().name() << " format";
   if (a.system.empty() && !chat.chat_template().default_system().empty())
     err << ", the template's system message \"" << chat.chat_template().default_system() << "\"";
