@@ -9,7 +9,7 @@
 #include <cstdlib>
 #include <iostream>
 
-#include "runner_jobs.hpp"
+#include "runner_chat.hpp"
 
 namespace {
 // build/bin/recurformer -> build/main-job
@@ -45,6 +45,7 @@ int main(int argc, char** argv) {
                                        RECURFORMER_EXAMPLE_DATA "/heldout.txt"};
       return runner::run_main_job(job, default_home(), files, std::cout, std::cerr);
     }
+    if (a.command == "generate" && a.chat) return runner::run_chat(a, std::cin, std::cout, std::cerr);
     if (a.command == "generate") return runner::run_generate(a, std::cout, std::cerr);
     if (a.command == "calibrate") return runner::run_calibrate(a, std::cout, std::cerr);
     if (a.command == "convert") return runner::run_convert(a, std::cout, std::cerr);

@@ -35,6 +35,8 @@ struct Args {
   bool offline = false;             // main job: do not download SmolLM2
   bool force = false;               // convert: replace a non-empty output directory
   bool help = false;
+  bool chat = false;                // generate --chat: the prompt is a user turn (runner_chat.hpp)
+  std::string system, chat_template;  // --chat: system message, template family override
 };
 
 inline const char* kMainHelp =
@@ -82,7 +84,15 @@ inline std::string command_help(const std::string& cmd) {
            "  --temp T             temperature; 0 = greedy (default 0.8)\n"
            "  --top-k K            keep the K most likely tokens; 0 = all (default 40)\n"
            "  --top-p P            nucleus: keep the smallest set with mass >= P (default 0.95)\n"
-           "  --seed S             sampling seed (default 24301)\n";
+           "  --seed S             sampling seed (default 24301)\n"
+           "  --chat               chat with an instruct model: -p (or -f) is a user turn, the model's chat\n"
+           "                       template is applied and the reply ends at the end-of-turn token (not\n"
+           "                       printed). Without -p/-f, user turns are read from stdin line by line\n"
+           "                       (prompt `> ` on stderr) in one conversation until EOF\n"
+           "  --system TEXT        --chat: the system message (default: the template's own, if any)\n"
+           "  --chat-template NAME --chat: chatml, llama2 or llama3 instead of recognising the model's\n"
+           "                       template (GGUF tokenizer.chat_template, tokenizer_config.json\n"
+           "                       chat_template or chat_template.jinja)\n";
   if (cmd == "calibrate")
     return std::string("usage: recurformer calibrate -m MODEL -f TEXT [-o SCORES.json] [options]\n\n") + kCommonHelp +
            "  -f, --file PATH      calibration text\n"
@@ -191,6 +201,13 @@ inline Args parse_args(int argc, char** argv) {
     else if (f == "--threshold") a.threshold = to_num(f, val(), 0, 1);
     else if (f == "--min-attention-per-layer") a.min_attention_per_layer = int(to_int(f, val(), 0, 1 << 20));
     else if (f == "--init") a.init = val();
+    else if (f == "--chat") a.chat = true;
+    else if (f == "--system") a.system = val();
+    else if (f == "--chat-template") {
+      a.chat_template = val();
+      RF_CHECK(a.chat_template == "chatml" || a.chat_template == "llama2" || a.chat_template == "llama3",
+               "--chat-template: \"", a.chat_template, "\" is not one of chatml, llama2, llama3");
+    }
     else if (f == "--dt-rank") a.dt_rank = int(to_int(f, val(), 1, 1 << 16));
     else if (f == "--dtype") {
       a.dtype = val();
@@ -205,6 +222,7 @@ inline Args parse_args(int argc, char** argv) {
     else if (f == "--force") a.force = true;
     else recurformer::fail("unknown option \"", f, "\" (see --help)");
   }
+  RF_CHECK(a.chat || (a.system.empty() && a.chat_template.empty()), "--system and --chat-template need --chat");
   if (a.device != "cpu") {
     RF_CHECK(a.device == "cuda", "--device: unknown device \"", a.device, "\" (cpu or cuda)");
     recurformer::fail("--device cuda: this runner is not built with CUDA support yet (only --device cpu)");

@@ -2,10 +2,16 @@
 // to end on a random model, generation (greedy = argmax of the model's logits, seeded sampling
 // reproducible), calibrate -> convert -> generate through files, perplexity's output format, and
 // the one-line errors (bad path, prompt longer than the context, tokenizer / vocabulary mismatch).
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
+#include <functional>
+#include <iterator>
 #include <sstream>
 
+#include "../examples/runner_chat.hpp"
 #include "../examples/runner_jobs.hpp"
+#include "support/chat_model.hpp"
 #include "support/temp_dir.hpp"
 #include "support/test_util.hpp"
 
@@ -224,4 +230,119 @@ TEST_CASE("runner errors are one clear line", "[runner]") {
                                          out, err),
                     "a cache of 8192 tokens (f32) needs 16.00 MiB, more than the 1.00 MiB of --memory-limit (lower -c, "
                     "or --cache-type f16)");
+}
+
+namespace {
+/// Rewrites model.safetensors' lm_head.weight (f32) with edit(head, d_model); nothing else changes.
+void edit_lm_head(const std::string& path, const std::function<void(std::vector<float>&, size_t)>& edit) {
+  const auto f = SafetensorsFile::open(path);
+  std::vector<TensorRef> refs = f.tensors();
+  std::vector<float> head;
+  for (TensorRef& t : refs) {
+    if (t.name != "lm_head.weight") continue;
+    REQUIRE(t.dtype == DType::f32);
+    head.resize(size_t(t.numel()));
+    std::memcpy(head.data(), t.data, t.nbytes());
+    edit(head, size_t(t.shape[1]));
+    t.data = head.data();
+  }
+  REQUIRE_FALSE(head.empty());
+  write_safetensors(path, refs, f.metadata());
+}
+/// Row `id` of [vocab, d].
+float* row(std::vector<float>& head, size_t d, int id) { return head.data() + size_t(id) * d; }
+
+runner::Chat greedy_chat(const runner::Loaded& m, CpuExec exec) {
+  return runner::Chat(m, chat_template_for(m.model->checkpoint(), *m.tok), "", 256, 64, SamplingParams{0.f, 0, 1.f, 1},
+                      exec);
+}
+}  // namespace
+
+TEST_CASE("generate --chat: templated turns, the reply ends at <|im_end|> unprinted, one cache", "[runner][chat]") {
+  // The ends of turn (<|im_end|>, the EOS) get zero lm_head rows, so a random model does not end
+  // its turn by itself (a zero logit is below the best of the others). Then swapping <|im_end|>'s
+  // row with that of the token greedy decoding picks at step k makes greedy decoding pick
+  // <|im_end|> there instead, after the same k tokens.
+  TmpDir dir("rf_runner_chat_");
+  RandomModelSpec s = tiny();
+  s.tie_embeddings = false;
+  write_random_model(dir / "m", s);
+  rftest::make_chat_model(dir / "m", rftest::chatml_template());
+  edit_lm_head(dir / "m/model.safetensors", [](std::vector<float>& head, size_t d) {
+    for (int id : {rftest::kImEndId, recurformer::detail::kRandomEosId}) std::fill(row(head, d, id), row(head, d, id + 1), 0.f);
+  });
+  const std::string prompt = "What is the capital of France?";
+  ThreadPool pool(1);
+  std::vector<int32_t> free_run;
+  {
+    const runner::Loaded m = runner::load(dir / "m");
+    runner::Chat chat = greedy_chat(m, CpuExec{&pool});
+    const runner::ChatReply r = chat.say(prompt, 12, nullptr);
+    REQUIRE_FALSE(r.ended);
+    REQUIRE(r.ids.size() == 12);
+    // the prompt went through the template, default system message included
+    const std::string rendered = "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\n" +
+                                 prompt + "<|im_end|>\n<|im_start|>assistant\n";
+    CHECK(r.prompt_tokens == int64_t(m.tok->encode(rendered, false).size()));
+    free_run = r.ids;
+  }
+  size_t k = 2;  // the first step from 2 on whose token is new
+  while (k < free_run.size() && std::count(free_run.begin(), free_run.begin() + long(k), free_run[k]) > 0) ++k;
+  REQUIRE(k < free_run.size());
+  edit_lm_head(dir / "m/model.safetensors", [&](std::vector<float>& head, size_t d) {
+    std::swap_ranges(row(head, d, free_run[k]), row(head, d, free_run[k] + 1), row(head, d, rftest::kImEndId));
+  });
+
+  const runner::Loaded m = runner::load(dir / "m");
+  runner::Chat chat = greedy_chat(m, CpuExec{&pool});
+  const runner::ChatReply r1 = chat.say(prompt, 12, nullptr);
+  CHECK(r1.ended);
+  CHECK(r1.ids == std::vector<int32_t>(free_run.begin(), free_run.begin() + long(k)));
+  // the runner prints that reply and nothing of the end-of-turn token
+  std::istringstream no_input;
+  std::ostringstream out, err;
+  REQUIRE(runner::run_chat(args({"generate", "--chat", "-m", dir / "m", "-p", prompt, "-n", "12", "--temp", "0", "-t", "1"}),
+                           no_input, out, err) == 0);
+  std::vector<int32_t> printable;  // the model's rows past the tokenizer's ids have no text
+  std::copy_if(r1.ids.begin(), r1.ids.end(), std::back_inserter(printable), [&](int32_t id) { return id < m.tok->vocab_size(); });
+  CHECK(out.str() == m.tok->decode(printable, true) + "\n");
+  CHECK_THAT(err.str(), Catch::Contains("chatml format") && Catch::Contains("You are a tiny test model."));
+  // the next turn prefills only its own text: the end of the last turn and the new user turn
+  const ChatMessage next{"user", "And of Italy?"};
+  const std::vector<ChatMessage> history = {{"user", prompt}, {"assistant", r1.text}};
+  const runner::ChatReply r2 = chat.say(next.content, 4, nullptr);
+  const std::string cont = chat.chat_template().continuation(history, next);
+  CHECK(cont == "<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n");
+  CHECK(r2.prompt_tokens == int64_t(m.tok->encode(cont, false).size()));
+  CHECK(chat.cached_tokens() == r1.prompt_tokens + int64_t(r1.ids.size()) + r2.prompt_tokens + int64_t(r2.ids.size()));
+}
+
+TEST_CASE("generate --chat reads turns from stdin until EOF; unknown templates are a clear error", "[runner][chat]") {
+  TmpDir dir("rf_runner_chat_in_");
+  write_random_model(dir / "m", tiny());
+  rftest::make_chat_model(dir / "m", rftest::chatml_template());
+  std::istringstream in("Hello\n\nHow are you?\n");
+  std::ostringstream out, err;
+  REQUIRE(runner::run_chat(args({"generate", "--chat", "-m", dir / "m", "-n", "3", "--temp", "0", "-t", "1"}), in, out,
+                           err) == 0);
+  const std::string e = err.str();
+  CHECK(std::count(e.begin(), e.end(), '>') == 4);  // a prompt per line read (the empty one too) and at EOF
+  CHECK_THAT(e, Catch::Contains("(reply cut at -n 3 tokens)"));
+  const std::string o = out.str();
+  CHECK(std::count(o.begin(), o.end(), '\n') >= 2);
+  // Zephyr's format is not one we render
+  rftest::TempDir dir2("rf_runner_chat_bad_");
+  write_random_model(dir2 / "m", tiny());
+  rftest::make_chat_model(dir2 / "m", "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + "
+                                      "message['content'] + eos_token }}{% endfor %}");
+  std::istringstream none;
+  CHECK_THROWS_WITH(runner::run_chat(args({"generate", "--chat", "-m", dir2 / "m", "-p", "hi"}), none, out, err),
+                    Catch::Contains("unrecognised chat template") && Catch::Contains("--chat-template"));
+  // ... unless named
+  std::ostringstream out2;
+  CHECK(runner::run_chat(args({"generate", "--chat", "-m", dir2 / "m", "-p", "hi", "-n", "2", "--chat-template", "chatml",
+                               "-t", "1"}),
+                         none, out2, err) == 0);
+  CHECK_THROWS_WITH(args({"generate", "--chat-template", "chatml"}), Catch::Contains("need --chat"));
+  CHECK_THROWS_WITH(args({"generate", "--chat", "--chat-template", "zephyr"}), Catch::Contains("\"zephyr\" is not one of"));
 }
