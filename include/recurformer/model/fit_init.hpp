@@ -54,6 +54,14 @@ struct FitGroupData {
   std::vector<FitSequence> sequences;
 };
 
+/// The RMS-normalised input of one layer's attention block (what Wq, Wk, Wv and dt_down read) on
+/// every recorded sequence, fp32 [T, d_model] each: record_fit_data's optional output, which the
+/// attention transfer (model/distill.hpp) trains the group's projections on.
+struct LayerInputs {
+  int layer = 0;
+  std::vector<std::vector<float>> x;
+};
+
 struct FitOptions {
   int conv_kernel = 4;  ///< Kc
   int window = 16;      ///< recency window w: the slowest state decays to 1/e over w tokens
@@ -236,9 +244,11 @@ struct FitProjections {
 
 /// Runs the original model over `tokens` in sequences of seq_len tokens (a tail of fewer than Kc
 /// tokens is dropped) and records every recurrent group of `layout` (layer, then group order).
+/// With `inputs`, also the input x of every layer that has a recurrent group (layer order).
 inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const std::vector<int32_t>& tokens,
                                                  int seq_len, const HeadLayout& layout, int conv_kernel, CpuExec exec,
-                                                 const std::function<void(int64_t, int64_t)>& progress = {}) {
+                                                 const std::function<void(int64_t, int64_t)>& progress = {},
+                                                 std::vector<LayerInputs>* inputs = nullptr) {
   const ModelConfig& c = model.config();
   RF_CHECK(seq_len >= 2, "fit_init: sequence length must be >= 2, got ", seq_len);
   layout.check(c.n_layers, c.n_kv);
@@ -251,10 +261,16 @@ inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const 
            " are needed");
   std::vector<FitGroupData> out;
   std::vector<std::vector<int>> slot(size_t(c.n_layers));  // [layer] -> index in out per recurrent group
+  std::vector<int> input_slot(size_t(c.n_layers), -1);     // [layer] -> index in *inputs
+  if (inputs) inputs->clear();
   for (int l = 0; l < c.n_layers; ++l)
     for (int j : layout.layers[size_t(l)].indices(HeadKind::recurrent)) {
       slot[size_t(l)].push_back(int(out.size()));
       out.push_back({l, j, {}});
+      if (inputs && input_slot[size_t(l)] < 0) {
+        input_slot[size_t(l)] = int(inputs->size());
+        inputs->push_back({l, {}});
+      }
     }
   if (out.empty()) return out;
   const Checkpoint& ck = model.checkpoint();
@@ -278,6 +294,10 @@ inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const 
     LayerInputHook hook = [&](int l, View<const float, 2> x, const LlamaBatch&) {
       if (slot[size_t(l)].empty()) return;
       const int64_t T = x.shape[0];
+      if (inputs) {
+        std::vector<float>& xs = (*inputs)[size_t(input_slot[size_t(l)])].x.emplace_back(size_t(T * c.d_model));
+        for (int64_t t = 0; t < T; ++t) std::copy_n(&x(t, 0), c.d_model, xs.data() + t * c.d_model);
+      }
       q.resize(size_t(T * nq * hd));
       k.resize(size_t(T * nkv * hd));
       v.resize(size_t(T * nkv * hd));

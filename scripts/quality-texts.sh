@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# scripts/quality-texts.sh DIR: the training and evaluation texts of the quality table (docs/quality.md),
+# from Debian's python3.11-doc package (the reStructuredText sources of the Python documentation).
+#
+#   DIR/train.txt  howto/{functional,descriptor,regex,logging,enum,unicode}.rst.txt   (calibration,
+#                  fit, distillation and fine-tuning read only this)
+#   DIR/eval.txt   tutorial/{controlflow,datastructures,errors}.rst.txt (never trained on; the text
+#                  docs/agreement.md measures perplexity on)
+# The .deb is fetched with `apt-get download` (nothing is installed) and unpacked with dpkg -x. Prints
+# the sizes and SHA-256 of both files; exit 2 when the package cannot be fetched.
+set -euo pipefail
+dir=${1:?usage: quality-texts.sh DIR}
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+src=$dir/pydoc/usr/share/doc/python3.11/html/_sources
+if [ ! -d "$src" ]; then
+  deb=$(ls "$dir"/python3.11-doc_*.deb 2>/dev/null | head -n 1 || true)
+  if [ -z "$deb" ]; then
+    if ! (cd "$dir" && apt-get download python3.11-doc >/dev/null 2>&1); then
+      echo "quality-texts: cannot download Debian's python3.11-doc (run 'apt-get update' first?)" >&2
+      exit 2
+    fi
+    deb=$(ls "$dir"/python3.11-doc_*.deb | head -n 1)
+  fi
+  dpkg -x "$deb" "$dir/pydoc"
+fi
+cat "$src"/howto/{functional,descriptor,regex,logging,enum,unicode}.rst.txt > "$dir/train.txt"
+cat "$src"/tutorial/{controlflow,datastructures,errors}.rst.txt > "$dir/eval.txt"
+for f in train eval; do
+  printf '%s.txt: %s bytes, sha256 %s\n' "$f" "$(wc -c < "$dir/$f.txt")" "$(sha256sum "$dir/$f.txt" | cut -d' ' -f1)"
+done
