@@ -15,6 +15,12 @@
 // Chunked prefill (several calls, each starting from the state the previous one left) gives the same
 // result as one long call, and selective_state_update applied token by token gives the same as
 // selective_scan (the CPU kernels run the same per-token arithmetic in both).
+//
+// selective_scan_backward: the gradients of a loss L through one selective_scan call, given
+// dL/dy, as the forward computes it (softplus(x) = x for x > 20, so its derivative is 1 there).
+// The final state h_T is not an output of the loss: no gradient flows in through it. The forward
+// is recomputed inside (chunk-boundary states first, then each chunk's states in reverse), so
+// nothing from the forward call needs to be kept but its inputs.
 #pragma once
 
 #include <cstdint>
@@ -52,7 +58,9 @@ constexpr int64_t kSelectiveScanMaxReaderStates = 4096;  // R * N
 
 namespace detail {
 
-enum class ScanMode { scan, state_update };
+// backward: the inputs of a prefill scan as selective_scan_backward reads them (y is not read,
+// state only as h0 and only when use_initial_state; the pool size is checked by the caller).
+enum class ScanMode { scan, state_update, backward };
 
 // Checks cu_seqlens and state_slots against `tokens` and a pool of `slots` state slots; slots < 0
 // means there is no pool (the slots then only mark padding).
@@ -129,8 +137,14 @@ void check_selective_scan(const char* op, ScanMode mode, const SelectiveScanPara
   check_optional_shape(op, "D", p.D, {dch});
   check_optional_shape(op, "z", p.z, {tokens, dch});
   check_optional_shape(op, "delta_bias", p.delta_bias, {dch});
-  check_shape(op, "y", p.y, {tokens, r, dch});
-  check_shape(op, "state", p.state, {-1, dch, n});
+  if (mode != ScanMode::backward) {
+    check_shape(op, "y", p.y, {tokens, r, dch});
+    check_shape(op, "state", p.state, {-1, dch, n});
+  } else if (p.use_initial_state) {
+    check_shape(op, "state", p.state, {-1, dch, n});
+  } else {
+    check_optional_shape(op, "state", p.state, {-1, dch, n});
+  }
   check_inner_contiguous(op, "u", p.u);
   check_inner_contiguous(op, "delta", p.delta);
   check_inner_contiguous(op, "A", p.A);
@@ -139,12 +153,13 @@ void check_selective_scan(const char* op, ScanMode mode, const SelectiveScanPara
   check_inner_contiguous(op, "D", p.D);
   check_inner_contiguous(op, "z", p.z);
   check_inner_contiguous(op, "delta_bias", p.delta_bias);
-  check_inner_contiguous(op, "y", p.y);
+  if (mode != ScanMode::backward) check_inner_contiguous(op, "y", p.y);
   check_inner_contiguous(op, "state", p.state);
   RF_CHECK(p.delta_activation == DeltaActivation::identity ||
                p.delta_activation == DeltaActivation::softplus,
            op, ": unknown delta_activation ", int(p.delta_activation));
-  check_scan_sequences(op, mode, tokens, p.state.shape[0], p.cu_seqlens, p.state_slots, where);
+  if (mode != ScanMode::backward)
+    check_scan_sequences(op, mode, tokens, p.state.shape[0], p.cu_seqlens, p.state_slots, where);
 }
 
 }  // namespace detail
@@ -166,5 +181,87 @@ void selective_scan(const SelectiveScanParams<T>& p, CpuExec exec);
 /// Decode: token row t is a one-token sequence on slot state_slots[t] (absent: t), updated in place.
 template <class T>
 void selective_state_update(const SelectiveScanParams<T>& p, CpuExec exec);
+
+/// The gradients of selective_scan. Every gradient is fp32, optional (absent = not computed), and
+/// overwritten, never accumulated into. Sums run over all tokens of the call: dA, dD and
+/// ddelta_bias over every sequence, dB and dC over the channels of each group (c / (Dch / G)) and
+/// dC also per reader. Rows of padding sequences (negative slot) get zeros in du, ddelta, dz, dB and
+/// dC, so every output row is defined; they add nothing to dA, dD, ddelta_bias or dstate.
+/// Deterministic: the same inputs and thread count give the same bits (partial sums are combined
+/// in a fixed order, never by atomics).
+template <class T>
+struct SelectiveScanBackwardParams {
+  SelectiveScanParams<T> fwd;    // the forward call's inputs as given to selective_scan; fwd.y is not
+                                 // read (may be absent), fwd.state only read (h0 = state[slot]) and
+                                 // only when use_initial_state (then required; absent otherwise is fine)
+  View<const float, 3> dy;       // [tokens, R, Dch] dL/dy
+  View<float, 2> du;             // [tokens, Dch] optional
+  View<float, 2> ddelta;         // [tokens, Dch] optional: dL/d(delta), through softplus and delta_bias
+  View<float, 2> dA;             // [Dch, N] optional
+  View<float, 3> dB;             // [tokens, G, N] optional
+  View<float, 4> dC;             // [tokens, G, R, N] optional
+  View<float, 1> dD;             // [Dch] optional (fwd.D absent: the gradient at D = 0)
+  View<float, 2> dz;             // [tokens, Dch] optional; requires fwd.z
+  View<float, 1> ddelta_bias;    // [Dch] optional: the sum of ddelta over tokens (also when
+                                 // fwd.delta_bias is absent: the gradient at 0)
+  View<float, 3> dstate;         // [slots, Dch, N] optional: dL/dh0, written only for the slots read
+                                 // (use_initial_state, slot >= 0); other slots untouched
+};
+
+namespace detail {
+template <class T>
+void check_selective_scan_backward(const SelectiveScanBackwardParams<T>& p) {
+  constexpr const char* op = "selective_scan_backward";
+  const SelectiveScanParams<T>& f = p.fwd;
+  check_selective_scan(op, ScanMode::backward, f);
+  const int64_t tokens = f.u.shape[0], dch = f.u.shape[1], n = f.A.shape[1], g = f.B.shape[1],
+                r = f.C.shape[2];
+  check_shape(op, "dy", p.dy, {tokens, r, dch});
+  check_optional_shape(op, "du", p.du, {tokens, dch});
+  check_optional_shape(op, "ddelta", p.ddelta, {tokens, dch});
+  check_optional_shape(op, "dA", p.dA, {dch, n});
+  check_optional_shape(op, "dB", p.dB, {tokens, g, n});
+  check_optional_shape(op, "dC", p.dC, {tokens, g, r, n});
+  check_optional_shape(op, "dD", p.dD, {dch});
+  check_optional_shape(op, "dz", p.dz, {tokens, dch});
+  RF_CHECK(!p.dz.present() || f.z.present(), op, ": dz is given but z is absent (no gate, nothing to differentiate)");
+  check_optional_shape(op, "ddelta_bias", p.ddelta_bias, {dch});
+  // the pool: state's slots, else dstate's (state may be absent when it is not read)
+  const int64_t slots = f.state.present() ? f.state.shape[0] : p.dstate.present() ? p.dstate.shape[0] : -1;
+  check_optional_shape(op, "dstate", p.dstate, {slots, dch, n});
+  check_inner_contiguous(op, "dy", p.dy);
+  check_inner_contiguous(op, "du", p.du);
+  check_inner_contiguous(op, "ddelta", p.ddelta);
+  check_inner_contiguous(op, "dA", p.dA);
+  check_inner_contiguous(op, "dB", p.dB);
+  check_inner_contiguous(op, "dC", p.dC);
+  check_inner_contiguous(op, "dD", p.dD);
+  check_inner_contiguous(op, "dz", p.dz);
+  check_inner_contiguous(op, "ddelta_bias", p.ddelta_bias);
+  check_inner_contiguous(op, "dstate", p.dstate);
+  check_scan_sequences(op, ScanMode::scan, tokens, slots, f.cu_seqlens, f.state_slots);
+}
+}  // namespace detail
+
+/// Throws Error unless p is a valid selective_scan_backward call (the workspace is checked by
+/// selective_scan_backward()).
+template <class T>
+void check(const SelectiveScanBackwardParams<T>& p) {
+  detail::check_selective_scan_backward(p);
+}
+
+/// Scratch bytes selective_scan_backward(p, exec, ...) needs: per thread, the chunk-boundary states
+/// of its longest sequence and one chunk's recomputed states; plus the partial sums of dB / dC
+/// (per block of channels) and of dA / dD / ddelta_bias (per sequence). It depends on the token and
+/// sequence counts, the longest sequence and the thread count: a buffer sized for the largest call
+/// serves every smaller one.
+template <class T>
+size_t selective_scan_backward_workspace_bytes(const SelectiveScanBackwardParams<T>& p, CpuExec exec);
+
+/// The gradients (cpu/selective_scan.hpp). Throws Error, before writing anything, on invalid params
+/// or when workspace_bytes < selective_scan_backward_workspace_bytes(p, exec).
+template <class T>
+void selective_scan_backward(const SelectiveScanBackwardParams<T>& p, CpuExec exec, void* workspace,
+                             size_t workspace_bytes);
 
 }  // namespace recurformer
