@@ -106,9 +106,9 @@ struct LinearBackwardGemms {
 
   explicit LinearBackwardGemms(const LinearBackwardParams<TX, TW>& p) {
     const int64_t tokens = p.x.shape[0], in = p.x.shape[1], out = p.weight.shape[0];
-    dx = {p.dy.data, p.dy.stride[0], 1, false, p.weight.data, p.weight.stride[0],
+    dx = {p.dy.data, p.dy.stride[0], false, p.weight.data, p.weight.stride[0],
           p.dx.data, p.dx.stride[0], tokens, in, out, p.accumulate};
-    dw = {p.dy.data, 1, p.dy.stride[0], true, p.x.data, p.x.stride[0],
+    dw = {p.dy.data, p.dy.stride[0], true, p.x.data, p.x.stride[0],
           p.dweight.data, p.dweight.stride[0], out, in, tokens, p.accumulate};
     if (p.dx.present() && tokens > 0)
       per_thread = std::max(per_thread, gemm_nn_thread_floats(tokens, in, out, false));

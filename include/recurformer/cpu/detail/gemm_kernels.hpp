@@ -18,13 +18,14 @@
 //
 // Backward (linear_backward): dx = dy W and dweight = dy^T x are both C[M, N] (+)= A[M, K] B[K, N]
 // with B row-major (W: K = out; x: K = tokens) and A = dy (read in place: its rows run along K) or
-// dy^T (packed per task into an fp32 [MC][KC] block). B slices are packed row by row into the same
+// dy^T (packed per task into [KC][MR] panels, copying runs of MR floats along dy's rows). B slices are packed row by row into the same
 // [NC/NR][KC][NR] panels, so the forward's micro-kernel runs unchanged. A task owns a C block and
 // sums its whole K range in order: deterministic, no cross-thread reduction. dbias sums dy's columns.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "recurformer/core/config.hpp"
@@ -189,15 +190,17 @@ void gemv_rows(const LinearArgs<TX, TW>& a, int64_t t0, int64_t o0, int64_t o1) 
 
 // ---------------------------------------------------------------------------------------------
 // GEMM micro-kernel: c[i, j] (+)= sum_k a[i, k] * bp[k, j] for i < rows, j < cols, MR x NR tile.
-// a: MR rows of fp32 x with row stride lda (rows past `rows` re-read row 0 and are not stored);
+// a: MR rows of fp32 x with row stride lda (rows past `rows` re-read row 0 and are not stored),
+// or with kPackedA a packed panel [kc][MR] (lda unused; the backward's dy^T);
 // bp: packed [kc][NR]; init: fp32 row of NR initial values (bias) for the first k slice, else null
 // to continue from c.
-template <class V, int MR, int NV>
+template <class V, int MR, int NV, bool kPackedA = false>
 void gemm_micro(int64_t kc, const float* a, int64_t lda, int rows, const float* bp,
                 const float* init, float* c, int64_t ldc, int cols) {
   constexpr int W = V::width, NR = NV * W;
-  const float* ar[MR];
-  for (int i = 0; i < MR; ++i) ar[i] = a + (i < rows ? i : 0) * lda;
+  const float* ar[MR] = {};
+  if constexpr (!kPackedA)
+    for (int i = 0; i < MR; ++i) ar[i] = a + (i < rows ? i : 0) * lda;
   V acc[MR][NV];
   if (init) {
     for (int j = 0; j < NV; ++j) {
@@ -213,7 +216,7 @@ void gemm_micro(int64_t kc, const float* a, int64_t lda, int rows, const float* 
     V b[NV];
     for (int j = 0; j < NV; ++j) b[j] = V::load(bp + k * NR + j * W);
     for (int i = 0; i < MR; ++i) {
-      const V av = V::broadcast(ar[i][k]);
+      const V av = V::broadcast(kPackedA ? a[k * MR + i] : ar[i][k]);
       for (int j = 0; j < NV; ++j) acc[i][j] = fma(av, b[j], acc[i][j]);
     }
   }
@@ -307,10 +310,10 @@ void gemm_block(const LinearArgs<TX, TW>& a, int64_t t0, int64_t t1, int64_t o0,
 // Backward GEMM: C[m, n] (+)= sum_k A[m, k] B[k, n].
 template <class TB>
 struct GemmNNArgs {
-  const float* a;  // A[m, k] at a[m * sam + k * sak]: dy (sak = 1, read in place) or dy^T (pack_a)
-  int64_t sam, sak;
-  bool pack_a;     // copy A blocks into the workspace (A's rows are not contiguous)
-  const TB* b;     // B[k, n] at b[k * ldb + n]: W or x
+  const float* a;    // A[m, k] at a[m * lda + k] (dy, read in place) or, when a_transposed, at
+  int64_t lda;       // a[k * lda + m] (dy^T: packed into [KC][MR] panels from MR-float runs of dy rows)
+  bool a_transposed;
+  const TB* b;       // B[k, n] at b[k * ldb + n]: W or x
   int64_t ldb;
   float* c;        // C[m, n] at c[m * ldc + n]
   int64_t ldc;
@@ -323,7 +326,7 @@ inline int64_t gemm_nn_thread_floats(int64_t m, int64_t n, int64_t k, bool pack_
   using B = LinearBlocking;
   const int64_t kc = std::min(B::kKC, k), nc = std::min(B::kNC, round_up(n, B::kNRMax));
   int64_t floats = round_up(kc * nc, 16);  // packed B slice
-  if (pack_a) floats += round_up(std::min(B::kMC, round_up(m, B::kMR)) * kc, 16);  // A block
+  if (pack_a) floats += round_up(std::min(B::kMC, round_up(m, B::kMR)) * kc, 16);  // A panels
   return floats;
 }
 
@@ -360,26 +363,26 @@ void gemm_nn_block(const GemmNNArgs<TB>& g, int64_t m0, int64_t m1, int64_t n0, 
   for (int64_t k0 = 0; k0 < g.k; k0 += B::kKC) {
     const int64_t kc = std::min(B::kKC, g.k - k0);
     gemm_pack_b_rows<V, NR>(g.b + k0 * g.ldb + n0, g.ldb, kc, nc, bp);
-    const float* a;
-    int64_t lda;
-    if (!g.pack_a) {
-      a = g.a + m0 * g.sam + k0;
-      lda = g.sam;
-    } else {  // A^T is row-major (dy): read its rows along m, write the block's rows along k
+    if (g.a_transposed) {  // ap[i0 / MR][k][i] = A[m0 + i0 + i, k0 + k]: runs of MR floats of a dy row
       for (int64_t k = 0; k < kc; ++k) {
-        const float* src = g.a + (k0 + k) * g.sak + m0 * g.sam;
-        for (int64_t i = 0; i < mc; ++i) ap[i * kc + k] = src[i * g.sam];
+        const float* src = g.a + (k0 + k) * g.lda + m0;
+        int64_t i0 = 0;
+        for (; i0 + MR <= mc; i0 += MR) std::memcpy(ap + i0 * kc + k * MR, src + i0, MR * sizeof(float));
+        if (i0 < mc)
+          for (int i = 0; i < MR; ++i) ap[i0 * kc + k * MR + i] = i0 + i < mc ? src[i0 + i] : 0.f;
       }
-      a = ap;
-      lda = kc;
     }
     const float* init = k0 == 0 && !g.accumulate ? zero : nullptr;
     for (int64_t p = 0; p < nc_pad / NR; ++p) {
       const int cols = int(std::min<int64_t>(NR, nc - p * NR));
       for (int64_t i0 = 0; i0 < mc; i0 += MR) {
         const int rows = int(std::min<int64_t>(MR, mc - i0));
-        gemm_micro<V, MR, NV>(kc, a + i0 * lda, lda, rows, bp + p * kc * NR, init,
-                              g.c + (m0 + i0) * g.ldc + n0 + p * NR, g.ldc, cols);
+        float* c = g.c + (m0 + i0) * g.ldc + n0 + p * NR;
+        if (g.a_transposed)
+          gemm_micro<V, MR, NV, true>(kc, ap + i0 * kc, 0, rows, bp + p * kc * NR, init, c, g.ldc, cols);
+        else
+          gemm_micro<V, MR, NV>(kc, g.a + (m0 + i0) * g.lda + k0, g.lda, rows, bp + p * kc * NR, init, c,
+                                g.ldc, cols);
       }
     }
   }
