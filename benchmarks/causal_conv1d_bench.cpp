@@ -47,6 +47,30 @@ void BM_CausalConv1d(benchmark::State& st) {
   rfbench::set_rate(st, "tokens/s", double(b.tokens));
 }
 
+// The backward (training) on the prefill shapes: bytes/s of x, dy and dx traffic.
+// args: tokens, Dch, K
+template <class T>
+void BM_CausalConv1dBackward(benchmark::State& st) {
+  ConvBench<T> b(st.range(0), st.range(1), st.range(2), 1);
+  const auto dy = rfbench::random_vector<float>(b.x.size(), -1, 1, 5);
+  std::vector<float> dx(b.x.size()), dw(b.w.size()), db(b.bias.size()), dstate(b.state.size());
+  CausalConv1dBackwardParams<T> p;
+  p.fwd = b.params();
+  p.dy = make_view(dy.data(), {b.tokens, b.dch});
+  p.dx = make_view(dx.data(), {b.tokens, b.dch});
+  p.dweight = make_view(dw.data(), {b.dch, b.k});
+  p.dbias = make_view(db.data(), {b.dch});
+  p.dconv_state = make_view(dstate.data(), {b.slots, b.k - 1, b.dch});
+  const auto exec = rfbench::cpu_exec();
+  for (auto _ : st) {
+    causal_conv1d_backward(p, exec);
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+  }
+  rfbench::set_rate(st, "bytes/s", double(b.x.size() * sizeof(T) + (dy.size() + dx.size()) * sizeof(float)));
+  rfbench::set_rate(st, "tokens/s", double(b.tokens));
+}
+
 // args: slots (one token each), Dch, K
 template <class T>
 void BM_CausalConv1dUpdate(benchmark::State& st) {
@@ -72,6 +96,18 @@ BENCHMARK_TEMPLATE(BM_CausalConv1d, float)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK_TEMPLATE(BM_CausalConv1d, bfloat16)
+    ->ArgNames({"T", "Dch", "K"})
+    ->Args({4096, 512, 4})
+    ->Args({4096, 2048, 4})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_CausalConv1dBackward, float)
+    ->ArgNames({"T", "Dch", "K"})
+    ->Args({4096, 512, 4})
+    ->Args({4096, 2048, 4})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_CausalConv1dBackward, bfloat16)
     ->ArgNames({"T", "Dch", "K"})
     ->Args({4096, 512, 4})
     ->Args({4096, 2048, 4})

@@ -6,6 +6,9 @@
 //  - GEMM (prefill, 512 tokens): compute-bound; "flop/s" = 2 * tokens * in * out per second, to be
 //    set against BM_FmaPeak, the fp32 FMA throughput of the same threads on register-only work.
 //  - Q8_0 (GGUF) weights for the decode shapes and one prefill shape.
+//  - linear_backward (training) at SmolLM2-135M shapes (d 576, ffn 1536, vocab 49152): "flop/s" =
+//    4 * tokens * in * out (dx and dweight; dbias is not counted), beside the forward's flop/s on
+//    the same shapes in the same run.
 #include <cstdint>
 #include <vector>
 
@@ -86,6 +89,48 @@ RF_LINEAR_BENCH(gemm_q_proj, 512, 2048, 2048);
 RF_LINEAR_BENCH(gemm_kv_proj, 512, 2048, 512);
 RF_LINEAR_BENCH(gemm_gate_proj, 512, 2048, 8192);
 RF_LINEAR_BENCH(gemm_down_proj, 512, 8192, 2048);
+
+// Training shapes (SmolLM2-135M): the forward and the backward (dx, dweight, dbias) side by side.
+template <class TW>
+void bm_linear_backward(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  const auto x = rfbench::random_vector<float>(size_t(tokens * in));
+  const auto w = bench_weights<TW>(size_t(out * in));
+  const auto dy = rfbench::random_vector<float>(size_t(tokens * out), -1.f, 1.f, 2);
+  std::vector<float> dx(size_t(tokens * in)), dw(size_t(out * in)), db(static_cast<size_t>(out));
+  LinearBackwardParams<float, TW> p;
+  p.x = make_view(x.data(), {tokens, in});
+  p.weight = make_view(w.data(), {out, in});
+  p.dy = make_view(dy.data(), {tokens, out});
+  p.dx = make_view(dx.data(), {tokens, in});
+  p.dweight = make_view(dw.data(), {out, in});
+  p.dbias = make_view(db.data(), {out});
+  const auto exec = rfbench::cpu_exec();
+  std::vector<unsigned char> ws(linear_backward_workspace_bytes(p, exec));
+  for (auto _ : st) {
+    linear_backward(p, exec, ws.data(), ws.size());
+    benchmark::DoNotOptimize(dw.data());
+    benchmark::ClobberMemory();
+  }
+  rfbench::set_rate(st, "flop/s", 4.0 * double(tokens * in * out));
+  st.counters["threads"] = exec.threads();
+}
+void bm_linear_backward_f32(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  bm_linear_backward<float>(st, tokens, in, out);
+}
+void bm_linear_backward_bf16(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  bm_linear_backward<bfloat16>(st, tokens, in, out);
+}
+
+#define RF_LINEAR_TRAIN_BENCH(name, tokens, in, out)                                                      \
+  BENCHMARK_CAPTURE(bm_linear_f32, train_##name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime(); \
+  BENCHMARK_CAPTURE(bm_linear_backward_f32, name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime(); \
+  BENCHMARK_CAPTURE(bm_linear_backward_bf16, name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime()
+
+RF_LINEAR_TRAIN_BENCH(smol_t1536_576x320, 1536, 576, 320);
+RF_LINEAR_TRAIN_BENCH(smol_q_proj, 512, 576, 576);
+RF_LINEAR_TRAIN_BENCH(smol_gate_proj, 512, 576, 1536);
+RF_LINEAR_TRAIN_BENCH(smol_down_proj, 512, 1536, 576);
+RF_LINEAR_TRAIN_BENCH(smol_lm_head, 512, 576, 49152);
 
 // The fp32 FMA ceiling: 16 independent accumulator chains per thread, no memory traffic.
 template <class V>

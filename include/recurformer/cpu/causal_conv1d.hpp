@@ -5,12 +5,17 @@
 // history from the old conv_state. Pass 2, after every row has read it, writes each
 // sequence's new conv_state. The width K becomes a template argument here, in the one dispatch of
 // that axis. Prefill and the one-token update run the same code, so they agree bit for bit.
+//
+// causal_conv1d_backward splits the channels into panels of up to kConvBackwardPanel, handed out
+// over the pool (exec.for_each); each panel's sums over tokens stay in one thread, in token order,
+// so the gradients are the same for any number of threads (cpu/detail/conv_backward_kernels.hpp).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
 #include "recurformer/core/dispatch.hpp"
+#include "recurformer/cpu/detail/conv_backward_kernels.hpp"
 #include "recurformer/cpu/detail/conv_kernels.hpp"
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/cpu/detail/scan_sequences.hpp"
@@ -78,8 +83,65 @@ void run_causal_conv1d(const char* op, const CausalConv1dParams<T>& p,
   });
 }
 
+template <class T>
+void run_causal_conv1d_backward(const CausalConv1dBackwardParams<T>& p, CpuExec exec) {
+  const Isa isa = active_isa();
+  const CausalConv1dParams<T>& f = p.fwd;
+  const PackedSequences seqs{recurformer::detail::ScanMode::scan, f.x.shape[0], f.cu_seqlens,
+                             f.state_slots};
+  const int64_t dch = f.x.shape[1], k = f.weight.shape[1];
+  const bool history = f.conv_state.present() && f.use_initial_state;
+  // Panels of whole vectors, narrow enough that every thread gets one.
+  const int64_t per_thread = (dch + exec.threads() - 1) / exec.threads();
+  const int64_t panel = std::min(kConvBackwardPanel, (per_thread + 15) / 16 * 16);
+  const int64_t panels = (dch + panel - 1) / panel;
+  dispatch_value("causal_conv1d_backward", ConvWidths{}, k, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    exec.for_each(panels, [&](int64_t task, int) {
+      ConvBackwardPanel<T> a;
+      a.x = f.x.data;
+      a.dy = p.dy.data;
+      a.dx = p.dx.data;
+      a.w = f.weight.data;
+      a.bias = f.bias.data;
+      a.dw = p.dweight.data;
+      a.db = p.dbias.data;
+      a.history = history ? f.conv_state.data : nullptr;
+      a.dhistory = history ? p.dconv_state.data : nullptr;
+      a.seqs = &seqs;
+      a.sx = f.x.stride[0];
+      a.sdy = p.dy.stride[0];
+      a.sdx = p.dx.stride[0];
+      a.sw0 = f.weight.stride[0];
+      a.sw1 = f.weight.stride[1];
+      a.sdw0 = p.dweight.stride[0];
+      a.sdw1 = p.dweight.stride[1];
+      a.s_hist_slot = f.conv_state.stride[0];
+      a.s_hist = f.conv_state.stride[1];
+      a.s_dhist_slot = p.dconv_state.stride[0];
+      a.s_dhist = p.dconv_state.stride[1];
+      a.c0 = task * panel;
+      a.c1 = std::min(dch, a.c0 + panel);
+      a.silu = f.activation == ConvActivation::silu;
+      switch (isa) {
+#if RF_HAVE_X86_SIMD
+        case Isa::avx512: conv_backward_avx512<K>(a); break;
+        case Isa::avx2: conv_backward_avx2<K>(a); break;
+#endif
+        default: conv_backward_scalar<K>(a); break;
+      }
+    });
+  });
+}
+
 }  // namespace detail
 }  // namespace cpu
+
+template <class T>
+void causal_conv1d_backward(const CausalConv1dBackwardParams<T>& p, CpuExec exec) {
+  check(p);
+  cpu::detail::run_causal_conv1d_backward(p, exec);
+}
 
 template <class T>
 void causal_conv1d(const CausalConv1dParams<T>& p, CpuExec exec) {

@@ -5,8 +5,13 @@
 // passes still cost less than packing 16-bit W into fp32 panels: batched decode). More tokens: blocked GEMM over
 // (kMC tokens x kNC outputs) tasks handed out dynamically, each thread packing W into its own
 // slice of the workspace. Kernel bodies: cpu/detail/gemm_kernels.hpp.
+//
+// linear_backward: the dx GEMM (tokens x in, k = out) and the dweight GEMM (out x in, k = tokens)
+// are cut into (MC x NC) C blocks handed out together in one exec.for_each, each thread packing into
+// its own slice of the workspace; dbias is a parallel_for over dy's columns.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -85,6 +90,119 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
 #endif
       default: return cpu::detail::gemm_scalar(&a, t0, t1, o0, o1, mine);
     }
+  });
+}
+
+namespace cpu {
+namespace detail {
+
+/// The two GEMMs of linear_backward: dx = dy W (m tokens, k out) and dweight = dy^T x (m out,
+/// k tokens), both with n = in.
+template <class TX, class TW>
+struct LinearBackwardGemms {
+  GemmNNArgs<TW> dx;
+  GemmNNArgs<TX> dw;
+  int64_t per_thread = 0;  // floats of scratch per thread
+
+  explicit LinearBackwardGemms(const LinearBackwardParams<TX, TW>& p) {
+    const int64_t tokens = p.x.shape[0], in = p.x.shape[1], out = p.weight.shape[0];
+    dx = {p.dy.data, p.dy.stride[0], false, p.weight.data, p.weight.stride[0],
+          p.dx.data, p.dx.stride[0], tokens, in, out, p.accumulate};
+    dw = {p.dy.data, p.dy.stride[0], true, p.x.data, p.x.stride[0],
+          p.dweight.data, p.dweight.stride[0], out, in, tokens, p.accumulate};
+    if (p.dx.present() && tokens > 0)
+      per_thread = std::max(per_thread, gemm_nn_thread_floats(tokens, in, out, false));
+    if (p.dweight.present() && tokens > 0)
+      per_thread = std::max(per_thread, gemm_nn_thread_floats(out, in, tokens, true));
+  }
+};
+
+/// How one GEMM is cut into C blocks: rows of mc (smaller when there are too few blocks for the
+/// threads, as in the forward), columns of kNC.
+struct GemmTiling {
+  int64_t mc = 0, m_blocks = 0, n_blocks = 0;
+  GemmTiling(int64_t m, int64_t n, int threads) {
+    using B = LinearBlocking;
+    n_blocks = (n + B::kNC - 1) / B::kNC;
+    mc = B::kMC;
+    if (n_blocks * ((m + mc - 1) / mc) < threads) {
+      const int64_t m_parts = (threads + n_blocks - 1) / n_blocks;
+      mc = std::min(B::kMC, round_up((m + m_parts - 1) / m_parts, B::kMR));
+    }
+    m_blocks = m > 0 ? (m + mc - 1) / mc : 0;
+  }
+  int64_t tasks() const { return m_blocks * n_blocks; }
+};
+
+template <class TB>
+void run_gemm_nn_task(cpu::Isa isa, const GemmNNArgs<TB>& g, const GemmTiling& tl, int64_t task,
+                      float* ws) {
+  using B = LinearBlocking;
+  const int64_t mb = task / tl.n_blocks, nb = task % tl.n_blocks;
+  const int64_t m0 = mb * tl.mc, m1 = std::min(g.m, m0 + tl.mc);
+  const int64_t n0 = nb * B::kNC, n1 = std::min(g.n, n0 + B::kNC);
+  switch (isa) {
+#if RF_HAVE_X86_SIMD
+    case cpu::Isa::avx512: return gemm_nn_avx512(&g, m0, m1, n0, n1, ws);
+    case cpu::Isa::avx2: return gemm_nn_avx2(&g, m0, m1, n0, n1, ws);
+#endif
+    default: return gemm_nn_scalar(&g, m0, m1, n0, n1, ws);
+  }
+}
+
+}  // namespace detail
+}  // namespace cpu
+
+template <class TX, class TW>
+size_t linear_backward_workspace_bytes(const LinearBackwardParams<TX, TW>& p, CpuExec exec) {
+  check(p);
+  const cpu::detail::LinearBackwardGemms<TX, TW> g(p);
+  if (g.per_thread == 0) return 0;
+  return size_t(g.per_thread * exec.threads()) * sizeof(float) + 64;  // + 64: alignment slack
+}
+
+template <class TX, class TW>
+void linear_backward(const LinearBackwardParams<TX, TW>& p, CpuExec exec, void* workspace,
+                     size_t workspace_bytes) {
+  check(p);
+  const size_t need = linear_backward_workspace_bytes(p, exec);
+  RF_CHECK(workspace_bytes >= need && (need == 0 || workspace != nullptr), "linear_backward: workspace has ",
+           workspace_bytes, " bytes", workspace ? "" : " (null)", ", expected at least ", need,
+           " (linear_backward_workspace_bytes)");
+  const cpu::detail::LinearBackwardGemms<TX, TW> g(p);
+  const int64_t tokens = p.x.shape[0], in = p.x.shape[1], out = p.weight.shape[0];
+  const cpu::Isa isa = cpu::active_isa();
+
+  if (p.dbias.present()) {
+    exec.parallel_for(out, [&](int64_t o0, int64_t o1, int) {
+      float* db = p.dbias.data;
+      const float* dy = p.dy.data;
+      const int64_t ldy = p.dy.stride[0];
+      switch (isa) {
+#if RF_HAVE_X86_SIMD
+        case cpu::Isa::avx512: return cpu::detail::column_sums_avx512(dy, ldy, tokens, o0, o1, db, p.accumulate);
+        case cpu::Isa::avx2: return cpu::detail::column_sums_avx2(dy, ldy, tokens, o0, o1, db, p.accumulate);
+#endif
+        default: return cpu::detail::column_sums_scalar(dy, ldy, tokens, o0, o1, db, p.accumulate);
+      }
+    });
+  }
+  if (tokens == 0) {  // no rows of dx; dweight is an empty sum
+    if (p.dweight.present() && !p.accumulate)
+      for (int64_t o = 0; o < out; ++o) std::fill_n(p.dweight.data + o * p.dweight.stride[0], in, 0.f);
+    return;
+  }
+  // Both GEMMs in one job: dx blocks first (task < dx_tasks), then dweight blocks.
+  const cpu::detail::GemmTiling dx_tiles(tokens, in, exec.threads()), dw_tiles(out, in, exec.threads());
+  const int64_t dx_tasks = p.dx.present() ? dx_tiles.tasks() : 0;
+  const int64_t dw_tasks = p.dweight.present() ? dw_tiles.tasks() : 0;
+  float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(workspace) + 63) & ~uintptr_t(63));
+  exec.for_each(dx_tasks + dw_tasks, [&](int64_t task, int thread) {
+    float* mine = ws + g.per_thread * thread;
+    if (task < dx_tasks)
+      cpu::detail::run_gemm_nn_task(isa, g.dx, dx_tiles, task, mine);
+    else
+      cpu::detail::run_gemm_nn_task(isa, g.dw, dw_tiles, task - dx_tasks, mine);
   });
 }
 

@@ -9,6 +9,10 @@
 // streams W once per call for a few tokens (decode, memory-bound GEMV) and packs W into fp32
 // panels for many tokens (prefill, compute-bound blocked GEMM); the panels live in a caller-owned
 // workspace of linear_workspace_bytes() bytes. y must not overlap x, weight or bias.
+//
+// linear_backward computes dx = dy W and dweight = dy^T x with the same packed micro-kernel
+// (packing rows of W, rows of x and a transposed block of dy into a caller-owned workspace) and
+// dbias as column sums of dy.
 #pragma once
 
 #include <cstddef>
@@ -70,5 +74,58 @@ size_t linear_workspace_bytes(const LinearParams<TX, TW>& p, CpuExec exec);
 /// workspace_bytes < linear_workspace_bytes(p, exec).
 template <class TX, class TW>
 void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t workspace_bytes);
+
+/// The backward of linear for training, fp32 accumulation and fp32 gradients:
+///   dx = dy W,  dweight = dy^T x (summed over tokens),  dbias = column sums of dy.
+/// Weights in float, half or bfloat16 (not the quantised types), with TX = float or TX == TW.
+/// Each output is optional; with accumulate they are added to (several projections reading one
+/// x, or gradient accumulation over micro-batches), else overwritten. The result does not depend
+/// on the number of threads (every element is summed by one thread in a fixed order). The
+/// gradients must not overlap the inputs or each other.
+template <class TX, class TW>
+struct LinearBackwardParams {
+  View<const TX, 2> x;       // [tokens, in] the forward's input
+  View<const TW, 2> weight;  // [out, in] the forward's weight
+  View<const float, 2> dy;   // [tokens, out] dL/dy
+  View<float, 2> dx;         // [tokens, in] optional
+  View<float, 2> dweight;    // [out, in] optional
+  View<float, 1> dbias;      // [out] optional
+  bool accumulate = false;   // true: add into dx / dweight / dbias; false: overwrite them
+};
+
+/// Throws Error unless p is a valid linear_backward call (the workspace is checked by the call).
+template <class TX, class TW>
+void check(const LinearBackwardParams<TX, TW>& p) {
+  static_assert(LinearWeight<TW>::block == 1,
+                "linear_backward: weights in float, half or bfloat16 (not the quantised types)");
+  constexpr const char* op = "linear_backward";
+  detail::check_shape(op, "x", p.x, {-1, -1});
+  const int64_t tokens = p.x.shape[0], in = p.x.shape[1];
+  RF_CHECK(in >= 1, op, ": x must have at least one column (in features)");
+  detail::check_shape(op, "weight", p.weight, {-1, in});
+  const int64_t out = p.weight.shape[0];
+  RF_CHECK(out >= 1, op, ": weight must have at least one row (out features)");
+  detail::check_shape(op, "dy", p.dy, {tokens, out});
+  detail::check_optional_shape(op, "dx", p.dx, {tokens, in});
+  detail::check_optional_shape(op, "dweight", p.dweight, {out, in});
+  detail::check_optional_shape(op, "dbias", p.dbias, {out});
+  detail::check_inner_contiguous(op, "x", p.x);
+  detail::check_inner_contiguous(op, "weight", p.weight);
+  detail::check_inner_contiguous(op, "dy", p.dy);
+  detail::check_inner_contiguous(op, "dx", p.dx);
+  detail::check_inner_contiguous(op, "dweight", p.dweight);
+  detail::check_inner_contiguous(op, "dbias", p.dbias);
+}
+
+/// Scratch bytes linear_backward(p, exec, ...) needs for these shapes, outputs and threads. A
+/// buffer sized for the largest token count serves every smaller call with the same outputs.
+template <class TX, class TW>
+size_t linear_backward_workspace_bytes(const LinearBackwardParams<TX, TW>& p, CpuExec exec);
+
+/// dx, dweight, dbias of linear (cpu/linear.hpp). Throws Error, before writing, on invalid params
+/// or when workspace_bytes < linear_backward_workspace_bytes(p, exec).
+template <class TX, class TW>
+void linear_backward(const LinearBackwardParams<TX, TW>& p, CpuExec exec, void* workspace,
+                     size_t workspace_bytes);
 
 }  // namespace recurformer

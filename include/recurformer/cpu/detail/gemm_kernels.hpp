@@ -15,10 +15,17 @@
 //
 // Q8_0 weights (core/quant.hpp): the GEMV sums x * q over each 32-weight block and applies the
 // block's scale once; the GEMM pack dequantises into the same fp32 panels.
+//
+// Backward (linear_backward): dx = dy W and dweight = dy^T x are both C[M, N] (+)= A[M, K] B[K, N]
+// with B row-major (W: K = out; x: K = tokens) and A = dy (read in place: its rows run along K) or
+// dy^T (packed per task into [KC][MR] panels, copying runs of MR floats along dy's rows). B slices are packed row by row into the same
+// [NC/NR][KC][NR] panels, so the forward's micro-kernel runs unchanged. A task owns a C block and
+// sums its whole K range in order: deterministic, no cross-thread reduction. dbias sums dy's columns.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "recurformer/core/config.hpp"
@@ -183,15 +190,17 @@ void gemv_rows(const LinearArgs<TX, TW>& a, int64_t t0, int64_t o0, int64_t o1) 
 
 // ---------------------------------------------------------------------------------------------
 // GEMM micro-kernel: c[i, j] (+)= sum_k a[i, k] * bp[k, j] for i < rows, j < cols, MR x NR tile.
-// a: MR rows of fp32 x with row stride lda (rows past `rows` re-read row 0 and are not stored);
+// a: MR rows of fp32 x with row stride lda (rows past `rows` re-read row 0 and are not stored),
+// or with kPackedA a packed panel [kc][MR] (lda unused; the backward's dy^T);
 // bp: packed [kc][NR]; init: fp32 row of NR initial values (bias) for the first k slice, else null
 // to continue from c.
-template <class V, int MR, int NV>
+template <class V, int MR, int NV, bool kPackedA = false>
 void gemm_micro(int64_t kc, const float* a, int64_t lda, int rows, const float* bp,
                 const float* init, float* c, int64_t ldc, int cols) {
   constexpr int W = V::width, NR = NV * W;
-  const float* ar[MR];
-  for (int i = 0; i < MR; ++i) ar[i] = a + (i < rows ? i : 0) * lda;
+  const float* ar[MR] = {};
+  if constexpr (!kPackedA)
+    for (int i = 0; i < MR; ++i) ar[i] = a + (i < rows ? i : 0) * lda;
   V acc[MR][NV];
   if (init) {
     for (int j = 0; j < NV; ++j) {
@@ -207,7 +216,7 @@ void gemm_micro(int64_t kc, const float* a, int64_t lda, int rows, const float* 
     V b[NV];
     for (int j = 0; j < NV; ++j) b[j] = V::load(bp + k * NR + j * W);
     for (int i = 0; i < MR; ++i) {
-      const V av = V::broadcast(ar[i][k]);
+      const V av = V::broadcast(kPackedA ? a[k * MR + i] : ar[i][k]);
       for (int j = 0; j < NV; ++j) acc[i][j] = fma(av, b[j], acc[i][j]);
     }
   }
@@ -298,6 +307,108 @@ void gemm_block(const LinearArgs<TX, TW>& a, int64_t t0, int64_t t1, int64_t o0,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Backward GEMM: C[m, n] (+)= sum_k A[m, k] B[k, n].
+template <class TB>
+struct GemmNNArgs {
+  const float* a;    // A[m, k] at a[m * lda + k] (dy, read in place) or, when a_transposed, at
+  int64_t lda;       // a[k * lda + m] (dy^T: packed into [KC][MR] panels from MR-float runs of dy rows)
+  bool a_transposed;
+  const TB* b;       // B[k, n] at b[k * ldb + n]: W or x
+  int64_t ldb;
+  float* c;        // C[m, n] at c[m * ldc + n]
+  int64_t ldc;
+  int64_t m, n, k;
+  bool accumulate;  // add to C, else overwrite it
+};
+
+/// Floats of scratch one thread needs for a GemmNNArgs problem of these sizes (64-byte regions).
+inline int64_t gemm_nn_thread_floats(int64_t m, int64_t n, int64_t k, bool pack_a) {
+  using B = LinearBlocking;
+  const int64_t kc = std::min(B::kKC, k), nc = std::min(B::kNC, round_up(n, B::kNRMax));
+  int64_t floats = round_up(kc * nc, 16);  // packed B slice
+  if (pack_a) floats += round_up(std::min(B::kMC, round_up(m, B::kMR)) * kc, 16);  // A panels
+  return floats;
+}
+
+// bp[p][k][j] = b[k, p * NR + j] as fp32 for k < kc, zero for columns past nc.
+template <class V, int NR, class TB>
+void gemm_pack_b_rows(const TB* b, int64_t ldb, int64_t kc, int64_t nc, float* bp) {
+  constexpr int W = V::width, NV = NR / W;
+  for (int64_t p = 0; p * NR < nc; ++p) {
+    float* panel = bp + p * kc * NR;
+    const int64_t cols = std::min<int64_t>(NR, nc - p * NR);
+    const TB* src = b + p * NR;
+    if (cols == NR) {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int j = 0; j < NV; ++j) V::load(src + k * ldb + j * W).store(panel + k * NR + j * W);
+    } else {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int j = 0; j < NV; ++j)
+          V::load_partial(src + k * ldb + j * W, int(cols - j * W)).store(panel + k * NR + j * W);
+    }
+  }
+}
+
+// One task: C[m0:m1, n0:n1] over the whole k range, with `ws` = gemm_nn_thread_floats() floats.
+template <class V, class TB>
+void gemm_nn_block(const GemmNNArgs<TB>& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                   float* ws) {
+  using B = LinearBlocking;
+  constexpr int MR = B::kMR, NV = B::kNRVectors, NR = NV * V::width;
+  const int64_t mc = m1 - m0, nc = n1 - n0, nc_pad = round_up(nc, NR);
+  const int64_t kc_max = std::min(B::kKC, g.k);
+  float* bp = ws;
+  float* ap = bp + round_up(kc_max * std::min(B::kNC, round_up(g.n, B::kNRMax)), 16);
+  alignas(64) float zero[B::kNRMax] = {};  // the initial C row when overwriting
+  for (int64_t k0 = 0; k0 < g.k; k0 += B::kKC) {
+    const int64_t kc = std::min(B::kKC, g.k - k0);
+    gemm_pack_b_rows<V, NR>(g.b + k0 * g.ldb + n0, g.ldb, kc, nc, bp);
+    if (g.a_transposed) {  // ap[i0 / MR][k][i] = A[m0 + i0 + i, k0 + k]: runs of MR floats of a dy row
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = g.a + (k0 + k) * g.lda + m0;
+        int64_t i0 = 0;
+        for (; i0 + MR <= mc; i0 += MR) std::memcpy(ap + i0 * kc + k * MR, src + i0, MR * sizeof(float));
+        if (i0 < mc)
+          for (int i = 0; i < MR; ++i) ap[i0 * kc + k * MR + i] = i0 + i < mc ? src[i0 + i] : 0.f;
+      }
+    }
+    const float* init = k0 == 0 && !g.accumulate ? zero : nullptr;
+    for (int64_t p = 0; p < nc_pad / NR; ++p) {
+      const int cols = int(std::min<int64_t>(NR, nc - p * NR));
+      for (int64_t i0 = 0; i0 < mc; i0 += MR) {
+        const int rows = int(std::min<int64_t>(MR, mc - i0));
+        float* c = g.c + (m0 + i0) * g.ldc + n0 + p * NR;
+        if (g.a_transposed)
+          gemm_micro<V, MR, NV, true>(kc, ap + i0 * kc, 0, rows, bp + p * kc * NR, init, c, g.ldc, cols);
+        else
+          gemm_micro<V, MR, NV>(kc, g.a + (m0 + i0) * g.lda + k0, g.lda, rows, bp + p * kc * NR, init, c,
+                                g.ldc, cols);
+      }
+    }
+  }
+}
+
+// db[o] (+)= sum_t dy[t, o] for o in [o0, o1), summed in token order.
+template <class V>
+void column_sums(const float* dy, int64_t ldy, int64_t tokens, int64_t o0, int64_t o1, float* db,
+                 bool accumulate) {
+  constexpr int W = V::width;
+  constexpr int64_t kChunk = 512;  // columns per pass over the rows (2 KB of sums in L1)
+  alignas(64) float acc[kChunk];
+  for (int64_t c0 = o0; c0 < o1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, o1 - c0);
+    for (int64_t j = 0; j < n; ++j) acc[j] = accumulate ? db[c0 + j] : 0.f;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* row = dy + t * ldy + c0;
+      int64_t j = 0;
+      for (; j + W <= n; j += W) (V::load(acc + j) + V::load(row + j)).store(acc + j);
+      for (; j < n; ++j) acc[j] += row[j];
+    }
+    for (int64_t j = 0; j < n; ++j) db[c0 + j] = acc[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // ISA entry points (vector values never cross them).
 template <int NT, class TX, class TW>
 void gemv_scalar(const LinearArgs<TX, TW>* a, int64_t t0, int64_t o0, int64_t o1) {
@@ -306,6 +417,14 @@ void gemv_scalar(const LinearArgs<TX, TW>* a, int64_t t0, int64_t o0, int64_t o1
 template <class TX, class TW>
 void gemm_scalar(const LinearArgs<TX, TW>* a, int64_t t0, int64_t t1, int64_t o0, int64_t o1, float* ws) {
   gemm_block<simd::F32x1>(*a, t0, t1, o0, o1, ws);
+}
+template <class TB>
+void gemm_nn_scalar(const GemmNNArgs<TB>* g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* ws) {
+  gemm_nn_block<simd::F32x1>(*g, m0, m1, n0, n1, ws);
+}
+inline void column_sums_scalar(const float* dy, int64_t ldy, int64_t tokens, int64_t o0, int64_t o1,
+                               float* db, bool accumulate) {
+  column_sums<simd::F32x1>(dy, ldy, tokens, o0, o1, db, accumulate);
 }
 #if RF_HAVE_X86_SIMD
 template <int NT, class TX, class TW>
@@ -316,6 +435,14 @@ template <class TX, class TW>
 RF_KERNEL_AVX2 void gemm_avx2(const LinearArgs<TX, TW>* a, int64_t t0, int64_t t1, int64_t o0, int64_t o1, float* ws) {
   gemm_block<simd::F32x8>(*a, t0, t1, o0, o1, ws);
 }
+template <class TB>
+RF_KERNEL_AVX2 void gemm_nn_avx2(const GemmNNArgs<TB>* g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* ws) {
+  gemm_nn_block<simd::F32x8>(*g, m0, m1, n0, n1, ws);
+}
+RF_KERNEL_AVX2 inline void column_sums_avx2(const float* dy, int64_t ldy, int64_t tokens, int64_t o0,
+                                            int64_t o1, float* db, bool accumulate) {
+  column_sums<simd::F32x8>(dy, ldy, tokens, o0, o1, db, accumulate);
+}
 template <int NT, class TX, class TW>
 RF_KERNEL_AVX512 void gemv_avx512(const LinearArgs<TX, TW>* a, int64_t t0, int64_t o0, int64_t o1) {
   gemv_rows<simd::F32x16, NT>(*a, t0, o0, o1);
@@ -323,6 +450,14 @@ RF_KERNEL_AVX512 void gemv_avx512(const LinearArgs<TX, TW>* a, int64_t t0, int64
 template <class TX, class TW>
 RF_KERNEL_AVX512 void gemm_avx512(const LinearArgs<TX, TW>* a, int64_t t0, int64_t t1, int64_t o0, int64_t o1, float* ws) {
   gemm_block<simd::F32x16>(*a, t0, t1, o0, o1, ws);
+}
+template <class TB>
+RF_KERNEL_AVX512 void gemm_nn_avx512(const GemmNNArgs<TB>* g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* ws) {
+  gemm_nn_block<simd::F32x16>(*g, m0, m1, n0, n1, ws);
+}
+RF_KERNEL_AVX512 inline void column_sums_avx512(const float* dy, int64_t ldy, int64_t tokens, int64_t o0,
+                                                int64_t o1, float* db, bool accumulate) {
+  column_sums<simd::F32x16>(dy, ldy, tokens, o0, o1, db, accumulate);
 }
 #endif
 
