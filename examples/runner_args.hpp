@@ -37,6 +37,10 @@ struct Args {
   bool help = false;
   bool chat = false;                // generate --chat: the prompt is a user turn (runner_chat.hpp)
   std::string system, chat_template;  // --chat: system message, template family override
+  std::string teacher;              // distill: the original model
+  int steps = 100;                  // distill: optimiser steps per group
+  int batch_seqs = 4;               // distill: sequences per step
+  float lr = 3e-3f, lr_proj = 3e-4f;  // distill: peak learning rates (recurrent tensors, q/k/v rows)
 };
 
 inline const char* kMainHelp =
@@ -53,6 +57,7 @@ inline const char* kMainHelp =
     "  generate    generate text from a prompt\n"
     "  calibrate   measure each KV group's recency score on a text (JSON + SVG heatmap)\n"
     "  convert     write a RecurFormer checkpoint from a model and its scores\n"
+    "  distill     train a converted model's recurrent groups to reproduce the original's attention\n"
     "  perplexity  llama.cpp's perplexity protocol on a text file\n"
     "  bench       prefill / decode speed and cache bytes at several context sizes\n"
     "\n"
@@ -120,6 +125,24 @@ inline std::string command_help(const std::string& cmd) {
            "                       DIR appears complete or not at all\n"
            "  -o, --output DIR     output directory (a HF directory; a GGUF input is written as the HF\n"
            "                       model it came from, tokenizer and chat template included)\n";
+  if (cmd == "distill")
+    return std::string("usage: recurformer distill -m CONVERTED --teacher ORIGINAL -f TEXT -o DIR [options]\n\n"
+                       "Attention transfer: runs the original model over TEXT once and trains every recurrent group\n"
+                       "of the converted model (its recurrent tensors and its own rows of Wq, Wk, Wv) to reproduce\n"
+                       "the original attention output of its query heads, one group at a time. Writes the trained\n"
+                       "checkpoint to DIR with distill_report.json (error per group before and after, on held-out\n"
+                       "sequences).\n\n") +
+           kCommonHelp +
+           "  --teacher PATH       the original model the converted one came from (HF directory or .gguf)\n"
+           "  -f, --file PATH      training text\n"
+           "  -c, --ctx-size N     tokens per sequence (default 512)\n"
+           "  --steps N            optimiser steps per group (default 100)\n"
+           "  --batch-seqs N       sequences per step (default 4)\n"
+           "  --lr X               peak learning rate of the recurrent tensors (default 3e-3)\n"
+           "  --lr-proj X          peak learning rate of the group's Wq/Wk/Wv rows (default 3e-4; 0 freezes them)\n"
+           "  --seed S             seed of the minibatch order\n"
+           "  --force              replace DIR when it exists and is not empty\n"
+           "  -o, --output DIR     output directory\n";
   if (cmd == "perplexity")
     return std::string("usage: recurformer perplexity -m MODEL -f TEXT [-c N]\n\n") + kCommonHelp + kCacheHelp +
            "  -f, --file PATH      text file (e.g. wiki.test.raw)\n"
@@ -159,10 +182,10 @@ inline Args parse_args(int argc, char** argv) {
   int i = 1;
   if (i < argc && argv[i][0] != '-') {
     a.command = argv[i++];
-    static const char* known[] = {"generate", "calibrate", "convert", "perplexity", "bench", "help"};
+    static const char* known[] = {"generate", "calibrate", "convert", "distill", "perplexity", "bench", "help"};
     bool ok = false;
     for (const char* k : known) ok = ok || a.command == k;
-    RF_CHECK(ok, "unknown command \"", a.command, "\" (commands: generate, calibrate, convert, perplexity, bench)");
+    RF_CHECK(ok, "unknown command \"", a.command, "\" (commands: generate, calibrate, convert, distill, perplexity, bench)");
     if (a.command == "help") a.command.clear(), a.help = true;
   }
   for (; i < argc; ++i) {
@@ -219,6 +242,11 @@ inline Args parse_args(int argc, char** argv) {
                a.cache_type, "\" is not one of f32, f16, bf16");
     } else if (f == "--memory-limit") a.memory_limit_mib = to_int(f, val(), 1, int64_t(1) << 40);
     else if (f == "--offline") a.offline = true;
+    else if (f == "--teacher") a.teacher = val();
+    else if (f == "--steps") a.steps = int(to_int(f, val(), 0, 1 << 24));
+    else if (f == "--batch-seqs") a.batch_seqs = int(to_int(f, val(), 1, 1 << 16));
+    else if (f == "--lr") a.lr = float(to_num(f, val(), 1e-9, 1));
+    else if (f == "--lr-proj") a.lr_proj = float(to_num(f, val(), 0, 1));
     else if (f == "--force") a.force = true;
     else recurformer::fail("unknown option \"", f, "\" (see --help)");
   }

@@ -21,6 +21,7 @@
 #include "recurformer/model/calibrate.hpp"
 #include "recurformer/model/checkpoint.hpp"
 #include "recurformer/model/convert.hpp"
+#include "recurformer/model/distill.hpp"
 #include "recurformer/model/llama.hpp"
 #include "recurformer/model/perplexity.hpp"
 #include "recurformer/model/random_model.hpp"
@@ -409,6 +410,65 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
   if (!errors.empty()) out << "fit errors -> " << out_dir << "/fit_report.json\n";
   print_cache_saving(c, convert_config(c, o), out, cache_options(a).type);
   return errors;
+}
+
+/// Distils the converted model `student` against `teacher` on the text of -f (see `distill --help`);
+/// prints the error range before and after (per group when per_group) to `out`, progress to `err`.
+inline std::vector<DistillGroupResult> distill_model(const std::string& student, const std::string& teacher,
+                                                     const Args& a, const std::string& out_dir, std::ostream& out,
+                                                     std::ostream& err, bool per_group = true) {
+  RF_CHECK(!a.file.empty(), "distill: no training text (-f TEXT)");
+  RF_CHECK(!out_dir.empty(), "distill: no output directory (-o DIR)");
+  RF_CHECK(!teacher.empty(), "distill: no teacher (--teacher ORIGINAL, the model the student was converted from)");
+  const Checkpoint ck = Checkpoint::open(student);
+  const ModelConfig& c = ck.config();
+  RF_CHECK(c.recurformer, "distill: ", student, " is not a RecurFormer (convert it first)");
+  recurformer::detail::check_output_dir(out_dir, ck.path(), a.force);  // before the long work
+  const Loaded t = load(teacher);
+  const ModelConfig& tc = t.model->config();
+  RF_CHECK(tc.n_layers == c.n_layers && tc.d_model == c.d_model && tc.n_q == c.n_q && tc.n_kv == c.n_kv &&
+               tc.head_dim == c.head_dim && tc.vocab_size == c.vocab_size,
+           "distill: the teacher ", teacher, " (", tc.n_layers, " layers, d ", tc.d_model, ", ", tc.n_q, "/", tc.n_kv,
+           " heads) is not the model ", student, " was converted from (", c.n_layers, " layers, d ", c.d_model, ", ",
+           c.n_q, "/", c.n_kv, " heads)");
+  RF_CHECK(!tc.recurformer, "distill: the teacher ", teacher, " is itself a RecurFormer; give the original model");
+  const HeadLayout& layout = c.recurformer->layout;
+  ThreadPool pool(threads_of(a));
+  std::vector<LayerInputs> inputs;
+  std::vector<FitGroupData> data;
+  {
+    Progress record(err, "distill: recording the teacher on the text, sequences");
+    data = record_fit_data(*t.model, t.tok->encode(read_file(a.file), true), a.ctx_set ? int(a.ctx) : 512, layout,
+                           c.recurformer->recurrent.conv_kernel, CpuExec{&pool}, std::ref(record), &inputs);
+  }
+  DistillOptions o;
+  o.steps = a.steps, o.batch = a.batch_seqs, o.lr = a.lr, o.lr_projection = a.lr_proj, o.seed = a.seed;
+  Progress groups(err, "distill: training recurrent groups");
+  o.progress = std::ref(groups);
+  const std::vector<DistillGroupResult> res = distill_to_recurformer(ck, data, inputs, o, out_dir, a.force, CpuExec{&pool});
+  char buf[200];
+  double before = 0, after = 0, lo = 1e300, hi = 0;
+  for (const DistillGroupResult& g : res) {
+    if (per_group) {
+      std::snprintf(buf, sizeof buf, "distill layer %d group %d: held-out error %.4f -> %.4f (train %.4f -> %.4f), %.1f s\n",
+                    g.layer, g.group, g.heldout_before, g.heldout_after, g.train_before, g.train_after, g.seconds);
+      out << buf;
+    }
+    before += g.heldout_before, after += g.heldout_after, lo = std::min(lo, g.heldout_after), hi = std::max(hi, g.heldout_after);
+  }
+  if (!res.empty()) {
+    std::snprintf(buf, sizeof buf, "distill: held-out relative error of the %zu recurrent groups, mean %.3f -> %.3f (after: %.3f..%.3f)\n",
+                  res.size(), before / double(res.size()), after / double(res.size()), lo, hi);
+    out << buf;
+  }
+  out << "distilled -> " << out_dir << " (errors in " << out_dir << "/distill_report.json)\n";
+  return res;
+}
+
+inline int run_distill(const Args& a, std::ostream& out, std::ostream& err) {
+  RF_CHECK(!a.model.empty(), "distill: no model given (-m CONVERTED)");
+  distill_model(a.model, a.teacher, a, a.out, out, err);
+  return 0;
 }
 
 inline int run_convert(const Args& a, std::ostream& out, std::ostream& err) {

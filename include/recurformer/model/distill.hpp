@@ -1,0 +1,498 @@
+// recurformer/model/distill.hpp: attention transfer (LoLCATs' first stage; "The Mamba in the Llama"'s
+// initialisation + layer-wise distillation) for a converted RecurFormer.
+//
+// The teacher (the original model) runs once over the calibration text (record_fit_data, with the
+// layer inputs). Every recurrent group of every layer is then trained on its own, since with the
+// teacher's inputs x the layers are independent: the group's recurrent tensors (dt_down, dt_up,
+// dt_bias, A_log, D, conv1d weight and bias) and its own rows of Wq, Wk, Wv (and their biases) learn to
+// reproduce the teacher's attention output of the group's g query heads:
+//
+//   P = x [Wq_j; Wk_j; Wv_j; dt_down]^T (+ b)            one GEMM for the four projections
+//   u = conv(v), Δ = softplus(dt_up z + dt_bias), A = -exp(A_log), B = k, C = q / sqrt(hd)
+//   y = scan(u, Δ, A, B, C, D)                            [T, g, hd]   (spec section 3)
+//   loss = Σ (y - y_attn)² / Σ y_attn²                    over a minibatch of sequences
+//
+// The gradient runs the ops' backward passes in reverse (selective_scan_backward, causal_conv1d_backward,
+// linear_backward); AdamW (train/adamw.hpp) with warmup + cosine and global-norm clipping updates one
+// flat fp32 buffer holding all of the group's parameters. Only this group reads its rows of Wq, Wk and
+// Wv, so the trained rows are written back in place and the checkpoint format does not change. The
+// error reported is sqrt(loss) on sequences held out from training (the last `holdout` fraction of the
+// recording), before and after.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "recurformer/cpu/causal_conv1d.hpp"
+#include "recurformer/cpu/linear.hpp"
+#include "recurformer/cpu/selective_scan.hpp"
+#include "recurformer/model/convert.hpp"
+#include "recurformer/model/fit_init.hpp"
+#include "recurformer/train/adamw.hpp"
+
+namespace recurformer {
+
+struct DistillOptions {
+  int steps = 100;                 ///< optimiser steps per group
+  int batch = 4;                   ///< sequences per step
+  float lr = 3e-3f;                ///< peak learning rate of the recurrent tensors
+  float lr_projection = 3e-4f;     ///< peak learning rate of the group's Wq/Wk/Wv rows (0: frozen)
+  float weight_decay = 0.f;        ///< decoupled, on the weight matrices only
+  double warmup = 0.1;             ///< fraction of the steps
+  double clip = 1.0;               ///< global gradient-norm clip (0: none)
+  double holdout = 0.1;            ///< fraction of the recorded sequences kept out of training (at least one)
+  uint64_t seed = 1;
+  /// (groups done, groups) after each group, and (step, steps, loss) inside a group.
+  std::function<void(int64_t, int64_t)> progress;
+  std::function<void(int64_t, int64_t, double)> step_progress;
+};
+
+/// The outcome for one group: errors ||y - y_attn|| / ||y_attn|| on the held-out and training sequences.
+struct DistillGroupResult {
+  int layer = 0, group = 0;
+  double heldout_before = 0, heldout_after = 0, train_before = 0, train_after = 0;
+  double seconds = 0;
+};
+
+namespace detail {
+
+/// Sizes of one recurrent group and where its tensors lie in the flat parameter vector.
+struct DistillLayout {
+  int64_t d, hd, g, r, N, K;
+  bool bias;
+  int64_t rows, W, b, dt_up, dt_bias, A_log, D, conv_w, conv_b, total;  // offsets; total = size
+  DistillLayout(int64_t d_, int64_t hd_, int64_t g_, int64_t r_, int64_t N_, int64_t K_, bool bias_)
+      : d(d_), hd(hd_), g(g_), r(r_), N(N_), K(K_), bias(bias_) {
+    rows = (g + 2) * hd + r;  // q (g heads), k, v, dt_down
+    W = 0;
+    b = W + rows * d;
+    dt_up = b + (bias ? rows : 0);
+    dt_bias = dt_up + hd * r;
+    A_log = dt_bias + hd;
+    D = A_log + hd * N;
+    conv_w = D + hd;
+    conv_b = conv_w + hd * K;
+    total = conv_b + hd;
+  }
+  int64_t q_col() const { return 0; }
+  int64_t k_col() const { return g * hd; }
+  int64_t v_col() const { return (g + 1) * hd; }
+  int64_t z_col() const { return (g + 2) * hd; }
+};
+
+/// Forward and backward of one group over a minibatch of recorded sequences. Buffers are kept
+/// between calls, so steady-state steps allocate nothing once the largest batch has been seen.
+class DistillGroupModel {
+ public:
+  DistillGroupModel(const DistillLayout& L, const LayerInputs& in, const FitGroupData& data, CpuExec exec)
+      : L_(L), in_(&in), data_(&data), exec_(exec) {
+    RF_CHECK(in.x.size() == data.sequences.size(), "distill: layer ", data.layer, " has ", in.x.size(),
+             " recorded inputs but group ", data.group, " has ", data.sequences.size(), " sequences");
+    for (size_t s = 0; s < in.x.size(); ++s)
+      RF_CHECK(int64_t(in.x[s].size()) == data.sequences[s].tokens * L.d, "distill: layer ", data.layer,
+               " sequence ", s, ": input of ", in.x[s].size(), " values for ", data.sequences[s].tokens, " tokens of ",
+               L.d);
+  }
+
+  struct Sums {
+    double sse = 0, energy = 0;  ///< Σ (y - y_attn)², Σ y_attn²
+    double error() const { return energy > 0 ? std::sqrt(sse / energy) : std::sqrt(sse); }
+  };
+
+  /// Runs the group on sequences `seqs` with parameters `theta`; with `grad`, writes
+  /// d(sse / energy)/d(theta) into it (overwritten).
+  Sums run(const std::vector<float>& theta, const std::vector<int>& seqs, std::vector<float>* grad) {
+    pack(seqs);
+    forward(theta);
+    Sums s;
+    const int64_t n = Tb_ * L_.g * L_.hd;
+    for (int64_t i = 0; i < n; ++i) {
+      const double e = double(y_[size_t(i)]) - double(target_[size_t(i)]);
+      s.sse += e * e;
+      s.energy += double(target_[size_t(i)]) * target_[size_t(i)];
+    }
+    if (grad) {
+      const double k = 2.0 / (s.energy > 0 ? s.energy : 1.0);
+      dy_.resize(size_t(n));
+      for (int64_t i = 0; i < n; ++i) dy_[size_t(i)] = float(k * (double(y_[size_t(i)]) - double(target_[size_t(i)])));
+      backward(theta, *grad);
+    }
+    return s;
+  }
+
+ private:
+  template <class T>
+  static void ensure(std::vector<T>& v, int64_t n) {
+    if (int64_t(v.size()) < n) v.resize(size_t(n));
+  }
+  template <class P>
+  void with_workspace(size_t need, P&& call) {
+    if (ws_.size() < need) ws_.resize(need);
+    call(ws_.data(), ws_.size());
+  }
+
+  void pack(const std::vector<int>& seqs) {
+    Tb_ = 0;
+    cu_.assign(1, 0);
+    for (int s : seqs) Tb_ += data_->sequences[size_t(s)].tokens, cu_.push_back(int32_t(Tb_));
+    const int64_t gh = L_.g * L_.hd;
+    ensure(x_, Tb_ * L_.d);
+    ensure(target_, Tb_ * gh);
+    int64_t t = 0;
+    for (int s : seqs) {
+      const FitSequence& fs = data_->sequences[size_t(s)];
+      std::copy(in_->x[size_t(s)].begin(), in_->x[size_t(s)].end(), x_.begin() + t * L_.d);
+      std::copy(fs.y_attn.begin(), fs.y_attn.end(), target_.begin() + t * gh);
+      t += fs.tokens;
+    }
+    S_ = int64_t(seqs.size());
+  }
+
+  // Views of the packed batch.
+  View<const float, 2> xv() const { return make_view<const float>(x_.data(), {Tb_, L_.d}); }
+  View<const float, 2> cols(const std::vector<float>& P, int64_t col, int64_t width) const {
+    return make_strided_view<const float>(P.data() + col, {Tb_, width}, {L_.rows, 1});
+  }
+  View<const float, 2> W(const std::vector<float>& th) const { return make_view<const float>(th.data() + L_.W, {L_.rows, L_.d}); }
+  View<const float, 2> up(const std::vector<float>& th) const { return make_view<const float>(th.data() + L_.dt_up, {L_.hd, L_.r}); }
+
+  SelectiveScanParams<float> scan_params(const std::vector<float>& th) {
+    SelectiveScanParams<float> p;
+    const int64_t hd = L_.hd;
+    p.u = make_view<const float>(u_.data(), {Tb_, hd});
+    p.delta = make_view<const float>(delta_.data(), {Tb_, hd});
+    p.A = make_view<const float>(A_.data(), {hd, L_.N});
+    p.B = make_strided_view<const float>(P_.data() + L_.k_col(), {Tb_, 1, L_.N}, {L_.rows, L_.N, 1});
+    p.C = make_view<const float>(C_.data(), {Tb_, 1, L_.g, L_.N});
+    p.D = make_view<const float>(th.data() + L_.D, {hd});
+    p.delta_bias = make_view<const float>(th.data() + L_.dt_bias, {hd});
+    p.y = make_view(y_.data(), {Tb_, L_.g, hd});
+    p.state = make_view(state_.data(), {S_, hd, L_.N});
+    p.cu_seqlens = make_view<const int32_t>(cu_.data(), {S_ + 1});
+    p.delta_activation = DeltaActivation::softplus;
+    p.use_initial_state = false;
+    return p;
+  }
+  CausalConv1dParams<float> conv_params(const std::vector<float>& th) {
+    CausalConv1dParams<float> p;
+    p.x = cols(P_, L_.v_col(), L_.hd);
+    p.weight = make_view<const float>(th.data() + L_.conv_w, {L_.hd, L_.K});
+    p.bias = make_view<const float>(th.data() + L_.conv_b, {L_.hd});
+    p.y = make_view(u_.data(), {Tb_, L_.hd});
+    p.cu_seqlens = make_view<const int32_t>(cu_.data(), {S_ + 1});
+    p.use_initial_state = false;
+    return p;
+  }
+
+  void forward(const std::vector<float>& th) {
+    const int64_t hd = L_.hd, g = L_.g, N = L_.N;
+    ensure(P_, Tb_ * L_.rows);
+    ensure(delta_, Tb_ * hd);
+    ensure(u_, Tb_ * hd);
+    ensure(C_, Tb_ * g * N);
+    ensure(y_, Tb_ * g * hd);
+    ensure(A_, hd * N);
+    ensure(state_, S_ * hd * N);
+    LinearParams<float, float> proj{xv(), W(th), {}, make_view(P_.data(), {Tb_, L_.rows})};
+    if (L_.bias) proj.bias = make_view<const float>(th.data() + L_.b, {L_.rows});
+    with_workspace(linear_workspace_bytes(proj, exec_), [&](void* w, size_t n) { linear(proj, exec_, w, n); });
+    LinearParams<float, float> dt{cols(P_, L_.z_col(), L_.r), up(th), {}, make_view(delta_.data(), {Tb_, hd})};
+    with_workspace(linear_workspace_bytes(dt, exec_), [&](void* w, size_t n) { linear(dt, exec_, w, n); });
+    causal_conv1d(conv_params(th), exec_);
+    const float inv = float(1.0 / std::sqrt(double(hd)));
+    for (int64_t t = 0; t < Tb_; ++t)
+      for (int64_t i = 0; i < g * N; ++i) C_[size_t(t * g * N + i)] = P_[size_t(t * L_.rows + L_.q_col() + i)] * inv;
+    for (int64_t i = 0; i < hd * N; ++i) A_[size_t(i)] = -std::exp(th[size_t(L_.A_log + i)]);
+    selective_scan(scan_params(th), exec_);
+  }
+
+  void backward(const std::vector<float>& th, std::vector<float>& grad) {
+    const int64_t hd = L_.hd, g = L_.g, N = L_.N, rows = L_.rows;
+    grad.assign(size_t(L_.total), 0.f);
+    ensure(dP_, Tb_ * rows);
+    ensure(du_, Tb_ * hd);
+    ensure(ddelta_, Tb_ * hd);
+    ensure(dA_, hd * N);
+    ensure(dC_, Tb_ * g * N);
+    // scan: everything but the state's gradient; dB lands straight in dP's k columns
+    SelectiveScanBackwardParams<float> sb;
+    sb.fwd = scan_params(th);
+    sb.dy = make_view<const float>(dy_.data(), {Tb_, g, hd});
+    sb.du = make_view(du_.data(), {Tb_, hd});
+    sb.ddelta = make_view(ddelta_.data(), {Tb_, hd});
+    sb.dA = make_view(dA_.data(), {hd, N});
+    sb.dB = make_strided_view(dP_.data() + L_.k_col(), {Tb_, 1, N}, {rows, N, 1});
+    sb.dC = make_view(dC_.data(), {Tb_, 1, g, N});
+    sb.dD = make_view(grad.data() + L_.D, {hd});
+    sb.ddelta_bias = make_view(grad.data() + L_.dt_bias, {hd});
+    with_workspace(selective_scan_backward_workspace_bytes(sb, exec_),
+                   [&](void* w, size_t n) { selective_scan_backward(sb, exec_, w, n); });
+    for (int64_t i = 0; i < hd * N; ++i) grad[size_t(L_.A_log + i)] = dA_[size_t(i)] * A_[size_t(i)];  // dA/dA_log = A
+    const float inv = float(1.0 / std::sqrt(double(hd)));
+    for (int64_t t = 0; t < Tb_; ++t)
+      for (int64_t i = 0; i < g * N; ++i) dP_[size_t(t * rows + L_.q_col() + i)] = dC_[size_t(t * g * N + i)] * inv;
+    // conv: dv into dP's v columns
+    CausalConv1dBackwardParams<float> cb;
+    cb.fwd = conv_params(th);
+    cb.dy = make_view<const float>(du_.data(), {Tb_, hd});
+    cb.dx = make_strided_view(dP_.data() + L_.v_col(), {Tb_, hd}, {rows, 1});
+    cb.dweight = make_view(grad.data() + L_.conv_w, {hd, L_.K});
+    cb.dbias = make_view(grad.data() + L_.conv_b, {hd});
+    causal_conv1d_backward(cb, exec_);
+    // Δ's low-rank path: dz into dP's z columns, then the four projections at once
+    LinearBackwardParams<float, float> ub;
+    ub.x = cols(P_, L_.z_col(), L_.r);
+    ub.weight = up(th);
+    ub.dy = make_view<const float>(ddelta_.data(), {Tb_, hd});
+    ub.dx = make_strided_view(dP_.data() + L_.z_col(), {Tb_, L_.r}, {rows, 1});
+    ub.dweight = make_view(grad.data() + L_.dt_up, {hd, L_.r});
+    with_workspace(linear_backward_workspace_bytes(ub, exec_), [&](void* w, size_t n) { linear_backward(ub, exec_, w, n); });
+    LinearBackwardParams<float, float> pb;
+    pb.x = xv();
+    pb.weight = W(th);
+    pb.dy = make_view<const float>(dP_.data(), {Tb_, rows});
+    pb.dweight = make_view(grad.data() + L_.W, {rows, L_.d});
+    if (L_.bias) {
+      pb.dbias = make_view(grad.data() + L_.b, {rows});
+    }
+    with_workspace(linear_backward_workspace_bytes(pb, exec_), [&](void* w, size_t n) { linear_backward(pb, exec_, w, n); });
+    if (L_.bias) std::fill_n(grad.data() + L_.b + L_.z_col(), L_.r, 0.f);  // dt_down has no bias
+  }
+
+  DistillLayout L_;
+  const LayerInputs* in_;
+  const FitGroupData* data_;
+  CpuExec exec_;
+  int64_t Tb_ = 0, S_ = 0;
+  std::vector<int32_t> cu_;
+  std::vector<float> x_, target_, P_, delta_, u_, C_, y_, A_, state_, dy_, dP_, du_, ddelta_, dA_, dC_;
+  std::vector<unsigned char> ws_;
+};
+
+/// The names of the tensors a group's parameters come from.
+inline std::string distill_prefix(int layer) { return "model.layers." + std::to_string(layer) + ".self_attn."; }
+inline std::string distill_recurrent(int layer, int group, const char* name) {
+  return distill_prefix(layer) + "recurrent." + std::to_string(group) + "." + name;
+}
+
+/// Reads `count` rows of `width` values starting at row `row0` of tensor `t` (any float dtype) into dst.
+inline void read_rows(const TensorRef& t, int64_t row0, int64_t count, int64_t width, float* dst) {
+  const size_t es = dtype_size(t.dtype);
+  detail::convert_values(static_cast<const char*>(t.data) + size_t(row0 * width) * es, t.dtype, count * width, dst);
+}
+
+/// The group's parameters, read from the student checkpoint in the flat layout.
+inline std::vector<float> distill_initial(const Checkpoint& ck, const DistillLayout& L, int layer, int group) {
+  std::vector<float> th(size_t(L.total), 0.f);
+  const std::string p = distill_prefix(layer);
+  const int64_t gh = L.g * L.hd, d = L.d;
+  auto w = [&](const char* n, int64_t rows) { return ck.tensor(p + n, {rows, d}); };
+  const int64_t nq = gh * ck.config().n_kv, nkv = L.hd * ck.config().n_kv;
+  read_rows(w("q_proj.weight", nq), group * gh, gh, d, th.data() + L.W);
+  read_rows(w("k_proj.weight", nkv), group * L.hd, L.hd, d, th.data() + L.W + L.k_col() * d);
+  read_rows(w("v_proj.weight", nkv), group * L.hd, L.hd, d, th.data() + L.W + L.v_col() * d);
+  read_rows(ck.tensor(distill_recurrent(layer, group, "dt_down.weight"), {L.r, d}), 0, L.r, d,
+            th.data() + L.W + L.z_col() * d);
+  if (L.bias) {
+    read_rows(ck.tensor(p + "q_proj.bias", {nq}), group * gh, gh, 1, th.data() + L.b);
+    read_rows(ck.tensor(p + "k_proj.bias", {nkv}), group * L.hd, L.hd, 1, th.data() + L.b + L.k_col());
+    read_rows(ck.tensor(p + "v_proj.bias", {nkv}), group * L.hd, L.hd, 1, th.data() + L.b + L.v_col());
+  }
+  struct Part { const char* name; int64_t off; std::vector<int64_t> shape; };
+  const Part parts[] = {{"dt_up.weight", L.dt_up, {L.hd, L.r}}, {"dt_bias", L.dt_bias, {L.hd}},
+                        {"A_log", L.A_log, {L.hd, L.N}},          {"D", L.D, {L.hd}},
+                        {"conv1d.weight", L.conv_w, {L.hd, L.K}}, {"conv1d.bias", L.conv_b, {L.hd}}};
+  for (const Part& pt : parts) {
+    const TensorRef& t = ck.tensor(distill_recurrent(layer, group, pt.name), pt.shape);
+    read_rows(t, 0, 1, t.numel(), th.data() + pt.off);
+  }
+  return th;
+}
+
+}  // namespace detail
+
+/// Trains one group (see the top of this file) from `theta` in place; `train` and `heldout` index
+/// the recorded sequences.
+inline DistillGroupResult distill_group(const detail::DistillLayout& L, const LayerInputs& in, const FitGroupData& data,
+                                        std::vector<float>& theta, const std::vector<int>& train,
+                                        const std::vector<int>& heldout, const DistillOptions& o, CpuExec exec) {
+  RF_CHECK(!train.empty() && !heldout.empty(), "distill: no training or held-out sequences");
+  RF_CHECK(o.steps >= 0 && o.batch >= 1, "distill: steps must be >= 0 and batch >= 1");
+  RF_CHECK(o.lr > 0 && o.lr_projection >= 0, "distill: lr must be > 0 and lr_projection >= 0");
+  const auto t0 = std::chrono::steady_clock::now();
+  detail::DistillGroupModel model(L, in, data, exec);
+  DistillGroupResult r;
+  r.layer = data.layer, r.group = data.group;
+  // errors over whole sets, a few sequences at a time (bounded buffers)
+  auto error = [&](const std::vector<int>& set) {
+    detail::DistillGroupModel::Sums total;
+    for (size_t b = 0; b < set.size(); b += size_t(o.batch)) {
+      const std::vector<int> part(set.begin() + int64_t(b), set.begin() + int64_t(std::min(set.size(), b + size_t(o.batch))));
+      const auto s = model.run(theta, part, nullptr);
+      total.sse += s.sse, total.energy += s.energy;
+    }
+    return total.error();
+  };
+  r.heldout_before = error(heldout);
+  r.train_before = error(train);
+  const int64_t proj = L.z_col() * L.d;  // the q/k/v rows of W
+  std::vector<AdamWSegment> seg = {{0, proj, o.lr_projection / o.lr, o.weight_decay},
+                                   {proj, L.b, 1.f, o.weight_decay},
+                                   {L.dt_up, L.dt_bias, 1.f, o.weight_decay}};
+  if (L.bias) seg.push_back({L.b, L.dt_up, o.lr_projection / o.lr, 0.f});
+  AdamW opt(L.total, AdamWConfig{o.lr}, seg);
+  std::mt19937_64 rng(o.seed ^ (uint64_t(data.layer) << 32) ^ uint64_t(data.group));
+  std::vector<int> order = train;
+  size_t next = order.size();
+  std::vector<int> batch;
+  std::vector<float> grad;
+  const int64_t warmup = int64_t(o.warmup * o.steps);
+  for (int step = 0; step < o.steps; ++step) {
+    batch.clear();
+    while (int(batch.size()) < std::min<int>(o.batch, int(train.size()))) {
+      if (next == order.size()) std::shuffle(order.begin(), order.end(), rng), next = 0;
+      batch.push_back(order[next++]);
+    }
+    const auto s = model.run(theta, batch, &grad);
+    clip_grad_norm(grad, o.clip);
+    opt.step(theta, grad, warmup_cosine(step, warmup, o.steps), exec);
+    if (o.step_progress) o.step_progress(step + 1, o.steps, s.error());
+  }
+  r.heldout_after = error(heldout);
+  r.train_after = error(train);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+inline std::string distill_report_json(const std::vector<DistillGroupResult>& res, const DistillOptions& o,
+                                       int64_t sequences, int64_t heldout, int64_t tokens) {
+  nlohmann::ordered_json groups = nlohmann::ordered_json::array();
+  for (const DistillGroupResult& g : res)
+    groups.push_back({{"layer", g.layer}, {"group", g.group}, {"heldout_before", g.heldout_before},
+                      {"heldout_after", g.heldout_after}, {"train_before", g.train_before},
+                      {"train_after", g.train_after}, {"seconds", g.seconds}});
+  nlohmann::ordered_json r;
+  r["method"] = "attention transfer: per recurrent group, its recurrent tensors and its Wq/Wk/Wv rows trained "
+                "to reproduce the teacher's attention output (AdamW, warmup + cosine)";
+  r["error"] = "||y - y_attn|| / ||y_attn|| over the group's query heads, tokens and channels";
+  r["steps"] = o.steps;
+  r["batch"] = o.batch;
+  r["lr"] = o.lr;
+  r["lr_projection"] = o.lr_projection;
+  r["weight_decay"] = o.weight_decay;
+  r["sequences"] = sequences;
+  r["heldout_sequences"] = heldout;
+  r["tokens"] = tokens;
+  r["groups"] = groups;
+  return r.dump(2) + "\n";
+}
+
+/// Distils every recurrent group of the RecurFormer checkpoint `student` (a HF directory written by
+/// convert) with the teacher's recording (record_fit_data over the same layout, with inputs), and
+/// writes the trained checkpoint to `final_dir` (complete or not at all; a non-empty one is refused
+/// unless `replace`), with distill_report.json beside it. Returns the per-group results.
+inline std::vector<DistillGroupResult> distill_to_recurformer(const Checkpoint& student,
+                                                              const std::vector<FitGroupData>& data,
+                                                              const std::vector<LayerInputs>& inputs,
+                                                              const DistillOptions& o, const std::string& final_dir,
+                                                              bool replace, CpuExec exec = {}) {
+  const ModelConfig& c = student.config();
+  RF_CHECK(c.recurformer, "distill: ", student.path().string(), " is not a RecurFormer (no recurformer object in its config)");
+  RF_CHECK(student.format() == Checkpoint::Format::safetensors, "distill: the student must be the HF directory `convert` wrote, not ",
+           student.path().string());
+  const RecurFormerConfig& rf = *c.recurformer;
+  RF_CHECK(int64_t(data.size()) == rf.layout.count(HeadKind::recurrent), "distill: the recording has ", data.size(),
+           " groups, the student has ", rf.layout.count(HeadKind::recurrent), " recurrent groups");
+  RF_CHECK(o.holdout > 0 && o.holdout < 1, "distill: holdout must be in (0, 1), got ", o.holdout);
+  const detail::DistillLayout L(c.d_model, c.head_dim, c.n_q / c.n_kv, rf.recurrent.dt_rank, rf.recurrent.d_state,
+                                rf.recurrent.conv_kernel, c.attention_bias);
+  detail::check_output_dir(final_dir, student.path(), replace);
+  RF_CHECK(!data.empty(), "distill: the student has no recurrent group to train");
+  const int64_t n_seq = int64_t(data.front().sequences.size());
+  RF_CHECK(n_seq >= 2, "distill: ", n_seq, " recorded sequence(s); at least 2 are needed (one held out)");
+  const int64_t n_hold = std::max<int64_t>(1, int64_t(std::floor(double(n_seq) * o.holdout)));
+  std::vector<int> train(static_cast<size_t>(n_seq - n_hold)), held(static_cast<size_t>(n_hold));
+  std::iota(train.begin(), train.end(), 0);
+  std::iota(held.begin(), held.end(), int(n_seq - n_hold));
+  int64_t tokens = 0;
+  for (const FitSequence& s : data.front().sequences) tokens += s.tokens;
+
+  // Trained copies of the tensors that change (the layer's q/k/v weights and biases, the group's
+  // recurrent tensors), in their stored dtype; std::map nodes do not move.
+  std::map<std::string, std::vector<unsigned char>> replaced;
+  auto write_rows = [&](const std::string& name, int64_t row0, int64_t count, int64_t width, const float* src) {
+    const TensorRef& t = student.tensor(name);
+    auto it = replaced.find(name);
+    if (it == replaced.end()) {
+      const auto* b = static_cast<const unsigned char*>(t.data);
+      it = replaced.emplace(name, std::vector<unsigned char>(b, b + t.nbytes())).first;
+    }
+    std::vector<unsigned char>* bytes = &it->second;
+    dispatch_dtype("distill: tensor dtype", t.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      T* dst = reinterpret_cast<T*>(bytes->data()) + row0 * width;
+      for (int64_t i = 0; i < count * width; ++i) dst[i] = T(src[i]);
+    });
+  };
+  std::vector<DistillGroupResult> results;
+  for (size_t gi = 0; gi < data.size(); ++gi) {
+    const FitGroupData& fd = data[gi];
+    const auto in = std::find_if(inputs.begin(), inputs.end(), [&](const LayerInputs& x) { return x.layer == fd.layer; });
+    RF_CHECK(in != inputs.end(), "distill: no recorded inputs for layer ", fd.layer);
+    RF_CHECK(int64_t(fd.sequences.size()) == n_seq, "distill: group ", fd.group, " of layer ", fd.layer, " has ",
+             fd.sequences.size(), " sequences, the first group ", n_seq);
+    std::vector<float> theta = detail::distill_initial(student, L, fd.layer, fd.group);
+    results.push_back(distill_group(L, *in, fd, theta, train, held, o, exec));
+    const std::string p = detail::distill_prefix(fd.layer);
+    const int64_t gh = L.g * L.hd, d = L.d;
+    write_rows(p + "q_proj.weight", fd.group * gh, gh, d, theta.data() + L.W);
+    write_rows(p + "k_proj.weight", fd.group * L.hd, L.hd, d, theta.data() + L.W + L.k_col() * d);
+    write_rows(p + "v_proj.weight", fd.group * L.hd, L.hd, d, theta.data() + L.W + L.v_col() * d);
+    if (L.bias) {
+      write_rows(p + "q_proj.bias", fd.group * gh, gh, 1, theta.data() + L.b);
+      write_rows(p + "k_proj.bias", fd.group * L.hd, L.hd, 1, theta.data() + L.b + L.k_col());
+      write_rows(p + "v_proj.bias", fd.group * L.hd, L.hd, 1, theta.data() + L.b + L.v_col());
+    }
+    auto rec = [&](const char* n, const float* src, int64_t count) {
+      write_rows(detail::distill_recurrent(fd.layer, fd.group, n), 0, 1, count, src);
+    };
+    rec("dt_down.weight", theta.data() + L.W + L.z_col() * d, L.r * d);
+    rec("dt_up.weight", theta.data() + L.dt_up, L.hd * L.r);
+    rec("dt_bias", theta.data() + L.dt_bias, L.hd);
+    rec("A_log", theta.data() + L.A_log, L.hd * L.N);
+    rec("D", theta.data() + L.D, L.hd);
+    rec("conv1d.weight", theta.data() + L.conv_w, L.hd * L.K);
+    rec("conv1d.bias", theta.data() + L.conv_b, L.hd);
+    if (o.progress) o.progress(int64_t(gi) + 1, int64_t(data.size()));
+  }
+  detail::StagingDir staging(final_dir);
+  std::vector<TensorRef> tensors;
+  for (const std::string& name : student.tensor_names()) {
+    TensorRef t = student.tensor(name);
+    const auto it = replaced.find(name);
+    if (it != replaced.end()) t.data = it->second.data();
+    tensors.push_back(t);
+  }
+  write_safetensors(staging.path() + "/model.safetensors", tensors, {{"format", "pt"}});
+  namespace fs = std::filesystem;
+  for (const fs::directory_entry& e : fs::directory_iterator(student.path())) {
+    const std::string f = e.path().filename().string();
+    if (!e.is_regular_file() || f.find(".safetensors") != std::string::npos || f == "distill_report.json") continue;
+    detail::copy_file(e.path().string(), staging.path() + "/" + f);
+  }
+  detail::write_text(staging.path() + "/distill_report.json",
+                     distill_report_json(results, o, n_seq, n_hold, tokens));
+  staging.commit();
+  return results;
+}
+
+}  // namespace recurformer

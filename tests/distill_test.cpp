@@ -1,0 +1,240 @@
+// Attention transfer (model/distill.hpp): the group model's gradient against finite differences of
+// its own loss, block by block; `distill` end to end on the tiny random model (the training error
+// falls, the checkpoint keeps its format, only the recurrent groups' rows change, the written
+// tensors reproduce the reported error, the model generates); AdamW against a hand-computed step;
+// and the one-line errors.
+#include <cmath>
+#include <filesystem>
+#include <random>
+#include <sstream>
+
+#include "../examples/runner_jobs.hpp"
+#include "support/temp_dir.hpp"
+#include "support/test_util.hpp"
+
+using namespace recurformer;
+using recurformer::detail::DistillGroupModel;
+using recurformer::detail::DistillLayout;
+
+namespace {
+runner::Args args(std::vector<std::string> v) {
+  v.insert(v.begin(), "recurformer");
+  std::vector<char*> argv;
+  for (auto& s : v) argv.push_back(s.data());
+  return runner::parse_args(int(argv.size()), argv.data());
+}
+
+std::vector<float> uniform(size_t n, float lo, float hi, std::mt19937& g) {
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(g);
+  return v;
+}
+
+/// Random inputs and targets for one group: sequences of the given lengths.
+void random_recording(const DistillLayout& L, const std::vector<int64_t>& lengths, LayerInputs& in, FitGroupData& d,
+                      std::mt19937& g) {
+  for (int64_t T : lengths) {
+    in.x.push_back(uniform(size_t(T * L.d), -1.f, 1.f, g));
+    FitSequence s;
+    s.tokens = T;
+    s.y_attn = uniform(size_t(T * L.g * L.hd), -0.5f, 0.5f, g);
+    d.sequences.push_back(std::move(s));
+  }
+}
+
+/// Random parameters in ranges the model meets: small weights, Δ around softplus(0), decays of 1..e.
+std::vector<float> random_theta(const DistillLayout& L, std::mt19937& g) {
+  std::vector<float> th = uniform(size_t(L.total), -0.3f, 0.3f, g);
+  for (int64_t i = 0; i < L.hd * L.N; ++i) th[size_t(L.A_log + i)] = uniform(1, 0.f, 1.f, g)[0];
+  return th;
+}
+}  // namespace
+
+TEST_CASE("distill: the group model's gradient matches finite differences of its loss, block by block", "[distill]") {
+  std::mt19937 gen(7);
+  for (bool bias : {false, true}) {
+    CAPTURE(bias);
+    const DistillLayout L(13, 6, 2, 3, 6, 4, bias);  // d, hd, g, r, N, K
+    LayerInputs in;
+    FitGroupData data;
+    random_recording(L, {5, 1, 9}, in, data, gen);
+    ThreadPool pool(2);
+    DistillGroupModel model(L, in, data, CpuExec{&pool});
+    std::vector<float> theta = random_theta(L, gen), grad;
+    const std::vector<int> seqs = {0, 1, 2};
+    model.run(theta, seqs, &grad);
+    REQUIRE(int64_t(grad.size()) == L.total);
+    const int64_t d = L.d;
+    struct Block { const char* name; int64_t begin, end; };
+    std::vector<Block> blocks = {{"Wq rows", 0, L.k_col() * d},         {"Wk rows", L.k_col() * d, L.v_col() * d},
+                                 {"Wv rows", L.v_col() * d, L.z_col() * d}, {"dt_down", L.z_col() * d, L.b},
+                                 {"dt_up", L.dt_up, L.dt_bias},           {"dt_bias", L.dt_bias, L.A_log},
+                                 {"A_log", L.A_log, L.D},                 {"D", L.D, L.conv_w},
+                                 {"conv weight", L.conv_w, L.conv_b},     {"conv bias", L.conv_b, L.total}};
+    if (bias) blocks.push_back({"q/k/v bias", L.b, L.b + L.z_col()});
+    auto loss = [&](const std::vector<float>& th) {
+      const auto s = model.run(th, seqs, nullptr);
+      return s.sse / s.energy;
+    };
+    for (const Block& b : blocks) {
+      CAPTURE(b.name);
+      // a random direction inside the block: the directional derivative g . v against a central difference
+      for (int rep = 0; rep < 2; ++rep) {
+        std::vector<float> v(size_t(L.total), 0.f);
+        double vn = 0, gv = 0;
+        for (int64_t i = b.begin; i < b.end; ++i) v[size_t(i)] = uniform(1, -1.f, 1.f, gen)[0], vn += v[size_t(i)] * v[size_t(i)];
+        for (int64_t i = b.begin; i < b.end; ++i) v[size_t(i)] /= float(std::sqrt(vn)), gv += double(grad[size_t(i)]) * v[size_t(i)];
+        const double h = 1e-2;
+        std::vector<float> tp = theta, tm = theta;
+        for (int64_t i = b.begin; i < b.end; ++i) tp[size_t(i)] += float(h) * v[size_t(i)], tm[size_t(i)] -= float(h) * v[size_t(i)];
+        const double fd = (loss(tp) - loss(tm)) / (2 * h);
+        CAPTURE(gv, fd);
+        // fp32 forward: the difference carries ~1e-7 / h of rounding and h^2 of curvature; a wrong factor
+        // in the chain (a missing 1/sqrt(hd), dA/dA_log or a transposed view) is off by far more
+        CHECK(std::abs(gv - fd) <= 1e-2 * std::abs(fd) + 1e-7);
+        CHECK(std::abs(gv) > 1e-5);  // the block really moves the loss, 100x the tolerance: the check can fail
+      }
+    }
+    // the bias entries of dt_down do not exist: their gradient stays 0
+    if (bias)
+      for (int64_t i = L.b + L.z_col(); i < L.dt_up; ++i) CHECK(grad[size_t(i)] == 0.f);
+  }
+}
+
+TEST_CASE("AdamW: first step moves each parameter by lr against the gradient's sign; segments scale and freeze", "[distill]") {
+  std::vector<float> p = {1.f, -2.f, 3.f, 0.5f}, g = {0.1f, -4.f, 2.f, 7.f};
+  AdamW opt(4, AdamWConfig{0.01f}, {{2, 3, 0.f, 0.f}, {3, 4, 0.5f, 0.1f}});
+  opt.step(p, g, 1.0);
+  // m/(1-b1) = g and sqrt(v/(1-b2)) = |g|: the step is lr * sign(g) (up to eps)
+  CHECK(p[0] == Approx(1.f - 0.01f).epsilon(1e-5));
+  CHECK(p[1] == Approx(-2.f + 0.01f).epsilon(1e-5));
+  CHECK(p[2] == 3.f);                                                  // frozen
+  CHECK(p[3] == Approx(0.5f - 0.005f * (1.f + 0.1f * 0.5f)).epsilon(1e-5));  // half lr, decoupled decay
+  CHECK(warmup_cosine(0, 10, 100) == Approx(1.0 / 11));
+  CHECK(warmup_cosine(10, 10, 100) == Approx(1.0));
+  CHECK(warmup_cosine(100, 10, 100, 0.1) == Approx(0.1));
+  std::vector<float> big = {3.f, 4.f};
+  CHECK(clip_grad_norm(big, 1.0) == Approx(5.0));
+  CHECK(std::hypot(big[0], big[1]) == Approx(1.0).epsilon(1e-5));
+  CHECK_THROWS_WITH(AdamW(2, AdamWConfig{}, {{1, 3, 1.f, 0.f}}), Catch::Contains("segment [1, 3) is outside the 2 parameters"));
+}
+
+TEST_CASE("distill end to end on the tiny random model", "[distill]") {
+  rftest::TempDir dir("rf_distill_");
+  RandomModelSpec s;
+  s.n_layers = 2, s.d_model = 64, s.ffn = 96, s.n_q = 4, s.n_kv = 2;
+  write_random_model(dir / "m", s);
+  {
+    std::ofstream f(dir / "text.txt");
+    f << runner::builtin_text() << "\n" << runner::builtin_text() << "\n";
+  }
+  std::ostringstream out, err;
+  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c",
+                                      "32", "-t", "1"}),
+                                out, err) == 0);
+  REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--ratio", "0.5", "--init",
+                                    "fit", "-f", dir / "text.txt", "-c", "32", "-t", "1", "-o", dir / "rf"}),
+                              out, err) == 0);
+  std::ostringstream dout, derr;
+  REQUIRE(runner::run_distill(args({"distill", "-m", dir / "rf", "--teacher", dir / "m", "-f", dir / "text.txt", "-c", "32",
+                                    "--steps", "60", "--batch-seqs", "2", "--lr", "0.03", "--lr-proj", "0.003", "-t", "2", "-o", dir / "dist"}),
+                              dout, derr) == 0);
+  CHECK_THAT(dout.str(), Catch::Contains("held-out error"));
+  CHECK_THAT(derr.str(), Catch::Contains("distill: training recurrent groups: 2/2"));
+  const auto report = nlohmann::json::parse(runner::read_file(dir / "dist/distill_report.json"));
+  REQUIRE(report["groups"].size() == 2);
+  for (const auto& g : report["groups"]) {
+    CHECK(g["train_after"].get<double>() < 0.98 * g["train_before"].get<double>());  // a random model's attention is hard to imitate: training must still help
+    CHECK(std::isfinite(g["heldout_after"].get<double>()));
+  }
+  // the format does not change: same config, names, shapes and dtypes; attention groups untouched
+  CHECK(runner::read_file(dir / "dist/config.json") == runner::read_file(dir / "rf/config.json"));
+  CHECK(std::filesystem::exists(dir / "dist/fit_report.json"));
+  const Checkpoint a = Checkpoint::open(dir / "dist"), b = Checkpoint::open(dir / "rf");
+  REQUIRE(a.tensor_names() == b.tensor_names());
+  const ModelConfig& c = a.config();
+  const int64_t hd = c.head_dim, g = c.n_q / c.n_kv, d = c.d_model;
+  bool any_changed = false;
+  for (const std::string& n : a.tensor_names()) {
+    const TensorRef &ta = a.tensor(n), &tb = b.tensor(n);
+    CHECK(ta.shape == tb.shape);
+    CHECK(ta.dtype == tb.dtype);
+    const bool qkv = n.find("q_proj.weight") != std::string::npos || n.find("k_proj.weight") != std::string::npos ||
+                     n.find("v_proj.weight") != std::string::npos;
+    if (!qkv && n.find(".recurrent.") == std::string::npos) {
+      CHECK(std::memcmp(ta.data, tb.data, ta.nbytes()) == 0);
+      continue;
+    }
+    if (!qkv) continue;
+    const int layer = std::stoi(n.substr(13));
+    const int64_t rows_per_group = n.find("q_proj") != std::string::npos ? g * hd : hd;
+    const size_t row_bytes = size_t(d) * dtype_size(ta.dtype);
+    for (int j = 0; j < c.n_kv; ++j) {
+      const bool rec = c.recurformer->layout.layers[size_t(layer)].groups[size_t(j)] == HeadKind::recurrent;
+      const size_t off = size_t(j * rows_per_group) * row_bytes, len = size_t(rows_per_group) * row_bytes;
+      const bool same = std::memcmp(static_cast<const char*>(ta.data) + off, static_cast<const char*>(tb.data) + off, len) == 0;
+      CHECK(same != rec);  // only a recurrent group's own rows train
+      any_changed = any_changed || !same;
+    }
+  }
+  CHECK(any_changed);
+  // the written tensors give exactly the reported held-out error (nothing lost on the way out)
+  const runner::Loaded teacher = runner::load(dir / "m");
+  std::vector<LayerInputs> inputs;
+  const std::vector<FitGroupData> data =
+      record_fit_data(*teacher.model, teacher.tok->encode(runner::read_file(dir / "text.txt"), true), 32,
+                      c.recurformer->layout, c.recurformer->recurrent.conv_kernel, CpuExec{}, {}, &inputs);
+  const DistillLayout L(d, hd, g, c.recurformer->recurrent.dt_rank, c.recurformer->recurrent.d_state,
+                        c.recurformer->recurrent.conv_kernel, c.attention_bias);
+  const int n_seq = int(data[0].sequences.size()), n_hold = report["heldout_sequences"].get<int>();
+  std::vector<int> held;
+  for (int i = n_seq - n_hold; i < n_seq; ++i) held.push_back(i);
+  for (size_t gi = 0; gi < data.size(); ++gi) {
+    const auto in = std::find_if(inputs.begin(), inputs.end(), [&](const LayerInputs& x) { return x.layer == data[gi].layer; });
+    DistillGroupModel m(L, *in, data[gi], CpuExec{});
+    const double e = m.run(recurformer::detail::distill_initial(a, L, data[gi].layer, data[gi].group), held, nullptr).error();
+    CHECK(e == Approx(report["groups"][gi]["heldout_after"].get<double>()).epsilon(1e-5));
+  }
+  std::ostringstream gout;
+  REQUIRE(runner::run_generate(args({"generate", "-m", dir / "dist", "-p", "hello", "-n", "4", "--temp", "0", "-t", "1"}),
+                               gout, err) == 0);
+}
+
+TEST_CASE("distill errors are one clear line, before any long work", "[distill]") {
+  rftest::TempDir dir("rf_distill_err_");
+  RandomModelSpec s;
+  s.n_layers = 2, s.d_model = 64, s.ffn = 96, s.n_q = 4, s.n_kv = 2;
+  write_random_model(dir / "m", s);
+  s.n_layers = 3;
+  write_random_model(dir / "other", s);
+  recurformer::detail::write_text(dir / "text.txt", runner::builtin_text());
+  std::ostringstream out, err;
+  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c",
+                                      "32", "-t", "1"}),
+                                out, err) == 0);
+  REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--ratio", "0.5", "-t", "1",
+                                    "-o", dir / "rf"}),
+                              out, err) == 0);
+  auto distill = [&](std::vector<std::string> extra) {
+    std::vector<std::string> v = {"distill", "-t", "1"};
+    v.insert(v.end(), extra.begin(), extra.end());
+    return runner::run_distill(args(v), out, err);
+  };
+  const std::string m = dir / "m", rf = dir / "rf", t = dir / "text.txt", o = dir / "o";
+  CHECK_THROWS_WITH(distill({"-m", rf, "--teacher", m, "-o", o}), Catch::Contains("no training text (-f TEXT)"));
+  CHECK_THROWS_WITH(distill({"-m", rf, "-f", t, "-o", o}), Catch::Contains("no teacher (--teacher ORIGINAL"));
+  CHECK_THROWS_WITH(distill({"-m", m, "--teacher", m, "-f", t, "-o", o}), Catch::Contains("is not a RecurFormer"));
+  CHECK_THROWS_WITH(distill({"-m", rf, "--teacher", dir / "other", "-f", t, "-o", o}),
+                    Catch::Contains("is not the model"));
+  CHECK_THROWS_WITH(distill({"-m", rf, "--teacher", rf, "-f", t, "-o", o}), Catch::Contains("is itself a RecurFormer"));
+  CHECK_THROWS_WITH(distill({"-m", rf, "--teacher", m, "-f", t, "-o", rf}), Catch::Contains("holds the input model"));
+  recurformer::detail::make_dirs(dir / "full");
+  recurformer::detail::write_text(dir / "full/x", "x");
+  CHECK_THROWS_WITH(distill({"-m", rf, "--teacher", m, "-f", t, "-o", dir / "full"}), Catch::Contains("exists and is not empty"));
+  CHECK_THROWS_WITH(runner::parse_args(4, std::array<char*, 4>{const_cast<char*>("rf"), const_cast<char*>("distill"),
+                                                               const_cast<char*>("--lr"), const_cast<char*>("2")}
+                                              .data()),
+                    Catch::Contains("--lr: 2 is out of range"));
+  CHECK(!std::filesystem::exists(o));
+}
