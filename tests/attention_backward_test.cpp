@@ -442,3 +442,193 @@ TEST_CASE("attention_backward: head_dim 128, MQA", "[attention_backward]") {
   c.q_lens = {5}, c.kv_lens = {9};
   run_case(c);
 }
+
+namespace {
+
+/// A fixture array of tools/make_golden_grads_attention.py with its shape.
+rftest::npy::Array golden(const std::string& test_case, const std::string& name) {
+  return rftest::npy::load(std::string(RECURFORMER_TEST_DATA_DIR) + "/golden_grads/" + test_case + "/" + name + ".npy");
+}
+
+/// The fixtures' tolerance (their meta.json): fp32 against fp32 summed in another order.
+void check_golden(const std::string& what, const std::vector<float>& got, const rftest::npy::Array& want) {
+  const std::vector<float> w = want.as<float>();
+  REQUIRE(got.size() == w.size());
+  std::vector<double> e(w.begin(), w.end());
+  rftest::check_close(what, got, e, 1e-5, 2e-6 * max_abs(e));
+}
+
+}  // namespace
+
+TEST_CASE("attention_backward: PyTorch autograd fixtures (eager attention, repeat_kv, causal/streaming mask)",
+          "[attention_backward][golden]") {
+  ThreadPool pool2(2);
+  for (const char* name : {"attention_gqa_prefix", "attention_streaming"}) {
+    INFO(name);
+    const auto q = golden(name, "q"), k = golden(name, "k"), v = golden(name, "v"), dout = golden(name, "dout");
+    const std::vector<int32_t> cu = golden(name, "cu_seqlens").as<int32_t>(),
+                               kv_lens = golden(name, "kv_lens").as<int32_t>(),
+                               kv_slots = golden(name, "kv_slots").as<int32_t>(),
+                               qpos = golden(name, "q_positions").as<int32_t>();
+    const std::vector<float> qv = q.as<float>(), kv = k.as<float>(), vv = v.as<float>(), dv_in = dout.as<float>();
+    const int64_t tokens = q.shape[0], n_q = q.shape[1], hd = q.shape[2];
+    const int64_t slots = k.shape[0], n_kv = k.shape[1], cap = k.shape[2], S = int64_t(kv_lens.size());
+    std::vector<float> out(qv.size()), lse(size_t(tokens * n_q));
+    AttentionParams<float> f;
+    f.q = make_view<const float>(qv.data(), {tokens, n_q, hd});
+    f.k = make_view<const float>(kv.data(), {slots, n_kv, cap, hd});
+    f.v = make_view<const float>(vv.data(), {slots, n_kv, cap, hd});
+    f.out = make_view<float>(out.data(), {tokens, n_q, hd});
+    f.cu_seqlens = make_view<const int32_t>(cu.data(), {S + 1});
+    f.kv_slots = make_view<const int32_t>(kv_slots.data(), {S});
+    f.kv_lens = make_view<const int32_t>(kv_lens.data(), {S});
+    f.q_positions = make_view<const int32_t>(qpos.data(), {tokens});
+    f.lse = make_view<float>(lse.data(), {tokens, n_q});
+    f.scale = std::string(name) == "attention_streaming" ? 0.2f : 0.125f;  // meta.json "scale"
+    if (std::string(name) == "attention_streaming") f.sink = 2, f.window = 5;
+    std::vector<float> dq(qv.size(), 7.f), dk(kv.size(), 7.f), dv(kv.size(), 7.f);
+    AttentionBackwardParams<float> p;
+    p.dout = make_view<const float>(dv_in.data(), {tokens, n_q, hd});
+    p.dq = make_view<float>(dq.data(), {tokens, n_q, hd});
+    p.dk = make_view<float>(dk.data(), {slots, n_kv, cap, hd});
+    p.dv = make_view<float>(dv.data(), {slots, n_kv, cap, hd});
+    rftest::for_each_isa([&] {
+      const CpuExec exec{&pool2};
+      std::vector<char> ws(attention_workspace_bytes(f, exec));
+      attention(f, exec, ws.data(), ws.size());
+      check_golden("out", out, golden(name, "out"));
+      check_golden("lse", lse, golden(name, "lse"));
+      p.fwd = f;
+      std::vector<char> wb(attention_backward_workspace_bytes(p, exec));
+      attention_backward(p, exec, wb.data(), wb.size());
+      check_golden("dq", dq, golden(name, "dq"));
+      check_golden("dk", dk, golden(name, "dk"));
+      check_golden("dv", dv, golden(name, "dv"));
+    });
+  }
+}
+
+TEST_CASE("attention_backward: bad input throws naming the argument and writes nothing", "[attention_backward]") {
+  std::vector<float> q(2 * 4 * 64, 0.5f), k(2 * 2 * 8 * 64, 0.5f), v = k, out(q.size(), 0.25f), lse(8, 1.f);
+  std::vector<float> dout = q, dq(q.size(), 7.f), dk(k.size(), 7.f), dv(k.size(), 7.f);
+  std::vector<int32_t> qp{0, 1}, lens{2};
+  AttentionBackwardParams<float> p;
+  p.fwd.q = make_view<const float>(q.data(), {2, 4, 64});
+  p.fwd.k = make_view<const float>(k.data(), {2, 2, 8, 64});
+  p.fwd.v = make_view<const float>(v.data(), {2, 2, 8, 64});
+  p.fwd.out = make_view<float>(out.data(), {2, 4, 64});
+  p.fwd.lse = make_view<float>(lse.data(), {2, 4});
+  p.fwd.kv_lens = make_view<const int32_t>(lens.data(), {1});
+  p.fwd.q_positions = make_view<const int32_t>(qp.data(), {2});
+  p.dout = make_view<const float>(dout.data(), {2, 4, 64});
+  p.dq = make_view<float>(dq.data(), {2, 4, 64});
+  p.dk = make_view<float>(dk.data(), {2, 2, 8, 64});
+  p.dv = make_view<float>(dv.data(), {2, 2, 8, 64});
+  REQUIRE_NOTHROW(check(p));
+  std::vector<char> ws(attention_backward_workspace_bytes(p, CpuExec{}));
+  REQUIRE(ws.size() == 2 * 4 * sizeof(float));
+  auto run = [&](const AttentionBackwardParams<float>& b) { attention_backward(b, CpuExec{}, ws.data(), ws.size()); };
+  SECTION("lse absent") {
+    auto b = p;
+    b.fwd.lse = {};
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: lse is required"));
+  }
+  SECTION("lse shape") {
+    auto b = p;
+    b.fwd.lse = make_view<float>(lse.data(), {2, 3});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: lse has shape"));
+  }
+  SECTION("dout absent or misshaped") {
+    auto b = p;
+    b.dout = {};
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: dout is required"));
+    b.dout = make_view<const float>(dout.data(), {2, 4, 32});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: dout has shape"));
+  }
+  SECTION("dq shape") {
+    auto b = p;
+    b.dq = make_view<float>(dq.data(), {2, 2, 64});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: dq has shape [2, 2, 64], expected [2, 4, 64]"));
+  }
+  SECTION("dk, dv shape (the cache's)") {
+    auto b = p;
+    b.dk = make_view<float>(dk.data(), {2, 2, 4, 64});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: dk has shape"));
+    b = p;
+    b.dv = make_view<float>(dv.data(), {1, 2, 8, 64});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: dv has shape"));
+  }
+  SECTION("strided gradient rows") {
+    auto b = p;
+    b.dq = make_strided_view<float>(dq.data(), {2, 4, 64}, {256, 64, 2});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: dq must have unit stride"));
+  }
+  SECTION("the forward's params are checked, under this op's name") {
+    std::vector<int32_t> big{9};
+    auto b = p;
+    b.fwd.kv_lens = make_view<const int32_t>(big.data(), {1});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: kv_lens[0] = 9"));
+    b = p;
+    b.fwd.out = make_view<float>(out.data(), {2, 4, 32});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: out has shape"));
+  }
+  SECTION("unsupported head_dim lists the supported ones") {
+    auto b = p;
+    b.fwd.q = make_view<const float>(q.data(), {2, 4, 32});
+    b.fwd.out = make_view<float>(out.data(), {2, 4, 32});
+    b.fwd.k = make_view<const float>(k.data(), {2, 2, 8, 32});
+    b.fwd.v = make_view<const float>(v.data(), {2, 2, 8, 32});
+    b.dout = make_view<const float>(dout.data(), {2, 4, 32});
+    b.dq = make_view<float>(dq.data(), {2, 4, 32});
+    b.dk = make_view<float>(dk.data(), {2, 2, 8, 32});
+    b.dv = make_view<float>(dv.data(), {2, 2, 8, 32});
+    REQUIRE_THROWS_WITH(run(b), Catch::Contains("attention_backward: head_dim") && Catch::Contains("supported: 64, 128"));
+  }
+  SECTION("workspace too small or null") {
+    REQUIRE_THROWS_WITH(attention_backward(p, CpuExec{}, ws.data(), ws.size() - 1),
+                        Catch::Contains("attention_backward: workspace has 31 bytes, expected at least 32"));
+    REQUIRE_THROWS_WITH(attention_backward(p, CpuExec{}, nullptr, ws.size()),
+                        Catch::Contains("attention_backward: workspace is null"));
+  }
+  for (float x : dq) REQUIRE(x == 7.f);
+  for (float x : dk) REQUIRE(x == 7.f);
+  for (float x : dv) REQUIRE(x == 7.f);
+}
+
+TEST_CASE("attention_backward: optional outputs, each alone, give the same values", "[attention_backward]") {
+  Case c;
+  c.q_lens = {9, 4}, c.kv_lens = {20, 4};
+  const Problem P(c);
+  std::vector<float> q = to_storage<float>(P.q), k = to_storage<float>(P.k), v = to_storage<float>(P.v),
+                     dout = to_storage<float>(P.dout), out(q.size()), lse(size_t(P.tokens) * c.n_q);
+  AttentionBackwardParams<float> p;
+  p.fwd.q = make_view<const float>(q.data(), {P.tokens, c.n_q, P.hd});
+  p.fwd.k = make_view<const float>(k.data(), {P.slots, c.n_kv, P.cap, P.hd});
+  p.fwd.v = make_view<const float>(v.data(), {P.slots, c.n_kv, P.cap, P.hd});
+  p.fwd.out = make_view<float>(out.data(), {P.tokens, c.n_q, P.hd});
+  p.fwd.cu_seqlens = make_view<const int32_t>(P.cu.data(), {P.S + 1});
+  p.fwd.kv_slots = make_view<const int32_t>(P.kv_slots.data(), {P.S});
+  p.fwd.kv_lens = make_view<const int32_t>(P.kv_lens.data(), {P.S});
+  p.fwd.q_positions = make_view<const int32_t>(P.qpos.data(), {P.tokens});
+  p.fwd.lse = make_view<float>(lse.data(), {P.tokens, c.n_q});
+  attention(p.fwd, CpuExec{}, nullptr, 0);
+  p.dout = make_view<const float>(dout.data(), {P.tokens, c.n_q, P.hd});
+  auto grads = [&](bool want_q, bool want_k, bool want_v) {
+    std::vector<std::vector<float>> g{std::vector<float>(q.size(), 7.f), std::vector<float>(k.size(), 7.f),
+                                      std::vector<float>(k.size(), 7.f)};
+    auto b = p;
+    if (want_q) b.dq = make_view<float>(g[0].data(), {P.tokens, c.n_q, P.hd});
+    if (want_k) b.dk = make_view<float>(g[1].data(), {P.slots, c.n_kv, P.cap, P.hd});
+    if (want_v) b.dv = make_view<float>(g[2].data(), {P.slots, c.n_kv, P.cap, P.hd});
+    std::vector<char> ws(attention_backward_workspace_bytes(b, CpuExec{}));
+    attention_backward(b, CpuExec{}, ws.data(), ws.size());
+    return g;
+  };
+  const auto all = grads(true, true, true);
+  REQUIRE(grads(true, false, false)[0] == all[0]);
+  REQUIRE(grads(false, true, false)[1] == all[1]);
+  REQUIRE(grads(false, false, true)[2] == all[2]);
+  const auto none = grads(false, false, false);
+  for (const auto& g : none)
+    for (float x : g) REQUIRE(x == 7.f);
+}
