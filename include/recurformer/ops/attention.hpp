@@ -65,9 +65,10 @@ int64_t attention_num_sequences(const AttentionParams<T>& p) {
 /// Throws Error naming the argument unless shapes, strides and index arrays are consistent.
 /// IndexMemory::device (CUDA ops): cu_seqlens, kv_slots and kv_lens live on the device, so only
 /// their shapes are checked; the kernels clamp what they read instead.
+namespace detail {
+/// check() with the op named in its messages (attention_backward checks its forward params here).
 template <class T>
-void check(const AttentionParams<T>& p, detail::IndexMemory where = detail::IndexMemory::host) {
-  const char* op = "attention";
+void check_attention(const char* op, const AttentionParams<T>& p, IndexMemory where) {
   detail::check_shape(op, "q", p.q, {-1, -1, -1});
   const int64_t tokens = p.q.shape[0], n_q = p.q.shape[1], hd = p.q.shape[2];
   detail::check_shape(op, "k", p.k, {-1, -1, -1, hd});
@@ -107,6 +108,12 @@ void check(const AttentionParams<T>& p, detail::IndexMemory where = detail::Inde
     RF_CHECK(p.kv_lens(s) >= 0 && p.kv_lens(s) <= cap, op, ": kv_lens[", s, "] = ", p.kv_lens(s),
              ", expected in [0, capacity ", cap, "]");
   }
+}
+}  // namespace detail
+
+template <class T>
+void check(const AttentionParams<T>& p, detail::IndexMemory where = detail::IndexMemory::host) {
+  detail::check_attention("attention", p, where);
 }
 
 /// Bytes of scratch attention() needs for these params on this executor (0 when it needs none).

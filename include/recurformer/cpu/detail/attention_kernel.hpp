@@ -55,6 +55,18 @@ RF_FORCEINLINE bool key_visible(int32_t kp, int32_t qp, int sink, int window) {
   return kp <= qp && (window == 0 || kp < sink || int64_t(kp) > int64_t(qp) - window);
 }
 
+enum class TileVisibility { none, partial, full };
+
+/// Whether rows with query positions in [qmin, qmax] see none, some or all of a tile's keys with
+/// positions in [kmin, kmax] (conservative: partial when unsure).
+RF_FORCEINLINE TileVisibility tile_visibility(int32_t kmin, int32_t kmax, int32_t qmin, int32_t qmax, int sink,
+                                              int window) {
+  if (kmin > qmax) return TileVisibility::none;
+  if (window > 0 && kmin >= sink && int64_t(kmax) <= int64_t(qmin) - window) return TileVisibility::none;
+  const bool full = kmax <= qmin && (window == 0 || kmax < sink || int64_t(kmin) > int64_t(qmax) - window);
+  return full ? TileVisibility::full : TileVisibility::partial;
+}
+
 /// Copies row r of a block's queries into qf (fp32, times scale).
 template <class V, int HD, class T>
 RF_FORCEINLINE void load_scaled_row(const T* src, float scale, float* qf) {
@@ -150,6 +162,33 @@ RF_FORCEINLINE float tile_exp_sum(float* s, int n, float m) {
   return r;
 }
 
+/// s[r][i] = <a[r], t_i> for RB <= 4 fp32 rows a[r] and the nk tile rows t_i (fp32 accumulation):
+/// each tile row is loaded (and converted) once for the RB rows, one transposing reduction per key.
+/// (Shared with the backward, cpu/detail/attention_backward_kernel.hpp.)
+template <class V, int HD, int RB, class TK>
+RF_FORCEINLINE void rows_dots(const float* const* a, const TK* t, int64_t stride, int nk, float (*s)[kAttnKeys]) {
+  constexpr int NV = HD / V::width;
+  for (int i = 0; i < nk; ++i) {
+    const TK* ti = t + int64_t(i) * stride;
+    V acc[4];
+    {
+      const V tv = V::load(ti);
+      for (int r = 0; r < RB; ++r) acc[r] = V::load(a[r]) * tv;
+    }
+    for (int c = 1; c < NV; ++c) {
+      const V tv = V::load(ti + c * V::width);
+      for (int r = 0; r < RB; ++r) acc[r] = fma(V::load(a[r] + c * V::width), tv, acc[r]);
+    }
+    if constexpr (RB == 4) {
+      float x[4];
+      reduce4(acc[0], acc[1], acc[2], acc[3], x);
+      for (int r = 0; r < 4; ++r) s[r][i] = x[r];
+    } else {
+      for (int r = 0; r < RB; ++r) s[r][i] = acc[r].reduce_add();
+    }
+  }
+}
+
 /// RB rows (RB <= 4) against one tile, sharing every K/V load (and 16-bit conversion) between the
 /// rows: per key, the RB logits come from one transposing reduction and P.V updates RB
 /// accumulator rows. q[r], o[r]: the rows' scaled queries and running outputs.
@@ -158,25 +197,7 @@ RF_FORCEINLINE void rows_update(float* const* q, const TK* kt, int64_t k_stride,
                                 int nk, const int32_t* kp, const int32_t* qpos, bool full, int sink, int window,
                                 float (*s)[kAttnKeys], float* m, float* l, float* const* o) {
   constexpr int NV = HD / V::width;
-  for (int i = 0; i < nk; ++i) {
-    const TK* ki = kt + int64_t(i) * k_stride;
-    V acc[4];
-    {
-      const V kv = V::load(ki);
-      for (int r = 0; r < RB; ++r) acc[r] = V::load(q[r]) * kv;
-    }
-    for (int c = 1; c < NV; ++c) {
-      const V kv = V::load(ki + c * V::width);
-      for (int r = 0; r < RB; ++r) acc[r] = fma(V::load(q[r] + c * V::width), kv, acc[r]);
-    }
-    if constexpr (RB == 4) {
-      float t[4];
-      reduce4(acc[0], acc[1], acc[2], acc[3], t);
-      for (int r = 0; r < 4; ++r) s[r][i] = t[r];
-    } else {
-      for (int r = 0; r < RB; ++r) s[r][i] = acc[r].reduce_add();
-    }
-  }
+  rows_dots<V, HD, RB>(q, kt, k_stride, nk, s);
   float alpha[RB];
   for (int r = 0; r < RB; ++r) {
     if (!full)
@@ -272,8 +293,9 @@ void attend_block(const AttnBlock& b) {
       if (!b.k_pos) break;  // index positions only grow: no later tile is visible either
       continue;
     }
-    if (b.window > 0 && kmin >= b.sink && int64_t(kmax) <= int64_t(qmin) - b.window) continue;
-    const bool full = kmax <= qmin && (b.window == 0 || kmax < b.sink || int64_t(kmin) > int64_t(qmax) - b.window);
+    const TileVisibility vis = tile_visibility(kmin, kmax, qmin, qmax, b.sink, b.window);
+    if (vis == TileVisibility::none) continue;
+    const bool full = vis == TileVisibility::full;
     // 16-bit K/V read by more than one group of four rows: convert the tile once.
     const T* kt = k + j0 * b.k_stride;
     const T* vt = v + j0 * b.v_stride;
