@@ -2,8 +2,12 @@
 //
 // A gather of table rows: a plain copy when the types match, a vector conversion otherwise.
 // Tokens are split into one contiguous block per thread.
+// Backward: rows of dtable zeroed in parallel (unless accumulating), then the columns split into
+// blocks of 16 floats (one 64-byte line) across threads, each adding every token's slice in token
+// order: deterministic and free of races (ops/embedding.hpp).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -48,6 +52,47 @@ RF_KERNEL_AVX512 void embedding_avx512(int64_t tokens, int64_t d, const TW* tabl
 }
 #endif
 
+// dtable[ids[t], c0:c1] += dout[t, c0:c1] for t in [0, tokens), in order.
+template <class V>
+void embedding_bwd_cols(int64_t tokens, int64_t c0, int64_t c1, const int32_t* ids,
+                        int64_t ids_stride, const float* dout, int64_t ldo, float* dtable,
+                        int64_t ldt) {
+  constexpr int W = V::width;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* src = dout + t * ldo;
+    float* dst = dtable + int64_t(ids[t * ids_stride]) * ldt;
+    int64_t i = c0;
+    for (; i + W <= c1; i += W) (V::load(dst + i) + V::load(src + i)).store(dst + i);
+    if (i < c1) {
+      const int n = int(c1 - i);
+      (V::load_partial(dst + i, n) + V::load_partial(src + i, n)).store_partial(dst + i, n);
+    }
+  }
+}
+
+inline void embedding_bwd_cols_scalar(int64_t tokens, int64_t c0, int64_t c1, const int32_t* ids,
+                                      int64_t ids_stride, const float* dout, int64_t ldo,
+                                      float* dtable, int64_t ldt) {
+  embedding_bwd_cols<simd::F32x1>(tokens, c0, c1, ids, ids_stride, dout, ldo, dtable, ldt);
+}
+#if RF_HAVE_X86_SIMD
+RF_KERNEL_AVX2 inline void embedding_bwd_cols_avx2(int64_t tokens, int64_t c0, int64_t c1,
+                                                   const int32_t* ids, int64_t ids_stride,
+                                                   const float* dout, int64_t ldo, float* dtable,
+                                                   int64_t ldt) {
+  embedding_bwd_cols<simd::F32x8>(tokens, c0, c1, ids, ids_stride, dout, ldo, dtable, ldt);
+}
+RF_KERNEL_AVX512 inline void embedding_bwd_cols_avx512(int64_t tokens, int64_t c0, int64_t c1,
+                                                       const int32_t* ids, int64_t ids_stride,
+                                                       const float* dout, int64_t ldo,
+                                                       float* dtable, int64_t ldt) {
+  embedding_bwd_cols<simd::F32x16>(tokens, c0, c1, ids, ids_stride, dout, ldo, dtable, ldt);
+}
+#endif
+
+/// Columns per block of the backward: one 64-byte line of fp32.
+constexpr int64_t kEmbeddingBwdCols = 16;
+
 }  // namespace detail
 }  // namespace cpu
 
@@ -75,6 +120,35 @@ void embedding(const EmbeddingParams<T, TW>& p, CpuExec exec) {
 #endif
       default:
         return cpu::detail::embedding_scalar(e - b, d, p.table.data, ldt, ids, ids_stride, out, ldo);
+    }
+  });
+}
+
+inline void embedding_backward(const EmbeddingBackwardParams& p, CpuExec exec) {
+  check(p);
+  namespace D = cpu::detail;
+  const int64_t vocab = p.dtable.shape[0], d = p.dtable.shape[1], tokens = p.ids.shape[0];
+  if (d == 0) return;
+  const int64_t ldt = p.dtable.stride[0];
+  if (!p.accumulate)
+    exec.parallel_for(vocab, [&](int64_t b, int64_t e, int) {
+      for (int64_t v = b; v < e; ++v) std::fill_n(p.dtable.data + v * ldt, d, 0.f);
+    });
+  const cpu::Isa isa = cpu::active_isa();
+  const int64_t blocks = (d + D::kEmbeddingBwdCols - 1) / D::kEmbeddingBwdCols;
+  exec.parallel_for(blocks, [&](int64_t b, int64_t e, int) {
+    const int64_t c0 = b * D::kEmbeddingBwdCols, c1 = std::min(d, e * D::kEmbeddingBwdCols);
+    const int32_t* ids = p.ids.data;
+    const int64_t is = p.ids.stride[0], ldo = p.dout.stride[0];
+    switch (isa) {
+#if RF_HAVE_X86_SIMD
+      case cpu::Isa::avx512:
+        return D::embedding_bwd_cols_avx512(tokens, c0, c1, ids, is, p.dout.data, ldo, p.dtable.data, ldt);
+      case cpu::Isa::avx2:
+        return D::embedding_bwd_cols_avx2(tokens, c0, c1, ids, is, p.dout.data, ldo, p.dtable.data, ldt);
+#endif
+      default:
+        return D::embedding_bwd_cols_scalar(tokens, c0, c1, ids, is, p.dout.data, ldo, p.dtable.data, ldt);
     }
   });
 }

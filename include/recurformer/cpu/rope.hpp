@@ -3,6 +3,7 @@
 // Parallel over tokens. Per token, cos/sin of the fp32 angles are computed once (in chunks of
 // kRopeChunk frequencies, on the stack) and applied to every head; the rotation is vectorised for
 // the rotate_half layout (both halves are contiguous) and a plain loop for interleaved pairs.
+// The backward is the same loop with sin negated (the inverse rotation), on the fp32 gradient.
 #pragma once
 
 #include <algorithm>
@@ -73,38 +74,57 @@ RF_KERNEL_AVX512 void rope_token_avx512(T* x, int64_t hs, int64_t nh, int64_t nf
 }  // namespace detail
 }  // namespace cpu
 
+namespace cpu {
+namespace detail {
+
+/// Rotates x in place by the angles pos * inv_freq (sin_sign = 1) or their negatives (-1).
 template <class T>
-void rope(const RopeParams<T>& p, CpuExec exec) {
-  check(p);
-  const int64_t tokens = p.x.shape[0], heads = p.x.shape[1], n_freq = p.x.shape[2] / 2;
-  const int interleaved = p.layout == RopeLayout::interleaved;
+void rope_rotate(const View<T, 3>& xv, const View<const int32_t, 1>& positions,
+                 const View<const float, 1>& inv_freq, RopeLayout layout, float sin_sign,
+                 CpuExec exec) {
+  const int64_t tokens = xv.shape[0], heads = xv.shape[1], n_freq = xv.shape[2] / 2;
+  const int interleaved = layout == RopeLayout::interleaved;
   const cpu::Isa isa = cpu::active_isa();
   exec.parallel_for(tokens, [&](int64_t begin, int64_t end, int) {
-    float c[cpu::detail::kRopeChunk], s[cpu::detail::kRopeChunk];
+    float c[kRopeChunk], s[kRopeChunk];
     for (int64_t t = begin; t < end; ++t) {
-      const float pos = float(p.positions(t));
-      T* x = p.x.ptr(t, 0, 0);
-      for (int64_t i0 = 0; i0 < n_freq; i0 += cpu::detail::kRopeChunk) {
-        const int n = int(std::min<int64_t>(cpu::detail::kRopeChunk, n_freq - i0));
+      const float pos = float(positions(t));
+      T* x = xv.ptr(t, 0, 0);
+      for (int64_t i0 = 0; i0 < n_freq; i0 += kRopeChunk) {
+        const int n = int(std::min<int64_t>(kRopeChunk, n_freq - i0));
         for (int i = 0; i < n; ++i) {
-          const float angle = pos * p.inv_freq(i0 + i);  // fp32, as transformers computes it
+          const float angle = pos * inv_freq(i0 + i);  // fp32, as transformers computes it
           c[i] = std::cos(angle);
-          s[i] = std::sin(angle);
+          s[i] = sin_sign * std::sin(angle);
         }
 #if RF_HAVE_X86_SIMD
         if (isa == cpu::Isa::avx512) {
-          cpu::detail::rope_token_avx512(x, p.x.stride[1], heads, n_freq, i0, n, c, s, interleaved);
+          rope_token_avx512(x, xv.stride[1], heads, n_freq, i0, n, c, s, interleaved);
           continue;
         }
         if (isa == cpu::Isa::avx2) {
-          cpu::detail::rope_token_avx2(x, p.x.stride[1], heads, n_freq, i0, n, c, s, interleaved);
+          rope_token_avx2(x, xv.stride[1], heads, n_freq, i0, n, c, s, interleaved);
           continue;
         }
 #endif
-        cpu::detail::rope_token_scalar(x, p.x.stride[1], heads, n_freq, i0, n, c, s, interleaved);
+        rope_token_scalar(x, xv.stride[1], heads, n_freq, i0, n, c, s, interleaved);
       }
     }
   });
+}
+
+}  // namespace detail
+}  // namespace cpu
+
+template <class T>
+void rope(const RopeParams<T>& p, CpuExec exec) {
+  check(p);
+  cpu::detail::rope_rotate(p.x, p.positions, p.inv_freq, p.layout, 1.f, exec);
+}
+
+inline void rope_backward(const RopeBackwardParams& p, CpuExec exec) {
+  check(p);
+  cpu::detail::rope_rotate(p.dx, p.positions, p.inv_freq, p.layout, -1.f, exec);
 }
 
 }  // namespace recurformer

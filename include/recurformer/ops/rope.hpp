@@ -11,6 +11,11 @@
 // cos/sin and the rotation are fp32, and each output is rounded once to the storage type.
 // (transformers rounds cos/sin to a 16-bit model dtype and rotates in it; we round only once.)
 // CPU implementation: cpu/rope.hpp.
+//
+// Backward: the rotation is orthogonal, so dL/dx is dL/dy rotated by the opposite angles,
+// (a, b) -> (a cos + b sin, b cos - a sin), in place on an fp32 gradient view:
+//   RopeBackwardParams{dx, positions, inv_freq, layout}   // dx holds dL/dy on entry, dL/dx on return
+//   rope_backward(p, exec)
 #pragma once
 
 #include <cmath>
@@ -75,25 +80,49 @@ struct RopeParams {
   RopeLayout layout = RopeLayout::rotate_half;
 };
 
+namespace detail {
+/// The checks shared by rope and rope_backward (x: the rotated view, data or gradient).
+template <class T>
+void check_rope(const char* op, const char* xname, const View<T, 3>& x,
+                const View<const int32_t, 1>& positions, const View<const float, 1>& inv_freq,
+                IndexMemory where) {
+  check_shape(op, xname, x, {-1, -1, -1});
+  const int64_t tokens = x.shape[0], hd = x.shape[2];
+  RF_CHECK(hd > 0 && hd % 2 == 0, op, ": ", xname, " head_dim must be positive and even (got ", hd, ")");
+  check_inner_contiguous(op, xname, x);
+  check_shape(op, "positions", positions, {tokens});
+  check_shape(op, "inv_freq", inv_freq, {hd / 2});
+  if (where == IndexMemory::device) return;
+  for (int64_t t = 0; t < tokens; ++t)
+    RF_CHECK(positions(t) >= 0, op, ": positions[", t, "] = ", positions(t), ", expected >= 0");
+}
+}  // namespace detail
+
 /// Throws Error naming the argument unless the shapes, strides and positions are valid.
 /// IndexMemory::device (the CUDA op): positions live on the device and only their shape is
 /// checked (the kernel leaves a token with a negative position unrotated).
 template <class T>
 void check(const RopeParams<T>& p, detail::IndexMemory where = detail::IndexMemory::host) {
-  const char* op = "rope";
-  detail::check_shape(op, "x", p.x, {-1, -1, -1});
-  const int64_t tokens = p.x.shape[0], hd = p.x.shape[2];
-  RF_CHECK(hd > 0 && hd % 2 == 0, op, ": x head_dim must be positive and even (got ", hd, ")");
-  detail::check_inner_contiguous(op, "x", p.x);
-  detail::check_shape(op, "positions", p.positions, {tokens});
-  detail::check_shape(op, "inv_freq", p.inv_freq, {hd / 2});
-  if (where == detail::IndexMemory::device) return;
-  for (int64_t t = 0; t < tokens; ++t)
-    RF_CHECK(p.positions(t) >= 0, op, ": positions[", t, "] = ", p.positions(t), ", expected >= 0");
+  detail::check_rope("rope", "x", p.x, p.positions, p.inv_freq, where);
 }
 
 /// Applies RoPE in place (cpu/rope.hpp). Calls check(p) first.
 template <class T>
 void rope(const RopeParams<T>& p, CpuExec exec);
+
+struct RopeBackwardParams {
+  View<float, 3> dx;                  // [tokens, heads, hd] dL/dy in, dL/dx out; hd even, unit stride
+  View<const int32_t, 1> positions;   // [tokens] the forward's positions (>= 0)
+  View<const float, 1> inv_freq;      // [hd/2] the forward's table
+  RopeLayout layout = RopeLayout::rotate_half;
+};
+
+/// Throws Error naming the argument unless the shapes, strides and positions are valid.
+inline void check(const RopeBackwardParams& p) {
+  detail::check_rope("rope_backward", "dx", p.dx, p.positions, p.inv_freq, detail::IndexMemory::host);
+}
+
+/// Rotates the gradient back in place (cpu/rope.hpp). Calls check(p) first.
+inline void rope_backward(const RopeBackwardParams& p, CpuExec exec);
 
 }  // namespace recurformer
