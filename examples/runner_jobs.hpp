@@ -686,8 +686,8 @@ inline int run_smollm2_job(const Args& a, const std::string& gguf, const MainJob
                 100.0 * (p2 / p1 - 1));
   out << buf
       << "(A recurrent group keeps a fixed state instead of every token's keys and values. Converted without\n"
-      << "training, the model loses quality; recovering it by distillation and continual training is the\n"
-      << "project's next step.)\n";
+      << "training, the model loses quality; `recurformer distill` trains each recurrent group to imitate\n"
+      << "the attention it replaced (docs/quality.md); continual training of the whole model comes next.)\n";
   return 0;
 }
 
