@@ -13,10 +13,16 @@
 // dC[t,g,r,:] are sums over the block's channels of vectors along N, which become plain vector
 // fmas into one row per token instead of a horizontal sum per (token, n); only dt, du and the gate
 // derivative need one horizontal sum per (token, channel). B and C rows are read once per token for
-// the whole block. The per-token element-wise work (softplus and its derivative, silu, dy * gate)
-// is done per chunk vectorised over channels, like the forward's. Rows are padded with zeros to a
-// multiple of 16 floats (the widest vector), so the N loops have no tails: a padded state lane has
-// A = 0, B = C = 0 and stays 0 in h and dh.
+// the whole block. The readers enter twice per token, outside the per-channel loop and in groups
+// of up to 4 (a compile-time count, so their rows or sums stay in registers): before it as
+// cd[c,:] = sum_r dy[t,r,c] C[t,r,:], after it as dC[t,r,:] = sum_c dy0[t,r,c] h_t[c,:].
+// The per-token element-wise work (softplus and its derivative, silu, dy * gate) is done per chunk
+// vectorised over channels, like the forward's. Rows are padded with zeros to a multiple of 16
+// floats (the widest vector), so the N loops have no tails: a padded state lane has A = 0,
+// B = C = 0 and stays 0 in h and dh.
+//
+// Per state element and token the reverse pass is about 8 vector ops plus 2R for the readers, the
+// two exp passes about 12 each: roughly 3x the forward's 12 + R, which is what it measures.
 #pragma once
 
 #include <algorithm>
@@ -423,11 +429,10 @@ void scan_bwd_block(const ScanBwdBlock<T>& a) {
         dD = fma(u, sdy0, dD);
         if (a.du) simd::store_n(du, a.du + t * a.sdu + ob, m);
         if (a.ddelta) simd::store_n(dx, a.ddelta + t * a.sddelta + ob, m);
-        if (a.dz) {
+        if (a.dz) {  // (z is given: check())
           // dL/dz = sum_r dy y0_r silu'(z), y0_r = sum_n h C_r + D u
           const V dotv = fma(Dv * u, sdy, V::load(buf(ScanBwdScratch::kZdot, i) + ob));
-          simd::store_n(a.z ? dotv * V::load(buf(ScanBwdScratch::kGprime, i) + ob) : V::zero(),
-                        a.dz + t * a.sdz + ob, m);
+          simd::store_n(dotv * V::load(buf(ScanBwdScratch::kGprime, i) + ob), a.dz + t * a.sdz + ob, m);
         }
       }
       dD.store(ws + s.dvacc + ob);
