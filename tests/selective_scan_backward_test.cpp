@@ -2,7 +2,8 @@
 // (spec section 4) with the loss L = sum(dy * y), in every storage dtype and CPU ISA, on awkward
 // shapes: 1, 7, 18, 33 and 37 tokens, packed sequences of lengths 0, 3, 16, 17 and 21 (chunks are 16
 // tokens), a padding sequence (slot -1) and an unread slot, G 1/2/3, Dch 6, 34 (a group in three
-// blocks) and 131 (blocks of 17 channels), N 3, 5 and 16, R 1/2/3, every optional operand on and off,
+// blocks) and 131 (blocks of 17 channels), N 3, 5 and 16, R 1/2/3/5/8 (readers are handled in
+// groups of up to 4), every optional operand on and off,
 // softplus / identity, the softplus cut-off (x > 20), use_initial_state on and off. Also: the
 // gradients are the same bits at 1 and 3 threads; PyTorch autograd on fixtures
 // (tools/make_golden_grads_scan.py); the checks.
@@ -294,6 +295,8 @@ std::vector<Case> cases() {
       {"a group of 34 channels in 3 blocks, N 16, no gate", {18, 34, 16, 1, 1}, {}, {}, 1, no_gate},
       {"blocks of 17 channels (Dch 131), padding, R 2", {7, 131, 3, 1, 2}, {0, 2, 7}, {0, -1}, 1, all},
       {"33 tokens, G 2, R 2, no initial state", {33, 6, 5, 2, 2}, {0, 33}, {0}, 1, no_init},
+      {"R 5 (readers in groups of 4 + 1)", {9, 6, 5, 2, 5}, {0, 4, 9}, {1, 0}, 2, all},
+      {"R 8 (two groups of 4), N 16", {4, 6, 16, 3, 8}, {}, {}, 1, bare},
   };
 }
 

@@ -13,10 +13,16 @@
 // dC[t,g,r,:] are sums over the block's channels of vectors along N, which become plain vector
 // fmas into one row per token instead of a horizontal sum per (token, n); only dt, du and the gate
 // derivative need one horizontal sum per (token, channel). B and C rows are read once per token for
-// the whole block. The per-token element-wise work (softplus and its derivative, silu, dy * gate)
-// is done per chunk vectorised over channels, like the forward's. Rows are padded with zeros to a
-// multiple of 16 floats (the widest vector), so the N loops have no tails: a padded state lane has
-// A = 0, B = C = 0 and stays 0 in h and dh.
+// the whole block. The readers enter twice per token, outside the per-channel loop and in groups
+// of up to 4 (a compile-time count, so their rows or sums stay in registers): before it as
+// cd[c,:] = sum_r dy[t,r,c] C[t,r,:], after it as dC[t,r,:] = sum_c dy0[t,r,c] h_t[c,:].
+// The per-token element-wise work (softplus and its derivative, silu, dy * gate) is done per chunk
+// vectorised over channels, like the forward's. Rows are padded with zeros to a multiple of 16
+// floats (the widest vector), so the N loops have no tails: a padded state lane has A = 0,
+// B = C = 0 and stays 0 in h and dh.
+//
+// Per state element and token the reverse pass is about 8 vector ops plus 2R for the readers, the
+// two exp passes about 12 each: roughly 3x the forward's 12 + R, which is what it measures.
 #pragma once
 
 #include <algorithm>
@@ -45,7 +51,7 @@ struct ScanBwdScratch {
   int64_t np = 0;   // N padded
   int64_t ncs = 0;  // channel buffers' row stride (block channels padded)
   int64_t bnd = 0, h = 0, e = 0, a2 = 0, ar = 0, carry = 0, dacc = 0, brow = 0, crow = 0, dbrow = 0,
-          dcrow = 0, chan = 0, dyb = 0, dy0b = 0, dvacc = 0, bvacc = 0, total = 0;
+          cd = 0, chan = 0, dyb = 0, dy0b = 0, dvacc = 0, bvacc = 0, total = 0;
 
   static ScanBwdScratch make(int64_t n, int64_t nc_max, int64_t readers, int64_t chunks) {
     ScanBwdScratch s;
@@ -68,7 +74,7 @@ struct ScanBwdScratch {
     s.brow = take(s.np);            // [np] B[t,g,:] as fp32
     s.crow = take(readers * s.np);  // [R][np] C[t,g,:,:] as fp32
     s.dbrow = take(s.np);           // [np] dB[t,g,:] over the block's channels
-    s.dcrow = take(readers * s.np); // [R][np]
+    s.cd = take(state);             // [nc][np] sum_r dy[t,r,c] C[t,r,:]
     s.chan = take(kChanCount * L * s.ncs);
     s.dyb = take(L * readers * s.ncs);   // [L][R][ncs] dy
     s.dy0b = take(L * readers * s.ncs);  // [L][R][ncs] dy * silu(z)
@@ -203,6 +209,87 @@ inline void scan_bwd_step(const float* chan_dt, const float* chan_dtu, const flo
   }
 }
 
+// cd[c, :] (+)= sum_{k < RB} dy[k, c] C[k, :] for the block's channels: RB readers' C rows stay in
+// registers while the channels stream by. first: cd is overwritten.
+template <class V, int RB>
+void scan_bwd_cd(const float* C, int64_t c_r, const float* dy, int64_t dy_r, float* cd, int nc, int64_t np,
+                 int64_t nw, bool first) {
+  for (int64_t j = 0; j < nw; j += V::width) {
+    V cv[RB];
+    for (int k = 0; k < RB; ++k) cv[k] = V::load(C + k * c_r + j);
+    for (int c = 0; c < nc; ++c) {
+      V acc = first ? V::zero() : V::load(cd + c * np + j);
+      for (int k = 0; k < RB; ++k) acc = fma(V::broadcast(dy[k * dy_r + c]), cv[k], acc);
+      acc.store(cd + c * np + j);
+    }
+  }
+}
+
+// out[k, :N] = sum_c dy0[k, c] h[c, :] for RB readers: the sums stay in registers over the channels.
+template <class V, int RB>
+void scan_bwd_dc(const float* h, const float* dy0, int64_t dy_r, float* out, int64_t out_r, int nc,
+                 int64_t np, int64_t N) {
+  for (int64_t j = 0; j < N; j += V::width) {
+    V acc[RB];
+    for (int k = 0; k < RB; ++k) acc[k] = V::zero();
+    for (int c = 0; c < nc; ++c) {
+      const V hv = V::load(h + c * np + j);
+      for (int k = 0; k < RB; ++k) acc[k] = fma(V::broadcast(dy0[k * dy_r + c]), hv, acc[k]);
+    }
+    const int m = int(std::min<int64_t>(V::width, N - j));
+    for (int k = 0; k < RB; ++k) simd::store_n(acc[k], out + k * out_r + j, m);
+  }
+}
+
+// One token of the reverse pass for the block's channels.
+struct ScanBwdToken {
+  const float* b;         // [np] B[t]
+  const float* cd;        // [nc][np] sum_r dy C_r
+  const float* h_before;  // [nc][np] h_{t-1}
+  const float* h;         // [nc][np] h_t
+  const float* e;         // [nc][np] exp(dt A)
+  const float* ar;        // [nc][np] A
+  float* carry;           // [nc][np] in: dL/dh_t from later tokens; out: dL/dh_{t-1}
+  float* dacc;            // [nc][np] dA so far
+  float* db;              // [np] dB[t] out, or null
+  const float *gate, *dt, *dtu;   // [nc]
+  float *ddt_a, *duh, *zdot;      // [nc] out: sum_n dh A e h_{t-1}, sum_n dh B, sum_n h cd
+  int64_t np, nw;
+  int nc;
+};
+template <class V, bool HasZ>
+void scan_bwd_token(const ScanBwdToken& k) {
+  constexpr int W = V::width;
+  const int64_t np = k.np, nw = k.nw;
+  for (int c = 0; c < k.nc; ++c) {
+    const V gate = V::broadcast(k.gate[c]), dt = V::broadcast(k.dt[c]), dtu = V::broadcast(k.dtu[c]);
+    const float* cd = k.cd + c * np;
+    const float* hb = k.h_before + c * np;
+    const float* ha = k.h + c * np;
+    const float* e = k.e + c * np;
+    const float* ar = k.ar + c * np;
+    float* carry = k.carry + c * np;
+    float* dacc = k.dacc + c * np;
+    V ddt = V::zero(), duh = V::zero(), zdot = V::zero();
+    for (int64_t j = 0; j < nw; j += W) {
+      const V cdv = V::load(cd + j);
+      const V dh = fma(gate, cdv, V::load(carry + j));  // dL/dh_t
+      const V ev = V::load(e + j);
+      const V q = dh * (ev * V::load(hb + j));  // dh exp(dt A) h_{t-1}
+      fma(dt, q, V::load(dacc + j)).store(dacc + j);
+      ddt = fma(V::load(ar + j), q, ddt);
+      const V bj = V::load(k.b + j);
+      duh = fma(dh, bj, duh);
+      if (k.db) fma(dh, dtu, c == 0 ? V::zero() : V::load(k.db + j)).store(k.db + j);
+      (ev * dh).store(carry + j);
+      if (HasZ) zdot = fma(V::load(ha + j), cdv, zdot);
+    }
+    k.ddt_a[c] = ddt.reduce_add();
+    k.duh[c] = duh.reduce_add();
+    if (HasZ) k.zdot[c] = zdot.reduce_add();
+  }
+}
+
 template <class V, class T>
 void scan_bwd_block(const ScanBwdBlock<T>& a) {
   constexpr int W = V::width;
@@ -264,51 +351,60 @@ void scan_bwd_block(const ScanBwdBlock<T>& a) {
       scan_bwd_step<V>(buf(ScanBwdScratch::kDt, i), buf(ScanBwdScratch::kDtu, i), a2, b, h_before(i),
                        H + i * state, E + i * state, nc, np, nw);
     }
-    float* dbrow = ws + s.dbrow;
-    float* dcrow = ws + s.dcrow;
     for (int i = cl - 1; i >= 0; --i) {
       const int64_t t = ts + i;
       const float *b, *cr;
       int64_t c_r;
       scan_bwd_rows<V>(a, ws, t, true, b, cr, c_r);
-      for (int64_t j = 0; j < nw; ++j) dbrow[j] = 0.f;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < nw; ++j) dcrow[r * np + j] = 0.f;
       const float* dyb = ws + s.dyb + i * R * ncs;
       const float* dy0b = ws + s.dy0b + i * R * ncs;
-      const float* hb = h_before(i);
-      const float* ha = H + i * state;
-      const float* eb = E + i * state;
-      for (int c = 0; c < nc; ++c) {
-        const V gate = V::broadcast(buf(ScanBwdScratch::kGate, i)[c]);
-        const V dt = V::broadcast(buf(ScanBwdScratch::kDt, i)[c]);
-        const V dtu = V::broadcast(buf(ScanBwdScratch::kDtu, i)[c]);
-        const V u = V::broadcast(buf(ScanBwdScratch::kU, i)[c]);
-        V ddt = V::zero(), duh = V::zero(), zdot = V::zero();
-        for (int64_t j = 0; j < nw; j += W) {
-          // cd = sum_r dy[t,r,c] C[t,r,:]: dL/dh_t from y_t is gate * cd
-          V cd = V::zero();
-          for (int64_t r = 0; r < R; ++r) cd = fma(V::broadcast(dyb[r * ncs + c]), V::load(cr + r * c_r + j), cd);
-          const V dh = fma(gate, cd, V::load(carry + c * np + j));
-          const V h = V::load(ha + c * np + j), e = V::load(eb + c * np + j);
-          zdot = fma(h, cd, zdot);
-          for (int64_t r = 0; r < R; ++r)
-            fma(V::broadcast(dy0b[r * ncs + c]), h, V::load(dcrow + r * np + j)).store(dcrow + r * np + j);
-          const V eh = e * V::load(hb + c * np + j);  // exp(dt A) h_{t-1}
-          const V bj = V::load(b + j);
-          fma(dh * dt, eh, V::load(dacc + c * np + j)).store(dacc + c * np + j);
-          ddt = fma(dh, fma(V::load(ar + c * np + j), eh, bj * u), ddt);  // dh_t/ddt = A e h + B u
-          duh = fma(dh, bj, duh);
-          fma(dh, dtu, V::load(dbrow + j)).store(dbrow + j);
-          (e * dh).store(carry + c * np + j);
+      float* cd = ws + s.cd;
+      // cd[c,:] = sum_r dy[t,r,c] C[t,r,:] (dL/dh_t from y_t is silu(z) cd), readers in groups of 4
+      for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        const float* c0 = cr + r0 * c_r;
+        const float* d0 = dyb + r0 * ncs;
+        switch (std::min<int64_t>(4, R - r0)) {
+          case 1: scan_bwd_cd<V, 1>(c0, c_r, d0, ncs, cd, nc, np, nw, r0 == 0); break;
+          case 2: scan_bwd_cd<V, 2>(c0, c_r, d0, ncs, cd, nc, np, nw, r0 == 0); break;
+          case 3: scan_bwd_cd<V, 3>(c0, c_r, d0, ncs, cd, nc, np, nw, r0 == 0); break;
+          default: scan_bwd_cd<V, 4>(c0, c_r, d0, ncs, cd, nc, np, nw, r0 == 0); break;
         }
-        buf(ScanBwdScratch::kDdt, i)[c] = ddt.reduce_add();
-        buf(ScanBwdScratch::kDuh, i)[c] = duh.reduce_add();
-        buf(ScanBwdScratch::kZdot, i)[c] = zdot.reduce_add();
       }
-      if (a.dB) std::copy(dbrow, dbrow + N, a.dB + t * a.sdB);
-      if (a.dC)
-        for (int64_t r = 0; r < R; ++r) std::copy(dcrow + r * np, dcrow + r * np + N, a.dC + t * a.sdC_t + r * a.sdC_r);
+      ScanBwdToken tk;
+      tk.b = b;
+      tk.cd = cd;
+      tk.h_before = h_before(i);
+      tk.h = H + i * state;
+      tk.e = E + i * state;
+      tk.ar = ar;
+      tk.carry = carry;
+      tk.dacc = dacc;
+      tk.db = a.dB ? ws + s.dbrow : nullptr;
+      tk.gate = buf(ScanBwdScratch::kGate, i);
+      tk.dt = buf(ScanBwdScratch::kDt, i);
+      tk.dtu = buf(ScanBwdScratch::kDtu, i);
+      tk.ddt_a = buf(ScanBwdScratch::kDdt, i);
+      tk.duh = buf(ScanBwdScratch::kDuh, i);
+      tk.zdot = buf(ScanBwdScratch::kZdot, i);
+      tk.np = np;
+      tk.nw = nw;
+      tk.nc = nc;
+      if (a.z)
+        scan_bwd_token<V, true>(tk);
+      else
+        scan_bwd_token<V, false>(tk);
+      if (a.dB) std::copy(tk.db, tk.db + N, a.dB + t * a.sdB);
+      // dC[t,r,:] = sum_c dy[t,r,c] silu(z[t,c]) h_t[c,:]
+      for (int64_t r0 = 0; a.dC && r0 < R; r0 += 4) {
+        const float* d0 = dy0b + r0 * ncs;
+        float* out = a.dC + t * a.sdC_t + r0 * a.sdC_r;
+        switch (std::min<int64_t>(4, R - r0)) {
+          case 1: scan_bwd_dc<V, 1>(tk.h, d0, ncs, out, a.sdC_r, nc, np, N); break;
+          case 2: scan_bwd_dc<V, 2>(tk.h, d0, ncs, out, a.sdC_r, nc, np, N); break;
+          case 3: scan_bwd_dc<V, 3>(tk.h, d0, ncs, out, a.sdC_r, nc, np, N); break;
+          default: scan_bwd_dc<V, 4>(tk.h, d0, ncs, out, a.sdC_r, nc, np, N); break;
+        }
+      }
     }
     // Epilogue, vectorised over channels.
     for (int ob = 0; ob < nc; ob += W) {
@@ -324,18 +420,19 @@ void scan_bwd_block(const ScanBwdBlock<T>& a) {
         }
         const V u = V::load(buf(ScanBwdScratch::kU, i) + ob);
         const V dt = V::load(buf(ScanBwdScratch::kDt, i) + ob);
-        // du = D sum_r dy0 + dt sum_n dh B
-        const V du = fma(dt, V::load(buf(ScanBwdScratch::kDuh, i) + ob), Dv * sdy0);
-        const V dx = V::load(buf(ScanBwdScratch::kDdt, i) + ob) * V::load(buf(ScanBwdScratch::kSpd, i) + ob);
+        // du = D sum_r dy0 + dt sum_n dh B;  dL/ddt = sum_n dh (A e h_{t-1} + B u)
+        const V duh = V::load(buf(ScanBwdScratch::kDuh, i) + ob);
+        const V du = fma(dt, duh, Dv * sdy0);
+        const V ddt = fma(u, duh, V::load(buf(ScanBwdScratch::kDdt, i) + ob));
+        const V dx = ddt * V::load(buf(ScanBwdScratch::kSpd, i) + ob);
         dbias = dbias + dx;
         dD = fma(u, sdy0, dD);
         if (a.du) simd::store_n(du, a.du + t * a.sdu + ob, m);
         if (a.ddelta) simd::store_n(dx, a.ddelta + t * a.sddelta + ob, m);
-        if (a.dz) {
+        if (a.dz) {  // (z is given: check())
           // dL/dz = sum_r dy y0_r silu'(z), y0_r = sum_n h C_r + D u
           const V dotv = fma(Dv * u, sdy, V::load(buf(ScanBwdScratch::kZdot, i) + ob));
-          simd::store_n(a.z ? dotv * V::load(buf(ScanBwdScratch::kGprime, i) + ob) : V::zero(),
-                        a.dz + t * a.sdz + ob, m);
+          simd::store_n(dotv * V::load(buf(ScanBwdScratch::kGprime, i) + ob), a.dz + t * a.sdz + ob, m);
         }
       }
       dD.store(ws + s.dvacc + ob);
