@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# scripts/quality-table.sh [WORK_DIR]: the quality table of docs/quality.md on SmolLM2-135M-Instruct.
+#
+# Fetches the model (scripts/fetch-smollm2.sh) and the texts (scripts/quality-texts.sh), calibrates on
+# the first 64 KB of train.txt, and for each ratio in RATIOS converts with --init default and --init
+# fit, distils the fit model (STEPS steps per group on the same 64 KB, with the learning rates of
+# `recurformer distill`'s defaults unless LR / LR_PROJ are set), and measures every model's perplexity on
+# eval.txt (never trained on) at each context in CTXS. Prints one markdown row per model and keeps
+# everything in WORK_DIR (default build/quality). Needs build/bin/recurformer (README command 1 builds it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=${1:-build/quality}
+R=${RECURFORMER:-build/bin/recurformer}
+RATIOS=${RATIOS:-0.5}
+CTXS=${CTXS:-512}
+STEPS=${STEPS:-100}
+THREADS=${THREADS:-$(nproc)}
+extra=()
+[ -n "${LR:-}" ] && extra+=(--lr "$LR")
+[ -n "${LR_PROJ:-}" ] && extra+=(--lr-proj "$LR_PROJ")
+mkdir -p "$work"
+M=$(scripts/fetch-smollm2.sh "$work/smollm2")
+scripts/quality-texts.sh "$work" >&2
+head -c 65536 "$work/train.txt" | sed '$d' > "$work/calib.txt"
+[ -f "$work/scores.json" ] || "$R" calibrate -m "$M" -f "$work/calib.txt" -o "$work/scores.json" -c 512 -t "$THREADS" >&2
+ppl() {  # model -> "ppl@ctx1 | ppl@ctx2 ..."
+  local row="" c p
+  for c in $CTXS; do
+    p=$("$R" perplexity -m "$1" -f "$work/eval.txt" -c "$c" -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p')
+    row="$row | $p"
+  done
+  echo "$row"
+}
+echo "| model | ratio | perplexity at ctx $(echo $CTXS | sed 's/ /, /g') | time |"
+echo "| --- | --- | --- | --- |"
+echo "| original | 0 $(ppl "$M") | |"
+for r in $RATIOS; do
+  for init in default fit; do
+    t0=$(date +%s)
+    "$R" convert -m "$M" --scores "$work/scores.json" --ratio "$r" --init $init -f "$work/calib.txt" -c 512 \
+      -t "$THREADS" -o "$work/rf$r-$init" --force > "$work/rf$r-$init.log" 2>&1
+    echo "| $init | $r $(ppl "$work/rf$r-$init") | $(( $(date +%s) - t0 )) s convert |"
+  done
+  t0=$(date +%s)
+  "$R" distill -m "$work/rf$r-fit" --teacher "$M" -f "$work/calib.txt" -c 512 --steps "$STEPS" -t "$THREADS" \
+    "${extra[@]}" -o "$work/rf$r-distill" --force > "$work/rf$r-distill.log" 2>&1
+  echo "| fit + distill ($STEPS steps/group) | $r $(ppl "$work/rf$r-distill") | $(( $(date +%s) - t0 )) s distill |"
+done
