@@ -40,7 +40,7 @@ struct Args {
   std::string teacher;              // distill: the original model
   int steps = 100;                  // distill: optimiser steps per group
   int batch_seqs = 4;               // distill: sequences per step
-  float lr = 3e-3f, lr_proj = 3e-4f;  // distill: peak learning rates (recurrent tensors, q/k/v rows)
+  float lr = 3e-2f, lr_proj = 1e-2f;  // distill: peak learning rates (recurrent tensors, q/k/v rows)
 };
 
 inline const char* kMainHelp =
@@ -138,8 +138,8 @@ inline std::string command_help(const std::string& cmd) {
            "  -c, --ctx-size N     tokens per sequence (default 512)\n"
            "  --steps N            optimiser steps per group (default 100)\n"
            "  --batch-seqs N       sequences per step (default 4)\n"
-           "  --lr X               peak learning rate of the recurrent tensors (default 3e-3)\n"
-           "  --lr-proj X          peak learning rate of the group's Wq/Wk/Wv rows (default 3e-4; 0 freezes them)\n"
+           "  --lr X               peak learning rate of the recurrent tensors (default 3e-2)\n"
+           "  --lr-proj X          peak learning rate of the group's Wq/Wk/Wv rows (default 1e-2; 0 freezes them)\n"
            "  --seed S             seed of the minibatch order\n"
            "  --force              replace DIR when it exists and is not empty\n"
            "  -o, --output DIR     output directory\n";

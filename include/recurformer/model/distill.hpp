@@ -44,8 +44,8 @@ namespace recurformer {
 struct DistillOptions {
   int steps = 100;                 ///< optimiser steps per group
   int batch = 4;                   ///< sequences per step
-  float lr = 3e-3f;                ///< peak learning rate of the recurrent tensors
-  float lr_projection = 3e-4f;     ///< peak learning rate of the group's Wq/Wk/Wv rows (0: frozen)
+  float lr = 3e-2f;                ///< peak learning rate of the recurrent tensors
+  float lr_projection = 1e-2f;     ///< peak learning rate of the group's Wq/Wk/Wv rows (0: frozen)
   float weight_decay = 0.f;        ///< decoupled, on the weight matrices only
   double warmup = 0.1;             ///< fraction of the steps
   double clip = 1.0;               ///< global gradient-norm clip (0: none)
