@@ -15,52 +15,23 @@ F.embedding, F.cross_entropy + F.kl_div), then backward() of L = sum(dy * y) for
 (for the cross-entropy: of the loss itself), and records inputs, dy and the gradients.
 """
 import argparse
-import json
 import os
-import shutil
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import golden_case  # noqa: E402
+
 SEED = 1234
 TOLERANCE = {"rel": 1e-5, "abs_of_max": 2e-6,
              "why": "fp32 against fp32 autograd with another summation order; the floor (~16 ulps of the "
                     "array's largest value) covers elements that cancel to near zero"}
 
-
-def versions():
-    return {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
-
-
-class Case:
-    """One fixture directory: .npy files plus meta.json (as tools/make_golden.py writes them)."""
-
-    def __init__(self, root, name, description):
-        self.dir = os.path.join(root, name)
-        if os.path.isdir(self.dir):
-            shutil.rmtree(self.dir)
-        os.makedirs(self.dir)
-        self.meta = {"case": name, "description": description,
-                     "generator": "tools/make_golden_grads_blocks.py", "seed": SEED,
-                     "versions": versions(), "tolerance": TOLERANCE, "arrays": {}}
-
-    def save(self, name, a):
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu().numpy()
-        a = np.asarray(a)
-        a = a.astype("<i4") if a.dtype.kind in "iu" else a.astype("<f4")
-        a = np.ascontiguousarray(a)
-        np.save(os.path.join(self.dir, name + ".npy"), a, allow_pickle=False)
-        self.meta["arrays"][name] = {"dtype": a.dtype.str, "shape": list(a.shape)}
-
-    def finish(self, **fields):
-        self.meta.update(fields)
-        with open(os.path.join(self.dir, "meta.json"), "w") as f:
-            json.dump(self.meta, f, indent=1, sort_keys=True)
-            f.write("\n")
-
+def Case(root, name, description):
+    return golden_case.Case(root, name, description, "tools/make_golden_grads_blocks.py", SEED, TOLERANCE)
 
 def leaf(*shape, lo=-1.0, hi=1.0):
     return (torch.rand(*shape, dtype=torch.float32) * (hi - lo) + lo).requires_grad_(True)

@@ -17,53 +17,21 @@ use_initial_state; a padding sequence (slot -1) has no output, so its rows get z
 F.softplus has threshold 20 (x above it is returned as is), exactly the op's cut-off.
 """
 import argparse
-import json
 import os
-import shutil
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import golden_case  # noqa: E402
+
 SEED = 2718
 # What the test checks: |got - want| <= rel * |want| + abs_of_max * max|want| per array.
-TOLERANCE = {"rel": 1e-5, "abs_of_max": 2e-6,
-             "why": "fp32 against fp32 with another summation order; the floor covers elements that "
-                    "cancel to near zero"}
 
-
-def versions():
-    return {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
-
-
-class Case:
-    """One fixture directory: .npy files plus meta.json."""
-
-    def __init__(self, root, name, description):
-        self.dir = os.path.join(root, name)
-        if os.path.isdir(self.dir):
-            shutil.rmtree(self.dir)
-        os.makedirs(self.dir)
-        self.meta = {"case": name, "description": description,
-                     "generator": "tools/make_golden_grads_scan.py", "seed": SEED,
-                     "versions": versions(), "tolerance": TOLERANCE, "arrays": {}}
-
-    def save(self, name, a):
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu().numpy()
-        a = np.asarray(a)
-        a = a.astype("<i4") if a.dtype.kind in "iu" else a.astype("<f4")
-        a = np.ascontiguousarray(a)
-        np.save(os.path.join(self.dir, name + ".npy"), a, allow_pickle=False)
-        self.meta["arrays"][name] = {"dtype": a.dtype.str, "shape": list(a.shape)}
-
-    def finish(self, **fields):
-        self.meta.update(fields)
-        with open(os.path.join(self.dir, "meta.json"), "w") as f:
-            json.dump(self.meta, f, indent=1, sort_keys=True)
-            f.write("\n")
-
+def Case(root, name, description):
+    return golden_case.Case(root, name, description, "tools/make_golden_grads_scan.py", SEED)
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, h0=None):
     """One sequence. u, delta, z: [L, Dch]; A: [Dch, N]; B: [L, G, N]; C: [L, G, R, N]; D, delta_bias:
