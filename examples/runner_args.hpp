@@ -37,6 +37,7 @@ struct Args {
   bool help = false;
   bool chat = false;                // generate --chat: the prompt is a user turn (runner_chat.hpp)
   std::string system, chat_template;  // --chat: system message, template family override
+  bool repeat = false;              // perplexity: the long-range probe (each half-chunk followed by its copy)
   std::string teacher;              // distill: the original model
   int steps = 100;                  // distill: optimiser steps per group
   int batch_seqs = 4;               // distill: sequences per step
@@ -146,7 +147,10 @@ inline std::string command_help(const std::string& cmd) {
   if (cmd == "perplexity")
     return std::string("usage: recurformer perplexity -m MODEL -f TEXT [-c N]\n\n") + kCommonHelp + kCacheHelp +
            "  -f, --file PATH      text file (e.g. wiki.test.raw)\n"
-           "  -c, --ctx-size N     chunk size in tokens (default 512)\n";
+           "  -c, --ctx-size N     chunk size in tokens (default 512)\n"
+           "  --repeat             long-range probe: every passage of N/2 tokens is followed by its verbatim\n"
+           "                       copy and only the copies are scored (a model that cannot look N/2 tokens\n"
+           "                       back scores them like new text)\n";
   if (cmd == "bench")
     return std::string("usage: recurformer bench -m MODEL [-c 512,4096,32768] [options]\n\n") + kCommonHelp + kCacheHelp +
            "  -c, --ctx-size LIST  context depths, comma separated (default 512,4096,32768)\n"
@@ -243,6 +247,7 @@ inline Args parse_args(int argc, char** argv) {
     } else if (f == "--memory-limit") a.memory_limit_mib = to_int(f, val(), 1, int64_t(1) << 40);
     else if (f == "--offline") a.offline = true;
     else if (f == "--teacher") a.teacher = val();
+    else if (f == "--repeat") a.repeat = true;
     else if (f == "--steps") a.steps = int(to_int(f, val(), 0, 1 << 24));
     else if (f == "--batch-seqs") a.batch_seqs = int(to_int(f, val(), 1, 1 << 16));
     else if (f == "--lr") a.lr = float(to_num(f, val(), 1e-9, 1));

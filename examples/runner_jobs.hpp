@@ -441,6 +441,8 @@ inline std::vector<DistillGroupResult> distill_model(const std::string& student,
     data = record_fit_data(*t.model, t.tok->encode(read_file(a.file), true), a.ctx_set ? int(a.ctx) : 512, layout,
                            c.recurformer->recurrent.conv_kernel, CpuExec{&pool}, std::ref(record), &inputs);
   }
+  for (FitGroupData& g : data)  // distillation reads only x and y_attn: give back the fit's q, k, v
+    for (FitSequence& s : g.sequences) s.q = {}, s.k = {}, s.v = {};
   DistillOptions o;
   o.steps = a.steps, o.batch = a.batch_seqs, o.lr = a.lr, o.lr_projection = a.lr_proj, o.seed = a.seed;
   Progress groups(err, "distill: training recurrent groups");
@@ -481,8 +483,9 @@ inline int run_convert(const Args& a, std::ostream& out, std::ostream& err) {
 /// llama.cpp's perplexity protocol over `text` in chunks of n_ctx; on_chunk(i, running ppl).
 inline PerplexityResult measure_perplexity(const Loaded& m, const std::string& text, int n_ctx, int batch, CpuExec exec,
                                            CacheOptions cache = {},
-                                           const std::function<void(int, double)>& on_chunk = {}) {
-  const std::vector<int32_t> ids = m.tok->encode(text, true);
+                                           const std::function<void(int, double)>& on_chunk = {}, bool repeat = false) {
+  std::vector<int32_t> ids = m.tok->encode(text, true);
+  if (repeat) ids = repeat_halves(ids, n_ctx);
   const int32_t bos = m.tok->add_bos() ? m.tok->bos_id() : -1;
   std::optional<Session> s;  // made at the first chunk, after perplexity() has checked the text's length
   std::vector<float> all;
@@ -504,13 +507,17 @@ inline int run_perplexity(const Args& a, std::ostream& out, std::ostream& err) {
   ThreadPool pool(threads_of(a));
   const int n_ctx = a.ctx_set ? int(a.ctx) : 512;
   const size_t n_tokens = m.tok->encode(text, true).size();
-  err << "perplexity: " << n_tokens << " tokens, " << n_tokens / size_t(n_ctx) << " chunks of " << n_ctx << "\n";
+  if (a.repeat)
+    err << "perplexity: " << n_tokens << " tokens, " << n_tokens / size_t(n_ctx / 2) << " passages of " << n_ctx / 2
+        << " tokens, each followed by its copy; the copies are scored\n";
+  else
+    err << "perplexity: " << n_tokens << " tokens, " << n_tokens / size_t(n_ctx) << " chunks of " << n_ctx << "\n";
   auto t0 = Clock::now();
   const auto r = measure_perplexity(m, text, n_ctx, a.batch, CpuExec{&pool}, cache_options(a), [&](int c, double ppl) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "[%d]%.4f,", c + 1, ppl);
     out << buf << std::flush;
-  });
+  }, a.repeat);
   char buf[128];
   std::snprintf(buf, sizeof buf, "\nFinal estimate: PPL = %.4f +/- %.5f\n", r.ppl, r.ppl_error);
   out << buf;

@@ -64,3 +64,18 @@ TEST_CASE("perplexity without BOS keeps the chunks as they are; bad input throws
   CHECK_THROWS_WITH(perplexity(bad, 4, 4, -1, [&](const int32_t* t, int n, float* l) { stub(t, n, l); }),
                     Catch::Contains("outside the vocabulary"));
 }
+
+TEST_CASE("the long-range probe scores exactly the verbatim copies", "[perplexity]") {
+  const std::vector<int32_t> tok = {1, 3, 0, 2, 2, 1, 0, 3, 3, 3};  // two blocks of 4, a tail of 2
+  const std::vector<int32_t> rep = repeat_halves(tok, 8);
+  CHECK(rep == std::vector<int32_t>{1, 3, 0, 2, 1, 3, 0, 2, 2, 1, 0, 3, 2, 1, 0, 3});
+  // A copier that predicts token i from token i - 3 (the same place in the first copy) with p 0.9
+  // is right on every scored position of the probe, and at chance on text without repeats.
+  auto copier = [](const int32_t* t, int n, float* l) {
+    for (int i = 0; i < n; ++i)
+      for (int v = 0; v < 4; ++v) l[i * 4 + v] = float(std::log(i >= 3 && v == t[i - 3] ? 0.9 : i >= 3 ? 0.1 / 3 : 0.25));
+  };
+  CHECK(perplexity(rep, 8, 4, -1, copier).ppl == Approx(1 / 0.9).epsilon(1e-6));
+  CHECK(perplexity(tok, 4, 4, -1, copier).ppl > 2.0);
+  CHECK_THROWS_WITH(repeat_halves(tok, 7), Catch::Contains("must be even"));
+}

@@ -75,4 +75,19 @@ inline PerplexityResult perplexity(const std::vector<int32_t>& tokens, int n_ctx
   return r;
 }
 
+/// The long-range probe's token stream: every block of n_ctx/2 tokens followed by itself, so each
+/// chunk of the protocol is a passage and its verbatim copy and what it scores (positions n_ctx/2 ..
+/// n_ctx-2) is exactly the copy. A model that can look n_ctx/2 tokens back predicts the copy almost
+/// surely; one that cannot (a window, a state that forgets) scores it like new text. A tail shorter
+/// than a block is dropped.
+inline std::vector<int32_t> repeat_halves(const std::vector<int32_t>& tokens, int n_ctx) {
+  RF_CHECK(n_ctx >= 4 && n_ctx % 2 == 0, "perplexity --repeat: the context size must be even and >= 4, got ", n_ctx);
+  const size_t half = size_t(n_ctx / 2);
+  std::vector<int32_t> out;
+  out.reserve(tokens.size() / half * 2 * half);
+  for (size_t b = 0; b + half <= tokens.size(); b += half)
+    for (int copy = 0; copy < 2; ++copy) out.insert(out.end(), tokens.begin() + int64_t(b), tokens.begin() + int64_t(b + half));
+  return out;
+}
+
 }  // namespace recurformer
