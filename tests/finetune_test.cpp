@@ -166,3 +166,125 @@ TEST_CASE("finetune: the loss's gradient matches finite differences, tensor by t
     CHECK(checked >= 30);
   }
 }
+
+namespace {
+std::string write_text_file(const rftest::TempDir& dir) {
+  const std::string path = dir / "text.txt";
+  std::ofstream f(path);
+  f << runner::builtin_text() << "\n" << runner::builtin_text() << "\n";
+  return path;
+}
+std::vector<unsigned char> file_bytes(const std::string& p) {
+  const std::string s = runner::read_file(p);
+  return std::vector<unsigned char>(s.begin(), s.end());
+}
+}  // namespace
+
+TEST_CASE("finetune end to end: loss falls, only trainable tensors change, the checkpoint generates", "[finetune]") {
+  Tiny m;
+  const std::string text = write_text_file(m.dir);
+  std::ostringstream out, err;
+  REQUIRE(runner::run_finetune(args({"finetune", "-m", m.rf, "-f", text, "-c", "24", "--steps", "8", "--batch-seqs", "3",
+                                     "--lr", "3e-3", "-t", "2", "-o", m.dir / "ft"}),
+                               out, err) == 0);
+  CHECK_THAT(err.str(), Catch::Contains("finetune: step 8/8, loss"));
+  CHECK_THAT(err.str(), Catch::Contains("tokens/s, ETA"));
+  CHECK_THAT(out.str(), Catch::Contains("held-out loss"));
+  const auto tj = nlohmann::json::parse(runner::read_file(m.dir / "ft/trainer.json"));
+  CHECK(tj["step"] == 8);
+  CHECK(tj["train"] == "recurrent");
+  // the training loss falls (lr 3e-3 on the recurrent groups of a tiny model: a clear drop)
+  const double first = std::stod(out.str().substr(out.str().find("training loss ") + 14));
+  const double last = std::stod(out.str().substr(out.str().find(" -> ", out.str().find("training loss ")) + 4));
+  CAPTURE(out.str());
+  CHECK(last < first - 0.05);
+  // same format; only recurrent groups' tensors and their own q/k/v rows change
+  CHECK(runner::read_file(m.dir / "ft/config.json") == runner::read_file(m.rf + "/config.json"));
+  const Checkpoint a = Checkpoint::open(m.dir / "ft"), b = Checkpoint::open(m.rf);
+  REQUIRE(a.tensor_names() == b.tensor_names());
+  const ModelConfig& c = a.config();
+  const int64_t hd = c.head_dim, g = c.n_q / c.n_kv, d = c.d_model;
+  int changed = 0;
+  for (const std::string& n : a.tensor_names()) {
+    const TensorRef &ta = a.tensor(n), &tb = b.tensor(n);
+    CHECK(ta.dtype == tb.dtype);
+    const bool qkv = n.find("q_proj.weight") != std::string::npos || n.find("k_proj.weight") != std::string::npos ||
+                     n.find("v_proj.weight") != std::string::npos;
+    const bool same = std::memcmp(ta.data, tb.data, ta.nbytes()) == 0;
+    if (n.find(".recurrent.") != std::string::npos) {
+      changed += !same;
+      CHECK(!same);
+      continue;
+    }
+    if (!qkv) {
+      CAPTURE(n);
+      CHECK(same);
+      continue;
+    }
+    const int layer = std::stoi(n.substr(13));
+    const int64_t rows = n.find("q_proj") != std::string::npos ? g * hd : hd;
+    const size_t row_bytes = size_t(d) * dtype_size(ta.dtype);
+    for (int j = 0; j < c.n_kv; ++j) {
+      const bool rec = c.recurformer->layout.layers[size_t(layer)].groups[size_t(j)] == HeadKind::recurrent;
+      const size_t off = size_t(j * rows) * row_bytes, len = size_t(rows) * row_bytes;
+      CHECK((std::memcmp(static_cast<const char*>(ta.data) + off, static_cast<const char*>(tb.data) + off, len) == 0) != rec);
+    }
+  }
+  CHECK(changed == 14);  // 2 recurrent groups x 7 tensors
+  std::ostringstream gout, gerr;
+  REQUIRE(runner::run_generate(args({"generate", "-m", m.dir / "ft", "-p", "hello", "-n", "4", "--temp", "0", "-t", "1"}),
+                               gout, gerr) == 0);
+  CHECK(!gout.str().empty());
+}
+
+TEST_CASE("finetune: resume continues bit for bit (k + (N - k) steps = N steps), --train all with KL", "[finetune]") {
+  Tiny m;
+  const std::string text = write_text_file(m.dir);
+  auto ck = std::make_shared<const Checkpoint>(Checkpoint::open(m.rf));
+  auto tck = std::make_shared<const Checkpoint>(Checkpoint::open(m.orig));
+  const std::vector<int32_t> tokens = runner::tokenizer_of(*ck).encode(runner::read_file(text), true);
+  FinetuneOptions o;
+  o.ctx = 20, o.steps = 5, o.batch_seqs = 2, o.accum = 2, o.lr = 2e-3f, o.train = FinetuneTrain::all, o.kl_weight = 0.5f;
+  ThreadPool pool(2);
+  const FinetuneResult full = finetune(ck, tck, tokens, o, m.dir / "full", false, "", CpuExec{&pool});
+  CHECK(full.end_step == 5);
+  FinetuneOptions first = o;
+  first.stop_after = 2;
+  const FinetuneResult a = finetune(ck, tck, tokens, first, m.dir / "split", false, "", CpuExec{&pool});
+  CHECK(a.end_step == 2);
+  CHECK(nlohmann::json::parse(runner::read_file(m.dir / "split/trainer.json"))["step"] == 2);
+  const FinetuneResult b = finetune(ck, tck, tokens, o, m.dir / "split", false, m.dir / "split", CpuExec{&pool});
+  CHECK(b.start_step == 2);
+  CHECK(b.end_step == 5);
+  CHECK(b.last_loss == full.last_loss);
+  CHECK(file_bytes(m.dir / "split/optimizer.safetensors") == file_bytes(m.dir / "full/optimizer.safetensors"));
+  CHECK(file_bytes(m.dir / "split/model.safetensors") == file_bytes(m.dir / "full/model.safetensors"));
+  CHECK(file_bytes(m.dir / "full/model.safetensors") != file_bytes(m.rf + "/model.safetensors"));
+}
+
+TEST_CASE("finetune: one-line errors", "[finetune]") {
+  Tiny m;
+  const std::string text = write_text_file(m.dir);
+  RandomModelSpec other;
+  other.n_layers = 1, other.d_model = 48, other.ffn = 40, other.n_q = 6, other.n_kv = 3;
+  write_random_model(m.dir / "other", other);
+  std::ostringstream out, err;
+  auto fails = [&](std::vector<std::string> v, const std::string& msg) {
+    CAPTURE(msg);
+    CHECK_THROWS_WITH(runner::run_finetune(args(v), out, err), Catch::Contains(msg));
+  };
+  fails({"finetune", "-m", m.rf, "-o", m.dir / "o"}, "finetune: no training text (-f TEXT)");
+  fails({"finetune", "-m", m.rf, "-f", text}, "finetune: no output directory (-o DIR)");
+  fails({"finetune", "-f", text, "-o", m.dir / "o"}, "finetune: no model given (-m CONVERTED)");
+  fails({"finetune", "-m", m.rf, "-f", text, "-o", m.dir / "o", "--kl", "1"}, "--kl needs --teacher");
+  fails({"finetune", "-m", m.rf, "-f", text, "-o", m.dir / "o", "--teacher", m.dir / "other", "--kl", "1"},
+        "is not the model");
+  fails({"finetune", "-m", m.rf, "-f", text, "-o", m.dir / "o", "--teacher", m.rf, "--kl", "1"},
+        "is itself a RecurFormer");
+  fails({"finetune", "-m", m.rf, "-f", text, "-o", m.dir / "o", "--resume", m.rf}, "has no trainer.json");
+  fails({"finetune", "-m", m.rf, "-f", text, "-o", m.dir / "o", "-c", "100000"}, "at least 2 are needed");
+  fails({"finetune", "-m", m.orig, "-f", text, "-o", m.dir / "o"}, "nothing to train");
+  fails({"finetune", "-m", m.rf, "-f", text, "-o", m.rf}, "");  // the input itself is refused
+  CHECK_THROWS_WITH(args({"finetune", "--train", "some"}), Catch::Contains("--train: \"some\" is not one of recurrent, all"));
+  CHECK(!std::filesystem::exists(m.dir / "o"));
+}
