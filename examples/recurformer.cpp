@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     }
     if (a.command.empty()) {
       if (!a.model.empty()) {
-        std::cerr << "recurformer: error: -m needs a command (generate, calibrate, convert, distill, perplexity, bench); see --help\n";
+        std::cerr << "recurformer: error: -m needs a command (generate, calibrate, convert, distill, finetune, perplexity, bench); see --help\n";
         return 2;
       }
       const char* offline = std::getenv("RECURFORMER_OFFLINE");
@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
     if (a.command == "calibrate") return runner::run_calibrate(a, std::cout, std::cerr);
     if (a.command == "convert") return runner::run_convert(a, std::cout, std::cerr);
     if (a.command == "distill") return runner::run_distill(a, std::cout, std::cerr);
+    if (a.command == "finetune") return runner::run_finetune(a, std::cout, std::cerr);
     if (a.command == "perplexity") return runner::run_perplexity(a, std::cout, std::cerr);
     if (a.command == "bench") return runner::run_bench(a, std::cout, std::cerr);
   } catch (const std::exception& e) {

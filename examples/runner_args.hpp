@@ -42,6 +42,12 @@ struct Args {
   int steps = 100;                  // distill: optimiser steps per group
   int batch_seqs = 4;               // distill: sequences per step
   float lr = 3e-2f, lr_proj = 1e-2f;  // distill: peak learning rates (recurrent tensors, q/k/v rows)
+  bool lr_set = false, batch_seqs_set = false;  // finetune: its own defaults when not given
+  float kl = 0.f;                   // finetune: weight of KL(teacher || student)
+  int accum = 1;                    // finetune: micro-batches per step
+  std::string train = "recurrent";  // finetune: what trains (recurrent | all)
+  int save_every = 0;               // finetune: checkpoint every N steps
+  std::string resume;               // finetune: continue from this checkpoint
 };
 
 inline const char* kMainHelp =
@@ -59,6 +65,7 @@ inline const char* kMainHelp =
     "  calibrate   measure each KV group's recency score on a text (JSON + SVG heatmap)\n"
     "  convert     write a RecurFormer checkpoint from a model and its scores\n"
     "  distill     train a converted model's recurrent groups to reproduce the original's attention\n"
+    "  finetune    continue training a converted model on text (next-token loss, optional KL to the original)\n"
     "  perplexity  llama.cpp's perplexity protocol on a text file\n"
     "  bench       prefill / decode speed and cache bytes at several context sizes\n"
     "\n"
@@ -144,6 +151,29 @@ inline std::string command_help(const std::string& cmd) {
            "  --seed S             seed of the minibatch order\n"
            "  --force              replace DIR when it exists and is not empty\n"
            "  -o, --output DIR     output directory\n";
+  if (cmd == "finetune")
+    return std::string("usage: recurformer finetune -m CONVERTED -f TEXT -o DIR [--teacher ORIGINAL --kl W] [options]\n\n"
+                       "Continual training of a converted model on TEXT: mean next-token cross-entropy (+ W times\n"
+                       "KL(original || converted), the original run in the same process) with AdamW, warmup + cosine,\n"
+                       "gradient clipping and accumulation. TEXT is cut into sequences of -c tokens; the last 5% are\n"
+                       "held out and their loss / perplexity printed before and after. DIR gets the trained checkpoint\n"
+                       "(same format) with optimizer.safetensors and trainer.json, from which --resume continues.\n\n") +
+           kCommonHelp +
+           "  -f, --file PATH      training text (tokenized with the model's tokenizer)\n"
+           "  -c, --ctx-size N     tokens per sequence (default 512)\n"
+           "  --teacher PATH       the original model (HF directory or .gguf), for --kl\n"
+           "  --kl W               weight of the KL term (default 0; > 0 needs --teacher)\n"
+           "  --steps N            optimiser steps (default 100)\n"
+           "  --batch-seqs N       sequences per micro-batch (default 1)\n"
+           "  --accum N            micro-batches per step (default 1)\n"
+           "  --lr X               peak learning rate (default 1e-4)\n"
+           "  --train recurrent|all  what trains: the recurrent groups' tensors and their own rows of\n"
+           "                       Wq/Wk/Wv (default), or every tensor\n"
+           "  --save-every N       write the checkpoint to DIR every N steps (default: only at the end)\n"
+           "  --resume DIR         continue the run saved in DIR (its step, weights and optimiser state)\n"
+           "  --seed S             seed of the sequence order\n"
+           "  --force              replace DIR when it exists and is not empty\n"
+           "  -o, --output DIR     output directory\n";
   if (cmd == "perplexity")
     return std::string("usage: recurformer perplexity -m MODEL -f TEXT [-c N]\n\n") + kCommonHelp + kCacheHelp +
            "  -f, --file PATH      text file (e.g. wiki.test.raw)\n"
@@ -186,10 +216,10 @@ inline Args parse_args(int argc, char** argv) {
   int i = 1;
   if (i < argc && argv[i][0] != '-') {
     a.command = argv[i++];
-    static const char* known[] = {"generate", "calibrate", "convert", "distill", "perplexity", "bench", "help"};
+    static const char* known[] = {"generate", "calibrate", "convert", "distill", "finetune", "perplexity", "bench", "help"};
     bool ok = false;
     for (const char* k : known) ok = ok || a.command == k;
-    RF_CHECK(ok, "unknown command \"", a.command, "\" (commands: generate, calibrate, convert, distill, perplexity, bench)");
+    RF_CHECK(ok, "unknown command \"", a.command, "\" (commands: generate, calibrate, convert, distill, finetune, perplexity, bench)");
     if (a.command == "help") a.command.clear(), a.help = true;
   }
   for (; i < argc; ++i) {
@@ -249,8 +279,16 @@ inline Args parse_args(int argc, char** argv) {
     else if (f == "--teacher") a.teacher = val();
     else if (f == "--repeat") a.repeat = true;
     else if (f == "--steps") a.steps = int(to_int(f, val(), 0, 1 << 24));
-    else if (f == "--batch-seqs") a.batch_seqs = int(to_int(f, val(), 1, 1 << 16));
-    else if (f == "--lr") a.lr = float(to_num(f, val(), 1e-9, 1));
+    else if (f == "--batch-seqs") a.batch_seqs = int(to_int(f, val(), 1, 1 << 16)), a.batch_seqs_set = true;
+    else if (f == "--lr") a.lr = float(to_num(f, val(), 1e-9, 1)), a.lr_set = true;
+    else if (f == "--kl") a.kl = float(to_num(f, val(), 0, 1e6));
+    else if (f == "--accum") a.accum = int(to_int(f, val(), 1, 1 << 16));
+    else if (f == "--save-every") a.save_every = int(to_int(f, val(), 1, 1 << 24));
+    else if (f == "--resume") a.resume = val();
+    else if (f == "--train") {
+      a.train = val();
+      RF_CHECK(a.train == "recurrent" || a.train == "all", "--train: \"", a.train, "\" is not one of recurrent, all");
+    }
     else if (f == "--lr-proj") a.lr_proj = float(to_num(f, val(), 0, 1));
     else if (f == "--force") a.force = true;
     else recurformer::fail("unknown option \"", f, "\" (see --help)");

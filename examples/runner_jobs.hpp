@@ -756,3 +756,5 @@ inline int run_random_job(const Args& a, const std::string& home, std::ostream& 
 }
 
 }  // namespace runner
+
+#include "runner_train.hpp"  // finetune (uses the helpers above)

@@ -68,6 +68,15 @@ class AdamW {
     }
   }
   int64_t steps() const { return t_; }
+  /// The moments, to save a run; restore() puts them back with the step count, so a resumed run
+  /// continues bit for bit.
+  const std::vector<float>& first_moment() const { return m_; }
+  const std::vector<float>& second_moment() const { return v_; }
+  void restore(const std::vector<float>& m, const std::vector<float>& v, int64_t t) {
+    RF_CHECK(m.size() == m_.size() && v.size() == v_.size() && t >= 0, "AdamW: restoring ", m.size(), " / ", v.size(),
+             " moments into an optimiser of ", m_.size(), " parameters");
+    m_ = m, v_ = v, t_ = t;
+  }
 
   /// One update of `p` with gradient `g` at learning-rate multiplier `lr_mult` (the schedule's value).
   void step(std::vector<float>& p, const std::vector<float>& g, double lr_mult, CpuExec exec = {}) {
