@@ -359,6 +359,9 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
                                                 const Args& a, const std::string& out_dir, std::ostream& out,
                                                 std::ostream& err, bool per_group = true) {
   RF_CHECK(a.init == "default" || a.init == "fit", "convert: --init ", a.init, " is not supported (default or fit)");
+  const bool streaming = a.kind == "streaming";
+  RF_CHECK(!streaming || a.init == "default", "convert: --init ", a.init,
+           " fits recurrent groups; --kind streaming keeps the original weights (drop --init)");
   RF_CHECK(a.init != "fit" || !a.file.empty(), "convert: --init fit needs calibration text (-f TEXT)");
   RF_CHECK((a.ratio >= 0) != (a.threshold >= 0), "convert: give exactly one of --ratio R or --threshold X");
   RF_CHECK(!out_dir.empty(), "convert: no output directory (-o DIR)");
@@ -374,6 +377,17 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
   ConvertOptions o;
   o.layout = select_head_layout(scores.group_mean, sel);
   o.recurrent.dt_rank = a.dt_rank;
+  if (streaming) {  // the same selection, served by a window of the original attention instead
+    for (LayerLayout& l : o.layout.layers)
+      for (HeadKind& g : l.groups)
+        if (g == HeadKind::recurrent) g = HeadKind::streaming;
+    RecurrentConfig rc = o.recurrent;
+    if (rc.d_state == 0) rc.d_state = c.head_dim;
+    o.streaming.sink = a.sink;
+    o.streaming.window = a.stream_window > 0 ? a.stream_window
+                                             : streaming_window_matching_recurrent(c.head_dim, rc, a.sink,
+                                                                                   dtype_size(cache_options(a).type));
+  }
   o.recency_window = scores.window;
   o.seed = a.seed;
   o.replace = a.force;
@@ -390,8 +404,12 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
   Progress fit_progress(err, "convert: fitting recurrent groups");
   if (a.init == "fit") o.progress = std::ref(fit_progress);
   const std::vector<FitGroupError> errors = convert_to_recurformer(ck, o, out_dir, CpuExec{&pool});
-  out << "converted " << o.layout.count(HeadKind::recurrent) << " of " << c.n_layers * c.n_kv
-      << " KV groups to recurrent -> " << out_dir << "\n";
+  const HeadKind kind = streaming ? HeadKind::streaming : HeadKind::recurrent;
+  out << "converted " << o.layout.count(kind) << " of " << c.n_layers * c.n_kv << " KV groups to "
+      << head_kind_name(kind) << " -> " << out_dir << "\n";
+  if (streaming)
+    out << "streaming heads keep the first " << o.streaming.sink << " and the last " << o.streaming.window
+        << " tokens\n";
   char buf[160];
   if (per_group) {
     for (const FitGroupError& e : errors) {

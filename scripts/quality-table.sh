@@ -5,7 +5,11 @@
 # the first 64 KB of train.txt, and for each ratio in RATIOS converts with --init default and --init
 # fit, distils the fit model (STEPS steps per group on the same 64 KB, with the learning rates of
 # `recurformer distill`'s defaults unless LR / LR_PROJ are set), and measures every model's perplexity on
-# eval.txt (never trained on) at each context in CTXS. Prints one markdown row per model and keeps
+# eval.txt (never trained on) at each context in CTXS, and with PROBE=1 also on the long-range probe
+# (`perplexity --repeat -c 2048`). FT_STEPS > 0 (default 0) fine-tunes the distilled model for that many
+# steps of one 512-token sequence of finetune.txt (lr FT_LR, default 3e-4; with FT_KL > 0 plus that
+# weight of KL to the original). Each ratio also gets streaming heads on the same groups, sink 4 and
+# the window that takes a recurrent state's bytes. Prints one markdown row per model and keeps
 # everything in WORK_DIR (default build/quality). Needs build/bin/recurformer (README command 1 builds it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +18,10 @@ R=${RECURFORMER:-build/bin/recurformer}
 RATIOS=${RATIOS:-0.5}
 CTXS=${CTXS:-512}
 STEPS=${STEPS:-100}
+FT_STEPS=${FT_STEPS:-0}
+FT_LR=${FT_LR:-3e-4}
+FT_KL=${FT_KL:-0}
+PROBE=${PROBE:-0}
 THREADS=${THREADS:-$(nproc)}
 extra=()
 [ -n "${LR:-}" ] && extra+=(--lr "$LR")
@@ -29,9 +37,14 @@ ppl() {  # model -> "ppl@ctx1 | ppl@ctx2 ..."
     p=$("$R" perplexity -m "$1" -f "$work/eval.txt" -c "$c" -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p')
     row="$row | $p"
   done
+  if [ "$PROBE" = 1 ]; then
+    p=$("$R" perplexity --repeat -m "$1" -f "$work/eval.txt" -c 2048 -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p')
+    row="$row | $p"
+  fi
   echo "$row"
 }
-echo "| model | ratio | perplexity at ctx $(echo $CTXS | sed 's/ /, /g') | time |"
+probe_head=""; [ "$PROBE" = 1 ] && probe_head=", probe"
+echo "| model | ratio | perplexity at ctx $(echo $CTXS | sed 's/ /, /g')$probe_head | time |"
 echo "| --- | --- | --- | --- |"
 echo "| original | 0 $(ppl "$M") | |"
 for r in $RATIOS; do
@@ -45,4 +58,14 @@ for r in $RATIOS; do
   "$R" distill -m "$work/rf$r-fit" --teacher "$M" -f "$work/calib.txt" -c 512 --steps "$STEPS" -t "$THREADS" \
     "${extra[@]}" -o "$work/rf$r-distill" --force > "$work/rf$r-distill.log" 2>&1
   echo "| fit + distill ($STEPS steps/group) | $r $(ppl "$work/rf$r-distill") | $(( $(date +%s) - t0 )) s distill |"
+  if [ "$FT_STEPS" -gt 0 ]; then
+    t0=$(date +%s)
+    kl=(); [ "$FT_KL" != 0 ] && kl=(--teacher "$M" --kl "$FT_KL")
+    "$R" finetune -m "$work/rf$r-distill" -f "$work/finetune.txt" -c 512 --steps "$FT_STEPS" --lr "$FT_LR" "${kl[@]}" \
+      -t "$THREADS" -o "$work/rf$r-finetune" --force > "$work/rf$r-finetune.log" 2>&1
+    echo "| fit + distill + finetune ($FT_STEPS x 512 tokens, lr $FT_LR, KL $FT_KL) | $r $(ppl "$work/rf$r-finetune") | $(( $(date +%s) - t0 )) s finetune |"
+  fi
+  "$R" convert -m "$M" --scores "$work/scores.json" --ratio "$r" --kind streaming -o "$work/st$r" --force \
+    > "$work/st$r.log" 2>&1
+  echo "| streaming ($(sed -n 's/^streaming heads keep the first \([0-9]*\) and the last \([0-9]*\).*/sink \1, window \2/p' "$work/st$r.log")) | $r $(ppl "$work/st$r") | |"
 done

@@ -4,6 +4,8 @@
 #
 #   DIR/train.txt  howto/{functional,descriptor,regex,logging,enum,unicode}.rst.txt   (calibration,
 #                  fit, distillation and fine-tuning read only this)
+#   DIR/finetune.txt  howto/*.rst.txt and reference/*.rst.txt (fine-tuning's text: a superset of
+#                  train.txt, 1.1 MB)
 #   DIR/eval.txt   tutorial/{controlflow,datastructures,errors}.rst.txt (never trained on; the text
 #                  docs/agreement.md measures perplexity on)
 # The .deb is fetched with `apt-get download` (nothing is installed) and unpacked with dpkg -x. Prints
@@ -25,7 +27,8 @@ if [ ! -d "$src" ]; then
   dpkg -x "$deb" "$dir/pydoc"
 fi
 cat "$src"/howto/{functional,descriptor,regex,logging,enum,unicode}.rst.txt > "$dir/train.txt"
+cat "$src"/howto/*.rst.txt "$src"/reference/*.rst.txt > "$dir/finetune.txt"
 cat "$src"/tutorial/{controlflow,datastructures,errors}.rst.txt > "$dir/eval.txt"
-for f in train eval; do
+for f in train finetune eval; do
   printf '%s.txt: %s bytes, sha256 %s\n' "$f" "$(wc -c < "$dir/$f.txt")" "$(sha256sum "$dir/$f.txt" | cut -d' ' -f1)"
 done

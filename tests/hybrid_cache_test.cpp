@@ -289,3 +289,24 @@ TEST_CASE("HybridCache configuration and argument errors", "[hybrid_cache]") {
   REQUIRE(cache.keys(0).shape[1] == 4);
   REQUIRE(cache.stream_keys(0).shape[1] == 0);
 }
+
+TEST_CASE("streaming_window_matching_recurrent: the largest ring within one recurrent state's bytes", "[cache]") {
+  for (int64_t hd : {16, 64, 80})
+    for (int N : {8, 16, 64})
+      for (int Kc : {1, 4})
+        for (int64_t e : {2, 4})
+          for (int sink : {0, 4}) {
+            const RecurrentConfig rc{N, 8, Kc};
+            const int64_t state = hd * N * 4 + (Kc - 1) * hd * e, token = 2 * hd * e;
+            if (state / token <= sink) {
+              CHECK_THROWS_WITH(streaming_window_matching_recurrent(hd, rc, sink, e), Catch::Contains("not more than the sink"));
+              continue;
+            }
+            const int w = streaming_window_matching_recurrent(hd, rc, sink, e);
+            CHECK(w >= 1);
+            CHECK((sink + w) * token <= state);
+            CHECK((sink + w + 1) * token > state);
+          }
+  CHECK(streaming_window_matching_recurrent(64, RecurrentConfig{64, 8, 4}, 4, 4) == 29);  // SmolLM2, f32
+  CHECK(streaming_window_matching_recurrent(64, RecurrentConfig{64, 8, 4}, 4, 2) == 61);  // SmolLM2, f16
+}

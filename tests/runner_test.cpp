@@ -187,6 +187,47 @@ TEST_CASE("calibrate -> convert -> generate through files; perplexity prints lla
   CHECK_THAT(p16.str(), Catch::Contains("Final estimate: PPL = "));
 }
 
+TEST_CASE("convert --kind streaming: the same selection as sink + window heads, sized to a state's bytes", "[runner]") {
+  TmpDir dir("rf_runner_stream_");
+  write_random_model(dir / "m", tiny());
+  {
+    std::ofstream f(dir / "text.txt");
+    for (int i = 0; i < 6; ++i) f << runner::builtin_text() << "\n";
+  }
+  std::ostringstream out, err;
+  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c", "64",
+                                      "-t", "1"}),
+                                out, err) == 0);
+  // head_dim 64, d_state 64, conv 4, f32: a state is 64*64*4 + 3*64*4 = 17152 bytes = 33 tokens of K and V
+  REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--ratio", "0.5", "--kind",
+                                    "streaming", "-o", dir / "st"}),
+                              out, err) == 0);
+  CHECK_THAT(out.str(), Catch::Contains("converted 2 of 4 KV groups to streaming"));
+  CHECK_THAT(out.str(), Catch::Contains("streaming heads keep the first 4 and the last 29 tokens"));
+  const std::string cfg = runner::read_file(dir / "st/config.json");
+  CHECK_THAT(cfg, Catch::Contains("\"window\": 29"));
+  CHECK_THAT(cfg, Catch::Contains("\"recurrent\": []"));
+  // a window longer than the text sees everything: the original's perplexity exactly
+  REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--threshold", "0", "--kind",
+                                    "streaming", "--sink", "2", "--stream-window", "200", "-o", dir / "wide"}),
+                              out, err) == 0);
+  std::ostringstream p_orig, p_wide, p_st, perr;
+  REQUIRE(runner::run_perplexity(args({"perplexity", "-m", dir / "m", "-f", dir / "text.txt", "-c", "128", "-t", "1"}),
+                                 p_orig, perr) == 0);
+  REQUIRE(runner::run_perplexity(args({"perplexity", "-m", dir / "wide", "-f", dir / "text.txt", "-c", "128", "-t", "1"}),
+                                 p_wide, perr) == 0);
+  REQUIRE(runner::run_perplexity(args({"perplexity", "-m", dir / "st", "-f", dir / "text.txt", "-c", "128", "-t", "1"}),
+                                 p_st, perr) == 0);
+  CHECK(p_wide.str() == p_orig.str());
+  CHECK(p_st.str() != p_orig.str());  // 29 + 4 of 128 tokens: the window forgets
+  CHECK_THROWS_WITH(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--ratio", "0.5",
+                                              "--kind", "streaming", "--init", "fit", "-f", dir / "text.txt", "-o",
+                                              dir / "bad"}),
+                                        out, err),
+                    "convert: --init fit fits recurrent groups; --kind streaming keeps the original weights (drop --init)");
+  CHECK_THROWS_WITH(args({"convert", "--kind", "windowed"}), "--kind: \"windowed\" is not one of recurrent, streaming");
+}
+
 TEST_CASE("runner errors are one clear line", "[runner]") {
   TmpDir dir("rf_runner_err_");
   CHECK_THROWS_WITH(args({"generat"}), Catch::Contains("unknown command"));

@@ -110,6 +110,21 @@ inline CacheBytes hybrid_cache_spec_bytes(const HybridCacheConfig& c, int64_t co
   return r;
 }
 
+/// The streaming window whose ring (sink + window tokens of K and V) takes as many bytes as one
+/// recurrent group's state (spec section 6), at most: the "same cache" streaming baseline of a
+/// conversion. Throws when the state is too small to hold the sink and one window token.
+inline int streaming_window_matching_recurrent(int64_t head_dim, const RecurrentConfig& rc, int sink,
+                                               int64_t elem_bytes) {
+  RF_CHECK(head_dim >= 1 && rc.d_state >= 1 && rc.conv_kernel >= 1 && elem_bytes >= 1 && sink >= 0,
+           "streaming_window_matching_recurrent: head_dim ", head_dim, ", d_state ", rc.d_state, ", conv_kernel ",
+           rc.conv_kernel, ", sink ", sink, ", element bytes ", elem_bytes, " (expected all >= 1, sink >= 0)");
+  const int64_t state = head_dim * rc.d_state * 4 + (rc.conv_kernel - 1) * head_dim * elem_bytes;
+  const int64_t ring = state / (2 * head_dim * elem_bytes);
+  RF_CHECK(ring > sink, "streaming_window_matching_recurrent: a recurrent state of ", state, " bytes holds ", ring,
+           " tokens of K and V, not more than the sink of ", sink);
+  return int(ring - sink);
+}
+
 /// The cache. T = storage type of K, V and conv state (float, half, bfloat16); SSM state is fp32.
 /// Memory = HostMemory or DeviceMemory (where K, V, states and snapshots live).
 template <class T, class Memory = HostMemory>
