@@ -23,9 +23,12 @@ The model (plain PyTorch, fp32, CPU; `RecurFormerTorch` below):
 The selective scan is the reference formulation a PyTorch / mamba user has on the CPU, in the
 style of mamba_ssm's selective_scan_ref: discretise for all steps at once (dA = exp(Δ A),
 dBu = Δ B u, [T, groups, hd, N]), then a Python loop over time, h = dA[t] * h + dBu[t], under
-autograd. One simplification over selective_scan_ref: the states are stacked and C is applied
-after the loop in one einsum (selective_scan_ref does an einsum per step), so the loop holds two
-elementwise ops per token. All recurrent groups of a layer are scanned together.
+autograd. Two departures from selective_scan_ref, both plain PyTorch: the states are stacked and C
+is applied after the loop in one einsum (selective_scan_ref does an einsum per step), so the loop
+holds two elementwise ops per token; and the loop walks dA.unbind(0) rather than indexing dA[:, :, i]
+as selective_scan_ref does (indexing in a loop makes the backward quadratic in T: each step's
+gradient is a full-size zero tensor; measured ~10x slower for the whole step at 512 tokens).
+All recurrent groups of a layer are scanned together. No custom kernels, no torch.compile.
 
 Modes (any combination; each prints labelled lines):
   --check-ppl TEXT      llama.cpp's perplexity protocol at -c CTX (default 512), as `recurformer
@@ -36,6 +39,12 @@ Modes (any combination; each prints labelled lines):
                         next token, NLL in float64. --chunks N scores only the first N chunks;
                         --write-truncated PATH writes a prefix of TEXT whose tokenisation starts with
                         exactly those N chunks' tokens (checked), for the C++ binary to run on.
+  --check-grad OUT      with -f TEXT holding exactly one training sequence (2 or 3 sequences of ctx
+                        tokens; one is held out): compares the loss, the held-out CE and the clipped
+                        gradient with `recurformer finetune -f TEXT -o OUT --steps 1` (its trainer.json
+                        and optimizer.safetensors, whose first moment m is 0.1 x the clipped gradient,
+                        in the C++ flat parameter layout); --float64 runs the model in float64 to see
+                        how far each fp32 implementation is from it.
   --check-heldout TEXT  the mean next-token CE on the sequences `recurformer finetune` holds out of
                         TEXT (the last max(1, floor(5% of floor(n / ctx))) sequences of ctx tokens),
                         the number it prints as held-out loss before training.
@@ -178,8 +187,10 @@ def selective_scan_ref(u, delta, A, B, C, D):
     dBu = (delta * u).unsqueeze(-1) * B.unsqueeze(2)                # [T, G, hd, N]
     h = torch.zeros_like(dA[0])
     hs = []
-    for t in range(u.shape[0]):
-        h = dA[t] * h + dBu[t]
+    # unbind, not dA[t]: indexing a tensor in the loop makes each step's backward write a full-size
+    # zero gradient of dA (quadratic in T: ~60 s instead of ~6 s a step on SmolLM2's shape)
+    for a_t, b_t in zip(dA.unbind(0), dBu.unbind(0)):
+        h = a_t * h + b_t
         hs.append(h)
     H = torch.stack(hs)                                             # [T, G, hd, N]
     y = torch.einsum("tgcn,tgrn->tgrc", H, C)
@@ -302,7 +313,7 @@ class RecurFormerTorch(torch.nn.Module):
         pos = torch.arange(T, dtype=torch.float64)
         fr = torch.outer(pos, self.inv_freq)
         emb = torch.cat((fr, fr), dim=-1)
-        cos, sin = emb.cos().float(), emb.sin().float()
+        cos, sin = emb.cos().to(self.embed.dtype), emb.sin().to(self.embed.dtype)
         i = torch.arange(T)[:, None]
         j = torch.arange(T)[None, :]
         stream_mask = (j <= i) & ((j < self.sink) | (j > i - self.window))
@@ -436,6 +447,92 @@ def check_heldout(model, tok, a):
           f"{time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def flat_grad(model):
+    """The trained parameters' gradients in the flat layout of the C++ FinetuneModel (FinetuneTrain::
+    recurrent): per layer, in tensor order, Wq's, Wk's and Wv's row ranges of each recurrent group (then
+    the biases'), then each recurrent group's dt_down, dt_up, dt_bias, A_log, D, conv1d weight and bias.
+    Returns (flat numpy vector, [(name, offset, size)])."""
+    parts, names, off = [], [], 0
+
+    def put(name, t):
+        nonlocal off
+        a = t.detach().reshape(-1).double().numpy()
+        parts.append(a)
+        names.append((name, off, a.size))
+        off += a.size
+
+    def full(lin, rows, cols):  # a RowSplitLinear's weight (or bias) gradient, frozen rows zero
+        w, b = torch.zeros(rows, cols, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
+        for i, (a, e, tr) in enumerate(lin.blocks):
+            if tr:
+                w[a:e] = getattr(lin, f"w{i}").grad
+                if getattr(lin, f"b{i}") is not None:
+                    b[a:e] = getattr(lin, f"b{i}").grad
+        return w, b
+
+    for l, L in enumerate(model.layers):
+        if not L.rec:
+            continue
+        g, hd = L.g, L.hd
+        d = L.o.shape[0]
+        gq, gqb = full(L.q, L.nq * hd, d)
+        gk, gkb = full(L.k, L.nkv * hd, d)
+        gv, gvb = full(L.v, L.nkv * hd, d)
+        p = f"model.layers.{l}.self_attn."
+        for name, gw, rows in (("q_proj", gq, g * hd), ("k_proj", gk, hd), ("v_proj", gv, hd)):
+            for j in L.rec:
+                put(f"{p}{name}.weight[{j}]", gw[j * rows:(j + 1) * rows])
+        if getattr(L.q, "b0", None) is not None:
+            for name, gb, rows in (("q_proj", gqb, g * hd), ("k_proj", gkb, hd), ("v_proj", gvb, hd)):
+                for j in L.rec:
+                    put(f"{p}{name}.bias[{j}]", gb[j * rows:(j + 1) * rows])
+        for j, m in zip(L.rec, L.groups):
+            for n in ("dt_down", "dt_up", "dt_bias", "A_log", "D", "conv_w", "conv_b"):
+                put(f"{p}recurrent.{j}.{n}", getattr(m, n).grad)
+    return np.concatenate(parts), names
+
+
+def check_grad(model, tok, a):
+    """Compares one training step with `recurformer finetune --steps 1` run on a text of exactly one
+    training sequence (2 or 3 sequences of ctx: one is held out), whose output directory is a.check_grad:
+    trainer.json's loss and held-out CE, and optimizer.safetensors' first moment m = (1 - beta1) * the
+    clipped gradient."""
+    from safetensors.numpy import load_file
+    ids, _ = tok.encode(read_text(a.file))
+    train, hold = split_sequences(ids, a.ctx)
+    if len(train) != 1:
+        raise SystemExit(f"--check-grad: {a.file} has {len(train)} training sequences of {a.ctx}; it needs exactly 1 "
+                         f"(a text of {2 * a.ctx} to {3 * a.ctx - 1} tokens)")
+    with open(os.path.join(a.check_grad, "trainer.json")) as f:
+        tj = json.load(f)
+    if tj.get("step") != 1 or tj.get("train") != "recurrent":
+        raise SystemExit(f"--check-grad: {a.check_grad} is not a `finetune --steps 1 --train recurrent` output")
+    opt = load_file(os.path.join(a.check_grad, "optimizer.safetensors"))
+    with torch.no_grad():
+        hce = sum(seq_loss(model, s).item() for s in hold) / len(hold)
+    loss = seq_loss(model, train[0])
+    loss.backward()
+    g, names = flat_grad(model)
+    norm = float(np.sqrt(np.sum(g.astype(np.float64) ** 2)))
+    if norm > 1.0:
+        g = g * (1.0 / (norm + 1e-12))
+    ours = opt["m"].astype(np.float64) / 0.1
+    if ours.size != g.size:
+        raise SystemExit(f"--check-grad: {ours.size} parameters in {a.check_grad}, {g.size} here")
+    if a.save_grad:
+        np.save(a.save_grad, g)
+    print(f"check-grad: loss torch {loss.item():.6f}, ours {tj['loss']:.6f} (rel {abs(loss.item() / tj['loss'] - 1):.2e}); "
+          f"held-out CE torch {hce:.6f}, ours {tj['heldout_ce_before']:.6f} "
+          f"(rel {abs(hce / tj['heldout_ce_before'] - 1):.2e})")
+    err = np.linalg.norm(g - ours) / np.linalg.norm(g)
+    print(f"check-grad: gradient norm before clipping {norm:.6f}; {g.size} values, ||ours - torch|| / ||torch|| = "
+          f"{err:.2e}, max |diff| / max |torch| = {np.max(np.abs(g - ours)) / np.max(np.abs(g)):.2e}")
+    worst = sorted(((np.linalg.norm(g[o:o + n] - ours[o:o + n]) / max(np.linalg.norm(g[o:o + n]), 1e-30), name)
+                    for name, o, n in names), reverse=True)[:5]
+    for e, name in worst:
+        print(f"check-grad:   {e:.2e}  {name}")
+
+
 def warmup_cosine(step, warmup, total, final_fraction=0.1):
     if step < warmup:
         return (step + 1) / (warmup + 1)
@@ -458,6 +555,7 @@ def bench(model, tok, a):
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.0}, {"params": vectors, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, int(0.05 * total), total))
+    print("bench: load average %.2f %.2f %.2f, %d CPUs" % (os.getloadavg() + (os.cpu_count(),)), flush=True)
     print(f"bench: torch {torch.__version__}, {torch.get_num_threads()} threads, {n_params} trainable parameters "
           f"({len(params)} tensors), {len(train)} training sequences of {a.ctx} tokens, "
           f"activation checkpointing per layer: {'on' if a.checkpoint_layers else 'off'}; "
@@ -490,7 +588,7 @@ def run_ours(a, torch_rate):
     out_dir = a.ours_out
     cmd = [a.ours, "finetune", "-m", a.model, "-f", a.file, "-o", out_dir, "-c", str(a.ctx),
            "--steps", str(a.ours_steps), "-t", str(a.threads), "--force"]
-    print("ours: " + " ".join(cmd), flush=True)
+    print("ours: load average %.2f %.2f %.2f; " % os.getloadavg() + " ".join(cmd), flush=True)
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cum = []
     for line in p.stdout.splitlines():
@@ -522,6 +620,11 @@ def main():
     ap.add_argument("--write-truncated", metavar="PATH", help="--check-ppl --chunks N: write the prefix of TEXT "
                     "that holds those chunks (for the C++ binary)")
     ap.add_argument("--check-heldout", metavar="TEXT", help="held-out CE of `recurformer finetune -f TEXT`")
+    ap.add_argument("--check-grad", metavar="OUT", help="compare with `recurformer finetune -f TEXT -o OUT --steps 1` "
+                    "(TEXT, given with -f, must hold exactly one training sequence)")
+    ap.add_argument("--save-grad", metavar="NPY", help="--check-grad: also save torch's clipped flat gradient")
+    ap.add_argument("--float64", action="store_true", help="check modes: run the model in float64 (a reference "
+                    "for judging fp32 rounding in both implementations)")
     ap.add_argument("--bench", action="store_true", help="time the finetune step")
     ap.add_argument("--steps", type=int, default=10, help="--bench: timed steps (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="--bench: untimed steps first (default 2)")
@@ -535,7 +638,9 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = RecurFormerTorch(a.model, train=a.bench)
+    model = RecurFormerTorch(a.model, train=a.bench or bool(a.check_grad))
+    if a.float64:
+        model.double()
     tok = Tok(a.model)
     nrec = sum(k.count("recurrent") for k in model.kinds)
     nstr = sum(k.count("streaming") for k in model.kinds)
@@ -546,6 +651,8 @@ def main():
         check_ppl(model, tok, a)
     if a.check_heldout:
         check_heldout(model, tok, a)
+    if a.check_grad:
+        check_grad(model, tok, a)
     if a.bench:
         rate = bench(model, tok, a)
         if a.ours:
