@@ -64,6 +64,11 @@ Modes (any combination; each prints labelled lines):
                         --ours BIN then runs `BIN finetune` on the same model and text with the same
                         threads and prints its tokens/s and the ratio ours / PyTorch.
 
+Timing: PyTorch's OpenMP threads spin-wait between parallel regions; with other work on the cores
+the step's thousands of small scan ops make that collapse (72 s instead of ~6 s a step measured at 2
+threads, load 3.5 on 2 CPUs). Time on a quiet machine; on a busy one OMP_WAIT_POLICY=PASSIVE (set in
+the environment before Python starts) avoids the collapse. The bench prints the load average.
+
 Examples:
     python3 tools/torch_finetune_baseline.py -m CONVERTED --check-ppl eval.txt --threads 2
     python3 tools/torch_finetune_baseline.py -m CONVERTED -f train.txt --bench --threads 2 --steps 10 \\
@@ -555,7 +560,13 @@ def bench(model, tok, a):
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.0}, {"params": vectors, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, int(0.05 * total), total))
-    print("bench: load average %.2f %.2f %.2f, %d CPUs" % (os.getloadavg() + (os.cpu_count(),)), flush=True)
+    load = os.getloadavg()
+    print("bench: load average %.2f %.2f %.2f, %d CPUs, OMP_WAIT_POLICY=%s" % (
+        load + (os.cpu_count(), os.environ.get("OMP_WAIT_POLICY", "(unset)"))), flush=True)
+    if load[0] > 0.5 and a.threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        print("bench: WARNING: the machine is busy; PyTorch's OpenMP threads spin-wait between ops, and with "
+              "other work on the cores a step can take 10x longer (measured: 72 s instead of 6 s a step at 2 "
+              "threads, load 3.5 on 2 CPUs). Time on a quiet machine, or set OMP_WAIT_POLICY=PASSIVE.", flush=True)
     print(f"bench: torch {torch.__version__}, {torch.get_num_threads()} threads, {n_params} trainable parameters "
           f"({len(params)} tensors), {len(train)} training sequences of {a.ctx} tokens, "
           f"activation checkpointing per layer: {'on' if a.checkpoint_layers else 'off'}; "
