@@ -175,6 +175,10 @@ TEST_CASE("ModelConfig rejects bad configs with the file and the problem", "[con
   CHECK_THAT(config_error(tiny_config_with(R"({"hidden_size": -8})")), Catch::Contains("hidden_size = -8 is out of range"));
   CHECK_THAT(config_error(tiny_config(R"(, "eos_token_id": 10)")), Catch::Contains("eos_token_id = 10 is out of range"));
   CHECK_THAT(config_error(tiny_config(R"(, "mlp_bias": true)")), Catch::Contains("mlp_bias = true is not supported"));
+  // 1e39 is finite as a double and infinite as the float the model keeps: every frequency would be 0
+  CHECK_THAT(config_error(tiny_config_with(R"({"rope_theta": 1e39})")),
+             Catch::Contains("rope_theta = inf must be positive and finite (as a float)"));
+  CHECK_THAT(config_error(tiny_config_with(R"({"rope_theta": 0})")), Catch::Contains("rope_theta = 0 must be positive"));
   CHECK_THAT(config_error(R"({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
                              "num_attention_heads": 2, "intermediate_size": 4, "use_sliding_window": true})"),
              Catch::Contains("use_sliding_window = true is not supported"));

@@ -137,6 +137,21 @@ TEST_CASE("calibrate -> convert -> generate through files; perplexity prints lla
       CHECK(v <= 1.0 + 1e-9);
     }
   CHECK_THAT(runner::read_file(dir / "s.svg"), Catch::StartsWith("<svg"));
+  // a scores file must list groups in order with scores in [0, 1]: a lying one is refused, naming the place
+  const auto scores_error = [](const std::string& text) {
+    try {
+      runner::parse_calibration_scores(text, "bad.json");
+    } catch (const recurformer::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(scores_error(R"({"layers": [{"groups": [{"group": 0, "mean": 0.5}, {"group": 7, "mean": 0.2}]}]})") ==
+        "bad.json: layer 0 lists group 7 at position 1 (expected groups 0, 1, ... in order)");
+  CHECK(scores_error(R"({"layers": [{"groups": [{"mean": 0.5}]}, {"groups": [{"mean": 1.5}]}]})") ==
+        "bad.json: layer 1 group 0 has mean 1.5, a recency score is in [0, 1]");
+  CHECK_THAT(scores_error(R"({"window": -3, "layers": []})"), Catch::Contains("window = -3 is out of range"));
+  CHECK(scores_error(R"({"window": 8, "layers": [{"groups": [{"group": 0, "mean": 0.25}]}]})").empty());
   REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--threshold", "0", "-o",
                                     dir / "rf"}),
                               out, err) == 0);

@@ -312,6 +312,8 @@ TEST_CASE("tokenizer: bad input throws a one-line error naming the problem", "[t
               "unsupported normalizer \"NFKC\"");
   throws_with([] { Tokenizer::from_hf_json(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}})"); }, "not in model.vocab");
   throws_with([] { Tokenizer::from_hf_json(R"({"model": {"type": "BPE", "vocab": {"a": "x"}, "merges": []}})"); }, "not an integer id");
+  throws_with([] { Tokenizer::from_hf_json(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 0}, "merges": []}})"); },
+              "model.vocab id 0 is given to two tokens");
   throws_with([] { Tokenizer::from_hf_json(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "decoder": {"type": "WordPiece"}})"); },
               "unsupported decoder \"WordPiece\"");
   throws_with([] { Tokenizer::from_hf_json(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(("}, "behavior": "Isolated"}})"); },

@@ -175,15 +175,24 @@ inline CalibrationScores parse_calibration_scores(const std::string& text, const
   RF_CHECK(o.is_object() && o.contains("layers") && o["layers"].is_array(), source,
            ": expected a calibration scores object with a \"layers\" list (written by `recurformer calibrate`)");
   CalibrationScores s;
-  if (o.contains("window") && o["window"].is_number_integer()) s.window = o["window"].get<int>();
+  if (const nlohmann::json* w = detail::json_find(o, "window"))
+    s.window = int(detail::json_int(*w, source, "window", 1, 1 << 20));
   for (const auto& l : o["layers"]) {
-    RF_CHECK(l.is_object() && l.contains("groups") && l["groups"].is_array(), source,
-             ": every layer needs a \"groups\" list");
+    const size_t layer = s.group_mean.size();
+    RF_CHECK(l.is_object() && l.contains("groups") && l["groups"].is_array(), source, ": layer ", layer,
+             " needs a \"groups\" list");
     std::vector<double> row;
     for (const auto& g : l["groups"]) {
-      RF_CHECK(g.is_object() && g.contains("mean") && g["mean"].is_number(), source,
-               ": every group needs a numeric \"mean\"");
-      row.push_back(g["mean"].get<double>());
+      RF_CHECK(g.is_object() && g.contains("mean") && g["mean"].is_number(), source, ": layer ", layer, " group ",
+               row.size(), " needs a numeric \"mean\"");
+      // "group" names the KV group; the list is in group order, so it must equal the position
+      if (const nlohmann::json* j = detail::json_find(g, "group"))
+        RF_CHECK(detail::json_int(*j, source, "group", 0, 1 << 20) == int64_t(row.size()), source, ": layer ", layer,
+                 " lists group ", j->get<int64_t>(), " at position ", row.size(), " (expected groups 0, 1, ... in order)");
+      const double mean = g["mean"].get<double>();
+      RF_CHECK(mean >= 0 && mean <= 1, source, ": layer ", layer, " group ", row.size(), " has mean ", mean,
+               ", a recency score is in [0, 1]");
+      row.push_back(mean);
     }
     s.group_mean.push_back(std::move(row));
   }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <fstream>
 #include <optional>
@@ -189,7 +190,8 @@ inline void check(const ModelConfig& c, const std::string& source) {
            " is not a multiple of num_key_value_heads = ", c.n_kv);
   RF_CHECK(c.head_dim % 2 == 0, source, ": head_dim = ", c.head_dim, " must be even (RoPE rotates pairs)");
   RF_CHECK(c.rms_eps > 0, source, ": rms_norm_eps = ", c.rms_eps, " must be positive");
-  RF_CHECK(c.rope_theta > 0, source, ": rope_theta = ", c.rope_theta, " must be positive");
+  RF_CHECK(c.rope_theta > 0 && std::isfinite(c.rope_theta), source, ": rope_theta = ", c.rope_theta,
+           " must be positive and finite (as a float)");
   if (c.recurformer) detail::check_recurformer(*c.recurformer, c, source);
 }
 

@@ -641,8 +641,12 @@ class HfLoader {
     const auto& bm = ByteUnicodeMapRef();
     std::string bytes;
     d_.model_vocab.reserve(vocab.size());
+    std::vector<bool> seen(size_t(max_id + 1));
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
       const auto id = it.value().get<int32_t>();
+      // two strings for one id: decoding would pick one of them silently
+      if (seen[size_t(id)]) bad("model.vocab id " + std::to_string(id) + " is given to two tokens");
+      seen[size_t(id)] = true;
       d_.tokens[size_t(id)] = it.key();
       if (d_.byte_level && bm.to_bytes(it.key(), bytes))
         d_.model_vocab.emplace(bytes, id);
