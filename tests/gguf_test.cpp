@@ -336,6 +336,41 @@ TEST_CASE("GGUF: bad magic, versions, lying counts, types, offsets and alignment
   }
 }
 
+TEST_CASE("GGUF: metadata cannot take much more memory than a real vocabulary", "[gguf][bad][hostile]") {
+  {  // 2^16 + 1 empty arrays inside an array: 786 KB of file, refused before ~10 MB of GgufValues
+    Bytes n;
+    const uint64_t count = detail::kGgufMaxNestedArrays + 1;
+    n.head(0, 1).str("k").put<uint32_t>(9).put<uint32_t>(9).put<uint64_t>(count);
+    for (uint64_t i = 0; i < count; ++i) n.put<uint32_t>(8).put<uint64_t>(0);
+    CHECK(parse_error(n.b) == "m.gguf: metadata k: more than 65536 arrays inside arrays in this file");
+    n.b.resize(n.b.size() - 12);  // exactly the limit is fine
+    n.b[4 + 4 + 8 + 8 + 8 + 1 + 4 + 4] = 0;  // count 2^16 + 1 -> 2^16 (low byte 1 -> 0)
+    CHECK(parse_error(n.b).empty());
+  }
+  // the account: every value is booked at its size in memory before it is allocated
+  const std::string src = "m.gguf";
+  const auto read_with_budget = [&](const Bytes& v, uint64_t budget) {
+    detail::GgufCursor c{v.b.data(), v.b.size(), 0, src};
+    c.memory_left = budget;
+    try {
+      detail::gguf_read_value(c, 9, "k", 0);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  Bytes bytes;  // 200 uint8: 200 bytes of file, 1600 in memory (int64 each)
+  bytes.put<uint32_t>(0).put<uint64_t>(200);
+  for (int i = 0; i < 200; ++i) bytes.put<uint8_t>(uint8_t(i));
+  CHECK(read_with_budget(bytes, 1600).empty());
+  CHECK(read_with_budget(bytes, 1599) == "m.gguf: metadata k would take more than 256 MiB in memory (all metadata together may not)");
+  Bytes strings;  // three strings of 10 bytes: each booked as a std::string plus its bytes
+  strings.put<uint32_t>(8).put<uint64_t>(3);
+  for (int i = 0; i < 3; ++i) strings.str("0123456789");
+  CHECK(read_with_budget(strings, 3 * (sizeof(std::string) + 10)).empty());
+  CHECK_THAT(read_with_budget(strings, 3 * (sizeof(std::string) + 10) - 1), Catch::Contains("would take more than"));
+}
+
 TEST_CASE("GGUF open: errors name the path", "[gguf][bad]") {
   TempDir dir;
   REQUIRE_THROWS_WITH(GgufFile::open(dir.file("none.gguf")), Catch::StartsWith(dir.file("none.gguf") + ": cannot open"));

@@ -98,12 +98,28 @@ using GgufTokenizerData = GgufVocab;
 
 namespace detail {
 
-// Bounds-checked little-endian reads over the file's bytes.
+// Metadata held in memory may take at most this many bytes (a Llama 3 vocabulary and its merges take
+// ~20 MB), and arrays of arrays (no llama.cpp key uses them) at most this many elements in a file:
+// 12 bytes of file per empty nested array would otherwise become a ~150-byte GgufValue (a 60 MB file
+// of them loaded at 1.3 GB).
+inline constexpr uint64_t kGgufMaxMetadataBytes = uint64_t(256) << 20;
+inline constexpr uint64_t kGgufMaxNestedArrays = uint64_t(1) << 16;
+
+// Bounds-checked little-endian reads over the file's bytes, and the metadata's memory account.
 struct GgufCursor {
   const uint8_t* p;
   size_t size;
   size_t pos;
   const std::string& src;
+  uint64_t memory_left = kGgufMaxMetadataBytes;  // what the parsed metadata may still take
+  uint64_t nested_left = kGgufMaxNestedArrays;
+
+  // Books n elements of `each` bytes of parsed metadata, before they are allocated.
+  void charge(uint64_t n, uint64_t each, const std::string& key) {
+    RF_CHECK(each == 0 || n <= memory_left / each, src, ": metadata ", key, " would take more than ",
+             kGgufMaxMetadataBytes >> 20, " MiB in memory (all metadata together may not)");
+    memory_left -= n * each;
+  }
 
   size_t left() const { return size - pos; }
   void need(uint64_t n, const char* what) const {
@@ -116,6 +132,15 @@ struct GgufCursor {
     std::memcpy(&v, p + pos, sizeof(T));  // the library targets little-endian hosts, as GGUF files are
     pos += sizeof(T);
     return v;
+  }
+  // A metadata string value, booked to the key's memory account.
+  std::string string(const char* what, const std::string& key) {
+    const size_t at = pos;
+    const uint64_t n = read<uint64_t>(what);
+    need(n, what);
+    charge(1, sizeof(std::string) + n, key);
+    pos = at;
+    return string(what);
   }
   std::string string(const char* what) {
     const uint64_t n = read<uint64_t>(what);
@@ -173,7 +198,7 @@ inline GgufValue gguf_read_value(GgufCursor& c, uint32_t type_raw, const std::st
   GgufValue v;
   v.type = GgufValueType(type_raw);
   if (v.type == GgufValueType::string) {
-    v.s = c.string("a metadata string");
+    v.s = c.string("a metadata string", key);
   } else if (v.type == GgufValueType::array) {
     RF_CHECK(depth < 4, c.src, ": metadata ", key, ": arrays nested deeper than 4");
     const uint32_t et = c.read<uint32_t>("an array type");
@@ -185,14 +210,20 @@ inline GgufValue gguf_read_value(GgufCursor& c, uint32_t type_raw, const std::st
              " elements runs past the end of the file");
     if (v.elem == GgufValueType::string) {
       v.strings.reserve(size_t(n));
-      for (uint64_t k = 0; k < n; ++k) v.strings.push_back(c.string("an array string"));
+      for (uint64_t k = 0; k < n; ++k) v.strings.push_back(c.string("an array string", key));
     } else if (v.elem == GgufValueType::array) {
+      RF_CHECK(n <= c.nested_left, c.src, ": metadata ", key, ": more than ", kGgufMaxNestedArrays,
+               " arrays inside arrays in this file");
+      c.nested_left -= n;
+      c.charge(n, sizeof(GgufValue), key);
       for (uint64_t k = 0; k < n; ++k) v.arrays.push_back(gguf_read_value(c, 9, key, depth + 1));
     } else if (gguf_is_int(v.elem)) {
+      c.charge(n, sizeof(int64_t), key);
       v.ints.resize(size_t(n));
       double unused = 0;
       for (uint64_t k = 0; k < n; ++k) gguf_read_scalar(c, v.elem, key, v.ints[size_t(k)], unused);
     } else {
+      c.charge(n, sizeof(double), key);
       v.floats.resize(size_t(n));
       int64_t unused = 0;
       for (uint64_t k = 0; k < n; ++k) gguf_read_scalar(c, v.elem, key, unused, v.floats[size_t(k)]);
