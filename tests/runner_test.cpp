@@ -33,6 +33,18 @@ runner::Args args(std::vector<std::string> v) {
   for (auto& s : v) argv.push_back(s.data());
   return runner::parse_args(int(argv.size()), argv.data());
 }
+
+// dir/m (the tiny random model), dir/text.txt and its scores dir/s.json (and s.svg) from `calibrate`.
+void write_calibrated_tiny_model(const TmpDir& dir, std::ostream& out, std::ostream& err) {
+  write_random_model(dir / "m", tiny());
+  {
+    std::ofstream f(dir / "text.txt");
+    for (int i = 0; i < 6; ++i) f << runner::builtin_text() << "\n";
+  }
+  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c", "64",
+                                      "-t", "1"}),
+                                out, err) == 0);
+}
 }  // namespace
 
 TEST_CASE("the main job runs end to end and says the weights are random", "[runner]") {
@@ -119,15 +131,8 @@ TEST_CASE("generate: greedy is the argmax of the logits; sampling is seeded", "[
 
 TEST_CASE("calibrate -> convert -> generate through files; perplexity prints llama.cpp's lines", "[runner]") {
   TmpDir dir("rf_runner_files_");
-  write_random_model(dir / "m", tiny());
-  {
-    std::ofstream f(dir / "text.txt");
-    for (int i = 0; i < 6; ++i) f << runner::builtin_text() << "\n";
-  }
   std::ostringstream out, err;
-  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c", "64",
-                                      "-t", "1"}),
-                                out, err) == 0);
+  write_calibrated_tiny_model(dir, out, err);
   const auto scores = runner::parse_calibration_scores(runner::read_file(dir / "s.json"), "s.json");
   REQUIRE(scores.group_mean.size() == 2);
   REQUIRE(scores.group_mean[0].size() == 2);
@@ -204,15 +209,8 @@ TEST_CASE("calibrate -> convert -> generate through files; perplexity prints lla
 
 TEST_CASE("convert --kind streaming: the same selection as sink + window heads, sized to a state's bytes", "[runner]") {
   TmpDir dir("rf_runner_stream_");
-  write_random_model(dir / "m", tiny());
-  {
-    std::ofstream f(dir / "text.txt");
-    for (int i = 0; i < 6; ++i) f << runner::builtin_text() << "\n";
-  }
   std::ostringstream out, err;
-  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c", "64",
-                                      "-t", "1"}),
-                                out, err) == 0);
+  write_calibrated_tiny_model(dir, out, err);
   // head_dim 64, d_state 64, conv 4, f32: a state is 64*64*4 + 3*64*4 = 17152 bytes = 33 tokens of K and V
   REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--ratio", "0.5", "--kind",
                                     "streaming", "-o", dir / "st"}),
