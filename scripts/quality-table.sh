@@ -6,7 +6,7 @@
 # fit, distils the fit model (STEPS steps per group on the same 64 KB, with the learning rates of
 # `recurformer distill`'s defaults unless LR / LR_PROJ are set), and measures every model's perplexity on
 # eval.txt (never trained on) at each context in CTXS, and with PROBE=1 also on the long-range probe
-# (`perplexity --repeat -c 2048`). FT_STEPS > 0 (default 0) fine-tunes the distilled model for that many
+# (`perplexity --repeat -c 2048`), and with OOD=1 on ood.txt (another domain) at ctx 512. FT_STEPS > 0 (default 0) fine-tunes the distilled model for that many
 # steps of one 512-token sequence of finetune.txt (lr FT_LR, default 3e-4; with FT_KL > 0 plus that
 # weight of KL to the original). Each ratio also gets streaming heads on the same groups, sink 4 and
 # the window that takes a recurrent state's bytes. Prints one markdown row per model and keeps
@@ -22,6 +22,7 @@ FT_STEPS=${FT_STEPS:-0}
 FT_LR=${FT_LR:-3e-4}
 FT_KL=${FT_KL:-0}
 PROBE=${PROBE:-0}
+OOD=${OOD:-0}
 THREADS=${THREADS:-$(nproc)}
 extra=()
 [ -n "${LR:-}" ] && extra+=(--lr "$LR")
@@ -41,9 +42,13 @@ ppl() {  # model -> "ppl@ctx1 | ppl@ctx2 ..."
     p=$("$R" perplexity --repeat -m "$1" -f "$work/eval.txt" -c 2048 -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p')
     row="$row | $p"
   fi
+  if [ "$OOD" = 1 ]; then
+    p=$("$R" perplexity -m "$1" -f "$work/ood.txt" -c 512 -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p')
+    row="$row | $p"
+  fi
   echo "$row"
 }
-probe_head=""; [ "$PROBE" = 1 ] && probe_head=", probe"
+probe_head=""; [ "$PROBE" = 1 ] && probe_head=", probe"; [ "$OOD" = 1 ] && probe_head="$probe_head, ood.txt at 512"
 echo "| model | ratio | perplexity at ctx $(echo $CTXS | sed 's/ /, /g')$probe_head | time |"
 echo "| --- | --- | --- | --- |"
 echo "| original | 0 $(ppl "$M") | |"
