@@ -133,12 +133,13 @@ struct GgufCursor {
     pos += sizeof(T);
     return v;
   }
-  // A metadata string value, booked to the key's memory account.
+  // A metadata string value whose bytes are booked to the key's memory account (the std::string
+  // itself is booked by the caller, before a vector of them is reserved).
   std::string string(const char* what, const std::string& key) {
     const size_t at = pos;
     const uint64_t n = read<uint64_t>(what);
     need(n, what);
-    charge(1, sizeof(std::string) + n, key);
+    charge(n, 1, key);
     pos = at;
     return string(what);
   }
@@ -198,6 +199,7 @@ inline GgufValue gguf_read_value(GgufCursor& c, uint32_t type_raw, const std::st
   GgufValue v;
   v.type = GgufValueType(type_raw);
   if (v.type == GgufValueType::string) {
+    c.charge(1, sizeof(std::string), key);
     v.s = c.string("a metadata string", key);
   } else if (v.type == GgufValueType::array) {
     RF_CHECK(depth < 4, c.src, ": metadata ", key, ": arrays nested deeper than 4");
@@ -209,6 +211,7 @@ inline GgufValue gguf_read_value(GgufCursor& c, uint32_t type_raw, const std::st
     RF_CHECK(n <= c.left() / gguf_scalar_size(v.elem), c.src, ": metadata ", key, ": array of ", n,
              " elements runs past the end of the file");
     if (v.elem == GgufValueType::string) {
+      c.charge(n, sizeof(std::string), key);
       v.strings.reserve(size_t(n));
       for (uint64_t k = 0; k < n; ++k) v.strings.push_back(c.string("an array string", key));
     } else if (v.elem == GgufValueType::array) {
