@@ -381,12 +381,10 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
     for (LayerLayout& l : o.layout.layers)
       for (HeadKind& g : l.groups)
         if (g == HeadKind::recurrent) g = HeadKind::streaming;
-    RecurrentConfig rc = o.recurrent;
-    if (rc.d_state == 0) rc.d_state = c.head_dim;
     o.streaming.sink = a.sink;
     o.streaming.window = a.stream_window > 0 ? a.stream_window
-                                             : streaming_window_matching_recurrent(c.head_dim, rc, a.sink,
-                                                                                   dtype_size(cache_options(a).type));
+                                             : streaming_window_matching_recurrent(c.head_dim, convert_config(c, o).recurrent,
+                                                                                   a.sink, dtype_size(cache_options(a).type));
   }
   o.recency_window = scores.window;
   o.seed = a.seed;

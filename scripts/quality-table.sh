@@ -32,20 +32,14 @@ M=$(scripts/fetch-smollm2.sh "$work/smollm2")
 scripts/quality-texts.sh "$work" >&2
 head -c 65536 "$work/train.txt" | sed '$d' > "$work/calib.txt"
 [ -f "$work/scores.json" ] || "$R" calibrate -m "$M" -f "$work/calib.txt" -o "$work/scores.json" -c 512 -t "$THREADS" >&2
-ppl() {  # model -> "ppl@ctx1 | ppl@ctx2 ..."
-  local row="" c p
-  for c in $CTXS; do
-    p=$("$R" perplexity -m "$1" -f "$work/eval.txt" -c "$c" -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p')
-    row="$row | $p"
-  done
-  if [ "$PROBE" = 1 ]; then
-    p=$("$R" perplexity --repeat -m "$1" -f "$work/eval.txt" -c 2048 -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p')
-    row="$row | $p"
-  fi
-  if [ "$OOD" = 1 ]; then
-    p=$("$R" perplexity -m "$1" -f "$work/ood.txt" -c 512 -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p')
-    row="$row | $p"
-  fi
+final_ppl() {  # perplexity's arguments -> its final estimate
+  "$R" perplexity "$@" -t "$THREADS" 2>&1 | sed -n 's/^Final estimate: PPL = \([0-9.]*\).*/\1/p'
+}
+ppl() {  # model -> "ppl@ctx1 | ppl@ctx2 ... [| probe] [| ood]"
+  local row="" c
+  for c in $CTXS; do row="$row | $(final_ppl -m "$1" -f "$work/eval.txt" -c "$c")"; done
+  [ "$PROBE" = 1 ] && row="$row | $(final_ppl --repeat -m "$1" -f "$work/eval.txt" -c 2048)"
+  [ "$OOD" = 1 ] && row="$row | $(final_ppl -m "$1" -f "$work/ood.txt" -c 512)"
   echo "$row"
 }
 probe_head=""; [ "$PROBE" = 1 ] && probe_head=", probe"; [ "$OOD" = 1 ] && probe_head="$probe_head, ood.txt at 512"

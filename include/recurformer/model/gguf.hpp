@@ -133,19 +133,12 @@ struct GgufCursor {
     pos += sizeof(T);
     return v;
   }
-  // A metadata string value whose bytes are booked to the key's memory account (the std::string
-  // itself is booked by the caller, before a vector of them is reserved).
-  std::string string(const char* what, const std::string& key) {
-    const size_t at = pos;
+  // A length-prefixed string. A metadata value's bytes are booked to its key's memory account
+  // (booked_to; the std::string itself is booked by the caller, before a vector of them is reserved).
+  std::string string(const char* what, const std::string* booked_to = nullptr) {
     const uint64_t n = read<uint64_t>(what);
     need(n, what);
-    charge(n, 1, key);
-    pos = at;
-    return string(what);
-  }
-  std::string string(const char* what) {
-    const uint64_t n = read<uint64_t>(what);
-    need(n, what);
+    if (booked_to) charge(n, 1, *booked_to);
     std::string s(reinterpret_cast<const char*>(p + pos), size_t(n));
     pos += size_t(n);
     return s;
@@ -200,7 +193,7 @@ inline GgufValue gguf_read_value(GgufCursor& c, uint32_t type_raw, const std::st
   v.type = GgufValueType(type_raw);
   if (v.type == GgufValueType::string) {
     c.charge(1, sizeof(std::string), key);
-    v.s = c.string("a metadata string", key);
+    v.s = c.string("a metadata string", &key);
   } else if (v.type == GgufValueType::array) {
     RF_CHECK(depth < 4, c.src, ": metadata ", key, ": arrays nested deeper than 4");
     const uint32_t et = c.read<uint32_t>("an array type");
@@ -213,7 +206,7 @@ inline GgufValue gguf_read_value(GgufCursor& c, uint32_t type_raw, const std::st
     if (v.elem == GgufValueType::string) {
       c.charge(n, sizeof(std::string), key);
       v.strings.reserve(size_t(n));
-      for (uint64_t k = 0; k < n; ++k) v.strings.push_back(c.string("an array string", key));
+      for (uint64_t k = 0; k < n; ++k) v.strings.push_back(c.string("an array string", &key));
     } else if (v.elem == GgufValueType::array) {
       RF_CHECK(n <= c.nested_left, c.src, ": metadata ", key, ": more than ", kGgufMaxNestedArrays,
                " arrays inside arrays in this file");
