@@ -30,7 +30,7 @@ HybridCacheConfig mixed_config(int slots = 3, int64_t capacity = 50) {
   c.head_dim = 16;
   c.layout.layers = {{{K::attention, K::attention, K::attention, K::attention}},
                      {{K::attention, K::recurrent, K::streaming, K::recurrent}},
-                     {{K::streaming, K::recurrent, K::recurrent, K::attention}}};
+                     {{K::streaming, K::recurrent, K::windowed, K::attention}}};
   c.recurrent.d_state = 16;
   c.recurrent.conv_kernel = 4;
   c.streaming.sink = 2;
@@ -85,16 +85,17 @@ TEMPLATE_LIST_TEST_CASE("HybridCache byte report equals the spec section 6 formu
   using T = TestType;
   const HybridCacheConfig cfg = mixed_config(3, 50);
   const int64_t b = sizeof(T), hd = 16, N = 16, Kc = 4;
-  // The formula, written out for this layout (per layer: attention, recurrent, streaming counts).
+  // The formula, written out for this layout (per layer: attention, recurrent, streaming, windowed counts).
   auto formula = [&](int64_t Tctx) {
-    const int64_t counts[3][3] = {{4, 0, 0}, {1, 2, 1}, {1, 2, 1}};
+    const int64_t counts[3][4] = {{4, 0, 0, 0}, {1, 2, 1, 0}, {1, 1, 1, 1}};
     CacheBytes r;
     for (auto& c : counts) {
       r.attention += c[0] * 2 * hd * Tctx * b;
       r.recurrent += c[1] * (hd * N * 4 + (Kc - 1) * hd * b);
       r.streaming += c[2] * 2 * hd * std::min<int64_t>(Tctx, 2 + 5) * b;
+      r.windowed += c[3] * (hd * N * 4 + (Kc - 1) * hd * b + 2 * hd * std::min<int64_t>(Tctx, 2 + 5) * b);
     }
-    r.total = r.attention + r.recurrent + r.streaming;
+    r.total = r.attention + r.recurrent + r.streaming + r.windowed;
     return r;
   };
   for (int64_t t : {0, 1, 6, 7, 8, 50, 32768}) {
@@ -109,7 +110,7 @@ TEMPLATE_LIST_TEST_CASE("HybridCache byte report equals the spec section 6 formu
   HybridCache<T> cache(cfg);
   CacheReport r = cache.bytes();
   CacheBytes cap3 = formula(50);
-  cap3.attention *= 3, cap3.recurrent *= 3, cap3.streaming *= 3, cap3.total *= 3;
+  cap3.attention *= 3, cap3.recurrent *= 3, cap3.streaming *= 3, cap3.windowed *= 3, cap3.total *= 3;
   REQUIRE(r.capacity == cap3);
   REQUIRE(cache.allocated_bytes() == cap3.total);
   REQUIRE(r.held == CacheBytes{});

@@ -119,6 +119,29 @@ TEMPLATE_LIST_TEST_CASE("HybridHeadAttention mixed layouts == reference", "[hybr
   all_schedules<TestType>({{K::recurrent, K::attention}}, true);  // n_kv 2, g 3
 }
 
+TEMPLATE_LIST_TEST_CASE("HybridHeadAttention windowed groups == streaming + alpha x recurrent reference",
+                        "[hybrid_head_attention]", rftest::StorageTypes) {
+  all_schedules<TestType>({{K::windowed, K::streaming, K::windowed}}, true);
+  // every kind in one layer: n_kv 6, g 1 (MHA)
+  all_schedules<TestType>({{K::windowed, K::recurrent, K::attention, K::streaming, K::attention, K::windowed}}, false);
+}
+
+TEST_CASE("HybridHeadAttention: a windowed group with alpha = 0 is exactly its streaming group",
+          "[hybrid_head_attention]") {
+  // What `convert --kind windowed` relies on: the converted model starts as the streaming one, bit for bit.
+  Model<float> w({{K::windowed, K::attention, K::windowed}}, true);
+  for (auto& r : w.rec) std::fill(r.alpha.begin(), r.alpha.end(), 0.f);
+  Model<float> s({{K::streaming, K::attention, K::streaming}}, true);
+  s.wq = w.wq, s.wk = w.wk, s.wv = w.wv, s.wo = w.wo, s.bq = w.bq, s.bk = w.bk, s.bv = w.bv;
+  std::vector<std::vector<float>> xs;
+  for (int64_t L : kLens) xs.push_back(rftest::random_vector<float>(size_t(L * kDModel)));
+  for (const auto& schedule : {chunked(), prefill_then_decode()}) {
+    Runner<float, float> rw(w, int(kLens.size()), 40), rs(s, int(kLens.size()), 40);
+    const auto ow = run_schedule(rw, xs, schedule), os = run_schedule(rs, xs, schedule);
+    for (size_t i = 0; i < xs.size(); ++i) CHECK(ow[i] == os[i]);
+  }
+}
+
 TEMPLATE_LIST_TEST_CASE("HybridHeadAttention capacity error leaves cache and out bit-identical",
                         "[hybrid_head_attention]", rftest::StorageTypes) {
   using T = TestType;

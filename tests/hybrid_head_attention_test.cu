@@ -160,6 +160,8 @@ TEMPLATE_LIST_TEST_CASE("CUDA HybridHeadAttention matches the reference for ever
   SECTION("streaming") { all_schedules<TestType>({{K::streaming, K::attention, K::streaming}}, true); }
   SECTION("mixed") { all_schedules<TestType>({{K::recurrent, K::streaming, K::attention}}, true); }
   SECTION("n_kv 2, g 3") { all_schedules<TestType>({{K::recurrent, K::attention}}, true); }
+  SECTION("windowed") { all_schedules<TestType>({{K::windowed, K::streaming, K::windowed}}, true); }
+  SECTION("every kind") { all_schedules<TestType>({{K::windowed, K::recurrent, K::attention, K::streaming, K::attention, K::windowed}}, true); }
 }
 
 TEST_CASE("CUDA HybridHeadAttention over fp32 weights and a bf16 cache", "[hybrid][cuda]") {

@@ -31,7 +31,7 @@ struct Model {
   std::vector<TW> wq, wk, wv, wo, bq, bk, bv;
   struct Rec {
     std::vector<TW> dt_down, dt_up;
-    std::vector<float> dt_bias, A, D, conv_w, conv_b;
+    std::vector<float> dt_bias, A, D, conv_w, conv_b, alpha;  // alpha: windowed groups only
   };
   std::vector<Rec> rec;
   std::vector<RecurrentGroupWeights<TW>> rec_views;
@@ -48,8 +48,9 @@ struct Model {
       bk = rftest::random_vector<TW>(size_t(n_kv * kHd), -0.2, 0.2);
       bv = rftest::random_vector<TW>(size_t(n_kv * kHd), -0.2, 0.2);
     }
-    for (int j = 0; j < layout.count(K::recurrent); ++j) {
+    for (int j : layout.state_groups()) {
       Rec r;
+      if (layout.groups[size_t(j)] == K::windowed) r.alpha = rftest::random_vector<float>(size_t(kNq / n_kv), -1.0, 1.0);
       r.dt_down = rftest::random_vector<TW>(size_t(kRank * kDModel), -a, a);
       r.dt_up = rftest::random_vector<TW>(size_t(kHd * kRank), -0.5, 0.5);
       r.dt_bias = rftest::random_vector<float>(size_t(kHd), -4.0, -1.0);   // Δ ~ 0.02 .. 0.3
@@ -68,6 +69,7 @@ struct Model {
       v.D = make_view(const_cast<const float*>(r.D.data()), {kHd});
       v.conv_weight = make_view(const_cast<const float*>(r.conv_w.data()), {kHd, kConv});
       v.conv_bias = make_view(const_cast<const float*>(r.conv_b.data()), {kHd});
+      if (!r.alpha.empty()) v.alpha = make_view(const_cast<const float*>(r.alpha.data()), {int64_t(r.alpha.size())});
       rec_views.push_back(v);
     }
   }
@@ -147,14 +149,14 @@ std::vector<double> reference(const Model<TW>& m, const std::vector<float>& x, i
   int rec_i = 0;
   for (int j = 0; j < n_kv; ++j) {
     const K kind = m.layout.groups[size_t(j)];
-    if (kind != K::recurrent) {
+    if (kind != K::recurrent) {  // softmax attention (attention, streaming, windowed)
       for (int64_t t = 0; t < L; ++t)
         for (int r = 0; r < g; ++r) {
           const int h = j * g + r;
           std::vector<double> s;
           std::vector<int64_t> keys;
           for (int64_t p = 0; p <= t; ++p) {
-            if (kind == K::streaming && !(p < kSink || p > t - kWindow)) continue;
+            if (has_stream_ring(kind) && !(p < kSink || p > t - kWindow)) continue;
             double d = 0;
             for (int c = 0; c < kHd; ++c) d += qr[size_t(t)][size_t(h * kHd + c)] * kr[size_t(p)][size_t(j * kHd + c)];
             s.push_back(d / std::sqrt(double(kHd)));
@@ -169,7 +171,8 @@ std::vector<double> reference(const Model<TW>& m, const std::vector<float>& x, i
             concat[size_t((t * kNq + h) * kHd + c)] = o;
           }
         }
-    } else {
+    }
+    if (has_recurrent_state(kind)) {  // recurrent, and a windowed group's alpha-weighted term
       const auto& rw = m.rec[size_t(rec_i++)];
       std::vector<double> hstate(size_t(kHd * kHd), 0.0);
       for (int64_t t = 0; t < L; ++t) {
@@ -193,7 +196,7 @@ std::vector<double> reference(const Model<TW>& m, const std::vector<float>& x, i
             double y = double(rw.D[size_t(c)]) * u;
             for (int nn = 0; nn < kHd; ++nn)
               y += hstate[size_t(c * kHd + nn)] * q[size_t(t)][size_t(h * kHd + nn)] / std::sqrt(double(kHd));
-            concat[size_t((t * kNq + h) * kHd + c)] = y;
+            concat[size_t((t * kNq + h) * kHd + c)] += (rw.alpha.empty() ? 1.0 : double(rw.alpha[size_t(r)])) * y;
           }
         }
       }

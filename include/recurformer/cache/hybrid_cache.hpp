@@ -3,7 +3,7 @@
 // Spec section 6. Per layer and sequence slot the cache holds only what the layer's head layout
 // needs: K and V of the attention groups (growing with the context), an fp32 SSM state and a conv
 // state per recurrent group (constant), and sink + window ring buffers of K and V per streaming
-// group (bounded). Memory is allocated once, at construction, for `slots` sequences of up to
+// group (bounded); a windowed group keeps both a state and a ring. Memory is allocated once, at construction, for `slots` sequences of up to
 // `capacity` tokens; nothing is allocated later (except by snapshot() into its caller's Snapshot).
 //
 // Layouts, chosen so the kernels read the cache directly through views:
@@ -11,6 +11,8 @@
 //   ssm_states(l)               [slots, n_rec(l), hd, N]          float  (per group: scan's state)
 //   conv_states(l)              [slots, n_rec(l), Kc-1, hd]       T      (per group: conv's conv_state)
 //   stream_keys(l), stream_values(l) [slots, n_stream(l), ring, hd] T    ring = min(capacity, sink+window)
+// n_rec counts the layer's recurrent and windowed groups (LayerLayout::state_groups, in KV-group order),
+// n_stream its streaming and windowed groups (LayerLayout::ring_groups).
 // Streaming ring: a token at position p < sink sits in entry p; p >= sink in entry
 // sink + (p - sink) % window, which overwrites exactly the key the window has just forgotten.
 // Key positions are a function of the slot's length (stream_positions), so nothing but K and V is
@@ -62,13 +64,13 @@ struct HybridCacheConfig {
     RF_CHECK(capacity >= 1 && capacity <= INT32_MAX, "HybridCache: capacity is ", capacity,
              ", expected 1..2^31-1 tokens");
     layout.check(n_layers, n_kv);
-    if (layout.count(HeadKind::recurrent) > 0) {
+    if (layout.count_state_groups() > 0) {
       RF_CHECK(recurrent.d_state >= 1, "HybridCache: recurrent.d_state is ", recurrent.d_state,
                ", expected >= 1");
       RF_CHECK(recurrent.conv_kernel >= 1, "HybridCache: recurrent.conv_kernel is ",
                recurrent.conv_kernel, ", expected >= 1");
     }
-    if (layout.count(HeadKind::streaming) > 0) {
+    if (layout.count_ring_groups() > 0) {
       RF_CHECK(streaming.sink >= 0, "HybridCache: streaming.sink is ", streaming.sink, ", expected >= 0");
       RF_CHECK(streaming.window >= 1, "HybridCache: streaming.window is ", streaming.window,
                ", expected >= 1");
@@ -76,17 +78,18 @@ struct HybridCacheConfig {
   }
 };
 
-/// Bytes by kind of head. total = attention + recurrent + streaming.
+/// Bytes by kind of head. total = attention + recurrent + streaming + windowed.
 struct CacheBytes {
-  int64_t attention = 0, recurrent = 0, streaming = 0, total = 0;
+  int64_t attention = 0, recurrent = 0, streaming = 0, windowed = 0, total = 0;
   CacheBytes& operator+=(const CacheBytes& o) {
-    attention += o.attention, recurrent += o.recurrent, streaming += o.streaming, total += o.total;
+    attention += o.attention, recurrent += o.recurrent, streaming += o.streaming, windowed += o.windowed;
+    total += o.total;
     return *this;
   }
 };
 inline bool operator==(const CacheBytes& a, const CacheBytes& b) {
   return a.attention == b.attention && a.recurrent == b.recurrent && a.streaming == b.streaming &&
-         a.total == b.total;
+         a.windowed == b.windowed && a.total == b.total;
 }
 
 /// The byte report: for the tokens the slots hold now, and for what was allocated.
@@ -96,17 +99,20 @@ struct CacheReport {
 };
 
 /// Spec section 6, for one sequence of `context` tokens with elements of `elem_bytes` bytes:
-/// sum over layers of (n_kv - r - s) 2 hd T b + r (hd N 4 + (Kc-1) hd b) + s 2 hd min(T, sink+window) b.
+/// sum over layers of (n_kv - r - s - w) 2 hd T b + r (hd N 4 + (Kc-1) hd b) + s 2 hd min(T, sink+window) b
+/// + w (hd N 4 + (Kc-1) hd b + 2 hd min(T, sink+window) b).
 inline CacheBytes hybrid_cache_spec_bytes(const HybridCacheConfig& c, int64_t context, int64_t elem_bytes) {
   CacheBytes r;
   const int64_t hd = c.head_dim, N = c.recurrent.d_state, Kc = c.recurrent.conv_kernel;
   const int64_t ring = std::min<int64_t>(context, int64_t(c.streaming.sink) + c.streaming.window);
+  const int64_t state = hd * N * 4 + (Kc - 1) * hd * elem_bytes, ring_bytes = 2 * hd * ring * elem_bytes;
   for (const LayerLayout& l : c.layout.layers) {
     r.attention += int64_t(l.count(HeadKind::attention)) * 2 * hd * context * elem_bytes;
-    r.recurrent += int64_t(l.count(HeadKind::recurrent)) * (hd * N * 4 + (Kc - 1) * hd * elem_bytes);
-    r.streaming += int64_t(l.count(HeadKind::streaming)) * 2 * hd * ring * elem_bytes;
+    r.recurrent += int64_t(l.count(HeadKind::recurrent)) * state;
+    r.streaming += int64_t(l.count(HeadKind::streaming)) * ring_bytes;
+    r.windowed += int64_t(l.count(HeadKind::windowed)) * (state + ring_bytes);
   }
-  r.total = r.attention + r.recurrent + r.streaming;
+  r.total = r.attention + r.recurrent + r.streaming + r.windowed;
   return r;
 }
 
@@ -152,8 +158,8 @@ class HybridCache {
       const LayerLayout& ll = cfg_.layout.layers[size_t(l)];
       Layer& L = layers_[size_t(l)];
       L.n_attn = ll.count(HeadKind::attention);
-      L.n_rec = ll.count(HeadKind::recurrent);
-      L.n_stream = ll.count(HeadKind::streaming);
+      L.n_rec = ll.count(HeadKind::recurrent) + ll.count(HeadKind::windowed);
+      L.n_stream = ll.count(HeadKind::streaming) + ll.count(HeadKind::windowed);
       L.k = Memory::template zeros<T>(S * L.n_attn * cfg_.capacity * hd);
       L.v = Memory::template zeros<T>(S * L.n_attn * cfg_.capacity * hd);
       L.ssm = Memory::template zeros<float>(S * L.n_rec * hd * d_state());
@@ -192,13 +198,13 @@ class HybridCache {
   /// [slots, n_attn, capacity, hd] keys / values of the layer's attention groups, in group order.
   View<T, 4> keys(int layer) { return kv_view(lay(layer).k, lay(layer).n_attn, cfg_.capacity); }
   View<T, 4> values(int layer) { return kv_view(lay(layer).v, lay(layer).n_attn, cfg_.capacity); }
-  /// [slots, n_rec, hd, N] fp32 SSM states of the layer's recurrent groups.
+  /// [slots, n_rec, hd, N] fp32 SSM states of the layer's recurrent and windowed groups.
   View<float, 4> ssm_states(int layer) {
     Layer& L = lay(layer);
     return make_view(L.ssm.data(), {int64_t(cfg_.slots), int64_t(L.n_rec), int64_t(cfg_.head_dim),
                                     int64_t(d_state())});
   }
-  /// [slots, hd, N] SSM state of the i-th recurrent group of the layer (selective_scan's state).
+  /// [slots, hd, N] SSM state of the i-th group with a state (recurrent or windowed) of the layer.
   View<float, 3> ssm_state(int layer, int i) {
     View<float, 4> all = ssm_states(layer);
     RF_CHECK(i >= 0 && i < all.shape[1], "HybridCache: recurrent group ", i, " out of range [0, ",
@@ -220,7 +226,7 @@ class HybridCache {
     return make_strided_view(all.data + i * all.stride[1], {all.shape[0], all.shape[2], all.shape[3]},
                              {all.stride[0], all.stride[2], all.stride[3]});
   }
-  /// [slots, n_stream, ring, hd] ring buffers of the layer's streaming groups.
+  /// [slots, n_stream, ring, hd] ring buffers of the layer's streaming and windowed groups.
   View<T, 4> stream_keys(int layer) { return kv_view(lay(layer).ring_k, lay(layer).n_stream, ring_); }
   View<T, 4> stream_values(int layer) { return kv_view(lay(layer).ring_v, lay(layer).n_stream, ring_); }
 

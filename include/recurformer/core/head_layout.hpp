@@ -18,11 +18,23 @@ enum class HeadKind : uint8_t {
   attention = 0,  ///< softmax attention over the full KV cache
   recurrent = 1,  ///< selective scan with a fixed fp32 state (the RecurFormer head)
   streaming = 2,  ///< attention over `sink` first and `window` most recent tokens
+  windowed = 3,   ///< streaming attention + alpha (per query head) x the recurrent output (spec section 2)
 };
 
 inline const char* head_kind_name(HeadKind k) {
-  return k == HeadKind::attention ? "attention" : k == HeadKind::recurrent ? "recurrent" : "streaming";
+  switch (k) {
+    case HeadKind::attention: return "attention";
+    case HeadKind::recurrent: return "recurrent";
+    case HeadKind::streaming: return "streaming";
+    case HeadKind::windowed: return "windowed";
+  }
+  return "unknown";
 }
+
+/// Whether a group of this kind keeps a recurrent state (SSM + conv) and has the recurrent tensors.
+inline bool has_recurrent_state(HeadKind k) { return k == HeadKind::recurrent || k == HeadKind::windowed; }
+/// Whether a group of this kind keeps a sink + window ring of K and V.
+inline bool has_stream_ring(HeadKind k) { return k == HeadKind::streaming || k == HeadKind::windowed; }
 
 /// Hyper-parameters of the recurrent and streaming kinds (the "recurformer" config object).
 struct RecurrentConfig {
@@ -52,6 +64,21 @@ struct LayerLayout {
       if (groups[size_t(i)] == k) r.push_back(i);
     return r;
   }
+  /// KV-group indices of the groups with a recurrent state (recurrent and windowed), ascending: the
+  /// order of the cache's states and of the layer's recurrent weights.
+  std::vector<int> state_groups() const {
+    std::vector<int> r;
+    for (int i = 0; i < n_groups(); ++i)
+      if (has_recurrent_state(groups[size_t(i)])) r.push_back(i);
+    return r;
+  }
+  /// KV-group indices of the groups with a streaming ring (streaming and windowed), ascending.
+  std::vector<int> ring_groups() const {
+    std::vector<int> r;
+    for (int i = 0; i < n_groups(); ++i)
+      if (has_stream_ring(groups[size_t(i)])) r.push_back(i);
+    return r;
+  }
   static LayerLayout uniform(int n_kv, HeadKind k) { return {std::vector<HeadKind>(size_t(n_kv), k)}; }
 };
 
@@ -65,6 +92,9 @@ struct HeadLayout {
     for (const auto& l : layers) n += l.count(k);
     return n;
   }
+  /// Groups with a recurrent state (recurrent + windowed) over all layers.
+  int count_state_groups() const { return count(HeadKind::recurrent) + count(HeadKind::windowed); }
+  int count_ring_groups() const { return count(HeadKind::streaming) + count(HeadKind::windowed); }
   static HeadLayout uniform(int n_layers, int n_kv, HeadKind k) {
     return {std::vector<LayerLayout>(size_t(n_layers), LayerLayout::uniform(n_kv, k))};
   }

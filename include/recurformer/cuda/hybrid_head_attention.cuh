@@ -59,6 +59,9 @@ struct HybridBackend<CudaExec> {
   static void to_storage(T* dst, const float* src, int64_t n, CudaExec exec) {
     cuda::detail::launch_moves("to_storage_kernel", cuda::detail::to_storage_kernel<T>, n, exec.stream, dst, src);
   }
+  static void copy_floats(float* dst, const float* src, int64_t n, CudaExec exec) {
+    RF_CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, exec.stream));
+  }
   template <class T>
   static void gather_heads(const Plan& pl, const CallBuffers<T>& b, float c_scale, CudaExec exec) {
     namespace cd = cuda::detail;

@@ -8,6 +8,8 @@
 //   recurrent group  j: u = conv_j(v_j); Δ = softplus(dt_up (dt_down x) + dt_bias); B = k_j;
 //                       C = q heads of j / sqrt(hd); selective scan (G = 1, R = g readers, D)
 //                       over the slot's fp32 state (causal_conv1d + selective_scan ops)
+//   windowed group   j: the streaming group's output + alpha_h x the recurrent group's output, per
+//                       query head h (alpha in the group's recurrent weights; spec section 2)
 //   out = concat over heads (each head's output where its attention output stood) Wo^T
 //
 // Input: RMS-normalised hidden states of a batch of packed sequences (cu_seqlens), one cache slot

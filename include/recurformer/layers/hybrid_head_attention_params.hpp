@@ -24,6 +24,7 @@ struct RecurrentGroupWeights {
   View<const float, 1> D;            // [hd] optional skip
   View<const float, 2> conv_weight;  // [hd, Kc]
   View<const float, 1> conv_bias;    // [hd] optional
+  View<const float, 1> alpha;        // [g] windowed groups only: weight of each query head's recurrent output
 };
 
 /// One layer's attention weights in the weight dtype TW (any the linear op takes with fp32 x).
@@ -34,7 +35,8 @@ struct HybridAttentionWeights {
   View<const TW, 2> wv;  // [n_kv * hd, d_model]
   View<const TW, 2> wo;  // [d_model, n_q * hd]
   View<const TW, 1> bq, bk, bv;  // [n_q * hd], [n_kv * hd], [n_kv * hd] optional (Qwen2)
-  /// [n_recurrent] one entry per recurrent group of the layer, in KV-group order (caller-owned).
+  /// [n_recurrent] one entry per recurrent or windowed group of the layer (LayerLayout::state_groups),
+  /// in KV-group order (caller-owned).
   const RecurrentGroupWeights<TW>* recurrent = nullptr;
   int n_recurrent = 0;
 };

@@ -143,15 +143,18 @@ inline RecurFormerConfig parse_recurformer(const json& o, const ModelConfig& c, 
            " entries, expected one per layer (", c.n_layers, ")");
   for (size_t l = 0; l < layers.size(); ++l) {
     const std::string key = "recurformer.layers[" + std::to_string(l) + "]";
-    RF_CHECK(layers[l].is_object(), source, ": ", key, " must be an object {\"recurrent\", \"streaming\"}");
+    RF_CHECK(layers[l].is_object(), source, ": ", key,
+             " must be an object {\"recurrent\", \"streaming\", \"windowed\"}");
     LayerLayout ll = LayerLayout::uniform(c.n_kv, HeadKind::attention);
-    for (HeadKind kind : {HeadKind::recurrent, HeadKind::streaming}) {
+    for (HeadKind kind : {HeadKind::recurrent, HeadKind::streaming, HeadKind::windowed}) {
       const char* name = head_kind_name(kind);
       const json* v = json_find(layers[l], name);
       if (!v) continue;
       for (int g : json_index_list(*v, source, key + "." + name, c.n_kv)) {
-        RF_CHECK(ll.groups[size_t(g)] == HeadKind::attention, source, ": ", key, ": KV group ", g,
-                 ll.groups[size_t(g)] == kind ? " is listed twice" : " is both recurrent and streaming");
+        const HeadKind was = ll.groups[size_t(g)];
+        RF_CHECK(was == HeadKind::attention, source, ": ", key, ": KV group ", g,
+                 was == kind ? std::string(" is listed twice in ") + name
+                             : std::string(" is both ") + head_kind_name(was) + " and " + name);
         ll.groups[size_t(g)] = kind;
       }
     }
@@ -310,10 +313,12 @@ inline nlohmann::ordered_json recurformer_to_json(const RecurFormerConfig& rf) {
   o["recency_window"] = rf.recency_window;
   o["streaming"] = {{"sink", rf.streaming.sink}, {"window", rf.streaming.window}};
   nlohmann::ordered_json layers = nlohmann::ordered_json::array();
+  const bool windowed = rf.layout.count(HeadKind::windowed) > 0;  // optional key: absent when unused
   for (const LayerLayout& l : rf.layout.layers) {
     nlohmann::ordered_json e;
     e["recurrent"] = l.indices(HeadKind::recurrent);
     e["streaming"] = l.indices(HeadKind::streaming);
+    if (windowed) e["windowed"] = l.indices(HeadKind::windowed);
     layers.push_back(std::move(e));
   }
   o["layers"] = std::move(layers);

@@ -2,7 +2,7 @@
 //
 // The output directory holds the original config.json with the "recurformer" object added, the
 // tokenizer files copied, and model.safetensors with every original tensor (same names, dtypes and
-// bytes) plus, per recurrent group, the seven new tensors. The new tensors are stored in fp32
+// bytes) plus, per recurrent group, the seven new tensors (per windowed group also alpha, zeros). The new tensors are stored in fp32
 // (they are small, and A_log / dt_bias lose meaning in 16 bits), initialised as spec section 3's
 // `default`: dt_up = 0, dt_bias = softplus^-1(Δ0) with Δ0 log-uniform in [1e-3, 1e-1] (seeded),
 // A_log[c, n] = log(n + 1), D = 0, conv identity (last tap 1), conv bias 0; dt_down is seeded
@@ -51,7 +51,7 @@ struct ConvertOptions {
   uint64_t seed = 0x5eed;
   float dt_min = 1e-3f, dt_max = 1e-1f;
   ConvertInit init = ConvertInit::default_init;
-  std::vector<FitGroupData> fit_data;  ///< init fit: one entry per recurrent group (record_fit_data)
+  std::vector<FitGroupData> fit_data;  ///< init fit: one entry per recurrent or windowed group (record_fit_data)
   std::optional<DType> weight_dtype;   ///< re-store the original tensors in this dtype (default: as read)
   std::function<void(int64_t, int64_t)> progress;  ///< init fit: (groups fitted, groups) after each group
   bool replace = false;  ///< an existing non-empty output directory is replaced whole (else refused)
@@ -168,8 +168,8 @@ inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, c
   const int64_t d = c.d_model, hd = c.head_dim, r = rf.recurrent.dt_rank, N = rf.recurrent.d_state,
                 Kc = rf.recurrent.conv_kernel;
   const bool fit = o.init == ConvertInit::fit;
-  RF_CHECK(!fit || int64_t(o.fit_data.size()) == rf.layout.count(HeadKind::recurrent), "convert: --init fit has data for ",
-           o.fit_data.size(), " groups, the layout has ", rf.layout.count(HeadKind::recurrent), " recurrent groups");
+  RF_CHECK(!fit || int64_t(o.fit_data.size()) == rf.layout.count_state_groups(), "convert: --init fit has data for ",
+           o.fit_data.size(), " groups, the layout has ", rf.layout.count_state_groups(), " recurrent and windowed groups");
   std::vector<FitGroupError> errors;
   detail::check_output_dir(final_dir, ck.path(), o.replace);
   detail::StagingDir staging(final_dir);
@@ -214,8 +214,10 @@ inline std::vector<FitGroupError> convert_to_recurformer(const Checkpoint& ck, c
     tensors.push_back({name, DType::f32, std::move(shape), owned.back().data()});
   };
   for (int l = 0; l < c.n_layers; ++l) {
-    for (int j : rf.layout.layers[size_t(l)].indices(HeadKind::recurrent)) {
+    for (int j : rf.layout.layers[size_t(l)].state_groups()) {
       const std::string p = "model.layers." + std::to_string(l) + ".self_attn.recurrent." + std::to_string(j) + ".";
+      if (rf.layout.layers[size_t(l)].groups[size_t(j)] == HeadKind::windowed)  // starts as a streaming group
+        add(p + "alpha", {c.n_q / c.n_kv}, std::vector<float>(size_t(c.n_q / c.n_kv), 0.f));
       std::vector<float> down(size_t(r * d));
       const double a = std::sqrt(3.0 / double(d));
       for (auto& x : down) x = float((2 * uniform() - 1) * a);

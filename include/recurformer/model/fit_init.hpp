@@ -264,7 +264,7 @@ inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const 
   std::vector<int> input_slot(size_t(c.n_layers), -1);     // [layer] -> index in *inputs
   if (inputs) inputs->clear();
   for (int l = 0; l < c.n_layers; ++l)
-    for (int j : layout.layers[size_t(l)].indices(HeadKind::recurrent)) {
+    for (int j : layout.layers[size_t(l)].state_groups()) {  // recurrent and windowed
       slot[size_t(l)].push_back(int(out.size()));
       out.push_back({l, j, {}});
       if (inputs && input_slot[size_t(l)] < 0) {

@@ -38,16 +38,19 @@ void launch_moves(const char* name, void (*kernel)(int64_t, KA...), int64_t coun
   recurformer::detail::cuda_check(cudaGetLastError(), name, __FILE__, __LINE__);
 }
 
-// q heads: element (t, h, e) of qf [n, n_q, hd] -> q[kind] [n, nk, g, hd]; recurrent q scaled.
+// q heads: element (t, h, e) of qf [n, n_q, hd] -> q[kind] [n, nk, g, hd] of every kind slot serving
+// the group; recurrent q scaled.
 template <class T>
 __global__ void gather_q_kernel(int64_t count, const hy::Plan pl, const hy::CallBuffers<T> b, float c_scale) {
   RF_GRID_STRIDE(idx, count) {
     const int64_t e = idx % pl.hd, h = (idx / pl.hd) % pl.n_q, t = idx / (pl.hd * pl.n_q);
     const int64_t j = h / pl.g, r = h % pl.g;
-    const int kind = b.group_kind[j];
-    const int64_t i = b.group_local[j], nk = pl.groups[kind];
-    const float v = b.qf[idx] * (kind == hy::kRec ? c_scale : 1.f);
-    store_float(b.q[kind] + ((t * nk + i) * pl.g + r) * pl.hd + e, v);
+    for (int kind = 0; kind < 3; ++kind) {
+      const int64_t i = b.group_local[j * 3 + kind], nk = pl.groups[kind];
+      if (i < 0) continue;
+      const float v = b.qf[idx] * (kind == hy::kRec ? c_scale : 1.f);
+      store_float(b.q[kind] + ((t * nk + i) * pl.g + r) * pl.hd + e, v);
+    }
   }
 }
 
@@ -56,22 +59,32 @@ template <class T>
 __global__ void gather_kv_kernel(int64_t count, const hy::Plan pl, const hy::CallBuffers<T> b) {
   RF_GRID_STRIDE(idx, count) {
     const int64_t e = idx % pl.hd, j = (idx / pl.hd) % pl.n_kv, t = idx / (pl.hd * pl.n_kv);
-    const int kind = b.group_kind[j];
-    const int64_t at = (t * pl.groups[kind] + b.group_local[j]) * pl.hd + e;
-    store_float(b.k[kind] + at, b.kf[idx]);
-    store_float(b.v[kind] + at, b.vf[idx]);
+    for (int kind = 0; kind < 3; ++kind) {
+      const int64_t i = b.group_local[j * 3 + kind];
+      if (i < 0) continue;
+      const int64_t at = (t * pl.groups[kind] + i) * pl.hd + e;
+      store_float(b.k[kind] + at, b.kf[idx]);
+      store_float(b.v[kind] + at, b.vf[idx]);
+    }
   }
 }
 
-// Head outputs o[kind] [n, nk, g, hd] -> qf [n, n_q, hd] in fp32 (the concat Wo reads).
+// Head outputs o[kind] [n, nk, g, hd] -> qf [n, n_q, hd] in fp32 (the concat Wo reads): the sum over
+// the kind slots serving the group, the recurrent output weighted by alpha in a windowed group.
 template <class T>
 __global__ void scatter_heads_kernel(int64_t count, const hy::Plan pl, const hy::CallBuffers<T> b) {
   RF_GRID_STRIDE(idx, count) {
     const int64_t e = idx % pl.hd, h = (idx / pl.hd) % pl.n_q, t = idx / (pl.hd * pl.n_q);
     const int64_t j = h / pl.g, r = h % pl.g;
-    const int kind = b.group_kind[j];
-    const int64_t i = b.group_local[j], nk = pl.groups[kind];
-    b.qf[idx] = load_float(b.o[kind] + ((t * nk + i) * pl.g + r) * pl.hd + e);
+    const bool windowed = b.group_local[j * 3 + hy::kStream] >= 0 && b.group_local[j * 3 + hy::kRec] >= 0;
+    float acc = 0.f;
+    for (int kind = 0; kind < 3; ++kind) {
+      const int64_t i = b.group_local[j * 3 + kind], nk = pl.groups[kind];
+      if (i < 0) continue;
+      const float wgt = kind == hy::kRec && windowed ? b.alpha[i * pl.g + r] : 1.f;
+      acc += wgt * load_float(b.o[kind] + ((t * nk + i) * pl.g + r) * pl.hd + e);
+    }
+    b.qf[idx] = acc;
   }
 }
 

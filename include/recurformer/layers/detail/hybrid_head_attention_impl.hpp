@@ -3,6 +3,7 @@
 // the CPU ops, with the data movement between them as loops over the thread pool.
 #pragma once
 
+#include <algorithm>
 #include <cstring>
 
 #include "recurformer/cpu/attention.hpp"
@@ -46,40 +47,54 @@ struct HybridBackend<CpuExec> {
     });
   }
 
-  // qf/kf/vf (fp32, head order) -> q/k/v per kind (T), recurrent q scaled by c_scale.
+  static void copy_floats(float* dst, const float* src, int64_t n, CpuExec) {
+    std::memcpy(dst, src, size_t(n) * sizeof(float));
+  }
+
+  // qf/kf/vf (fp32, head order) -> q/k/v of every kind slot that serves the group (T), recurrent q
+  // scaled by c_scale.
   template <class T>
   static void gather_heads(const Plan& pl, const CallBuffers<T>& b, float c_scale, CpuExec exec) {
     const int64_t n_q = pl.n_q, n_kv = pl.n_kv, g = pl.g, hd = pl.hd;
     for_work(exec, pl.n * (n_q + 2 * n_kv) * hd).parallel_for(pl.n, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t)
-        for (int64_t j = 0; j < n_kv; ++j) {
-          const int kind = b.group_kind[j];
-          const int64_t i = b.group_local[j], nk = pl.groups[kind];
-          const float qs = kind == kRec ? c_scale : 1.f;
-          const float* q_src = b.qf + (t * n_q + j * g) * hd;
-          T* qd = b.q[kind] + (t * nk * g + i * g) * hd;
-          for (int64_t e = 0; e < g * hd; ++e) qd[e] = from_float<T>(q_src[e] * qs);
-          const float* ks = b.kf + (t * n_kv + j) * hd;
-          const float* vs = b.vf + (t * n_kv + j) * hd;
-          T* kd = b.k[kind] + (t * nk + i) * hd;
-          T* vd = b.v[kind] + (t * nk + i) * hd;
-          for (int64_t e = 0; e < hd; ++e) kd[e] = from_float<T>(ks[e]), vd[e] = from_float<T>(vs[e]);
-        }
+        for (int64_t j = 0; j < n_kv; ++j)
+          for (int kind : {kAttn, kRec, kStream}) {
+            const int64_t i = b.group_local[j * 3 + kind], nk = pl.groups[kind];
+            if (i < 0) continue;
+            const float qs = kind == kRec ? c_scale : 1.f;
+            const float* q_src = b.qf + (t * n_q + j * g) * hd;
+            T* qd = b.q[kind] + (t * nk * g + i * g) * hd;
+            for (int64_t e = 0; e < g * hd; ++e) qd[e] = from_float<T>(q_src[e] * qs);
+            const float* ks = b.kf + (t * n_kv + j) * hd;
+            const float* vs = b.vf + (t * n_kv + j) * hd;
+            T* kd = b.k[kind] + (t * nk + i) * hd;
+            T* vd = b.v[kind] + (t * nk + i) * hd;
+            for (int64_t e = 0; e < hd; ++e) kd[e] = from_float<T>(ks[e]), vd[e] = from_float<T>(vs[e]);
+          }
     });
   }
 
-  // Head outputs per kind (T) -> head order (fp32, into qf).
+  // Head outputs per kind (T) -> head order (fp32, into qf): the sum over the kind slots serving
+  // the group, the recurrent output weighted by alpha in a windowed group.
   template <class T>
   static void scatter_heads(const Plan& pl, const CallBuffers<T>& b, CpuExec exec) {
     const int64_t n_q = pl.n_q, n_kv = pl.n_kv, g = pl.g, hd = pl.hd;
     for_work(exec, pl.n * n_q * hd).parallel_for(pl.n, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t j = 0; j < n_kv; ++j) {
-          const int kind = b.group_kind[j];
-          const int64_t i = b.group_local[j], nk = pl.groups[kind];
-          const T* src = b.o[kind] + (t * nk * g + i * g) * hd;
           float* dst = b.qf + (t * n_q + j * g) * hd;
-          for (int64_t e = 0; e < g * hd; ++e) dst[e] = to_float(src[e]);
+          std::fill(dst, dst + g * hd, 0.f);
+          const bool windowed = b.group_local[j * 3 + kStream] >= 0 && b.group_local[j * 3 + kRec] >= 0;
+          for (int kind : {kAttn, kRec, kStream}) {
+            const int64_t i = b.group_local[j * 3 + kind], nk = pl.groups[kind];
+            if (i < 0) continue;
+            const T* src = b.o[kind] + (t * nk * g + i * g) * hd;
+            for (int64_t r = 0; r < g; ++r) {
+              const float wgt = kind == kRec && windowed ? b.alpha[i * g + r] : 1.f;
+              for (int64_t e = 0; e < hd; ++e) dst[r * hd + e] += wgt * to_float(src[r * hd + e]);
+            }
+          }
         }
     });
   }

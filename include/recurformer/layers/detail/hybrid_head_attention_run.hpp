@@ -10,6 +10,8 @@
 //      (with their positions), attention with the sink/window mask, then write the chunk into the ring;
 //   4. recurrent groups: conv over v_j, low-rank Δ, scan over the slot's state;
 //   5. scatter the head outputs back to head order (fp32) and project with Wo.
+// A windowed group is gathered into both the streaming and the recurrent buffers (stages 3 and 4
+// run it as one of each), and stage 5 adds its streaming output and alpha_h times its recurrent one.
 // The ops (linear, rope, attention, causal_conv1d, selective_scan) are found by overload on the
 // exec; the data movement between them (gather, append, ring copies, scatter) and the op checks
 // are the exec's HybridBackend<Exec> (CPU: layers/detail/hybrid_head_attention_impl.hpp, CUDA:
@@ -54,8 +56,9 @@ inline unsigned char* align_ptr(void* p) {
   return reinterpret_cast<unsigned char*>((a + kAlign - 1) / kAlign * kAlign);
 }
 
-inline int kind_slot(HeadKind k) {
-  return k == HeadKind::attention ? kAttn : k == HeadKind::recurrent ? kRec : kStream;
+// Whether a group of kind k is served by the op of kind slot `slot` (a windowed group by two).
+inline bool uses_slot(HeadKind k, int slot) {
+  return slot == kAttn ? k == HeadKind::attention : slot == kRec ? has_recurrent_state(k) : has_stream_ring(k);
 }
 
 /// A non-null pointer for params whose data a size query or check never reads.
@@ -73,13 +76,14 @@ struct Plan {
   bool decode = false;
   // int32 metadata, computed on the host (the first meta_end bytes of the workspace)
   size_t pos = 0, cu = 0, slots = 0, counts = 0, kv_lens = 0, s_kv_lens = 0, s_kpos = 0, tok_seq = 0;
-  size_t group_kind = 0, group_local = 0, s_src = 0, ring_dst = 0, meta_end = 0;
+  size_t group_local = 0, s_src = 0, ring_dst = 0, meta_end = 0;
   // fp32 projections (q doubles as the fp32 head concat for Wo)
   size_t qf = 0, kf = 0, vf = 0;
   // T per kind: q heads, k, v, head outputs
   size_t q[3] = {}, k[3] = {}, v[3] = {}, o[3] = {};
   size_t stream_k = 0, stream_v = 0;                       // [S, n_stream, stream_cap, hd] T
   size_t u = 0, dt_low = 0, delta_f = 0, delta_t = 0;      // recurrent scratch, per group
+  size_t alpha = 0;                                        // [groups[kRec], g] fp32 (windowed groups' alpha)
   size_t lin = 0, lin_bytes = 0, attn = 0, attn_bytes = 0;
   size_t rec_lin = 0, rec_lin_bytes = 0;                   // per-thread linear scratch (CPU decode)
   size_t total = 0;
@@ -90,11 +94,12 @@ struct Plan {
 template <class T>
 struct CallBuffers {
   const int32_t *pos, *cu, *slots, *tok_seq;  // [n], [S+1], [S], [n] (sequence of each token)
-  const int32_t *group_kind, *group_local;    // [n_kv] kind slot and index within the kind
+  const int32_t *group_local;  // [n_kv, 3] index of group j among each kind slot's groups, -1 if not served by it
   const int32_t *s_src;     // [S, stream_cap] ring entry (>= 0) or -(chunk token + 1) of each key
   const int32_t *s_kv_lens; // [S] keys of each sequence in the streaming scratch
   const int32_t *ring_dst;  // [n] ring entry a token is written to, -1 when a later token takes it
   float *qf, *kf, *vf;
+  float* alpha;  // [groups[kRec], g]: the weight of state group i's reader r in a windowed group
   T *q[3], *k[3], *v[3], *o[3];
 };
 
@@ -116,7 +121,8 @@ Plan plan_layout(const HybridHeadAttentionParams<T, TW, M>& p) {
   pl.hd = c.head_dim();
   pl.g = pl.n_q / pl.n_kv;
   const LayerLayout& ll = c.layer_layout(p.layer);
-  for (HeadKind k : ll.groups) ++pl.groups[kind_slot(k)];
+  for (HeadKind k : ll.groups)
+    for (int slot : {kAttn, kRec, kStream}) pl.groups[slot] += uses_slot(k, slot);
   pl.ring = c.ring_size();
   pl.sink = c.sink();
   pl.window = pl.ring - pl.sink;
@@ -144,8 +150,7 @@ Plan plan_layout(const HybridHeadAttentionParams<T, TW, M>& p) {
   take(pl.s_kv_lens, pl.S, 4);
   take(pl.s_kpos, pl.S * pl.stream_cap, 4);
   take(pl.tok_seq, pl.n, 4);
-  take(pl.group_kind, pl.n_kv, 4);
-  take(pl.group_local, pl.n_kv, 4);
+  take(pl.group_local, pl.n_kv * 3, 4);
   take(pl.s_src, pl.S * pl.stream_cap, 4);
   take(pl.ring_dst, pl.groups[kStream] ? pl.n : 0, 4);
   pl.meta_end = off;
@@ -165,6 +170,7 @@ Plan plan_layout(const HybridHeadAttentionParams<T, TW, M>& p) {
   take(pl.dt_low, rec * pl.dt_rank_max, 4);
   take(pl.delta_f, rec * pl.hd, 4);
   take(pl.delta_t, rec * pl.hd, sizeof(T));
+  take(pl.alpha, pl.groups[kRec] * pl.g, 4);
   pl.lin = off;
   return pl;
 }
@@ -179,11 +185,9 @@ void fill_metadata(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl,
   int32_t *tok_seq = ints(pl.tok_seq), *s_src = ints(pl.s_src), *ring_dst = ints(pl.ring_dst);
   const LayerLayout& ll = c.layer_layout(p.layer);
   int32_t local[3] = {0, 0, 0};
-  for (int64_t j = 0; j < pl.n_kv; ++j) {
-    const int kind = kind_slot(ll.groups[size_t(j)]);
-    ints(pl.group_kind)[j] = kind;
-    ints(pl.group_local)[j] = local[kind]++;
-  }
+  for (int64_t j = 0; j < pl.n_kv; ++j)
+    for (int slot : {kAttn, kRec, kStream})
+      ints(pl.group_local)[j * 3 + slot] = uses_slot(ll.groups[size_t(j)], slot) ? local[slot]++ : -1;
   cu[0] = 0;
   for (int64_t s = 0; s < pl.S; ++s) {
     cu[s + 1] = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) : int32_t(pl.n);
@@ -229,7 +233,8 @@ CallBuffers<T> call_buffers(const Plan& pl, unsigned char* ws) {
   auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(ws + off); };
   CallBuffers<T> b;
   b.pos = ints(pl.pos), b.cu = ints(pl.cu), b.slots = ints(pl.slots), b.tok_seq = ints(pl.tok_seq);
-  b.group_kind = ints(pl.group_kind), b.group_local = ints(pl.group_local);
+  b.group_local = ints(pl.group_local);
+  b.alpha = reinterpret_cast<float*>(ws + pl.alpha);
   b.s_src = ints(pl.s_src), b.s_kv_lens = ints(pl.s_kv_lens), b.ring_dst = ints(pl.ring_dst);
   b.qf = reinterpret_cast<float*>(ws + pl.qf);
   b.kf = reinterpret_cast<float*>(ws + pl.kf);
@@ -417,8 +422,12 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
     for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, lin_ws, pl.lin_bytes);
   }
 
-  // 5. head outputs back to head order in fp32 (reusing qf), then Wo.
-  if constexpr (Execute) B::scatter_heads(pl, b, exec);
+  // 5. head outputs back to head order in fp32 (reusing qf), windowed groups mixed with alpha, then Wo.
+  if constexpr (Execute) {
+    for (int64_t i = 0; i < nR; ++i)
+      if (w.recurrent[i].alpha.present()) B::copy_floats(b.alpha + i * g, w.recurrent[i].alpha.data, g, exec);
+    B::scatter_heads(pl, b, exec);
+  }
   do_linear(make_view(const_cast<const float*>(b.qf), {n, n_q * hd}), w.wo, View<const TW, 1>{}, p.out);
 }
 
@@ -550,13 +559,14 @@ void check(const HybridHeadAttentionParams<T, TW, M>& p) {
   detail::check_optional_shape(kOp, "weights.bk", w.bk, {n_kv * hd});
   detail::check_optional_shape(kOp, "weights.bv", w.bv, {n_kv * hd});
   const LayerLayout& ll = c.layer_layout(p.layer);
-  const int n_rec = ll.count(HeadKind::recurrent);
+  const int n_rec = ll.count(HeadKind::recurrent) + ll.count(HeadKind::windowed);
   RF_CHECK(w.n_recurrent == n_rec && (n_rec == 0 || w.recurrent != nullptr), kOp, ": layer ", p.layer,
-           " has ", n_rec, " recurrent groups but weights.recurrent has ", w.n_recurrent, " entries");
+           " has ", n_rec, " recurrent and windowed groups but weights.recurrent has ", w.n_recurrent, " entries");
   if (n_rec > 0)
     RF_CHECK(c.d_state() == hd, kOp, ": d_state (", c.d_state(), ") must equal head_dim (", hd,
              ") for recurrent groups (B = k, C = q)");
-  for (int i = 0; i < n_rec; ++i) {
+  for (int j = 0, i = 0; j < ll.n_groups(); ++j) {
+    if (!has_recurrent_state(ll.groups[size_t(j)])) continue;
     const RecurrentGroupWeights<TW>& r = w.recurrent[i];
     char name[64];  // no allocation on the hot path: the names are formatted into a stack buffer
     auto nm = [&](const char* field) {
@@ -572,8 +582,13 @@ void check(const HybridHeadAttentionParams<T, TW, M>& p) {
     detail::check_optional_shape(kOp, nm("D"), r.D, {hd});
     detail::check_shape(kOp, nm("conv_weight"), r.conv_weight, {hd, int64_t(c.conv_kernel())});
     detail::check_optional_shape(kOp, nm("conv_bias"), r.conv_bias, {hd});
+    const bool windowed = ll.groups[size_t(j)] == HeadKind::windowed;
+    RF_CHECK(windowed == r.alpha.present(), kOp, ": ", nm("alpha"), windowed ? " is missing: KV group " : " is given: KV group ",
+             j, " of layer ", p.layer, windowed ? " is windowed" : " is recurrent, not windowed");
+    if (windowed) detail::check_shape(kOp, nm("alpha"), r.alpha, {n_q / n_kv});
+    ++i;
   }
-  if (ll.count(HeadKind::attention) + ll.count(HeadKind::streaming) > 0) {
+  if (ll.count(HeadKind::recurrent) < ll.n_groups()) {  // some group runs softmax attention
     dispatch_value("hybrid_head_attention: head_dim of attention groups", AttentionHeadDims{}, hd, [](auto) {});
     detail::check_shape(kOp, "inv_freq", p.inv_freq, {hd / 2});
   }

@@ -119,7 +119,7 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, LlamaWeights<TW>& 
     if (!c.recurformer) continue;
     const RecurrentConfig& rc = c.recurformer->recurrent;
     const int64_t r = rc.dt_rank, N = rc.d_state, Kc = rc.conv_kernel;
-    for (int j : layout.layers[size_t(l)].indices(HeadKind::recurrent)) {
+    for (int j : layout.layers[size_t(l)].state_groups()) {
       const std::string q = p + "self_attn.recurrent." + std::to_string(j) + ".";
       RecurrentGroupWeights<TW> g;
       g.dt_down = mat(q + "dt_down.weight", r, d);
@@ -131,6 +131,7 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, LlamaWeights<TW>& 
       g.D = vec(q + "D", hd);
       g.conv_weight = make_view<const float>(f32(q + "conv1d.weight", {hd, Kc}).data(), {hd, Kc});
       g.conv_bias = vec(q + "conv1d.bias", hd);
+      if (layout.layers[size_t(l)].groups[size_t(j)] == HeadKind::windowed) g.alpha = vec(q + "alpha", nq / nkv);
       L.recurrent.push_back(g);
     }
   }
