@@ -26,8 +26,8 @@ struct Args {
   double ratio = -1, threshold = -1;
   int min_attention_per_layer = 0;
   int dt_rank = 8;
-  std::string kind = "recurrent";   // convert: what the selected groups become (recurrent | streaming)
-  int sink = 4, stream_window = 0;  // convert --kind streaming: ring of sink + window (0 = same bytes as a state)
+  std::string kind = "recurrent";   // convert: what the selected groups become (recurrent | streaming | windowed)
+  int sink = 4, stream_window = 0;  // convert --kind streaming|windowed: ring of sink + window (0 = same bytes as a state)
   int batch = 256;                  // prefill chunk
   std::vector<int64_t> contexts;    // bench -c list
   int n_decode = 32;                // bench decode tokens
@@ -121,12 +121,14 @@ inline std::string command_help(const std::string& cmd) {
            "  --ratio R            make the fraction R of all KV groups recurrent (highest scores first)\n"
            "  --threshold X        make every KV group with score >= X recurrent\n"
            "  --min-attention-per-layer K   keep at least K attention groups in every layer (default 0)\n"
-           "  --kind recurrent|streaming   what the selected groups become (default recurrent); streaming:\n"
-           "                       attention over the first --sink and the last --stream-window tokens\n"
-           "                       with the original weights (the baseline at the same cache)\n"
-           "  --sink N             --kind streaming: tokens always kept (default 4)\n"
-           "  --stream-window W    --kind streaming: recent tokens kept (default: as many as make the\n"
-           "                       ring take the bytes of one recurrent state at --cache-type)\n"
+           "  --kind recurrent|streaming|windowed   what the selected groups become (default recurrent);\n"
+           "                       streaming: attention over the first --sink and the last --stream-window\n"
+           "                       tokens with the original weights (the baseline at the same cache);\n"
+           "                       windowed: that streaming attention plus alpha x a recurrent head, alpha 0\n"
+           "                       (it starts as the streaming model; distill and finetune train alpha)\n"
+           "  --sink N             --kind streaming|windowed: tokens always kept (default 4)\n"
+           "  --stream-window W    --kind streaming|windowed: recent tokens kept (default: as many as make\n"
+           "                       the ring take the bytes of one recurrent state at --cache-type)\n"
            "  --init default|fit   initialisation of the new tensors (spec section 3; default `default`);\n"
            "                       fit: least squares to the attention outputs on -f TEXT, errors printed\n"
            "                       and written to DIR/fit_report.json\n"
@@ -275,8 +277,8 @@ inline Args parse_args(int argc, char** argv) {
     }
     else if (f == "--kind") {
       a.kind = val();
-      RF_CHECK(a.kind == "recurrent" || a.kind == "streaming", "--kind: \"", a.kind,
-               "\" is not one of recurrent, streaming");
+      RF_CHECK(a.kind == "recurrent" || a.kind == "streaming" || a.kind == "windowed", "--kind: \"", a.kind,
+               "\" is not one of recurrent, streaming, windowed");
     } else if (f == "--sink") a.sink = int(to_int(f, val(), 0, 1 << 20));
     else if (f == "--stream-window") a.stream_window = int(to_int(f, val(), 1, 1 << 20));
     else if (f == "--dt-rank") a.dt_rank = int(to_int(f, val(), 1, 1 << 16));

@@ -48,7 +48,15 @@ inline std::string human_bytes(int64_t b) {
 }
 inline std::string bytes_by_kind(const CacheBytes& c) {
   return "attention " + human_bytes(c.attention) + ", recurrent " + human_bytes(c.recurrent) + ", streaming " +
-         human_bytes(c.streaming) + ", total " + human_bytes(c.total);
+         human_bytes(c.streaming) + (c.windowed ? ", windowed " + human_bytes(c.windowed) : std::string()) + ", total " +
+         human_bytes(c.total);
+}
+/// "45 recurrent" / "45 windowed" / "30 recurrent, 15 streaming": the non-attention groups of a layout.
+inline std::string converted_groups(const HeadLayout& l) {
+  std::string r;
+  for (HeadKind k : {HeadKind::recurrent, HeadKind::streaming, HeadKind::windowed})
+    if (l.count(k) > 0) r += (r.empty() ? "" : ", ") + std::to_string(l.count(k)) + " " + head_kind_name(k);
+  return r.empty() ? "0 recurrent" : r;
 }
 
 /// "1m 05s" / "12.3 s".
@@ -377,10 +385,12 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
   ConvertOptions o;
   o.layout = select_head_layout(scores.group_mean, sel);
   o.recurrent.dt_rank = a.dt_rank;
-  if (streaming) {  // the same selection, served by a window of the original attention instead
+  const HeadKind kind = a.kind == "streaming" ? HeadKind::streaming
+                        : a.kind == "windowed" ? HeadKind::windowed : HeadKind::recurrent;
+  if (has_stream_ring(kind)) {  // the same selection, served by a window of the original attention (+ alpha x recurrent)
     for (LayerLayout& l : o.layout.layers)
       for (HeadKind& g : l.groups)
-        if (g == HeadKind::recurrent) g = HeadKind::streaming;
+        if (g == HeadKind::recurrent) g = kind;
     o.streaming.sink = a.sink;
     o.streaming.window = a.stream_window > 0 ? a.stream_window
                                              : streaming_window_matching_recurrent(c.head_dim, convert_config(c, o).recurrent,
@@ -402,12 +412,11 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
   Progress fit_progress(err, "convert: fitting recurrent groups");
   if (a.init == "fit") o.progress = std::ref(fit_progress);
   const std::vector<FitGroupError> errors = convert_to_recurformer(ck, o, out_dir, CpuExec{&pool});
-  const HeadKind kind = streaming ? HeadKind::streaming : HeadKind::recurrent;
   out << "converted " << o.layout.count(kind) << " of " << c.n_layers * c.n_kv << " KV groups to "
       << head_kind_name(kind) << " -> " << out_dir << "\n";
-  if (streaming)
-    out << "streaming heads keep the first " << o.streaming.sink << " and the last " << o.streaming.window
-        << " tokens\n";
+  if (has_stream_ring(kind))
+    out << head_kind_name(kind) << " heads keep the first " << o.streaming.sink << " and the last " << o.streaming.window
+        << " tokens" << (kind == HeadKind::windowed ? " and a recurrent state (alpha = 0: the streaming model)\n" : "\n");
   char buf[160];
   if (per_group) {
     for (const FitGroupError& e : errors) {
@@ -578,7 +587,7 @@ inline int run_bench(const Args& a, std::ostream& out, std::ostream& err) {
   const ModelConfig& c = m.model->config();
   out << "model " << a.model << ": " << c.n_layers << " layers, d_model " << c.d_model << ", " << c.n_q << "/" << c.n_kv
       << " heads, weights " << dtype_name(m.model->weight_dtype()) << ", "
-      << c.head_layout().count(HeadKind::recurrent) << " of " << c.n_layers * c.n_kv << " KV groups recurrent, "
+      << converted_groups(c.head_layout()) << " of " << c.n_layers * c.n_kv << " KV groups, "
       << threads_of(a) << " threads\n";
   out << "(the cache is filled to depth with synthetic keys, values and states, not a forward pass)\n";
   out << std::setw(8) << "context" << std::setw(16) << "prefill tok/s" << std::setw(16) << "decode tok/s"

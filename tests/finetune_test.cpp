@@ -1,10 +1,11 @@
 // Continual training (model/finetune.hpp, model/finetune_train.hpp, `recurformer finetune`): the
-// training forward against LlamaModel::forward on a converted tiny model with attention, recurrent and
-// streaming groups; the loss's gradient against central finite differences, tensor by tensor, with
+// training forward against LlamaModel::forward on a converted tiny model with attention, recurrent,
+// streaming and windowed groups (alpha made nonzero); the loss's gradient against central finite differences, tensor by tensor, with
 // and without the KL term; the trainer end to end (loss falls, checkpoint loads and generates, only
 // trainable tensors change, resume = uninterrupted run bit for bit); the one-line errors.
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <random>
 #include <sstream>
@@ -24,8 +25,9 @@ runner::Args args(std::vector<std::string> v) {
   return runner::parse_args(int(argv.size()), argv.data());
 }
 
-/// A tiny random model and its RecurFormer with every kind in every layer (3 KV groups per layer),
-/// a streaming window short enough for the mask to matter.
+/// A tiny random model and its RecurFormer with every kind (3 KV groups per layer), a streaming
+/// window short enough for the mask to matter, and the windowed groups' alpha (0 at conversion)
+/// set to random values so that their recurrent part counts.
 struct Tiny {
   rftest::TempDir dir{"rf_finetune_"};
   std::string orig, rf;
@@ -36,11 +38,32 @@ struct Tiny {
     orig = dir / "m", rf = dir / "rf";
     write_random_model(orig, s);
     ConvertOptions o;
-    o.layout.layers = {LayerLayout{{HeadKind::attention, HeadKind::recurrent, HeadKind::streaming}},
-                       LayerLayout{{HeadKind::streaming, HeadKind::attention, HeadKind::recurrent}}};
+    o.layout.layers = {LayerLayout{{HeadKind::attention, HeadKind::recurrent, HeadKind::windowed}},
+                       LayerLayout{{HeadKind::streaming, HeadKind::windowed, HeadKind::recurrent}}};
     o.streaming.sink = 2, o.streaming.window = 3;
     o.recurrent.dt_rank = 3;
-    convert_to_recurformer(Checkpoint::open(orig), o, rf);
+    const std::string converted = dir / "rf0";
+    convert_to_recurformer(Checkpoint::open(orig), o, converted);
+    std::filesystem::create_directory(rf);
+    for (const auto& e : std::filesystem::directory_iterator(converted))
+      if (e.path().filename() != "model.safetensors") std::filesystem::copy_file(e.path(), std::filesystem::path(rf) / e.path().filename());
+    const Checkpoint ck = Checkpoint::open(converted);
+    std::vector<TensorRef> tensors;
+    std::deque<std::vector<float>> alphas;
+    std::mt19937 gen(11);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (const std::string& n : ck.tensor_names()) {
+      TensorRef t = ck.tensor(n);
+      if (n.find(".alpha") != std::string::npos) {
+        REQUIRE(t.dtype == DType::f32);
+        alphas.emplace_back(size_t(t.numel()));
+        for (float& a : alphas.back()) a = u(gen);
+        t.data = alphas.back().data();
+      }
+      tensors.push_back(t);
+    }
+    REQUIRE(alphas.size() == 2);
+    write_safetensors(rf + "/model.safetensors", tensors, {{"format", "pt"}});
   }
 };
 
@@ -115,6 +138,7 @@ TEST_CASE("finetune: the loss's gradient matches finite differences, tensor by t
       if (has("dt_up")) x = 0.5f * uni(gen);
       if (has("A_log")) x = 0.5f * uni(gen);
       if (has("dt_bias")) x = uni(gen);
+      if (has("alpha")) x = uni(gen);
     }
   }
   ft.sync();
@@ -225,12 +249,12 @@ TEST_CASE("finetune end to end: loss falls, only trainable tensors change, the c
     const int64_t rows = n.find("q_proj") != std::string::npos ? g * hd : hd;
     const size_t row_bytes = size_t(d) * dtype_size(ta.dtype);
     for (int j = 0; j < c.n_kv; ++j) {
-      const bool rec = c.recurformer->layout.layers[size_t(layer)].groups[size_t(j)] == HeadKind::recurrent;
+      const bool rec = has_recurrent_state(c.recurformer->layout.layers[size_t(layer)].groups[size_t(j)]);
       const size_t off = size_t(j * rows) * row_bytes, len = size_t(rows) * row_bytes;
       CHECK((std::memcmp(static_cast<const char*>(ta.data) + off, static_cast<const char*>(tb.data) + off, len) == 0) != rec);
     }
   }
-  CHECK(changed == 14);  // 2 recurrent groups x 7 tensors
+  CHECK(changed == 30);  // 2 recurrent groups x 7 tensors + 2 windowed groups x 8 (alpha too)
   std::ostringstream gout, gerr;
   REQUIRE(runner::run_generate(args({"generate", "-m", m.dir / "ft", "-p", "hello", "-n", "4", "--temp", "0", "-t", "1"}),
                                gout, gerr) == 0);

@@ -10,6 +10,7 @@
 //     streaming group j:  the same with the sink/window mask
 //     recurrent group j:  u = conv(v_j), Δ = dt_up (dt_down xn), scan(u, Δ, A = -exp(A_log),
 //                         B = k_j, C = q_j / sqrt(hd), D, dt_bias)          (before RoPE; spec section 3)
+//     windowed group j:   the streaming group's output + alpha_h x the recurrent group's output y_h
 //     x += Wo concat(heads);  x += down(swiglu(gate(h), up(h))), h = rmsnorm(x)
 //   h_final = rmsnorm(x);  loss = cross_entropy(h_final, lm_head, next tokens [, teacher])
 // Memory: only each layer's input x is kept during the forward ([T, d] per layer); the backward
@@ -20,7 +21,7 @@
 // Parameters: what trains is a set of row ranges of checkpoint tensors (FinetuneParam), laid out in
 // one flat fp32 master buffer (theta) that the optimiser updates (train/adamw.hpp); the gradient has
 // the same layout and is accumulated into (+=), so micro-batches add up. FinetuneTrain::recurrent
-// trains the recurrent groups' tensors and their own rows of Wq/Wk/Wv (and biases) as distill does;
+// trains the recurrent and windowed groups' tensors (alpha included) and their own rows of Wq/Wk/Wv (and biases) as distill does;
 // ::all trains every tensor; ::none is a frozen model (the teacher). A tensor any row of which trains
 // is held in fp32 (its frozen rows converted exactly); the others are used as stored (TW, the
 // dtype of layer 0's q_proj, as LlamaModel does). Weight gradients are computed only for trained
@@ -55,7 +56,7 @@ namespace recurformer {
 /// What trains.
 enum class FinetuneTrain : uint8_t {
   none,       ///< nothing (a frozen model: the teacher)
-  recurrent,  ///< the recurrent groups' tensors and their own rows of Wq/Wk/Wv (+ biases)
+  recurrent,  ///< the recurrent and windowed groups' tensors and their own rows of Wq/Wk/Wv (+ biases)
   all,        ///< every tensor
 };
 
@@ -113,7 +114,7 @@ class FinetuneImpl final : public FinetuneImplBase {
       Layer& L = layers_[size_t(l)];
       L.attn_norm = add(p + "input_layernorm.weight", d_, 1, all, true);
       L.mlp_norm = add(p + "post_attention_layernorm.weight", d_, 1, all, true);
-      const std::vector<int> rec = layout_.layers[size_t(l)].indices(HeadKind::recurrent);
+      const std::vector<int> rec = layout_.layers[size_t(l)].state_groups();
       const bool proj = all || (train == FinetuneTrain::recurrent && !rec.empty());
       L.wq = add(p + "self_attn.q_proj.weight", nq_ * hd_, d_, all, false, proj);
       L.wk = add(p + "self_attn.k_proj.weight", nkv_ * hd_, d_, all, false, proj);
@@ -130,7 +131,7 @@ class FinetuneImpl final : public FinetuneImplBase {
       for (int j = 0; j < nkv_; ++j) {
         const HeadKind k = layout_.layers[size_t(l)].groups[size_t(j)];
         L.kind.push_back(k);
-        if (k != HeadKind::recurrent) continue;
+        if (!has_recurrent_state(k)) continue;
         const bool tr = train != FinetuneTrain::none;
         if (tr) {  // the group's own rows of the projections
           for (int t : {L.wq, L.bq}) if (t >= 0 && !all) range(t, j * g_ * hd_, g_ * hd_);
@@ -146,6 +147,7 @@ class FinetuneImpl final : public FinetuneImplBase {
         R.D = add(q + "D", hd_, 1, tr, true);
         R.conv_w = add(q + "conv1d.weight", hd_, K_, tr, true);
         R.conv_b = add(q + "conv1d.bias", hd_, 1, tr, true);
+        if (k == HeadKind::windowed) R.alpha = add(q + "alpha", g_, 1, tr, true);
         L.rec.push_back(R);
       }
       if (!L.rec.empty()) RF_CHECK(N_ == hd_, "finetune: d_state (", N_, ") must equal head_dim (", hd_, ")");
@@ -283,7 +285,9 @@ class FinetuneImpl final : public FinetuneImplBase {
   struct Rec {
     int j = 0;
     int dt_down = -1, dt_up = -1, dt_bias = -1, A_log = -1, D = -1, conv_w = -1, conv_b = -1;
+    int alpha = -1;        // windowed groups: [g] weight of each query head's recurrent output
     std::vector<float> A;  // [hd, N] = -exp(A_log)
+    bool windowed() const { return alpha >= 0; }
   };
   struct Layer {
     int attn_norm = -1, mlp_norm = -1, wq = -1, wk = -1, wv = -1, bq = -1, bk = -1, bv = -1, wo = -1;
@@ -444,8 +448,10 @@ class FinetuneImpl final : public FinetuneImplBase {
     ensure(gate_, T_ * F_), ensure(up_, T_ * F_), ensure(h_, T_ * F_);
     ensure(Kb_, nkv_ * S_ * cap_ * hd_), ensure(Vb_, nkv_ * S_ * cap_ * hd_), ensure(lse_, nkv_ * T_ * g_);
     ensure(state_, S_ * hd_ * std::max<int64_t>(N_, 1));
-    const int64_t nrec = int64_t(layout_.count(HeadKind::recurrent)) > 0 ? nkv_ : 0;
+    const int64_t nrec = int64_t(layout_.count_state_groups()) > 0 ? nkv_ : 0;
+    const int64_t nwin = int64_t(layout_.count(HeadKind::windowed)) > 0 ? nkv_ : 0;
     ensure(u_, nrec * T_ * hd_), ensure(dtl_, nrec * T_ * r_), ensure(delta_, nrec * T_ * hd_), ensure(C_, nrec * T_ * g_ * hd_);
+    ensure(Bw_, nwin * T_ * hd_), ensure(yw_, nwin * T_ * g_ * hd_), ensure(aw_, nwin * T_ * g_ * hd_);
   }
   View<const int32_t, 1> cu() const { return make_view<const int32_t>(cu_.data(), {S_ + 1}); }
   View<const int32_t, 1> pos() const { return make_view<const int32_t>(pos_.data(), {T_}); }
@@ -461,13 +467,16 @@ class FinetuneImpl final : public FinetuneImplBase {
     return make_strided_view(base + j * hd_, {T_, hd_}, {nkv_ * hd_, int64_t(1)});
   }
 
-  AttentionParams<float> attn_params(int j, bool streaming) {
+  // kind: streaming and windowed groups mask with sink/window; a windowed group's attention output
+  // goes to its own buffer (aw_), since the backward needs it unmixed (D_i = rowsum(dO o O)).
+  AttentionParams<float> attn_params(int j, HeadKind kind) {
+    const bool streaming = has_stream_ring(kind);
     AttentionParams<float> ap;
     const int64_t kvn = S_ * cap_ * hd_;
     ap.q = qcols(qf_.data(), j);
     ap.k = make_view<const float>(Kb_.data() + j * kvn, {S_, int64_t(1), cap_, hd_});
     ap.v = make_view<const float>(Vb_.data() + j * kvn, {S_, int64_t(1), cap_, hd_});
-    ap.out = qcols(oc_.data(), j);
+    ap.out = kind == HeadKind::windowed ? make_view(aw_.data() + j * T_ * g_ * hd_, {T_, g_, hd_}) : qcols(oc_.data(), j);
     ap.cu_seqlens = cu();
     ap.kv_lens = make_view<const int32_t>(kv_lens_.data(), {S_});
     ap.q_positions = pos();
@@ -482,11 +491,13 @@ class FinetuneImpl final : public FinetuneImplBase {
     sp.u = make_view<const float>(u_.data() + j * T_ * hd_, {T_, hd_});
     sp.delta = make_view<const float>(delta_.data() + j * T_ * hd_, {T_, hd_});
     sp.A = make_view<const float>(R.A.data(), {hd_, N_});
-    sp.B = make_strided_view<const float>(kf_.data() + j * hd_, {T_, int64_t(1), N_}, {nkv_ * hd_, N_, int64_t(1)});
+    // a windowed group's k columns are rotated for its attention, so its scan reads a copy taken before
+    sp.B = R.windowed() ? make_view<const float>(Bw_.data() + j * T_ * hd_, {T_, int64_t(1), N_})
+                        : make_strided_view<const float>(kf_.data() + j * hd_, {T_, int64_t(1), N_}, {nkv_ * hd_, N_, int64_t(1)});
     sp.C = make_view<const float>(C_.data() + j * T_ * g_ * hd_, {T_, int64_t(1), g_, N_});
     sp.D = vec(R.D);
     sp.delta_bias = vec(R.dt_bias);
-    sp.y = qcols(oc_.data(), j);
+    sp.y = R.windowed() ? make_view(yw_.data() + j * T_ * g_ * hd_, {T_, g_, hd_}) : qcols(oc_.data(), j);
     sp.state = make_view(state_.data(), {S_, hd_, N_});
     sp.cu_seqlens = cu();
     sp.delta_activation = DeltaActivation::softplus;
@@ -537,6 +548,9 @@ class FinetuneImpl final : public FinetuneImplBase {
       float* C = C_.data() + j * T_ * g_ * hd_;
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t i = 0; i < g_ * hd_; ++i) C[t * g_ * hd_ + i] = qf_[size_t(t * nq_ * hd_ + j * g_ * hd_ + i)] * inv;
+      if (R.windowed())
+        for (int64_t t = 0; t < T_; ++t)
+          std::memcpy(Bw_.data() + (j * T_ + t) * hd_, kf_.data() + t * nkv_ * hd_ + j * hd_, size_t(hd_) * 4);
       selective_scan(scan_params(R), exec);
     }
     for (int j = 0; j < nkv_; ++j) {
@@ -552,8 +566,18 @@ class FinetuneImpl final : public FinetuneImplBase {
           std::memcpy(K + e, kf_.data() + t * nkv_ * hd_ + j * hd_, size_t(hd_) * 4);
           std::memcpy(Vv + e, vf_.data() + t * nkv_ * hd_ + j * hd_, size_t(hd_) * 4);
         }
-      const AttentionParams<float> ap = attn_params(j, L.kind[size_t(j)] == HeadKind::streaming);
+      const AttentionParams<float> ap = attn_params(j, L.kind[size_t(j)]);
       with_ws(attention_workspace_bytes(ap, exec), [&](void* ws, size_t n) { attention(ap, exec, ws, n); });
+    }
+    for (const Rec& R : L.rec) {  // windowed: oc_h = attention_h + alpha_h y_h
+      if (!R.windowed()) continue;
+      const float* alpha = tensors_[size_t(R.alpha)].f.data();
+      for (int64_t t = 0; t < T_; ++t)
+        for (int64_t r = 0; r < g_; ++r) {
+          float* o = oc_.data() + t * nq_ * hd_ + (R.j * g_ + r) * hd_;
+          const int64_t at = ((R.j * T_ + t) * g_ + r) * hd_;
+          for (int64_t c = 0; c < hd_; ++c) o[c] = aw_[size_t(at + c)] + alpha[r] * yw_[size_t(at + c)];
+        }
     }
     auto xmid = make_view(xmid_.data(), {T_, d_});
     lin(make_view<const float>(oc_.data(), {T_, nq_ * hd_}), L.wo, xmid, exec);
@@ -632,7 +656,7 @@ class FinetuneImpl final : public FinetuneImplBase {
     for (int j = 0; j < nkv_; ++j) {
       if (L.kind[size_t(j)] == HeadKind::recurrent) continue;
       AttentionBackwardParams<float> ab;
-      ab.fwd = attn_params(j, L.kind[size_t(j)] == HeadKind::streaming);
+      ab.fwd = attn_params(j, L.kind[size_t(j)]);
       ab.dout = qcols(doc_.data(), j);
       ab.dq = qcols(dqf_.data(), j);
       ab.dk = make_view(dK_.data(), {S_, int64_t(1), cap_, hd_});
@@ -654,11 +678,30 @@ class FinetuneImpl final : public FinetuneImplBase {
       SelectiveScanBackwardParams<float> sb;
       sb.fwd = scan_params(R);
       sb.dy = qcols(doc_.data(), j);
+      // A windowed group's attention backward above has written its dq, dk, dv: the scan's and the
+      // conv's gradients go to scratch and are added. Its scan output is weighted: dy_h = alpha_h dout_h.
+      if (R.windowed()) {
+        ensure(dyw_, T_ * g_ * hd_), ensure(dBw_, T_ * hd_), ensure(dvw_, T_ * hd_), ensure(dalpha_, g_);
+        const float* alpha = tensors_[size_t(R.alpha)].f.data();
+        std::fill(dalpha_.begin(), dalpha_.end(), 0.f);
+        for (int64_t t = 0; t < T_; ++t)
+          for (int64_t r = 0; r < g_; ++r) {
+            const float* dout = doc_.data() + t * Q + (j * g_ + r) * hd_;
+            const float* y = yw_.data() + ((j * T_ + t) * g_ + r) * hd_;
+            float* dy = dyw_.data() + (t * g_ + r) * hd_;
+            double dot = 0;
+            for (int64_t c = 0; c < hd_; ++c) dy[c] = alpha[r] * dout[c], dot += double(dout[c]) * y[c];
+            dalpha_[size_t(r)] += float(dot);
+          }
+        add_grad(R.alpha, dalpha_.data(), grad);
+        sb.dy = make_view<const float>(dyw_.data(), {T_, g_, hd_});
+      }
       sb.du = make_view(du_.data(), {T_, hd_});
       float* ddelta = ddelta_.data() + j * T_ * hd_;
       sb.ddelta = make_view(ddelta, {T_, hd_});
       sb.dA = make_view(dA_.data(), {hd_, N_});
-      sb.dB = make_strided_view(dkf_.data() + j * hd_, {T_, int64_t(1), N_}, {KV, N_, int64_t(1)});
+      sb.dB = R.windowed() ? make_view(dBw_.data(), {T_, int64_t(1), N_})
+                           : make_strided_view(dkf_.data() + j * hd_, {T_, int64_t(1), N_}, {KV, N_, int64_t(1)});
       sb.dC = make_view(dC_.data(), {T_, int64_t(1), g_, N_});
       sb.dD = make_view(dD_.data(), {hd_});
       sb.ddelta_bias = make_view(ddb_.data(), {hd_});
@@ -668,15 +711,25 @@ class FinetuneImpl final : public FinetuneImplBase {
       add_grad(R.A_log, dA_.data(), grad);
       add_grad(R.D, dD_.data(), grad);
       add_grad(R.dt_bias, ddb_.data(), grad);
+      const bool add = R.windowed();
       for (int64_t t = 0; t < T_; ++t)
-        for (int64_t i = 0; i < g_ * hd_; ++i) dqf_[size_t(t * Q + j * g_ * hd_ + i)] = dC_[size_t(t * g_ * hd_ + i)] * inv;
+        for (int64_t i = 0; i < g_ * hd_; ++i) {
+          float& dq = dqf_[size_t(t * Q + j * g_ * hd_ + i)];
+          dq = (add ? dq : 0.f) + dC_[size_t(t * g_ * hd_ + i)] * inv;
+        }
       CausalConv1dBackwardParams<float> cb;
       cb.fwd = conv_params(R);
       cb.dy = make_view<const float>(du_.data(), {T_, hd_});
-      cb.dx = kcols2(dvf_.data(), j);
+      cb.dx = add ? make_view(dvw_.data(), {T_, hd_}) : kcols2(dvf_.data(), j);
       cb.dweight = make_view(dcw_.data(), {hd_, K_});
       cb.dbias = make_view(dcb_.data(), {hd_});
       causal_conv1d_backward(cb, exec);
+      if (add)
+        for (int64_t t = 0; t < T_; ++t)
+          for (int64_t c = 0; c < hd_; ++c) {
+            dkf_[size_t(t * KV + j * hd_ + c)] += dBw_[size_t(t * hd_ + c)];
+            dvf_[size_t(t * KV + j * hd_ + c)] += dvw_[size_t(t * hd_ + c)];
+          }
       add_grad(R.conv_w, dcw_.data(), grad);
       add_grad(R.conv_b, dcb_.data(), grad);
       // Δ = dt_up (dt_down xn): d(dt_low) kept for after the q/k/v backward (it adds into dxn)
@@ -714,10 +767,10 @@ class FinetuneImpl final : public FinetuneImplBase {
   std::vector<int32_t> cu_, pos_, kv_lens_;
   // activations (xs_: every layer's input; the rest: one layer, recomputed in the backward)
   std::vector<float> xs_, xn_, qf_, kf_, vf_, oc_, tmp_, xmid_, xn2_, gate_, up_, h_, Kb_, Vb_, lse_, state_;
-  std::vector<float> u_, dtl_, delta_, C_, hf_;
+  std::vector<float> u_, dtl_, delta_, C_, hf_, Bw_, yw_, aw_;
   // gradients of activations
   std::vector<float> dh_, dx_, dtmp_, dxn_, dh2_, dgate_, doc_, dqf_, dkf_, dvf_, dK_, dV_, dnorm_;
-  std::vector<float> dA_, dD_, ddb_, dcw_, dcb_, du_, dC_, ddtl_, ddelta_;
+  std::vector<float> dA_, dD_, ddb_, dcw_, dcb_, du_, dC_, ddtl_, ddelta_, dyw_, dBw_, dvw_, dalpha_;
   std::vector<unsigned char> ws_;
 };
 
