@@ -238,7 +238,19 @@ TEST_CASE("convert --kind streaming: the same selection as sink + window heads, 
                                               dir / "bad"}),
                                         out, err),
                     "convert: --init fit fits recurrent groups; --kind streaming keeps the original weights (drop --init)");
-  CHECK_THROWS_WITH(args({"convert", "--kind", "windowed"}), "--kind: \"windowed\" is not one of recurrent, streaming");
+  CHECK_THROWS_WITH(args({"convert", "--kind", "mixed"}), "--kind: \"mixed\" is not one of recurrent, streaming, windowed");
+  // windowed: the streaming heads plus alpha x a recurrent state, alpha = 0 at conversion: the streaming
+  // model's perplexity exactly, with the state's bytes on top in the cache
+  REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--ratio", "0.5", "--kind",
+                                    "windowed", "-o", dir / "w"}),
+                              out, err) == 0);
+  CHECK_THAT(out.str(), Catch::Contains("converted 2 of 4 KV groups to windowed"));
+  CHECK_THAT(runner::read_file(dir / "w/config.json"), Catch::Contains("\"windowed\": ["));
+  std::ostringstream p_w;
+  REQUIRE(runner::run_perplexity(args({"perplexity", "-m", dir / "w", "-f", dir / "text.txt", "-c", "128", "-t", "1"}),
+                                 p_w, perr) == 0);
+  const auto ppl_line = [](const std::string& s) { return s.substr(s.find("Final estimate")); };
+  CHECK(ppl_line(p_w.str()) == ppl_line(p_st.str()));
 }
 
 TEST_CASE("runner errors are one clear line", "[runner]") {

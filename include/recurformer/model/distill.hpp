@@ -12,6 +12,12 @@
 //   y = scan(u, Δ, A, B, C, D)                            [T, g, hd]   (spec section 3)
 //   loss = Σ (y - y_attn)² / Σ y_attn²                    over a minibatch of sequences
 //
+// A windowed group outputs y_stream + alpha_h y_h, where y_stream is its streaming attention with the
+// original projections. Its q/k/v rows stay frozen here (they also feed y_stream, which this per-group
+// model does not differentiate; finetune trains them end to end), so y_stream is the teacher's, recorded
+// once (FitSequence::y_stream), and the recurrent tensors and alpha learn the part the window misses:
+//   loss = Σ (y_stream + alpha y - y_attn)² / Σ y_attn²
+//
 // The gradient runs the ops' backward passes in reverse (selective_scan_backward, causal_conv1d_backward,
 // linear_backward); AdamW (train/adamw.hpp) with warmup + cosine and global-norm clipping updates one
 // flat fp32 buffer holding all of the group's parameters. Only this group reads its rows of Wq, Wk and
@@ -70,6 +76,8 @@ struct DistillLayout {
   int64_t d, hd, g, r, N, K;
   bool bias;
   int64_t rows, W, b, dt_up, dt_bias, A_log, D, conv_w, conv_b, total;  // offsets; total = size
+  bool windowed = false;
+  int64_t alpha = -1;  // windowed: [g] at the end
   DistillLayout(int64_t d_, int64_t hd_, int64_t g_, int64_t r_, int64_t N_, int64_t K_, bool bias_)
       : d(d_), hd(hd_), g(g_), r(r_), N(N_), K(K_), bias(bias_) {
     rows = (g + 2) * hd + r;  // q (g heads), k, v, dt_down
@@ -87,6 +95,14 @@ struct DistillLayout {
   int64_t k_col() const { return g * hd; }
   int64_t v_col() const { return (g + 1) * hd; }
   int64_t z_col() const { return (g + 2) * hd; }
+  /// The layout of a windowed group: the same plus alpha.
+  DistillLayout windowed_group() const {
+    DistillLayout w = *this;
+    w.windowed = true;
+    w.alpha = total;
+    w.total = total + g;
+    return w;
+  }
 };
 
 /// Forward and backward of one group over a minibatch of recorded sequences. Buffers are kept
@@ -101,6 +117,10 @@ class DistillGroupModel {
       RF_CHECK(int64_t(in.x[s].size()) == data.sequences[s].tokens * L.d, "distill: layer ", data.layer,
                " sequence ", s, ": input of ", in.x[s].size(), " values for ", data.sequences[s].tokens, " tokens of ",
                L.d);
+    if (L.windowed)
+      for (const FitSequence& fs : data.sequences)
+        RF_CHECK(fs.y_stream.size() == fs.y_attn.size(), "distill: windowed group ", data.group, " of layer ", data.layer,
+                 " was recorded without its streaming output (record_fit_data over a layout where it is windowed)");
   }
 
   struct Sums {
@@ -115,16 +135,26 @@ class DistillGroupModel {
     forward(theta);
     Sums s;
     const int64_t n = Tb_ * L_.g * L_.hd;
+    const std::vector<float>& attn = L_.windowed ? attn_ : target_;
     for (int64_t i = 0; i < n; ++i) {
-      const double e = double(y_[size_t(i)]) - double(target_[size_t(i)]);
+      const double e = output(theta, i) - double(target_[size_t(i)]);
       s.sse += e * e;
-      s.energy += double(target_[size_t(i)]) * target_[size_t(i)];
+      s.energy += double(attn[size_t(i)]) * attn[size_t(i)];
     }
     if (grad) {
       const double k = 2.0 / (s.energy > 0 ? s.energy : 1.0);
       dy_.resize(size_t(n));
-      for (int64_t i = 0; i < n; ++i) dy_[size_t(i)] = float(k * (double(y_[size_t(i)]) - double(target_[size_t(i)])));
+      for (int64_t i = 0; i < n; ++i) dy_[size_t(i)] = float(k * (output(theta, i) - double(target_[size_t(i)])));
+      std::vector<double> dalpha(size_t(L_.g), 0.0);
+      if (L_.windowed)  // d/dalpha_h = Σ dout y_h; the scan sees dy_h = alpha_h dout
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t h = (i / L_.hd) % L_.g;
+          dalpha[size_t(h)] += double(dy_[size_t(i)]) * y_[size_t(i)];
+          dy_[size_t(i)] *= theta[size_t(L_.alpha + h)];
+        }
       backward(theta, *grad);
+      if (L_.windowed)
+        for (int64_t h = 0; h < L_.g; ++h) (*grad)[size_t(L_.alpha + h)] = float(dalpha[size_t(h)]);
     }
     return s;
   }
@@ -133,6 +163,12 @@ class DistillGroupModel {
   template <class T>
   static void ensure(std::vector<T>& v, int64_t n) {
     if (int64_t(v.size()) < n) v.resize(size_t(n));
+  }
+  // Element i of what is compared with target_: the scan's y, or alpha_h y for a windowed group
+  // (whose target_ is y_attn - y_stream).
+  double output(const std::vector<float>& th, int64_t i) const {
+    const double y = y_[size_t(i)];
+    return L_.windowed ? double(th[size_t(L_.alpha + (i / L_.hd) % L_.g)]) * y : y;
   }
   template <class P>
   void with_workspace(size_t need, P&& call) {
@@ -147,11 +183,16 @@ class DistillGroupModel {
     const int64_t gh = L_.g * L_.hd;
     ensure(x_, Tb_ * L_.d);
     ensure(target_, Tb_ * gh);
+    if (L_.windowed) ensure(attn_, Tb_ * gh);
     int64_t t = 0;
     for (int s : seqs) {
       const FitSequence& fs = data_->sequences[size_t(s)];
       std::copy(in_->x[size_t(s)].begin(), in_->x[size_t(s)].end(), x_.begin() + t * L_.d);
       std::copy(fs.y_attn.begin(), fs.y_attn.end(), target_.begin() + t * gh);
+      if (L_.windowed) {
+        std::copy(fs.y_attn.begin(), fs.y_attn.end(), attn_.begin() + t * gh);
+        for (int64_t i = 0; i < fs.tokens * gh; ++i) target_[size_t(t * gh + i)] -= fs.y_stream[size_t(i)];
+      }
       t += fs.tokens;
     }
     S_ = int64_t(seqs.size());
@@ -274,7 +315,7 @@ class DistillGroupModel {
   CpuExec exec_;
   int64_t Tb_ = 0, S_ = 0;
   std::vector<int32_t> cu_;
-  std::vector<float> x_, target_, P_, delta_, u_, C_, y_, A_, state_, dy_, dP_, du_, ddelta_, dA_, dC_;
+  std::vector<float> x_, target_, attn_, P_, delta_, u_, C_, y_, A_, state_, dy_, dP_, du_, ddelta_, dA_, dC_;
   std::vector<unsigned char> ws_;
 };
 
@@ -315,6 +356,7 @@ inline std::vector<float> distill_initial(const Checkpoint& ck, const DistillLay
     const TensorRef& t = ck.tensor(distill_recurrent(layer, group, pt.name), pt.shape);
     read_rows(t, 0, 1, t.numel(), th.data() + pt.off);
   }
+  if (L.windowed) read_rows(ck.tensor(distill_recurrent(layer, group, "alpha"), {L.g}), 0, 1, L.g, th.data() + L.alpha);
   return th;
 }
 
@@ -345,10 +387,11 @@ inline DistillGroupResult distill_group(const detail::DistillLayout& L, const La
   r.heldout_before = error(heldout);
   r.train_before = error(train);
   const int64_t proj = L.z_col() * L.d;  // the q/k/v rows of W
-  std::vector<AdamWSegment> seg = {{0, proj, o.lr_projection / o.lr, o.weight_decay},
+  const float proj_scale = L.windowed ? 0.f : o.lr_projection / o.lr;  // windowed: frozen (see the top)
+  std::vector<AdamWSegment> seg = {{0, proj, proj_scale, o.weight_decay},
                                    {proj, L.b, 1.f, o.weight_decay},
                                    {L.dt_up, L.dt_bias, 1.f, o.weight_decay}};
-  if (L.bias) seg.push_back({L.b, L.dt_up, o.lr_projection / o.lr, 0.f});
+  if (L.bias) seg.push_back({L.b, L.dt_up, proj_scale, 0.f});
   AdamW opt(L.total, AdamWConfig{o.lr}, seg);
   std::mt19937_64 rng(o.seed ^ (uint64_t(data.layer) << 32) ^ uint64_t(data.group));
   std::vector<int> order = train;
@@ -383,7 +426,8 @@ inline std::string distill_report_json(const std::vector<DistillGroupResult>& re
   nlohmann::ordered_json r;
   r["method"] = "attention transfer: per recurrent group, its recurrent tensors and its Wq/Wk/Wv rows trained "
                 "to reproduce the teacher's attention output (AdamW, warmup + cosine)";
-  r["error"] = "||y - y_attn|| / ||y_attn|| over the group's query heads, tokens and channels";
+  r["error"] = "||y - y_attn|| / ||y_attn|| over the group's query heads, tokens and channels (y: the group's output; "
+               "windowed: its streaming attention + alpha x the scan)";
   r["steps"] = o.steps;
   r["batch"] = o.batch;
   r["lr"] = o.lr;
@@ -410,8 +454,8 @@ inline std::vector<DistillGroupResult> distill_to_recurformer(const Checkpoint& 
   RF_CHECK(student.format() == Checkpoint::Format::safetensors, "distill: the student must be the HF directory `convert` wrote, not ",
            student.path().string());
   const RecurFormerConfig& rf = *c.recurformer;
-  RF_CHECK(int64_t(data.size()) == rf.layout.count(HeadKind::recurrent), "distill: the recording has ", data.size(),
-           " groups, the student has ", rf.layout.count(HeadKind::recurrent), " recurrent groups");
+  RF_CHECK(int64_t(data.size()) == rf.layout.count_state_groups(), "distill: the recording has ", data.size(),
+           " groups, the student has ", rf.layout.count_state_groups(), " recurrent and windowed groups");
   RF_CHECK(o.holdout > 0 && o.holdout < 1, "distill: holdout must be in (0, 1), got ", o.holdout);
   const detail::DistillLayout L(c.d_model, c.head_dim, c.n_q / c.n_kv, rf.recurrent.dt_rank, rf.recurrent.d_state,
                                 rf.recurrent.conv_kernel, c.attention_bias);
@@ -450,14 +494,23 @@ inline std::vector<DistillGroupResult> distill_to_recurformer(const Checkpoint& 
     RF_CHECK(in != inputs.end(), "distill: no recorded inputs for layer ", fd.layer);
     RF_CHECK(int64_t(fd.sequences.size()) == n_seq, "distill: group ", fd.group, " of layer ", fd.layer, " has ",
              fd.sequences.size(), " sequences, the first group ", n_seq);
-    std::vector<float> theta = detail::distill_initial(student, L, fd.layer, fd.group);
-    results.push_back(distill_group(L, *in, fd, theta, train, held, o, exec));
+    RF_CHECK(fd.layer >= 0 && fd.layer < c.n_layers && fd.group >= 0 && fd.group < c.n_kv &&
+                 has_recurrent_state(rf.layout.layers[size_t(fd.layer)].groups[size_t(fd.group)]),
+             "distill: the recording's layer ", fd.layer, " group ", fd.group, " is not a recurrent or windowed group of the student");
+    const bool windowed = rf.layout.layers[size_t(fd.layer)].groups[size_t(fd.group)] == HeadKind::windowed;
+    const detail::DistillLayout Lg = windowed ? L.windowed_group() : L;
+    std::vector<float> theta = detail::distill_initial(student, Lg, fd.layer, fd.group);
+    results.push_back(distill_group(Lg, *in, fd, theta, train, held, o, exec));
     const std::string p = detail::distill_prefix(fd.layer);
     const int64_t gh = L.g * L.hd, d = L.d;
-    write_rows(p + "q_proj.weight", fd.group * gh, gh, d, theta.data() + L.W);
-    write_rows(p + "k_proj.weight", fd.group * L.hd, L.hd, d, theta.data() + L.W + L.k_col() * d);
-    write_rows(p + "v_proj.weight", fd.group * L.hd, L.hd, d, theta.data() + L.W + L.v_col() * d);
-    if (L.bias) {
+    if (windowed) {  // its q/k/v rows stayed frozen
+      write_rows(detail::distill_recurrent(fd.layer, fd.group, "alpha"), 0, 1, L.g, theta.data() + Lg.alpha);
+    } else {
+      write_rows(p + "q_proj.weight", fd.group * gh, gh, d, theta.data() + L.W);
+      write_rows(p + "k_proj.weight", fd.group * L.hd, L.hd, d, theta.data() + L.W + L.k_col() * d);
+      write_rows(p + "v_proj.weight", fd.group * L.hd, L.hd, d, theta.data() + L.W + L.v_col() * d);
+    }
+    if (L.bias && !windowed) {
       write_rows(p + "q_proj.bias", fd.group * gh, gh, 1, theta.data() + L.b);
       write_rows(p + "k_proj.bias", fd.group * L.hd, L.hd, 1, theta.data() + L.b + L.k_col());
       write_rows(p + "v_proj.bias", fd.group * L.hd, L.hd, 1, theta.data() + L.b + L.v_col());

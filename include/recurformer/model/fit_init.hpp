@@ -46,6 +46,8 @@ struct FitSequence {
   std::vector<float> k;       ///< [T, hd] no RoPE (the scan's B)
   std::vector<float> q;       ///< [T, g, hd] no RoPE, unscaled
   std::vector<float> y_attn;  ///< [T, g, hd] original attention output of the g query heads
+  std::vector<float> y_stream;  ///< [T, g, hd] windowed groups: the same heads' streaming attention (sink +
+                                ///< window mask), what the group outputs at alpha = 0; empty otherwise
 };
 
 /// What record_fit_data keeps for recurrent group `group` of layer `layer`.
@@ -243,12 +245,14 @@ struct FitProjections {
 }  // namespace detail
 
 /// Runs the original model over `tokens` in sequences of seq_len tokens (a tail of fewer than Kc
-/// tokens is dropped) and records every recurrent group of `layout` (layer, then group order).
-/// With `inputs`, also the input x of every layer that has a recurrent group (layer order).
+/// tokens is dropped) and records every recurrent and windowed group of `layout` (layer, then group
+/// order). With `inputs`, also the input x of every layer that has such a group (layer order).
+/// A windowed group's record also holds its streaming output under `streaming`'s sink and window.
 inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const std::vector<int32_t>& tokens,
                                                  int seq_len, const HeadLayout& layout, int conv_kernel, CpuExec exec,
                                                  const std::function<void(int64_t, int64_t)>& progress = {},
-                                                 std::vector<LayerInputs>* inputs = nullptr) {
+                                                 std::vector<LayerInputs>* inputs = nullptr,
+                                                 const StreamingConfig& streaming = StreamingConfig{}) {
   const ModelConfig& c = model.config();
   RF_CHECK(seq_len >= 2, "fit_init: sequence length must be >= 2, got ", seq_len);
   layout.check(c.n_layers, c.n_kv);
@@ -370,6 +374,17 @@ inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const 
         FitSequence& s = out[size_t(gi)].sequences.back();
         for (int64_t t = 0; t < T; ++t)
           std::copy_n(att.data() + (t * nq + j * g) * hd, g * hd, s.y_attn.data() + t * g * hd);
+        if (layout.layers[size_t(l)].groups[size_t(j)] != HeadKind::windowed) continue;
+        s.y_stream.resize(size_t(T * g * hd));
+        AttentionParams<float> sp = ap;  // the group's heads alone, with the streaming mask
+        sp.q = make_strided_view<const float>(q.data() + j * g * hd, {T, g, hd}, {nq * hd, hd, 1});
+        sp.k = make_view<const float>(kc.data() + j * T * hd, {1, 1, T, hd});
+        sp.v = make_view<const float>(vc.data() + j * T * hd, {1, 1, T, hd});
+        sp.out = make_view(s.y_stream.data(), {T, g, hd});
+        sp.sink = streaming.sink, sp.window = streaming.window;
+        const size_t need_s = attention_workspace_bytes(sp, exec);
+        if (ws.size() < need_s) ws.resize(need_s);
+        attention(sp, exec, ws.data(), ws.size());
       }
     };
     for (size_t i = 0; i < seqs.size(); ++i) {
