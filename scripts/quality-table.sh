@@ -9,7 +9,9 @@
 # (`perplexity --repeat -c 2048`), and with OOD=1 on ood.txt (another domain) at ctx 512. FT_STEPS > 0 (default 0) fine-tunes the distilled model for that many
 # steps of one 512-token sequence of finetune.txt (lr FT_LR, default 3e-4; with FT_KL > 0 plus that
 # weight of KL to the original). Each ratio also gets streaming heads on the same groups, sink 4 and
-# the window that takes a recurrent state's bytes. Prints one markdown row per model and keeps
+# the window that takes a recurrent state's bytes. WINDOWED=1 adds windowed groups (the streaming
+# heads + alpha x a recurrent state, --init fit, distilled, fine-tuned as above) and the streaming
+# heads at their cache (a ring of two states' bytes). Prints one markdown row per model and keeps
 # everything in WORK_DIR (default build/quality). Needs build/bin/recurformer (README command 1 builds it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ FT_LR=${FT_LR:-3e-4}
 FT_KL=${FT_KL:-0}
 PROBE=${PROBE:-0}
 OOD=${OOD:-0}
+WINDOWED=${WINDOWED:-0}
 THREADS=${THREADS:-$(nproc)}
 extra=()
 [ -n "${LR:-}" ] && extra+=(--lr "$LR")
@@ -67,4 +70,22 @@ for r in $RATIOS; do
   "$R" convert -m "$M" --scores "$work/scores.json" --ratio "$r" --kind streaming -o "$work/st$r" --force \
     > "$work/st$r.log" 2>&1
   echo "| streaming ($(sed -n 's/^streaming heads keep the first \([0-9]*\) and the last \([0-9]*\).*/sink \1, window \2/p' "$work/st$r.log")) | $r $(ppl "$work/st$r") | |"
+  [ "$WINDOWED" = 1 ] || continue
+  t0=$(date +%s)
+  "$R" convert -m "$M" --scores "$work/scores.json" --ratio "$r" --kind windowed --init fit -f "$work/calib.txt" -c 512 \
+    -t "$THREADS" -o "$work/w$r-fit" --force > "$work/w$r-fit.log" 2>&1
+  "$R" distill -m "$work/w$r-fit" --teacher "$M" -f "$work/calib.txt" -c 512 --steps "$STEPS" -t "$THREADS" \
+    "${extra[@]}" -o "$work/w$r-distill" --force > "$work/w$r-distill.log" 2>&1
+  echo "| windowed, fit + distill | $r $(ppl "$work/w$r-distill") | $(( $(date +%s) - t0 )) s convert + distill |"
+  if [ "$FT_STEPS" -gt 0 ]; then
+    t0=$(date +%s)
+    "$R" finetune -m "$work/w$r-distill" -f "$work/finetune.txt" -c 512 --steps "$FT_STEPS" --lr "$FT_LR" "${kl[@]}" \
+      -t "$THREADS" -o "$work/w$r-finetune" --force > "$work/w$r-finetune.log" 2>&1
+    echo "| windowed, fit + distill + finetune ($FT_STEPS x 512 tokens) | $r $(ppl "$work/w$r-finetune") | $(( $(date +%s) - t0 )) s finetune |"
+  fi
+  # the streaming heads at a windowed group's cache: a ring of two recurrent states' bytes (f32, head_dim 64)
+  w2=$(( 2 * (64 * 64 * 4 + 3 * 64 * 4) / (2 * 64 * 4) - 4 ))
+  "$R" convert -m "$M" --scores "$work/scores.json" --ratio "$r" --kind streaming --stream-window "$w2" \
+    -o "$work/st$r-w$w2" --force > "$work/st$r-w$w2.log" 2>&1
+  echo "| streaming (sink 4, window $w2: a windowed group's bytes) | $r $(ppl "$work/st$r-w$w2") | |"
 done
