@@ -44,6 +44,22 @@ void random_recording(const DistillLayout& L, const std::vector<int64_t>& length
   }
 }
 
+/// The tiny random model (2 layers of 2 KV groups) in dir/m, a text in dir/text.txt, its recency
+/// scores in dir/s.json.
+void calibrated_tiny_model(const rftest::TempDir& dir) {
+  RandomModelSpec s;
+  s.n_layers = 2, s.d_model = 64, s.ffn = 96, s.n_q = 4, s.n_kv = 2;
+  write_random_model(dir / "m", s);
+  {
+    std::ofstream f(dir / "text.txt");
+    f << runner::builtin_text() << "\n" << runner::builtin_text() << "\n";
+  }
+  std::ostringstream out, err;
+  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c",
+                                      "32", "-t", "1"}),
+                                out, err) == 0);
+}
+
 /// Random parameters in ranges the model meets: small weights, Δ around softplus(0), decays of 1..e.
 std::vector<float> random_theta(const DistillLayout& L, std::mt19937& g) {
   std::vector<float> th = uniform(size_t(L.total), -0.3f, 0.3f, g);
@@ -126,17 +142,8 @@ TEST_CASE("AdamW: first step moves each parameter by lr against the gradient's s
 
 TEST_CASE("distill end to end on the tiny random model", "[distill]") {
   rftest::TempDir dir("rf_distill_");
-  RandomModelSpec s;
-  s.n_layers = 2, s.d_model = 64, s.ffn = 96, s.n_q = 4, s.n_kv = 2;
-  write_random_model(dir / "m", s);
-  {
-    std::ofstream f(dir / "text.txt");
-    f << runner::builtin_text() << "\n" << runner::builtin_text() << "\n";
-  }
   std::ostringstream out, err;
-  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c",
-                                      "32", "-t", "1"}),
-                                out, err) == 0);
+  calibrated_tiny_model(dir);
   REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--ratio", "0.5", "--init",
                                     "fit", "-f", dir / "text.txt", "-c", "32", "-t", "1", "-o", dir / "rf"}),
                               out, err) == 0);
@@ -207,17 +214,8 @@ TEST_CASE("distill end to end on the tiny random model", "[distill]") {
 
 TEST_CASE("distill of windowed groups: alpha and the recurrent tensors learn what the window misses", "[distill]") {
   rftest::TempDir dir("rf_distill_w_");
-  RandomModelSpec s;
-  s.n_layers = 2, s.d_model = 64, s.ffn = 96, s.n_q = 4, s.n_kv = 2;
-  write_random_model(dir / "m", s);
-  {
-    std::ofstream f(dir / "text.txt");
-    f << runner::builtin_text() << "\n" << runner::builtin_text() << "\n";
-  }
   std::ostringstream out, err;
-  REQUIRE(runner::run_calibrate(args({"calibrate", "-m", dir / "m", "-f", dir / "text.txt", "-o", dir / "s.json", "-c",
-                                      "32", "-t", "1"}),
-                                out, err) == 0);
+  calibrated_tiny_model(dir);
   REQUIRE(runner::run_convert(args({"convert", "-m", dir / "m", "--scores", dir / "s.json", "--ratio", "0.5", "--kind",
                                     "windowed", "--sink", "2", "--stream-window", "6", "--init", "fit", "-f",
                                     dir / "text.txt", "-c", "32", "-t", "1", "-o", dir / "w"}),
