@@ -485,7 +485,7 @@ inline std::vector<DistillGroupResult> distill_model(const std::string& student,
     before += g.heldout_before, after += g.heldout_after, lo = std::min(lo, g.heldout_after), hi = std::max(hi, g.heldout_after);
   }
   if (!res.empty()) {
-    std::snprintf(buf, sizeof buf, "distill: held-out relative error of the %zu recurrent groups, mean %.3f -> %.3f (after: %.3f..%.3f)\n",
+    std::snprintf(buf, sizeof buf, "distill: held-out relative error of the %zu converted groups, mean %.3f -> %.3f (after: %.3f..%.3f)\n",
                   res.size(), before / double(res.size()), after / double(res.size()), lo, hi);
     out << buf;
   }
