@@ -158,8 +158,8 @@ class HybridCache {
       const LayerLayout& ll = cfg_.layout.layers[size_t(l)];
       Layer& L = layers_[size_t(l)];
       L.n_attn = ll.count(HeadKind::attention);
-      L.n_rec = ll.count(HeadKind::recurrent) + ll.count(HeadKind::windowed);
-      L.n_stream = ll.count(HeadKind::streaming) + ll.count(HeadKind::windowed);
+      L.n_rec = ll.count_state_groups();
+      L.n_stream = ll.count_ring_groups();
       L.k = Memory::template zeros<T>(S * L.n_attn * cfg_.capacity * hd);
       L.v = Memory::template zeros<T>(S * L.n_attn * cfg_.capacity * hd);
       L.ssm = Memory::template zeros<float>(S * L.n_rec * hd * d_state());

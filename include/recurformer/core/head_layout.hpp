@@ -64,6 +64,9 @@ struct LayerLayout {
       if (groups[size_t(i)] == k) r.push_back(i);
     return r;
   }
+  /// Groups with a recurrent state (recurrent + windowed) / with a streaming ring (streaming + windowed).
+  int count_state_groups() const { return count(HeadKind::recurrent) + count(HeadKind::windowed); }
+  int count_ring_groups() const { return count(HeadKind::streaming) + count(HeadKind::windowed); }
   /// KV-group indices of the groups with a recurrent state (recurrent and windowed), ascending: the
   /// order of the cache's states and of the layer's recurrent weights.
   std::vector<int> state_groups() const {

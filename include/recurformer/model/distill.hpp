@@ -145,7 +145,8 @@ class DistillGroupModel {
       const double k = 2.0 / (s.energy > 0 ? s.energy : 1.0);
       dy_.resize(size_t(n));
       for (int64_t i = 0; i < n; ++i) dy_[size_t(i)] = float(k * (output(theta, i) - double(target_[size_t(i)])));
-      std::vector<double> dalpha(size_t(L_.g), 0.0);
+      std::vector<double>& dalpha = dalpha_;  // kept: no allocation per step
+      dalpha.assign(size_t(L_.windowed ? L_.g : 0), 0.0);
       if (L_.windowed)  // d/dalpha_h = Σ dout y_h; the scan sees dy_h = alpha_h dout
         for (int64_t i = 0; i < n; ++i) {
           const int64_t h = (i / L_.hd) % L_.g;
@@ -315,6 +316,7 @@ class DistillGroupModel {
   CpuExec exec_;
   int64_t Tb_ = 0, S_ = 0;
   std::vector<int32_t> cu_;
+  std::vector<double> dalpha_;
   std::vector<float> x_, target_, attn_, P_, delta_, u_, C_, y_, A_, state_, dy_, dP_, du_, ddelta_, dA_, dC_;
   std::vector<unsigned char> ws_;
 };

@@ -559,7 +559,7 @@ void check(const HybridHeadAttentionParams<T, TW, M>& p) {
   detail::check_optional_shape(kOp, "weights.bk", w.bk, {n_kv * hd});
   detail::check_optional_shape(kOp, "weights.bv", w.bv, {n_kv * hd});
   const LayerLayout& ll = c.layer_layout(p.layer);
-  const int n_rec = ll.count(HeadKind::recurrent) + ll.count(HeadKind::windowed);
+  const int n_rec = ll.count_state_groups();
   RF_CHECK(w.n_recurrent == n_rec && (n_rec == 0 || w.recurrent != nullptr), kOp, ": layer ", p.layer,
            " has ", n_rec, " recurrent and windowed groups but weights.recurrent has ", w.n_recurrent, " entries");
   if (n_rec > 0)
