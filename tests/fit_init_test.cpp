@@ -66,6 +66,22 @@ TEST_CASE("fit recovers a known conv through the scan exactly", "[fit]") {
   CHECK(std::sqrt(err / norm) < 1e-5);
   CHECK(r.fit_error < 1e-5);
   CHECK(r.default_error > 0.1);
+
+  SECTION("a windowed group is fitted to what its streaming output misses") {
+    for (FitSequence& s : d.sequences) {  // y_attn = y_stream + the known scan
+      s.y_stream = rftest::random_vector<float>(s.y_attn.size());
+      for (size_t i = 0; i < s.y_attn.size(); ++i) s.y_attn[i] += s.y_stream[i];
+    }
+    const FitResult w = fit_recurrent_group(d, hd, g, std::vector<float>(size_t(hd), -3.f), o, CpuExec{});
+    double werr = 0;
+    for (size_t i = 0; i < taps.size(); ++i) werr += std::pow(w.conv_weight[i] - taps[i], 2);
+    for (size_t i = 0; i < bias.size(); ++i) werr += std::pow(w.conv_bias[i] - bias[i], 2);
+    CHECK(std::sqrt(werr / norm) < 1e-5);
+    CHECK(w.fit_error < 1e-5);
+    d.sequences[1].y_stream.pop_back();
+    CHECK_THROWS_WITH(fit_recurrent_group(d, hd, g, std::vector<float>(size_t(hd), -3.f), o, CpuExec{}),
+                      Catch::Contains("y_stream has"));
+  }
 }
 
 TEST_CASE("a previous-token head is fitted better than default, and closely when Δ is small", "[fit]") {

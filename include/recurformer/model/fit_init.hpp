@@ -21,6 +21,10 @@
 //   Errors: ||y - y_attn|| / ||y_attn|| over the group's heads, tokens and channels, with y recomputed
 //   through causal_conv1d + selective_scan from the fitted tensors, and the same for the `default`
 //   tensors (conv identity, D = 0, the default's dt_bias).
+//   A windowed group (FitSequence::y_stream recorded) is fitted to what its window misses,
+//   y_attn - y_stream: the recurrent term is then the part its output lacks at alpha = 0, and
+//   distillation starts from it rather than from a copy of the whole attention. Its errors are those
+//   of y_stream + y at alpha = 1, still relative to ||y_attn||.
 #pragma once
 
 #include <algorithm>
@@ -151,7 +155,13 @@ inline FitResult fit_recurrent_group(const FitGroupData& data, int64_t hd, int64
     RF_CHECK(s.tokens >= 1 && s.v.size() == th && s.k.size() == th && s.q.size() == tgh && s.y_attn.size() == tgh,
              who, ": a sequence of ", s.tokens, " tokens needs v, k of ", th, " values and q, y_attn of ", tgh,
              " (got ", s.v.size(), ", ", s.k.size(), ", ", s.q.size(), ", ", s.y_attn.size(), ")");
+    RF_CHECK(s.y_stream.empty() || s.y_stream.size() == tgh, who, ": y_stream has ", s.y_stream.size(),
+             " values, a sequence of ", s.tokens, " tokens needs ", tgh);
   }
+  // what the scan output should be: y_attn, less the streaming output for a windowed group
+  const auto target = [](const FitSequence& s, size_t i) {
+    return s.y_stream.empty() ? double(s.y_attn[i]) : double(s.y_attn[i]) - double(s.y_stream[i]);
+  };
   FitResult r;
   r.A_log.resize(size_t(hd * hd));
   for (int64_t c = 0; c < hd; ++c)
@@ -180,7 +190,7 @@ inline FitResult fit_recurrent_group(const FitGroupData& data, int64_t hd, int64
     }
     for (int64_t row = 0; row < TG; ++row)
       for (int64_t c = 0; c < hd; ++c) {
-        const double ya = s.y_attn[size_t(row * hd + c)];
+        const double ya = target(s, size_t(row * hd + c));
         double* Mc = M.data() + size_t(c * P * P);
         for (int a = 0; a < P; ++a) {
           const double Ya = Y[size_t(a * TG * hd + row * hd + c)];
@@ -192,7 +202,7 @@ inline FitResult fit_recurrent_group(const FitGroupData& data, int64_t hd, int64
     std::vector<float> yd(size_t(TG * hd));
     scan.run(s, s.v.data(), default_dt_bias, {}, yd.data(), exec);
     for (size_t i = 0; i < yd.size(); ++i) {
-      const double e = double(yd[i]) - double(s.y_attn[i]);
+      const double e = double(yd[i]) - target(s, i);
       def2 += e * e;
       attn2 += double(s.y_attn[i]) * s.y_attn[i];
     }
@@ -226,7 +236,7 @@ inline FitResult fit_recurrent_group(const FitGroupData& data, int64_t hd, int64
     causal_conv1d(cp, exec);
     scan.run(s, u.data(), r.dt_bias, r.D, y.data(), exec);
     for (size_t i = 0; i < y.size(); ++i) {
-      const double e = double(y[i]) - double(s.y_attn[i]);
+      const double e = double(y[i]) - target(s, i);
       fit2 += e * e;
     }
   }
