@@ -49,6 +49,7 @@ struct Args {
   int accum = 1;                    // finetune: micro-batches per step
   std::string train = "recurrent";  // finetune: what trains (recurrent | all)
   int save_every = 0;               // finetune: checkpoint every N steps
+  double repeat_fraction = 0;       // finetune: fraction of samples that are a passage and its copy
   std::string resume;               // finetune: continue from this checkpoint
 };
 
@@ -179,6 +180,8 @@ inline std::string command_help(const std::string& cmd) {
            "  --lr X               peak learning rate (default 1e-4)\n"
            "  --train recurrent|all  what trains: the recurrent groups' tensors and their own rows of\n"
            "                       Wq/Wk/Wv (default), or every tensor\n"
+           "  --repeat-fraction F  fraction of the training sequences (0..1, default 0) that are recall\n"
+           "                       practice: the first half of a sequence, then its verbatim copy\n"
            "  --save-every N       write the checkpoint to DIR every N steps (default: only at the end)\n"
            "  --resume DIR         continue the run saved in DIR (its step, weights and optimiser state)\n"
            "  --seed S             seed of the sequence order\n"
@@ -299,6 +302,7 @@ inline Args parse_args(int argc, char** argv) {
     else if (f == "--lr") a.lr = float(to_num(f, val(), 1e-9, 1)), a.lr_set = true;
     else if (f == "--kl") a.kl = float(to_num(f, val(), 0, 1e6));
     else if (f == "--accum") a.accum = int(to_int(f, val(), 1, 1 << 16));
+    else if (f == "--repeat-fraction") a.repeat_fraction = to_num(f, val(), 0, 1);
     else if (f == "--save-every") a.save_every = int(to_int(f, val(), 1, 1 << 24));
     else if (f == "--resume") a.resume = val();
     else if (f == "--train") {

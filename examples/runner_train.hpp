@@ -43,6 +43,7 @@ inline FinetuneResult finetune_model(const Args& a, std::ostream& out, std::ostr
   o.lr = a.lr_set ? a.lr : 1e-4f;
   o.train = a.train == "all" ? FinetuneTrain::all : FinetuneTrain::recurrent;
   o.kl_weight = a.kl;
+  o.repeat = a.repeat_fraction;
   o.save_every = a.save_every;
   o.seed = a.seed;
   o.progress = [&err](int step, int steps, double loss, double tps, double eta) {

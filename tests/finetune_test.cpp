@@ -7,6 +7,7 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <numeric>
 #include <random>
 #include <sstream>
 
@@ -269,6 +270,7 @@ TEST_CASE("finetune: resume continues bit for bit (k + (N - k) steps = N steps),
   const std::vector<int32_t> tokens = runner::tokenizer_of(*ck).encode(runner::read_file(text), true);
   FinetuneOptions o;
   o.ctx = 20, o.steps = 5, o.batch_seqs = 2, o.accum = 2, o.lr = 2e-3f, o.train = FinetuneTrain::all, o.kl_weight = 0.5f;
+  o.repeat = 0.5;  // the repeat samples must be drawn alike after a resume too
   ThreadPool pool(2);
   const FinetuneResult full = finetune(ck, tck, tokens, o, m.dir / "full", false, "", CpuExec{&pool});
   CHECK(full.end_step == 5);
@@ -284,6 +286,26 @@ TEST_CASE("finetune: resume continues bit for bit (k + (N - k) steps = N steps),
   CHECK(file_bytes(m.dir / "split/optimizer.safetensors") == file_bytes(m.dir / "full/optimizer.safetensors"));
   CHECK(file_bytes(m.dir / "split/model.safetensors") == file_bytes(m.dir / "full/model.safetensors"));
   CHECK(file_bytes(m.dir / "full/model.safetensors") != file_bytes(m.rf + "/model.safetensors"));
+}
+
+TEST_CASE("finetune: repeat samples are a passage and its copy, drawn at the asked fraction", "[finetune]") {
+  std::vector<int32_t> tokens(100);
+  std::iota(tokens.begin(), tokens.end(), 0);
+  std::vector<int32_t> out;
+  append_finetune_sample(tokens, 2, 9, false, out);
+  CHECK(out == std::vector<int32_t>{18, 19, 20, 21, 22, 23, 24, 25, 26});
+  append_finetune_sample(tokens, 1, 9, true, out);  // appends: 5 tokens, then the first 4 again
+  CHECK(out == std::vector<int32_t>{18, 19, 20, 21, 22, 23, 24, 25, 26, 9, 10, 11, 12, 13, 9, 10, 11, 12});
+  for (const double f : {0.0, 0.25, 1.0}) {
+    int64_t drawn = 0;
+    const int64_t n = 20000;
+    for (int64_t i = 0; i < n; ++i) drawn += finetune_repeat_sample(7, i, f);
+    CAPTURE(f);
+    CHECK(double(drawn) / n == Approx(f).margin(0.01));
+  }
+  int64_t differ = 0;  // another seed draws other samples
+  for (int64_t i = 0; i < 1000; ++i) differ += finetune_repeat_sample(7, i, 0.5) != finetune_repeat_sample(8, i, 0.5);
+  CHECK(differ > 400);
 }
 
 TEST_CASE("finetune: one-line errors", "[finetune]") {
@@ -308,6 +330,7 @@ TEST_CASE("finetune: one-line errors", "[finetune]") {
   fails({"finetune", "-m", m.rf, "-f", text, "-o", m.dir / "o", "--resume", m.rf}, "has no trainer.json");
   fails({"finetune", "-m", m.rf, "-f", text, "-o", m.dir / "o", "-c", "100000"}, "at least 2 are needed");
   fails({"finetune", "-m", m.orig, "-f", text, "-o", m.dir / "o"}, "nothing to train");
+  fails({"finetune", "-m", m.rf, "-f", text, "-o", m.dir / "o", "--repeat-fraction", "1.5"}, "--repeat-fraction");
   fails({"finetune", "-m", m.rf, "-f", text, "-o", m.rf}, "");  // the input itself is refused
   CHECK_THROWS_WITH(args({"finetune", "--train", "some"}), Catch::Contains("--train: \"some\" is not one of recurrent, all"));
   CHECK(!std::filesystem::exists(m.dir / "o"));

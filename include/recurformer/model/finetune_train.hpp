@@ -6,7 +6,10 @@
 // least one) is held out and its mean CE (and perplexity) reported before and after. Training draws
 // sequences in an order that is a pure function of (seed, sample index): sample i of the run is
 // position i % n of the permutation of epoch i / n, so a resumed run sees exactly what the
-// uninterrupted one would have.
+// uninterrupted one would have. With `repeat` > 0, that fraction of the samples (chosen by the same
+// pure function) are recall practice: the sequence's first ctx - ctx/2 tokens followed by a verbatim
+// copy of their first ctx/2, so the copy is predictable only by looking ctx - ctx/2 tokens back,
+// beyond any window (the long-range probe's task, on training text; held-out sequences stay plain).
 // Checkpoint (every save_every steps and at the end): the HF directory as distill writes it
 // (model.safetensors with the trained tensors written back in their stored dtype, every other
 // file of the student copied), plus optimizer.safetensors (the fp32 master values "theta" and the
@@ -26,6 +29,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "recurformer/model/convert.hpp"
@@ -48,6 +52,7 @@ struct FinetuneOptions {
   float kl_weight = 0.f;    ///< > 0 needs a teacher
   int save_every = 0;       ///< checkpoint every N steps (0: only at the end)
   int stop_after = 0;       ///< > 0: stop (with a checkpoint) after this step, to be resumed later
+  double repeat = 0;        ///< fraction of the training samples that are a passage and its copy (see the top)
   uint64_t seed = 1;
   /// After each step: (step, steps, loss, training tokens/s of this run, seconds left).
   std::function<void(int, int, double, double, double)> progress;
@@ -63,6 +68,29 @@ struct FinetuneResult {
 
 inline const char* finetune_train_name(FinetuneTrain t) {
   return t == FinetuneTrain::all ? "all" : t == FinetuneTrain::recurrent ? "recurrent" : "none";
+}
+
+/// Whether training sample i of a run seeded `seed` is a repeat sample (a pure function, so a resumed
+/// run draws the same ones).
+inline bool finetune_repeat_sample(uint64_t seed, int64_t i, double repeat) {
+  if (repeat <= 0) return false;
+  uint64_t h = (seed + 0x632BE59BD9B4E019ull) * 0xD6E8FEB86659FD93ull ^ uint64_t(i) * 0x9E3779B97F4A7C15ull;
+  h ^= h >> 32, h *= 0xD6E8FEB86659FD93ull, h ^= h >> 32;  // mixed: consecutive i are independent draws
+  return double(h >> 11) * 0x1.0p-53 < repeat;
+}
+
+/// Appends sample `seq` of `tokens` cut into sequences of ctx: the sequence itself, or as a repeat
+/// sample its first ctx - ctx/2 tokens and then a copy of their first ctx/2 (ctx tokens either way).
+inline void append_finetune_sample(const std::vector<int32_t>& tokens, int64_t seq, int64_t ctx, bool repeat,
+                                   std::vector<int32_t>& out) {
+  const auto first = tokens.begin() + seq * ctx;
+  if (!repeat) {
+    out.insert(out.end(), first, first + ctx);
+    return;
+  }
+  out.insert(out.end(), first, first + (ctx - ctx / 2));
+  const size_t copy = out.size() - size_t(ctx - ctx / 2);  // out may reallocate: index, not iterator
+  for (int64_t t = 0; t < ctx / 2; ++t) out.push_back(out[copy + size_t(t)]);
 }
 
 namespace detail {
@@ -130,6 +158,7 @@ inline FinetuneResult finetune(std::shared_ptr<const Checkpoint> student, std::s
            student->path().string());
   RF_CHECK(o.ctx >= 2 && o.steps >= 1 && o.batch_seqs >= 1 && o.accum >= 1, "finetune: ctx >= 2, steps, batch_seqs and accum >= 1 are required");
   RF_CHECK(o.lr > 0 && o.kl_weight >= 0 && o.holdout > 0 && o.holdout < 1, "finetune: lr > 0, kl_weight >= 0 and holdout in (0, 1) are required");
+  RF_CHECK(o.repeat >= 0 && o.repeat <= 1, "finetune: the repeat fraction must be in [0, 1], got ", o.repeat);
   RF_CHECK(o.kl_weight == 0 || teacher, "finetune: a KL weight needs a teacher (--teacher ORIGINAL)");
   RF_CHECK(!out_dir.empty(), "finetune: no output directory");
   const ModelConfig& c = student->config();
@@ -186,11 +215,12 @@ inline FinetuneResult finetune(std::shared_ptr<const Checkpoint> student, std::s
   r.train_sequences = n_train, r.heldout_sequences = n_hold, r.params = n, r.start_step = start;
   std::vector<int32_t> btok, bcu, targets;
   std::vector<float> th;
-  auto pack = [&](const std::vector<int64_t>& seqs) {
+  // seqs: (sequence, repeat sample?)
+  auto pack = [&](const std::vector<std::pair<int64_t, bool>>& seqs) {
     btok.clear();
     bcu.assign(1, 0);
-    for (int64_t s : seqs) {
-      btok.insert(btok.end(), tokens.begin() + s * o.ctx, tokens.begin() + (s + 1) * o.ctx);
+    for (const auto& [s, rep] : seqs) {
+      append_finetune_sample(tokens, s, o.ctx, rep, btok);
       bcu.push_back(int32_t(btok.size()));
     }
     const FinetuneBatch b{make_view<const int32_t>(btok.data(), {int64_t(btok.size())}),
@@ -202,8 +232,8 @@ inline FinetuneResult finetune(std::shared_ptr<const Checkpoint> student, std::s
     double sum = 0;
     int64_t count = 0;
     for (int64_t s = n_train; s < n_seq; s += o.batch_seqs) {
-      std::vector<int64_t> seqs;
-      for (int64_t k = s; k < std::min(n_seq, s + o.batch_seqs); ++k) seqs.push_back(k);
+      std::vector<std::pair<int64_t, bool>> seqs;
+      for (int64_t k = s; k < std::min(n_seq, s + o.batch_seqs); ++k) seqs.emplace_back(k, false);
       const FinetuneBatch b = pack(seqs);
       const auto res = model.loss(b, make_view<const int32_t>(targets.data(), {int64_t(targets.size())}), nullptr, 1.f, exec);
       sum += res.ce * double(res.count), count += res.count;
@@ -238,6 +268,7 @@ inline FinetuneResult finetune(std::shared_ptr<const Checkpoint> student, std::s
     j["lr"] = o.lr;
     j["weight_decay"] = o.weight_decay;
     j["kl_weight"] = o.kl_weight;
+    j["repeat"] = o.repeat;
     j["seed"] = o.seed;
     j["loss"] = loss;
     j["heldout_ce_before"] = r.heldout_before;
@@ -254,8 +285,11 @@ inline FinetuneResult finetune(std::shared_ptr<const Checkpoint> student, std::s
     std::fill(grad.begin(), grad.end(), 0.f);
     loss = 0;
     for (int m = 0; m < o.accum; ++m) {
-      std::vector<int64_t> seqs;
-      for (int b = 0; b < o.batch_seqs; ++b) seqs.push_back(sample((int64_t(step) * o.accum + m) * o.batch_seqs + b));
+      std::vector<std::pair<int64_t, bool>> seqs;
+      for (int b = 0; b < o.batch_seqs; ++b) {
+        const int64_t i = (int64_t(step) * o.accum + m) * o.batch_seqs + b;
+        seqs.emplace_back(sample(i), finetune_repeat_sample(o.seed, i, o.repeat));
+      }
       const FinetuneBatch b = pack(seqs);
       View<const float, 2> thv;
       if (tmodel) {
