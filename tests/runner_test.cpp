@@ -80,14 +80,17 @@ TEST_CASE("the main job on a fetched GGUF model, and its offline fallback", "[ru
   std::ostringstream out, err;
   REQUIRE(runner::run_main_job(a, dir / "home", files, out, err) == 0);
   const std::string o = out.str();
-  CHECK_THAT(o, Catch::Contains("[1/5] model " + gguf));
+  CHECK_THAT(o, Catch::Contains("[1/6] model " + gguf));
   CHECK_THAT(o, Catch::Contains("converted 1 of 2 KV groups to recurrent"));
   CHECK_THAT(o, Catch::Contains("fit: relative error of the recurrent groups"));
   CHECK_THAT(o, Catch::Contains("--- RecurFormer (1 of 2 KV groups recurrent) ---"));
   CHECK_THAT(o, Catch::Contains("RecurFormer / original: decode at 2K tokens"));
   CHECK_THAT(err.str(), Catch::Contains("convert: fitting recurrent groups: 1/1"));
   CHECK(fs::exists(dir / "home/smollm2/recurformer/tokenizer.json"));
-  CHECK(fs::exists(dir / "home/smollm2/recurformer/fit_report.json"));
+  CHECK(fs::exists(dir / "home/smollm2/recurformer-fit/fit_report.json"));
+  CHECK(fs::exists(dir / "home/smollm2/recurformer/distill_report.json"));
+  CHECK_THAT(o, Catch::Contains("distill: held-out relative error of the 1 converted groups"));
+  CHECK_THAT(o, Catch::Contains("after the short distillation"));
   CHECK_THAT(o, !Catch::Contains("RANDOM"));
   // A script that cannot reach the registry: one line, then the random model.
   const runner::MainJobFiles offline{dir / "offline.sh", files.calibration_text, files.heldout_text};
