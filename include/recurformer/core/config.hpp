@@ -17,7 +17,12 @@
 
 // Host SIMD: kernels are compiled for the baseline ISA and pick AVX2 / AVX-512 bodies at run time
 // (cpu/detail/isa.hpp). These attributes mark the ISA-specific entry points.
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDA_ARCH__)
+// Only in optimised builds (__OPTIMIZE__: -O1 and up, -Og): an entry point relies on `flatten` to
+// inline the generic body and its helpers, which GCC does not do at -O0, where a helper's
+// out-of-line copy, compiled without the ISA, would take vectors under another calling convention
+// (the AVX2 / AVX-512 scans returned zeros). An unoptimised (Debug) build runs the portable bodies.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(__CUDA_ARCH__) && defined(__OPTIMIZE__)
 #define RF_HAVE_X86_SIMD 1
 #define RF_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define RF_TARGET_AVX512 \
