@@ -150,7 +150,8 @@ inline std::string command_help(const std::string& cmd) {
                        "of the converted model (its recurrent tensors and its own rows of Wq, Wk, Wv) to reproduce\n"
                        "the original attention output of its query heads, one group at a time. Writes the trained\n"
                        "checkpoint to DIR with distill_report.json (error per group before and after, on held-out\n"
-                       "sequences).\n\n") +
+                       "sequences). A windowed group trains alpha too, and its streaming attention is recomputed\n"
+                       "from the rows as they train.\n\n") +
            kCommonHelp +
            "  --teacher PATH       the original model the converted one came from (HF directory or .gguf)\n"
            "  -f, --file PATH      training text\n"

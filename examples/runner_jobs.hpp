@@ -407,7 +407,7 @@ inline std::vector<FitGroupError> convert_model(const std::string& model, const 
     o.init = ConvertInit::fit;
     Progress record(err, "convert: recording attention on the calibration text, sequences");
     o.fit_data = record_fit_data(*m.model, m.tok->encode(read_file(a.file), true), a.ctx_set ? int(a.ctx) : 512,
-                                 o.layout, o.recurrent.conv_kernel, CpuExec{&pool}, std::ref(record), nullptr, o.streaming);
+                                 o.layout, o.streaming, o.recurrent.conv_kernel, CpuExec{&pool}, std::ref(record));
   }
   Progress fit_progress(err, "convert: fitting recurrent groups");
   if (a.init == "fit") o.progress = std::ref(fit_progress);
@@ -464,8 +464,8 @@ inline std::vector<DistillGroupResult> distill_model(const std::string& student,
   {
     Progress record(err, "distill: recording the teacher on the text, sequences");
     data = record_fit_data(*t.model, t.tok->encode(read_file(a.file), true), a.ctx_set ? int(a.ctx) : 512, layout,
-                           c.recurformer->recurrent.conv_kernel, CpuExec{&pool}, std::ref(record), &inputs,
-                           c.recurformer->streaming);
+                           c.recurformer->streaming, c.recurformer->recurrent.conv_kernel, CpuExec{&pool},
+                           std::ref(record), &inputs);
   }
   for (FitGroupData& g : data)  // distillation reads only x, y_attn and y_stream: give back the fit's q, k, v
     for (FitSequence& s : g.sequences) s.q = {}, s.k = {}, s.v = {};

@@ -12,11 +12,14 @@
 //   y = scan(u, Δ, A, B, C, D)                            [T, g, hd]   (spec section 3)
 //   loss = Σ (y - y_attn)² / Σ y_attn²                    over a minibatch of sequences
 //
-// A windowed group outputs y_stream + alpha_h y_h, where y_stream is its streaming attention with the
-// original projections. Its q/k/v rows stay frozen here (they also feed y_stream, which this per-group
-// model does not differentiate; finetune trains them end to end), so y_stream is the teacher's, recorded
-// once (FitSequence::y_stream), and the recurrent tensors and alpha learn the part the window misses:
+// A windowed group outputs y_stream + alpha_h y_h, where y_stream is its streaming attention (sink +
+// window mask) over the same q, k, v rows:
 //   loss = Σ (y_stream + alpha y - y_attn)² / Σ y_attn²
+// With lr_projection > 0 the rows train, so y_stream is recomputed every step from them (RoPE with
+// the student's table and layout, the attention op with the lse it saves) and its gradient runs
+// through attention_backward and rope_backward into the same rows the scan's B, C and u reach.
+// With lr_projection = 0 they stay frozen and y_stream is the teacher's, recorded once
+// (FitSequence::y_stream): the recurrent tensors and alpha then learn only what the window misses.
 //
 // The gradient runs the ops' backward passes in reverse (selective_scan_backward, causal_conv1d_backward,
 // linear_backward); AdamW (train/adamw.hpp) with warmup + cosine and global-norm clipping updates one
@@ -38,8 +41,11 @@
 #include <string>
 #include <vector>
 
+#include "recurformer/cpu/attention.hpp"
+#include "recurformer/cpu/attention_backward.hpp"
 #include "recurformer/cpu/causal_conv1d.hpp"
 #include "recurformer/cpu/linear.hpp"
+#include "recurformer/cpu/rope.hpp"
 #include "recurformer/cpu/selective_scan.hpp"
 #include "recurformer/model/convert.hpp"
 #include "recurformer/model/fit_init.hpp"
@@ -51,7 +57,8 @@ struct DistillOptions {
   int steps = 100;                 ///< optimiser steps per group
   int batch = 4;                   ///< sequences per step
   float lr = 3e-2f;                ///< peak learning rate of the recurrent tensors
-  float lr_projection = 1e-2f;     ///< peak learning rate of the group's Wq/Wk/Wv rows (0: frozen)
+  float lr_projection = 1e-2f;     ///< peak learning rate of the group's Wq/Wk/Wv rows (0: frozen; a
+                                   ///< windowed group then reads its recorded streaming output)
   float weight_decay = 0.f;        ///< decoupled, on the weight matrices only
   double warmup = 0.1;             ///< fraction of the steps
   double clip = 1.0;               ///< global gradient-norm clip (0: none)
@@ -105,19 +112,33 @@ struct DistillLayout {
   }
 };
 
+/// What a windowed group's streaming attention needs when it is recomputed from trained rows: the
+/// student's RoPE table and layout, and its sink and window.
+struct DistillAttention {
+  std::vector<float> inv_freq;  ///< [hd / 2]
+  RopeLayout layout = RopeLayout::rotate_half;
+  int sink = 0, window = 0;
+};
+
 /// Forward and backward of one group over a minibatch of recorded sequences. Buffers are kept
 /// between calls, so steady-state steps allocate nothing once the largest batch has been seen.
+/// `attention` (windowed groups only): recompute the streaming output from the rows (they train)
+/// instead of reading the recorded one.
 class DistillGroupModel {
  public:
-  DistillGroupModel(const DistillLayout& L, const LayerInputs& in, const FitGroupData& data, CpuExec exec)
-      : L_(L), in_(&in), data_(&data), exec_(exec) {
+  DistillGroupModel(const DistillLayout& L, const LayerInputs& in, const FitGroupData& data, CpuExec exec,
+                    const DistillAttention* attention = nullptr)
+      : L_(L), in_(&in), data_(&data), exec_(exec), att_(L.windowed ? attention : nullptr) {
+    if (att_)
+      RF_CHECK(int64_t(att_->inv_freq.size()) * 2 == L.hd && att_->window > 0, "distill: the streaming attention needs ",
+               L.hd / 2, " RoPE frequencies and a window > 0 (got ", att_->inv_freq.size(), ", window ", att_->window, ")");
     RF_CHECK(in.x.size() == data.sequences.size(), "distill: layer ", data.layer, " has ", in.x.size(),
              " recorded inputs but group ", data.group, " has ", data.sequences.size(), " sequences");
     for (size_t s = 0; s < in.x.size(); ++s)
       RF_CHECK(int64_t(in.x[s].size()) == data.sequences[s].tokens * L.d, "distill: layer ", data.layer,
                " sequence ", s, ": input of ", in.x[s].size(), " values for ", data.sequences[s].tokens, " tokens of ",
                L.d);
-    if (L.windowed)
+    if (L.windowed && !att_)
       for (const FitSequence& fs : data.sequences)
         RF_CHECK(fs.y_stream.size() == fs.y_attn.size(), "distill: windowed group ", data.group, " of layer ", data.layer,
                  " was recorded without its streaming output (record_fit_data over a layout where it is windowed)");
@@ -147,6 +168,7 @@ class DistillGroupModel {
       for (int64_t i = 0; i < n; ++i) dy_[size_t(i)] = float(k * (output(theta, i) - double(target_[size_t(i)])));
       std::vector<double>& dalpha = dalpha_;  // kept: no allocation per step
       dalpha.assign(size_t(L_.windowed ? L_.g : 0), 0.0);
+      if (att_) dout_.assign(dy_.begin(), dy_.begin() + n);  // the streaming attention's, unweighted
       if (L_.windowed)  // d/dalpha_h = Σ dout y_h; the scan sees dy_h = alpha_h dout
         for (int64_t i = 0; i < n; ++i) {
           const int64_t h = (i / L_.hd) % L_.g;
@@ -165,11 +187,12 @@ class DistillGroupModel {
   static void ensure(std::vector<T>& v, int64_t n) {
     if (int64_t(v.size()) < n) v.resize(size_t(n));
   }
-  // Element i of what is compared with target_: the scan's y, or alpha_h y for a windowed group
-  // (whose target_ is y_attn - y_stream).
+  // Element i of what is compared with target_: the scan's y; for a windowed group alpha_h y, plus
+  // the streaming output when it is recomputed (else target_ is y_attn - the recorded y_stream).
   double output(const std::vector<float>& th, int64_t i) const {
     const double y = y_[size_t(i)];
-    return L_.windowed ? double(th[size_t(L_.alpha + (i / L_.hd) % L_.g)]) * y : y;
+    if (!L_.windowed) return y;
+    return double(th[size_t(L_.alpha + (i / L_.hd) % L_.g)]) * y + (att_ ? double(ys_[size_t(i)]) : 0.0);
   }
   template <class P>
   void with_workspace(size_t need, P&& call) {
@@ -192,11 +215,22 @@ class DistillGroupModel {
       std::copy(fs.y_attn.begin(), fs.y_attn.end(), target_.begin() + t * gh);
       if (L_.windowed) {
         std::copy(fs.y_attn.begin(), fs.y_attn.end(), attn_.begin() + t * gh);
-        for (int64_t i = 0; i < fs.tokens * gh; ++i) target_[size_t(t * gh + i)] -= fs.y_stream[size_t(i)];
+        if (!att_)
+          for (int64_t i = 0; i < fs.tokens * gh; ++i) target_[size_t(t * gh + i)] -= fs.y_stream[size_t(i)];
       }
       t += fs.tokens;
     }
     S_ = int64_t(seqs.size());
+    if (!att_) return;
+    // the streaming attention's index arrays: positions from 0 in every sequence (as recorded)
+    pos_.resize(size_t(Tb_));
+    kv_lens_.resize(size_t(S_));
+    cap_ = 0;
+    for (int64_t q = 0; q < S_; ++q) {
+      kv_lens_[size_t(q)] = cu_[size_t(q + 1)] - cu_[size_t(q)];
+      cap_ = std::max<int64_t>(cap_, kv_lens_[size_t(q)]);
+      for (int32_t i = cu_[size_t(q)]; i < cu_[size_t(q + 1)]; ++i) pos_[size_t(i)] = i - cu_[size_t(q)];
+    }
   }
 
   // Views of the packed batch.
@@ -255,6 +289,80 @@ class DistillGroupModel {
       for (int64_t i = 0; i < g * N; ++i) C_[size_t(t * g * N + i)] = P_[size_t(t * L_.rows + L_.q_col() + i)] * inv;
     for (int64_t i = 0; i < hd * N; ++i) A_[size_t(i)] = -std::exp(th[size_t(L_.A_log + i)]);
     selective_scan(scan_params(th), exec_);
+    if (att_) stream_forward();
+  }
+
+  // The windowed group's streaming attention from the projected rows: q and k rotated copies (the
+  // scan reads them unrotated), keys and values in per-sequence slots [S, 1, cap, hd].
+  View<const int32_t, 1> positions() const { return make_view<const int32_t>(pos_.data(), {Tb_}); }
+  View<const float, 1> inv_freq() const {
+    return make_view<const float>(att_->inv_freq.data(), {int64_t(att_->inv_freq.size())});
+  }
+  AttentionParams<float> stream_params() {
+    AttentionParams<float> ap;
+    ap.q = make_view<const float>(qr_.data(), {Tb_, L_.g, L_.hd});
+    ap.k = make_view<const float>(Kb_.data(), {S_, int64_t(1), cap_, L_.hd});
+    ap.v = make_view<const float>(Vb_.data(), {S_, int64_t(1), cap_, L_.hd});
+    ap.out = make_view(ys_.data(), {Tb_, L_.g, L_.hd});
+    ap.cu_seqlens = make_view<const int32_t>(cu_.data(), {S_ + 1});
+    ap.kv_lens = make_view<const int32_t>(kv_lens_.data(), {S_});
+    ap.q_positions = positions();
+    ap.sink = att_->sink, ap.window = att_->window;
+    ap.lse = make_view(lse_.data(), {Tb_, L_.g});
+    return ap;
+  }
+  void stream_forward() {
+    const int64_t hd = L_.hd, gh = L_.g * hd;
+    ensure(qr_, Tb_ * gh);
+    ensure(kr_, Tb_ * hd);
+    ensure(Kb_, S_ * cap_ * hd);
+    ensure(Vb_, S_ * cap_ * hd);
+    ensure(ys_, Tb_ * gh);
+    ensure(lse_, Tb_ * L_.g);
+    for (int64_t t = 0; t < Tb_; ++t) {
+      const float* row = P_.data() + t * L_.rows;
+      std::copy_n(row + L_.q_col(), gh, qr_.data() + t * gh);
+      std::copy_n(row + L_.k_col(), hd, kr_.data() + t * hd);
+    }
+    rope(RopeParams<float>{make_view(qr_.data(), {Tb_, L_.g, hd}), positions(), inv_freq(), att_->layout}, exec_);
+    rope(RopeParams<float>{make_view(kr_.data(), {Tb_, int64_t(1), hd}), positions(), inv_freq(), att_->layout}, exec_);
+    for (int64_t q = 0; q < S_; ++q)
+      for (int32_t t = cu_[size_t(q)]; t < cu_[size_t(q + 1)]; ++t) {
+        const int64_t e = (q * cap_ + (t - cu_[size_t(q)])) * hd;
+        std::copy_n(kr_.data() + t * hd, hd, Kb_.data() + e);
+        std::copy_n(P_.data() + t * L_.rows + L_.v_col(), hd, Vb_.data() + e);
+      }
+    const AttentionParams<float> ap = stream_params();
+    with_workspace(attention_workspace_bytes(ap, exec_), [&](void* w, size_t n) { attention(ap, exec_, w, n); });
+  }
+  // Adds the streaming attention's gradients (dout_) to dP's q, k and v columns.
+  void stream_backward() {
+    const int64_t hd = L_.hd, gh = L_.g * hd;
+    ensure(dq_, Tb_ * gh);
+    ensure(dkr_, Tb_ * hd);
+    ensure(dK_, S_ * cap_ * hd);
+    ensure(dV_, S_ * cap_ * hd);
+    AttentionBackwardParams<float> ab;
+    ab.fwd = stream_params();
+    ab.dout = make_view<const float>(dout_.data(), {Tb_, L_.g, hd});
+    ab.dq = make_view(dq_.data(), {Tb_, L_.g, hd});
+    ab.dk = make_view(dK_.data(), {S_, int64_t(1), cap_, hd});
+    ab.dv = make_view(dV_.data(), {S_, int64_t(1), cap_, hd});
+    with_workspace(attention_backward_workspace_bytes(ab, exec_),
+                   [&](void* w, size_t n) { attention_backward(ab, exec_, w, n); });
+    for (int64_t q = 0; q < S_; ++q)
+      for (int32_t t = cu_[size_t(q)]; t < cu_[size_t(q + 1)]; ++t)
+        std::copy_n(dK_.data() + (q * cap_ + (t - cu_[size_t(q)])) * hd, hd, dkr_.data() + t * hd);
+    rope_backward(RopeBackwardParams{make_view(dq_.data(), {Tb_, L_.g, hd}), positions(), inv_freq(), att_->layout}, exec_);
+    rope_backward(RopeBackwardParams{make_view(dkr_.data(), {Tb_, int64_t(1), hd}), positions(), inv_freq(), att_->layout},
+                  exec_);
+    for (int64_t q = 0; q < S_; ++q)
+      for (int32_t t = cu_[size_t(q)]; t < cu_[size_t(q + 1)]; ++t) {
+        float* row = dP_.data() + t * L_.rows;
+        const float* dv = dV_.data() + (q * cap_ + (t - cu_[size_t(q)])) * hd;
+        for (int64_t i = 0; i < gh; ++i) row[L_.q_col() + i] += dq_[size_t(t * gh + i)];
+        for (int64_t i = 0; i < hd; ++i) row[L_.k_col() + i] += dkr_[size_t(t * hd + i)], row[L_.v_col() + i] += dv[i];
+      }
   }
 
   void backward(const std::vector<float>& th, std::vector<float>& grad) {
@@ -298,6 +406,7 @@ class DistillGroupModel {
     ub.dx = make_strided_view(dP_.data() + L_.z_col(), {Tb_, L_.r}, {rows, 1});
     ub.dweight = make_view(grad.data() + L_.dt_up, {hd, L_.r});
     with_workspace(linear_backward_workspace_bytes(ub, exec_), [&](void* w, size_t n) { linear_backward(ub, exec_, w, n); });
+    if (att_) stream_backward();  // the scan, conv and Δ path have written dP; the attention adds to it
     LinearBackwardParams<float, float> pb;
     pb.x = xv();
     pb.weight = W(th);
@@ -314,10 +423,12 @@ class DistillGroupModel {
   const LayerInputs* in_;
   const FitGroupData* data_;
   CpuExec exec_;
-  int64_t Tb_ = 0, S_ = 0;
-  std::vector<int32_t> cu_;
+  const DistillAttention* att_;
+  int64_t Tb_ = 0, S_ = 0, cap_ = 0;
+  std::vector<int32_t> cu_, pos_, kv_lens_;
   std::vector<double> dalpha_;
   std::vector<float> x_, target_, attn_, P_, delta_, u_, C_, y_, A_, state_, dy_, dP_, du_, ddelta_, dA_, dC_;
+  std::vector<float> qr_, kr_, Kb_, Vb_, ys_, lse_, dout_, dq_, dkr_, dK_, dV_;  // windowed, recomputed attention
   std::vector<unsigned char> ws_;
 };
 
@@ -366,14 +477,19 @@ inline std::vector<float> distill_initial(const Checkpoint& ck, const DistillLay
 
 /// Trains one group (see the top of this file) from `theta` in place; `train` and `heldout` index
 /// the recorded sequences.
+/// `attention`: a windowed group's (see DistillGroupModel), used when its rows train (lr_projection > 0).
 inline DistillGroupResult distill_group(const detail::DistillLayout& L, const LayerInputs& in, const FitGroupData& data,
                                         std::vector<float>& theta, const std::vector<int>& train,
-                                        const std::vector<int>& heldout, const DistillOptions& o, CpuExec exec) {
+                                        const std::vector<int>& heldout, const DistillOptions& o, CpuExec exec,
+                                        const detail::DistillAttention* attention = nullptr) {
   RF_CHECK(!train.empty() && !heldout.empty(), "distill: no training or held-out sequences");
   RF_CHECK(o.steps >= 0 && o.batch >= 1, "distill: steps must be >= 0 and batch >= 1");
   RF_CHECK(o.lr > 0 && o.lr_projection >= 0, "distill: lr must be > 0 and lr_projection >= 0");
   const auto t0 = std::chrono::steady_clock::now();
-  detail::DistillGroupModel model(L, in, data, exec);
+  const bool rows_train = o.lr_projection > 0;
+  RF_CHECK(!L.windowed || !rows_train || attention, "distill: training a windowed group's q/k/v rows needs its streaming "
+           "attention's RoPE table and window");
+  detail::DistillGroupModel model(L, in, data, exec, rows_train ? attention : nullptr);
   DistillGroupResult r;
   r.layer = data.layer, r.group = data.group;
   // errors over whole sets, a few sequences at a time (bounded buffers)
@@ -389,7 +505,7 @@ inline DistillGroupResult distill_group(const detail::DistillLayout& L, const La
   r.heldout_before = error(heldout);
   r.train_before = error(train);
   const int64_t proj = L.z_col() * L.d;  // the q/k/v rows of W
-  const float proj_scale = L.windowed ? 0.f : o.lr_projection / o.lr;  // windowed: frozen (see the top)
+  const float proj_scale = o.lr_projection / o.lr;
   std::vector<AdamWSegment> seg = {{0, proj, proj_scale, o.weight_decay},
                                    {proj, L.b, 1.f, o.weight_decay},
                                    {L.dt_up, L.dt_bias, 1.f, o.weight_decay}};
@@ -463,6 +579,7 @@ inline std::vector<DistillGroupResult> distill_to_recurformer(const Checkpoint& 
                                 rf.recurrent.conv_kernel, c.attention_bias);
   detail::check_output_dir(final_dir, student.path(), replace);
   RF_CHECK(!data.empty(), "distill: the student has no recurrent group to train");
+  const detail::DistillAttention attention{student.rope_inv_freq(), c.rope_layout, rf.streaming.sink, rf.streaming.window};
   const int64_t n_seq = int64_t(data.front().sequences.size());
   RF_CHECK(n_seq >= 2, "distill: ", n_seq, " recorded sequence(s); at least 2 are needed (one held out)");
   const int64_t n_hold = std::max<int64_t>(1, int64_t(std::floor(double(n_seq) * o.holdout)));
@@ -502,17 +619,17 @@ inline std::vector<DistillGroupResult> distill_to_recurformer(const Checkpoint& 
     const bool windowed = rf.layout.layers[size_t(fd.layer)].groups[size_t(fd.group)] == HeadKind::windowed;
     const detail::DistillLayout Lg = windowed ? L.windowed_group() : L;
     std::vector<float> theta = detail::distill_initial(student, Lg, fd.layer, fd.group);
-    results.push_back(distill_group(Lg, *in, fd, theta, train, held, o, exec));
+    results.push_back(distill_group(Lg, *in, fd, theta, train, held, o, exec, &attention));
     const std::string p = detail::distill_prefix(fd.layer);
     const int64_t gh = L.g * L.hd, d = L.d;
-    if (windowed) {  // its q/k/v rows stayed frozen
-      write_rows(detail::distill_recurrent(fd.layer, fd.group, "alpha"), 0, 1, L.g, theta.data() + Lg.alpha);
-    } else {
+    if (windowed) write_rows(detail::distill_recurrent(fd.layer, fd.group, "alpha"), 0, 1, L.g, theta.data() + Lg.alpha);
+    const bool rows = o.lr_projection > 0;  // else unchanged: not rewritten
+    if (rows) {
       write_rows(p + "q_proj.weight", fd.group * gh, gh, d, theta.data() + L.W);
       write_rows(p + "k_proj.weight", fd.group * L.hd, L.hd, d, theta.data() + L.W + L.k_col() * d);
       write_rows(p + "v_proj.weight", fd.group * L.hd, L.hd, d, theta.data() + L.W + L.v_col() * d);
     }
-    if (L.bias && !windowed) {
+    if (L.bias && rows) {
       write_rows(p + "q_proj.bias", fd.group * gh, gh, 1, theta.data() + L.b);
       write_rows(p + "k_proj.bias", fd.group * L.hd, L.hd, 1, theta.data() + L.b + L.k_col());
       write_rows(p + "v_proj.bias", fd.group * L.hd, L.hd, 1, theta.data() + L.b + L.v_col());

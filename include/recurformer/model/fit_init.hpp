@@ -257,12 +257,14 @@ struct FitProjections {
 /// Runs the original model over `tokens` in sequences of seq_len tokens (a tail of fewer than Kc
 /// tokens is dropped) and records every recurrent and windowed group of `layout` (layer, then group
 /// order). With `inputs`, also the input x of every layer that has such a group (layer order).
-/// A windowed group's record also holds its streaming output under `streaming`'s sink and window.
+/// A windowed group's record also holds its streaming output under `streaming`'s sink and window
+/// (the converted model's: a required argument, since a default window would record silently wrong
+/// targets for a model converted with another).
 inline std::vector<FitGroupData> record_fit_data(const LlamaModel& model, const std::vector<int32_t>& tokens,
-                                                 int seq_len, const HeadLayout& layout, int conv_kernel, CpuExec exec,
+                                                 int seq_len, const HeadLayout& layout, const StreamingConfig& streaming,
+                                                 int conv_kernel, CpuExec exec,
                                                  const std::function<void(int64_t, int64_t)>& progress = {},
-                                                 std::vector<LayerInputs>* inputs = nullptr,
-                                                 const StreamingConfig& streaming = StreamingConfig{}) {
+                                                 std::vector<LayerInputs>* inputs = nullptr) {
   const ModelConfig& c = model.config();
   RF_CHECK(seq_len >= 2, "fit_init: sequence length must be >= 2, got ", seq_len);
   layout.check(c.n_layers, c.n_kv);
