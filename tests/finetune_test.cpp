@@ -223,7 +223,7 @@ TEST_CASE("finetune end to end: loss falls, only trainable tensors change, the c
   const double last = std::stod(out.str().substr(out.str().find(" -> ", out.str().find("training loss ")) + 4));
   CAPTURE(out.str());
   CHECK(last < first - 0.05);
-  // same format; only recurrent groups' tensors and their own q/k/v rows change
+  // same format; only the converted groups' tensors and their own q/k/v rows (streaming groups' too) change
   CHECK(runner::read_file(m.dir / "ft/config.json") == runner::read_file(m.rf + "/config.json"));
   const Checkpoint a = Checkpoint::open(m.dir / "ft"), b = Checkpoint::open(m.rf);
   REQUIRE(a.tensor_names() == b.tensor_names());
@@ -250,7 +250,7 @@ TEST_CASE("finetune end to end: loss falls, only trainable tensors change, the c
     const int64_t rows = n.find("q_proj") != std::string::npos ? g * hd : hd;
     const size_t row_bytes = size_t(d) * dtype_size(ta.dtype);
     for (int j = 0; j < c.n_kv; ++j) {
-      const bool rec = has_recurrent_state(c.recurformer->layout.layers[size_t(layer)].groups[size_t(j)]);
+      const bool rec = c.recurformer->layout.layers[size_t(layer)].groups[size_t(j)] != HeadKind::attention;
       const size_t off = size_t(j * rows) * row_bytes, len = size_t(rows) * row_bytes;
       CHECK((std::memcmp(static_cast<const char*>(ta.data) + off, static_cast<const char*>(tb.data) + off, len) == 0) != rec);
     }

@@ -21,7 +21,8 @@
 // Parameters: what trains is a set of row ranges of checkpoint tensors (FinetuneParam), laid out in
 // one flat fp32 master buffer (theta) that the optimiser updates (train/adamw.hpp); the gradient has
 // the same layout and is accumulated into (+=), so micro-batches add up. FinetuneTrain::recurrent
-// trains the recurrent and windowed groups' tensors (alpha included) and their own rows of Wq/Wk/Wv (and biases) as distill does;
+// trains the converted groups: the recurrent and windowed groups' tensors (alpha included) and the
+// own rows of Wq/Wk/Wv (and biases) of every recurrent, windowed and streaming group;
 // ::all trains every tensor; ::none is a frozen model (the teacher). A tensor any row of which trains
 // is held in fp32 (its frozen rows converted exactly); the others are used as stored (TW, the
 // dtype of layer 0's q_proj, as LlamaModel does). Weight gradients are computed only for trained
@@ -56,7 +57,8 @@ namespace recurformer {
 /// What trains.
 enum class FinetuneTrain : uint8_t {
   none,       ///< nothing (a frozen model: the teacher)
-  recurrent,  ///< the recurrent and windowed groups' tensors and their own rows of Wq/Wk/Wv (+ biases)
+  recurrent,  ///< the converted groups: recurrent and windowed tensors, and every converted group's
+              ///< own rows of Wq/Wk/Wv (+ biases), streaming groups' included
   all,        ///< every tensor
 };
 
@@ -114,8 +116,9 @@ class FinetuneImpl final : public FinetuneImplBase {
       Layer& L = layers_[size_t(l)];
       L.attn_norm = add(p + "input_layernorm.weight", d_, 1, all, true);
       L.mlp_norm = add(p + "post_attention_layernorm.weight", d_, 1, all, true);
-      const std::vector<int> rec = layout_.layers[size_t(l)].state_groups();
-      const bool proj = all || (train == FinetuneTrain::recurrent && !rec.empty());
+      const std::vector<HeadKind>& kinds = layout_.layers[size_t(l)].groups;
+      const bool converted = std::any_of(kinds.begin(), kinds.end(), [](HeadKind k) { return k != HeadKind::attention; });
+      const bool proj = all || (train == FinetuneTrain::recurrent && converted);
       L.wq = add(p + "self_attn.q_proj.weight", nq_ * hd_, d_, all, false, proj);
       L.wk = add(p + "self_attn.k_proj.weight", nkv_ * hd_, d_, all, false, proj);
       L.wv = add(p + "self_attn.v_proj.weight", nkv_ * hd_, d_, all, false, proj);
@@ -131,12 +134,13 @@ class FinetuneImpl final : public FinetuneImplBase {
       for (int j = 0; j < nkv_; ++j) {
         const HeadKind k = layout_.layers[size_t(l)].groups[size_t(j)];
         L.kind.push_back(k);
-        if (!has_recurrent_state(k)) continue;
+        if (k == HeadKind::attention) continue;
         const bool tr = train != FinetuneTrain::none;
-        if (tr) {  // the group's own rows of the projections
+        if (tr) {  // the converted group's own rows of the projections
           for (int t : {L.wq, L.bq}) if (t >= 0 && !all) range(t, j * g_ * hd_, g_ * hd_);
           for (int t : {L.wk, L.bk, L.wv, L.bv}) if (t >= 0 && !all) range(t, j * hd_, hd_);
         }
+        if (!has_recurrent_state(k)) continue;
         const std::string q = p + "self_attn.recurrent." + std::to_string(j) + ".";
         Rec R;
         R.j = j;

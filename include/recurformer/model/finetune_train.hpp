@@ -183,7 +183,7 @@ inline FinetuneResult finetune(std::shared_ptr<const Checkpoint> student, std::s
     model.set_teacher_head(finetune_lm_head(*teacher));
   }
   const int64_t n = model.num_params();
-  RF_CHECK(n > 0, "finetune: nothing to train (", student->path().string(), " has no recurrent group; use --train all)");
+  RF_CHECK(n > 0, "finetune: nothing to train (", student->path().string(), " has no converted group; use --train all)");
   std::vector<AdamWSegment> seg;
   for (const FinetuneParam& p : model.params())
     if (p.matrix) seg.push_back({p.offset, p.offset + p.rows * p.cols, 1.f, o.weight_decay});
