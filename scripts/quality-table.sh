@@ -8,7 +8,8 @@
 # eval.txt (never trained on) at each context in CTXS, and with PROBE=1 also on the long-range probe
 # (`perplexity --repeat -c 2048`), and with OOD=1 on ood.txt (another domain) at ctx 512. FT_STEPS > 0 (default 0) fine-tunes the distilled model for that many
 # steps of one 512-token sequence of finetune.txt (lr FT_LR, default 3e-4; with FT_KL > 0 plus that
-# weight of KL to the original). Each ratio also gets streaming heads on the same groups, sink 4 and
+# weight of KL to the original), and the streaming baselines alike (their q/k/v rows: the same budget).
+# Each ratio also gets streaming heads on the same groups, sink 4 and
 # the window that takes a recurrent state's bytes. WINDOWED=1 adds windowed groups (the streaming
 # heads + alpha x a recurrent state, --init fit, distilled, fine-tuned as above) and the streaming
 # heads at their cache (a ring of two states' bytes). Prints one markdown row per model and keeps
@@ -45,6 +46,14 @@ ppl() {  # model -> "ppl@ctx1 | ppl@ctx2 ... [| probe] [| ood]"
   [ "$OOD" = 1 ] && row="$row | $(final_ppl -m "$1" -f "$work/ood.txt" -c 512)"
   echo "$row"
 }
+kl=(); [ "$FT_KL" != 0 ] && kl=(--teacher "$M" --kl "$FT_KL")
+finetune_row() {  # label, model dir: with FT_STEPS > 0, fine-tunes it into DIR-finetune and prints its row
+  [ "$FT_STEPS" -gt 0 ] || return 0
+  local t0; t0=$(date +%s)
+  "$R" finetune -m "$2" -f "$work/finetune.txt" -c 512 --steps "$FT_STEPS" --lr "$FT_LR" "${kl[@]}" \
+    -t "$THREADS" -o "$2-finetune" --force > "$2-finetune.log" 2>&1
+  echo "| $1 + finetune ($FT_STEPS x 512 tokens, lr $FT_LR, KL $FT_KL) | $r $(ppl "$2-finetune") | $(( $(date +%s) - t0 )) s finetune |"
+}
 probe_head=""; [ "$PROBE" = 1 ] && probe_head=", probe"; [ "$OOD" = 1 ] && probe_head="$probe_head, ood.txt at 512"
 echo "| model | ratio | perplexity at ctx $(echo $CTXS | sed 's/ /, /g')$probe_head | time |"
 echo "| --- | --- | --- | --- |"
@@ -60,16 +69,11 @@ for r in $RATIOS; do
   "$R" distill -m "$work/rf$r-fit" --teacher "$M" -f "$work/calib.txt" -c 512 --steps "$STEPS" -t "$THREADS" \
     "${extra[@]}" -o "$work/rf$r-distill" --force > "$work/rf$r-distill.log" 2>&1
   echo "| fit + distill ($STEPS steps/group) | $r $(ppl "$work/rf$r-distill") | $(( $(date +%s) - t0 )) s distill |"
-  if [ "$FT_STEPS" -gt 0 ]; then
-    t0=$(date +%s)
-    kl=(); [ "$FT_KL" != 0 ] && kl=(--teacher "$M" --kl "$FT_KL")
-    "$R" finetune -m "$work/rf$r-distill" -f "$work/finetune.txt" -c 512 --steps "$FT_STEPS" --lr "$FT_LR" "${kl[@]}" \
-      -t "$THREADS" -o "$work/rf$r-finetune" --force > "$work/rf$r-finetune.log" 2>&1
-    echo "| fit + distill + finetune ($FT_STEPS x 512 tokens, lr $FT_LR, KL $FT_KL) | $r $(ppl "$work/rf$r-finetune") | $(( $(date +%s) - t0 )) s finetune |"
-  fi
+  finetune_row "fit + distill" "$work/rf$r-distill"
   "$R" convert -m "$M" --scores "$work/scores.json" --ratio "$r" --kind streaming -o "$work/st$r" --force \
     > "$work/st$r.log" 2>&1
   echo "| streaming ($(sed -n 's/^streaming heads keep the first \([0-9]*\) and the last \([0-9]*\).*/sink \1, window \2/p' "$work/st$r.log")) | $r $(ppl "$work/st$r") | |"
+  finetune_row "streaming" "$work/st$r"  # the fair baseline: its q/k/v rows trained at the same budget
   [ "$WINDOWED" = 1 ] || continue
   t0=$(date +%s)
   "$R" convert -m "$M" --scores "$work/scores.json" --ratio "$r" --kind windowed --init fit -f "$work/calib.txt" -c 512 \
@@ -77,15 +81,11 @@ for r in $RATIOS; do
   "$R" distill -m "$work/w$r-fit" --teacher "$M" -f "$work/calib.txt" -c 512 --steps "$STEPS" -t "$THREADS" \
     "${extra[@]}" -o "$work/w$r-distill" --force > "$work/w$r-distill.log" 2>&1
   echo "| windowed, fit + distill | $r $(ppl "$work/w$r-distill") | $(( $(date +%s) - t0 )) s convert + distill |"
-  if [ "$FT_STEPS" -gt 0 ]; then
-    t0=$(date +%s)
-    "$R" finetune -m "$work/w$r-distill" -f "$work/finetune.txt" -c 512 --steps "$FT_STEPS" --lr "$FT_LR" "${kl[@]}" \
-      -t "$THREADS" -o "$work/w$r-finetune" --force > "$work/w$r-finetune.log" 2>&1
-    echo "| windowed, fit + distill + finetune ($FT_STEPS x 512 tokens) | $r $(ppl "$work/w$r-finetune") | $(( $(date +%s) - t0 )) s finetune |"
-  fi
+  finetune_row "windowed, fit + distill" "$work/w$r-distill"
   # the streaming heads at a windowed group's cache: a ring of two recurrent states' bytes (f32, head_dim 64)
   w2=$(( 2 * (64 * 64 * 4 + 3 * 64 * 4) / (2 * 64 * 4) - 4 ))
   "$R" convert -m "$M" --scores "$work/scores.json" --ratio "$r" --kind streaming --stream-window "$w2" \
     -o "$work/st$r-w$w2" --force > "$work/st$r-w$w2.log" 2>&1
   echo "| streaming (sink 4, window $w2: a windowed group's bytes) | $r $(ppl "$work/st$r-w$w2") | |"
+  finetune_row "streaming, window $w2" "$work/st$r-w$w2"
 done
