@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_kernel(const Causa
     const int64_t s = conv_sequence_of(p, t);
     const int64_t slot = conv_slot_of(p, s);
     if (slot < 0) continue;
-    const int64_t t0 = p.cu_seqlens.data ? p.cu_seqlens(s) : 0;
+    const int64_t t0 = p.cu_seqlens.data ? recurformer::detail::clamp_index(p.cu_seqlens(s), 0, t) : 0;
     const bool history = p.conv_state.data && p.use_initial_state;
     float acc = p.bias.data ? p.bias(c) : 0.f;
 #pragma unroll
@@ -85,8 +85,9 @@ __global__ void __launch_bounds__(kConvThreads)
   for (int64_t s = blockIdx.y; s < n_seq; s += gridDim.y) {
     const int64_t slot = conv_slot_of(p, s);
     if (slot < 0) continue;
-    const int64_t t0 = p.cu_seqlens.data ? p.cu_seqlens(s) : 0;
-    const int64_t t1 = p.cu_seqlens.data ? p.cu_seqlens(s + 1) : p.x.shape[0];
+    const int64_t tokens = p.x.shape[0];
+    const int64_t t0 = p.cu_seqlens.data ? recurformer::detail::clamp_index(p.cu_seqlens(s), 0, tokens) : 0;
+    const int64_t t1 = p.cu_seqlens.data ? recurformer::detail::clamp_index(p.cu_seqlens(s + 1), t0, tokens) : tokens;
     const int64_t len = t1 - t0;
     float window[K - 1];
 #pragma unroll

@@ -17,6 +17,10 @@ struct CudaExec {
 };
 
 namespace detail {
+/// v clamped to [lo, hi]: kernels read index arrays (cu_seqlens) the host checked only the shape of,
+/// so a wrong offset must stay inside the batch instead of indexing past it.
+__device__ __forceinline__ int64_t clamp_index(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
+
 inline void cuda_check(cudaError_t e, const char* what, const char* file, int line) {
   if (e != cudaSuccess)
     fail(file, ":", line, ": ", what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");

@@ -42,12 +42,14 @@ struct ComposeScanPair {
 };
 /// Hands each chunk the running state of the sequence (as the constant map h -> running) and
 /// folds the chunk's aggregate into it. CUB calls it from every lane of the first warp and uses
-/// lane 0's result, so only lane 0 writes (the other lanes' results are discarded).
+/// lane 0's result only, so only lane 0 touches `running` (a read by the other lanes while lane 0
+/// writes would be a shared-memory race for racecheck, harmless or not).
 struct RunningStatePrefix {
   float* running;
   __device__ __forceinline__ ScanPair operator()(const ScanPair& chunk) {
+    if (threadIdx.x % 32 != 0) return ScanPair{0.f, 0.f};  // discarded by CUB
     const ScanPair before{0.f, *running};
-    if (threadIdx.x % 32 == 0) *running = chunk.a * before.b + chunk.b;
+    *running = chunk.a * before.b + chunk.b;
     return before;
   }
 };
@@ -56,7 +58,9 @@ template <class T>
 __device__ __forceinline__ void sequence_range(const SelectiveScanParams<T>& p, int64_t s,
                                                int64_t& t0, int64_t& t1, int64_t& slot) {
   if (p.cu_seqlens.data) {
-    t0 = p.cu_seqlens(s), t1 = p.cu_seqlens(s + 1);
+    const int64_t tokens = p.u.shape[0];
+    t0 = recurformer::detail::clamp_index(p.cu_seqlens(s), 0, tokens);
+    t1 = recurformer::detail::clamp_index(p.cu_seqlens(s + 1), t0, tokens);
   } else {
     t0 = 0, t1 = p.u.shape[0];
   }
