@@ -83,14 +83,11 @@ inline bool finetune_repeat_sample(uint64_t seed, int64_t i, double repeat) {
 /// sample its first ctx - ctx/2 tokens and then a copy of their first ctx/2 (ctx tokens either way).
 inline void append_finetune_sample(const std::vector<int32_t>& tokens, int64_t seq, int64_t ctx, bool repeat,
                                    std::vector<int32_t>& out) {
-  const auto first = tokens.begin() + seq * ctx;
-  if (!repeat) {
-    out.insert(out.end(), first, first + ctx);
-    return;
-  }
-  out.insert(out.end(), first, first + (ctx - ctx / 2));
-  const size_t copy = out.size() - size_t(ctx - ctx / 2);  // out may reallocate: index, not iterator
-  for (int64_t t = 0; t < ctx / 2; ++t) out.push_back(out[copy + size_t(t)]);
+  const size_t at = out.size();
+  const int64_t head = repeat ? ctx - ctx / 2 : ctx;
+  out.resize(at + size_t(ctx));
+  std::copy_n(tokens.begin() + seq * ctx, head, out.begin() + int64_t(at));
+  std::copy_n(out.begin() + int64_t(at), ctx - head, out.begin() + int64_t(at) + head);  // the copy (repeat)
 }
 
 namespace detail {
