@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "recurformer/cuda/detail/convert.cuh"
+#include "recurformer/cuda/exec.cuh"
 #include "recurformer/ops/attention.hpp"
 
 namespace recurformer {
@@ -66,7 +67,7 @@ __device__ bool attention_tile(const AttentionParams<T>& p, const AttnLaunch& L,
     return t0 < tokens;
   }
   const int64_t S = p.cu_seqlens.shape[0] - 1;
-  auto cu = [&](int64_t i) { return min64(max64(p.cu_seqlens(i), 0), tokens); };
+  auto cu = [&](int64_t i) { return recurformer::detail::clamp_index(p.cu_seqlens(i), 0, tokens); };
   if (L.one_token_tiles) {
     if (b >= tokens) return false;
     int64_t lo = 0, hi = S;  // the last sequence starting at or before token b
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int64_t cap = p.k.shape[2];
   const int64_t slot = p.kv_slots.data ? int64_t(p.kv_slots(s)) : s;
   const bool slot_ok = slot >= 0 && slot < p.k.shape[0];
-  int64_t keys = slot_ok ? min64(max64(p.kv_lens(s), 0), cap) : 0;
+  int64_t keys = slot_ok ? recurformer::detail::clamp_index(p.kv_lens(s), 0, cap) : 0;
   const int rows = int((t1 - t0) * g);
 
   for (int i = threadIdx.x; i < rows * HD; i += kAttnThreads) {
