@@ -5,7 +5,8 @@
 //    against BM_MemoryCopy's bytes/s in the same run.
 //  - GEMM (prefill, 512 tokens): compute-bound; "flop/s" = 2 * tokens * in * out per second, to be
 //    set against BM_FmaPeak, the fp32 FMA throughput of the same threads on register-only work.
-//  - Q8_0 (GGUF) weights for the decode shapes and one prefill shape.
+//  - GGUF block weights: Q8_0 for the decode shapes and one prefill shape; Q4_0, Q4_1, Q4_K and
+//    Q6_K for gate_proj decode and q_proj prefill.
 //  - linear_backward (training) at SmolLM2-135M shapes (d 576, ffn 1536, vocab 49152): "flop/s" =
 //    4 * tokens * in * out (dx and dweight; dbias is not counted), beside the forward's flop/s on
 //    the same shapes in the same run.
@@ -21,18 +22,18 @@ using namespace recurformer;
 
 namespace {
 
+// Block weights: bytes in [0x10, 0x3c), so every fp16 scale or min is a finite normal number
+// (exponent field 4..14) and the codes vary (the kernels' speed does not depend on the values).
 template <class TW>
 std::vector<TW> bench_weights(size_t n) {
-  return rfbench::random_vector<TW>(n, -0.05f, 0.05f);
-}
-template <>
-std::vector<BlockQ8_0> bench_weights<BlockQ8_0>(size_t n) {
-  std::vector<BlockQ8_0> w(n);
-  for (size_t i = 0; i < n; ++i) {
-    w[i].d = half(0.0004f);
-    for (int j = 0; j < 32; ++j) w[i].qs[j] = int8_t(int((i * 31 + size_t(j) * 7) % 255) - 127);
+  if constexpr (is_quant_block_v<TW>) {
+    std::vector<TW> w(n);
+    auto* bytes = reinterpret_cast<unsigned char*>(w.data());
+    for (size_t i = 0; i < n * sizeof(TW); ++i) bytes[i] = static_cast<unsigned char>(0x10 + (i * 31 + i / 7) % 44);
+    return w;
+  } else {
+    return rfbench::random_vector<TW>(n, -0.05f, 0.05f);
   }
-  return w;
 }
 
 template <class TW>
@@ -83,6 +84,18 @@ BENCHMARK_CAPTURE(bm_linear_q8_0, gemv_q_proj, 1, 2048, 2048)->Unit(benchmark::k
 BENCHMARK_CAPTURE(bm_linear_q8_0, gemv_gate_proj, 1, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(bm_linear_q8_0, gemv_lm_head, 1, 2048, 128256)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(bm_linear_q8_0, gemm_q_proj, 512, 2048, 2048)->Unit(benchmark::kMillisecond)->UseRealTime();
+// The other common GGUF types: Q4_0 / Q4_1 unpack nibbles in registers, the K-quants decode a
+// block on the stack (20, 24, 144 and 210 bytes per 32, 32, 256 and 256 weights)
+#define RF_BLOCK_BENCH(name, Block)                                                                       \
+  void bm_linear_##name(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {                  \
+    bm_linear<Block>(st, tokens, in, out);                                                                \
+  }                                                                                                       \
+  BENCHMARK_CAPTURE(bm_linear_##name, gemv_gate_proj, 1, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime(); \
+  BENCHMARK_CAPTURE(bm_linear_##name, gemm_q_proj, 512, 2048, 2048)->Unit(benchmark::kMillisecond)->UseRealTime()
+RF_BLOCK_BENCH(q4_0, BlockQ4_0);
+RF_BLOCK_BENCH(q4_1, BlockQ4_1);
+RF_BLOCK_BENCH(q4_k, BlockQ4_K);
+RF_BLOCK_BENCH(q6_k, BlockQ6_K);
 RF_LINEAR_BENCH(gemv4_q_proj, 4, 2048, 2048);
 RF_LINEAR_BENCH(gemm8_q_proj, 8, 2048, 2048);  // batched decode: the smallest GEMM
 RF_LINEAR_BENCH(gemm_q_proj, 512, 2048, 2048);

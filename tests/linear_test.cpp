@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "recurformer/cpu/linear.hpp"
+#include "recurformer/model/gguf.hpp"
 #include "support/test_util.hpp"
 
 using namespace recurformer;
@@ -31,8 +32,13 @@ bool same_bits(T a, T b) {
 
 // Weights: random storage values, or Q8_0 blocks with scales in [0.002, 0.02) and all int8 codes.
 template <class TW>
+std::vector<TW> fixture_blocks(size_t n);
+template <class TW>
 std::vector<TW> random_weights(size_t n) {
-  return rftest::random_vector<TW>(n);
+  if constexpr (is_quant_block_v<TW>)
+    return fixture_blocks<TW>(n);
+  else
+    return rftest::random_vector<TW>(n);
 }
 template <>
 std::vector<BlockQ8_0> random_weights<BlockQ8_0>(size_t n) {
@@ -45,12 +51,36 @@ std::vector<BlockQ8_0> random_weights<BlockQ8_0>(size_t n) {
   }
   return w;
 }
+// Other block types: blocks drawn at random from the real ones of tests/data/quant/blocks.gguf
+// (quantised by the gguf package from random rows), so scales, mins and codes are realistic.
 template <class TW>
-double weight_at(const TW* row, int64_t k) {
-  return double(float(row[k]));
+std::vector<TW> fixture_blocks(size_t n) {
+  static const GgufFile f = GgufFile::open(std::string(RECURFORMER_TEST_DATA_DIR) + "/quant/blocks.gguf");
+  const GgufTensorInfo* t = f.find_tensor(ggml_type_name(TW::type));
+  REQUIRE(t);
+  REQUIRE(t->type == TW::type);
+  const size_t have = t->nbytes / sizeof(TW);
+  std::uniform_int_distribution<size_t> pick(0, have - 1);
+  std::vector<TW> w(n);
+  for (TW& b : w) std::memcpy(&b, t->data + pick(rftest::rng()) * sizeof(TW), sizeof(TW));
+  return w;
 }
-double weight_at(const BlockQ8_0* row, int64_t k) {
-  return double(float(row[k / 32].d)) * double(row[k / 32].qs[k % 32]);
+// Row o of W as doubles (wd) and the scale of its dot-product terms (wm): |w| for dense weights,
+// for block weights three times the largest |w| of the block (kernels may sum d * sum(x q) and
+// c * sum(x) apart, whose terms reach a few times the block's largest weight even where w is ~0).
+template <class TW>
+void decode_row(const TW* row, int64_t in, double* wd, double* wm) {
+  if constexpr (is_quant_block_v<TW>) {
+    float buf[TW::size];
+    for (int64_t b = 0; b < in / TW::size; ++b) {
+      row[b].dequantize(buf);
+      double amax = 0;
+      for (float v : buf) amax = std::max(amax, std::fabs(double(v)));
+      for (int64_t i = 0; i < TW::size; ++i) wd[b * TW::size + i] = buf[i], wm[b * TW::size + i] = 3 * amax;
+    }
+  } else {
+    for (int64_t k = 0; k < in; ++k) wd[k] = double(float(row[k])), wm[k] = std::fabs(wd[k]);
+  }
 }
 
 ThreadPool& pool() {
@@ -93,14 +123,16 @@ void run_linear(int64_t tokens, int64_t in, int64_t out, bool with_bias, bool st
   const auto x = rftest::random_vector<TX>(size_t(tokens * ldx));
   const auto w = random_weights<TW>(size_t(out * ldw));
   const auto b = rftest::random_vector<TB>(size_t(out));
+  std::vector<double> wd(size_t(out * in)), wm(size_t(out * in));
+  for (int64_t o = 0; o < out; ++o) decode_row(w.data() + o * ldw, in, &wd[size_t(o * in)], &wm[size_t(o * in)]);
   std::vector<double> expected(size_t(tokens * out)), magnitude(size_t(tokens * out));
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t o = 0; o < out; ++o) {
       double s = with_bias ? double(float(b[size_t(o)])) : 0.0, m = std::fabs(s);
       for (int64_t k = 0; k < in; ++k) {
-        const double p = double(float(x[size_t(t * ldx + k)])) * weight_at(w.data() + o * ldw, k);
-        s += p;
-        m += std::fabs(p);
+        const double xk = double(float(x[size_t(t * ldx + k)]));
+        s += xk * wd[size_t(o * in + k)];
+        m += std::fabs(xk) * wm[size_t(o * in + k)];
       }
       expected[size_t(t * out + o)] = s;
       magnitude[size_t(t * out + o)] = m;
@@ -151,14 +183,20 @@ TEMPLATE_LIST_TEST_CASE("linear matches a double reference", "[linear]", Pairs) 
   run_linear<TX, TW>(260, 70, 45, true, false);
 }
 
-TEST_CASE("linear with Q8_0 weights matches a double reference", "[linear][q8_0]") {
-  // in: one block, past KC = 128 (in 3 slices); out: 1, NR-1, NR+1, past NC
-  for (int64_t in : {32, 96, 320})
+using Blocks = std::tuple<BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ2_K, BlockQ3_K,
+                          BlockQ4_K, BlockQ5_K, BlockQ6_K, BlockIQ4_NL, BlockIQ4_XS>;
+
+TEMPLATE_LIST_TEST_CASE("linear with GGUF block weights matches a double reference", "[linear][quant]", Blocks) {
+  using TW = TestType;
+  constexpr int64_t QB = TW::size;
+  // in: one block, past KC = 128 (a block cut by the k slices when QB = 256), three blocks;
+  // out: 1, NR-1, NR+1, past NC; tokens: every GEMV token group, and GEMM sizes
+  for (int64_t in : {QB, QB == 32 ? int64_t(160) : 2 * QB, 3 * QB})
     for (int64_t out : {1, 31, 33, 129})
-      for (int64_t tokens : {1, 2, 4, 5, 9, 17, 37}) {
-        INFO("tokens " << tokens << ", in " << in << ", out " << out);
-        run_linear<float, BlockQ8_0>(tokens, in, out, false, false);
-        run_linear<float, BlockQ8_0>(tokens, in, out, true, true);
+      for (int64_t tokens : {1, 2, 3, 4, 5, 9, 17, 37}) {
+        INFO(ggml_type_name(TW::type) << ": tokens " << tokens << ", in " << in << ", out " << out);
+        run_linear<float, TW>(tokens, in, out, false, false);
+        run_linear<float, TW>(tokens, in, out, true, true);
       }
 }
 
@@ -248,4 +286,33 @@ TEST_CASE("linear workspace grows with the token count", "[linear]") {
     REQUIRE(n >= prev);
     prev = n;
   }
+}
+
+TEST_CASE("linear reads a matrix's GGUF blocks through BlockWeight, after checking them", "[linear][quant]") {
+  // The dense view gives the shape; the blocks give the weights (the dense values here are
+  // deliberately unrelated, so a call that read them would not match).
+  const int64_t tokens = 3, in = 64, out = 5;
+  const auto x = rftest::random_vector<float>(size_t(tokens * in));
+  const auto dense = rftest::random_vector<float>(size_t(out * in));
+  const auto q = random_weights<BlockQ4_1>(size_t(out * in / 32));
+  std::vector<float> y(size_t(tokens * out), 7.f), want(y.size());
+  const CpuExec exec{&pool()};
+  LinearParams<float, BlockQ4_1> pq{make_view(x.data(), {tokens, in}), make_view(q.data(), {out, in / 32}), {},
+                                    make_view(want.data(), {tokens, out})};
+  linear(pq, exec, nullptr, 0);
+  LinearParams<float, float> p{make_view(x.data(), {tokens, in}), make_view(dense.data(), {out, in}), {},
+                               make_view(y.data(), {tokens, out})};
+  linear(p, BlockWeight{q.data(), GgmlType::q4_1}, exec, nullptr, 0);
+  for (size_t i = 0; i < y.size(); ++i) REQUIRE(same_bits(y[i], want[i]));
+
+  std::fill(y.begin(), y.end(), 7.f);
+  REQUIRE_THROWS_WITH(linear(p, BlockWeight{q.data(), GgmlType::f16}, exec, nullptr, 0),
+                      Catch::Contains("F16 are not a GGUF block type"));
+  REQUIRE_THROWS_WITH(linear(p, BlockWeight{q.data(), GgmlType::q4_k}, exec, nullptr, 0),
+                      Catch::Contains("in = 64 is not whole Q4_K blocks of 256"));
+  const auto w16 = rftest::random_vector<half>(size_t(out * in)), b16 = rftest::random_vector<half>(size_t(out));
+  LinearParams<float, half> ph{p.x, make_view(w16.data(), {out, in}), make_view(b16.data(), {out}), p.y};
+  REQUIRE_THROWS_WITH(linear(ph, BlockWeight{q.data(), GgmlType::q4_1}, exec, nullptr, 0),
+                      Catch::Contains("bias with block weights must be fp32"));
+  for (float v : y) REQUIRE(v == 7.f);
 }

@@ -4,7 +4,8 @@
 // block per thread so each thread streams its own part of W once per kGemvTokens tokens (up to four
 // passes still cost less than packing 16-bit W into fp32 panels: batched decode). More tokens: blocked GEMM over
 // (kMC tokens x kNC outputs) tasks handed out dynamically, each thread packing W into its own
-// slice of the workspace. Kernel bodies: cpu/detail/gemm_kernels.hpp.
+// slice of the workspace. Kernel bodies: cpu/detail/gemm_kernels.hpp. linear(p, blocks, ...) reads
+// the weights from a matrix's GGUF blocks (BlockWeight) instead of its dense view.
 //
 // linear_backward: the dx GEMM (tokens x in, k = out) and the dweight GEMM (out x in, k = tokens)
 // are cut into (MC x NC) C blocks handed out together in one exec.for_each, each thread packing into
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "recurformer/core/dispatch.hpp"
 #include "recurformer/cpu/detail/gemm_kernels.hpp"
@@ -90,6 +92,35 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
 #endif
       default: return cpu::detail::gemm_scalar(&a, t0, t1, o0, o1, mine);
     }
+  });
+}
+
+/// Whether linear has register kernels for this block type's GEMV (Q8_0, Q4_0, Q4_1): only then is
+/// multiplying by the blocks faster than by their fp32 decoding. The other types decode a block at
+/// a time on the stack, 10-25x slower than fp32 weights (benchmarks.md): correct, not yet fast.
+inline bool linear_blocks_are_fast(GgmlType t) {
+  if (!is_quantized(t)) return false;
+  return dispatch_quant(t, [](auto tag) {
+    using B = typename decltype(tag)::type;
+    return cpu::detail::kNibbleBlock<B> || std::is_same_v<B, BlockQ8_0>;
+  });
+}
+
+/// y = x W^T + b with W read from `blocks` when present, else from p.weight (which gives the shape
+/// either way): the one switch from a run-time block type to its kernels. Workspace as for p.
+template <class TW>
+void linear(const LinearParams<float, TW>& p, BlockWeight blocks, CpuExec exec, void* workspace,
+            size_t workspace_bytes) {
+  check(p, blocks);
+  if (!blocks.present()) return linear(p, exec, workspace, workspace_bytes);
+  dispatch_quant(blocks.type, [&](auto tag) {
+    using B = typename decltype(tag)::type;
+    LinearParams<float, B> q;
+    q.x = p.x;
+    q.weight = make_view(static_cast<const B*>(blocks.data), {p.weight.shape[0], p.weight.shape[1] / B::size});
+    if constexpr (std::is_same_v<TW, float>) q.bias = p.bias;
+    q.y = p.y;
+    linear(q, exec, workspace, workspace_bytes);
   });
 }
 

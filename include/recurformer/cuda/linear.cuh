@@ -18,7 +18,7 @@
 //   the single rounding of y (beta = 0 without a bias).
 //
 // Supported (TX, TW): (float, float | half | bfloat16), (half, half), (bfloat16, bfloat16).
-// BlockQ8_0 weights are not supported on CUDA (a compile-time error). Host checks (before any
+// GGUF block weights are not supported on CUDA (a compile-time error). Host checks (before any
 // launch): check(p) from ops/linear.hpp, then what cuBLAS needs: every size and row stride fits in
 // int, row strides at least the row length (rows may not overlap), the workspace size. Alignment is
 // not required; cuBLAS picks its fastest kernels when data pointers are 16-byte aligned and row
@@ -53,10 +53,10 @@ struct LinearCudaSupported
 
 template <class TX, class TW>
 constexpr void static_check_linear_types() {
-  static_assert(!std::is_same<TW, BlockQ8_0>::value,
-                "linear on CUDA: BlockQ8_0 (GGUF Q8_0) weights are not supported; dequantise them to half "
-                "or bfloat16 at load");
-  static_assert(LinearCudaSupported<TX, TW>::value || std::is_same<TW, BlockQ8_0>::value,  // one message each
+  static_assert(!is_quant_block_v<TW>,
+                "linear on CUDA: GGUF block weights (BlockQ4_0 .. BlockIQ4_XS) are not supported; dequantise "
+                "them to half or bfloat16 at load");
+  static_assert(LinearCudaSupported<TX, TW>::value || is_quant_block_v<TW>,  // one message each
                 "linear on CUDA: supported (TX, TW) pairs are (float, float), (float, half), (float, "
                 "bfloat16), (half, half) and (bfloat16, bfloat16)");
 }

@@ -3,9 +3,10 @@
 //
 //   y[t, o] = bias[o] + sum_i x[t, i] * weight[o, i]
 //
-// Supported: TX = float with TW = float, half, bfloat16 or BlockQ8_0 (GGUF Q8_0, dequantised in
-// registers; weight is then [out, in/32] blocks and the bias fp32), and TX == TW for half and
-// bfloat16 (the CPU templates accept any pair of storage types). The CPU implementation (cpu/linear.hpp)
+// Supported: TX = float with TW = float, half, bfloat16 or any GGUF block type of core/quant.hpp
+// (BlockQ4_0 .. BlockIQ4_XS, unpacked in registers or per block on the stack; weight is then
+// [out, in / block] blocks and the bias fp32), and TX == TW for half and bfloat16 (the CPU
+// templates accept any pair of dense storage types). The CPU implementation (cpu/linear.hpp)
 // streams W once per call for a few tokens (decode, memory-bound GEMV) and packs W into fp32
 // panels for many tokens (prefill, compute-bound blocked GEMM); the panels live in a caller-owned
 // workspace of linear_workspace_bytes() bytes. y must not overlap x, weight or bias.
@@ -17,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/exec.hpp"
@@ -26,14 +28,14 @@
 namespace recurformer {
 
 /// How a weight type lies along `in`: one element per weight, or blocks of `block` weights.
-template <class TW>
+template <class TW, class = void>
 struct LinearWeight {
   static constexpr int64_t block = 1;
   using bias_type = TW;
 };
-template <>
-struct LinearWeight<BlockQ8_0> {
-  static constexpr int64_t block = BlockQ8_0::size;
+template <class TW>
+struct LinearWeight<TW, std::enable_if_t<is_quant_block_v<TW>>> {
+  static constexpr int64_t block = TW::size;
   using bias_type = float;
 };
 
@@ -41,13 +43,23 @@ template <class TX, class TW>
 struct LinearParams {
   View<const TX, 2> x;       // [tokens, in]
   View<const TW, 2> weight;  // [out, in / LinearWeight<TW>::block], HF row-major
-  View<const typename LinearWeight<TW>::bias_type, 1> bias;  // [out] optional (TW; fp32 for Q8_0)
+  View<const typename LinearWeight<TW>::bias_type, 1> bias;  // [out] optional (TW; fp32 for blocks)
   View<TX, 2> y;             // [tokens, out]
+};
+
+/// A weight matrix's GGUF blocks ([out, in / block] blocks of `type`), for callers that hold a matrix
+/// both as a dense view and as the blocks it was decoded from, and multiply by the blocks (4.5-8.5
+/// bits per weight read instead of 16-32): linear(p, blocks, ...) in cpu/linear.hpp.
+struct BlockWeight {
+  const void* data = nullptr;
+  GgmlType type = GgmlType::f32;
+  bool present() const { return data != nullptr; }
 };
 
 /// Throws Error unless p is a valid linear call (the workspace is checked by linear()).
 template <class TX, class TW>
 void check(const LinearParams<TX, TW>& p) {
+  static_assert(!is_quant_block_v<TW> || std::is_same_v<TX, float>, "linear: quantised weights take fp32 x");
   constexpr const char* op = "linear";
   detail::check_shape(op, "x", p.x, {-1, -1});
   const int64_t tokens = p.x.shape[0], in = p.x.shape[1];
@@ -63,6 +75,19 @@ void check(const LinearParams<TX, TW>& p) {
   detail::check_inner_contiguous(op, "weight", p.weight);
   detail::check_inner_contiguous(op, "bias", p.bias);
   detail::check_inner_contiguous(op, "y", p.y);
+}
+
+/// Throws Error unless p is valid and, when present, `blocks` can stand for p.weight: a block type
+/// whose block divides in (p.weight then only gives the shape), and no bias unless TW is float.
+template <class TW>
+void check(const LinearParams<float, TW>& p, BlockWeight blocks) {
+  check(p);
+  if (!blocks.present()) return;
+  RF_CHECK(is_quantized(blocks.type), "linear: block weights of type ", ggml_type_name(blocks.type),
+           " are not a GGUF block type");
+  const int64_t block = ggml_type_traits(blocks.type).block, in = p.x.shape[1];
+  RF_CHECK(in % block == 0, "linear: in = ", in, " is not whole ", ggml_type_name(blocks.type), " blocks of ", block);
+  RF_CHECK((std::is_same_v<TW, float>) || !p.bias.present(), "linear: a bias with block weights must be fp32");
 }
 
 /// Scratch bytes linear(p, exec, ...) needs for these shapes and this many threads (0 when the

@@ -13,8 +13,12 @@
 // fp32 x is read in place; 16-bit x is converted into a fp32 block first. Partial sums live in y
 // itself when y is fp32, else in a fp32 block converted to TX at the end.
 //
-// Q8_0 weights (core/quant.hpp): the GEMV sums x * q over each 32-weight block and applies the
-// block's scale once; the GEMM pack dequantises into the same fp32 panels.
+// GGUF block weights (core/quant.hpp), GEMV: Q8_0 sums x * q over each 32-weight block and applies
+// the block's scale once; Q4_0 / Q4_1 unpack their nibbles in registers and use
+// w = d q + c (c = -8 d or m), so per block y += d * sum(x q) + c * sum(x), with sum(x) shared by
+// every row; the other types dequantise one block per row into a stack buffer (block.dequantize,
+// the bit-exact decoder) and dot it with x. The GEMM pack dequantises any block type into the same
+// fp32 panels (prefill is bound by the micro-kernel, not by the unpacking).
 //
 // Backward (linear_backward): dx = dy W and dweight = dy^T x are both C[M, N] (+)= A[M, K] B[K, N]
 // with B row-major (W: K = out; x: K = tokens) and A = dy (read in place: its rows run along K) or
@@ -97,10 +101,44 @@ RF_SIMD_AVX512 void broadcast_half(simd::F32x16& v, half h) {
 }
 #endif
 
-// dst[k * stride] = row[k0 + k] as fp32 for k < n (one weight row into a packed panel column).
+// Q4_0 / Q4_1 helpers: the codes of weights i .. i + W - 1 (lo: the low nibbles of qs[i ..]) and
+// of weights 16 + i .. 16 + i + W - 1 (hi: their high nibbles), for i + W <= 16: one widening load
+// serves both halves of the block.
+inline void load_u4_pair(simd::F32x1& lo, simd::F32x1& hi, const uint8_t* qs, int i) {
+  lo.v = float(qs[i] & 0x0F);
+  hi.v = float(qs[i] >> 4);
+}
+#if RF_HAVE_X86_SIMD
+RF_SIMD_AVX2 void load_u4_pair(simd::F32x8& lo, simd::F32x8& hi, const uint8_t* qs, int i) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + i)));
+  lo.v = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0x0F)));
+  hi.v = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+RF_SIMD_AVX512 void load_u4_pair(simd::F32x16& lo, simd::F32x16& hi, const uint8_t* qs, int i) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + i)));
+  lo.v = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)));
+  hi.v = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#endif
+
+/// Block types whose GEMV unpacks codes in registers (the rest dequantise per block).
 template <class TW>
+constexpr bool kNibbleBlock = std::is_same_v<TW, BlockQ4_0> || std::is_same_v<TW, BlockQ4_1>;
+
+// dst[k * stride] = row[k0 + k] as fp32 for k < n (one weight row into a packed panel column).
+template <class TW, std::enable_if_t<!is_quant_block_v<TW>, int> = 0>
 void unpack_row(const TW* row, int64_t k0, int64_t n, float* dst, int64_t stride) {
   for (int64_t k = 0; k < n; ++k) dst[k * stride] = to_float(row[k0 + k]);
+}
+// The same for any block type: decode each block the slice touches once.
+template <class TW, std::enable_if_t<is_quant_block_v<TW>, int> = 0>
+void unpack_row(const TW* row, int64_t k0, int64_t n, float* dst, int64_t stride) {
+  constexpr int64_t QB = TW::size;
+  alignas(64) float buf[QB];
+  for (int64_t k = 0; k < n;) {
+    row[(k0 + k) / QB].dequantize(buf);
+    for (int64_t i = (k0 + k) % QB; i < QB && k < n; ++i, ++k) dst[k * stride] = buf[i];
+  }
 }
 inline void unpack_row(const BlockQ8_0* row, int64_t k0, int64_t n, float* dst, int64_t stride) {
   constexpr int64_t QB = BlockQ8_0::size;
@@ -112,8 +150,17 @@ inline void unpack_row(const BlockQ8_0* row, int64_t k0, int64_t n, float* dst, 
 }
 
 // ---------------------------------------------------------------------------------------------
+// y[t, o + r] = the row sums of acc plus the bias (fp32 for block weights).
+template <int NT, int R, class V, class TX, class TW>
+void gemv_store(const LinearArgs<TX, TW>& a, V (&acc)[NT][R], TX* y, int64_t o) {
+  for (int r = 0; r < R; ++r) {
+    const float bias = a.bias ? to_float(a.bias[o + r]) : 0.f;
+    for (int t = 0; t < NT; ++t) y[t * a.ldy + o + r] = from_float<TX>(acc[t][r].reduce_add() + bias);
+  }
+}
+
 // GEMV: y[t, o] for NT tokens and o in [o0, o1).
-template <class V, int NT, int R, class TX, class TW>
+template <class V, int NT, int R, class TX, class TW, std::enable_if_t<!is_quant_block_v<TW>, int> = 0>
 void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
   constexpr int W = V::width;
   const int64_t k = a.in;
@@ -139,15 +186,12 @@ void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
       for (int r = 0; r < R; ++r) acc[t][r] = fma(xv, wv[r], acc[t][r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const float b = a.bias ? to_float(a.bias[o + r]) : 0.f;
-    for (int t = 0; t < NT; ++t) y[t * a.ldy + o + r] = from_float<TX>(acc[t][r].reduce_add() + b);
-  }
+  gemv_store<NT, R>(a, acc, y, o);
 }
 
-// The same for Q8_0 rows: per block, sum x * q over its 32 weights, then scale once.
-template <class V, int NT, int R, class TX>
-void gemv_tile(const LinearArgs<TX, BlockQ8_0>& a, const TX* x, TX* y, int64_t o) {
+// Q8_0 rows: per block, sum x * q over its 32 weights, then scale once.
+template <class V, int NT, int R, class TX, class TW, std::enable_if_t<std::is_same_v<TW, BlockQ8_0>, int> = 0>
+void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
   constexpr int W = V::width, J = int(BlockQ8_0::size) / W;
   const BlockQ8_0* w = a.w + o * a.ldw;
   V acc[NT][R];
@@ -172,10 +216,73 @@ void gemv_tile(const LinearArgs<TX, BlockQ8_0>& a, const TX* x, TX* y, int64_t o
       for (int t = 0; t < NT; ++t) acc[t][r] = fma(part[t], d, acc[t][r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const float bias = a.bias ? a.bias[o + r] : 0.f;
-    for (int t = 0; t < NT; ++t) y[t * a.ldy + o + r] = from_float<TX>(acc[t][r].reduce_add() + bias);
+  gemv_store<NT, R>(a, acc, y, o);
+}
+
+// Q4_0 / Q4_1 rows: w = d q + c per block, so y += d * sum(x q) + c * sum(x); sum(x) is summed
+// once per block for all R rows (lane-wise: the lanes are reduced at the end anyway).
+template <class V, int NT, int R, class TX, class TW, std::enable_if_t<kNibbleBlock<TW>, int> = 0>
+void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
+  constexpr int W = V::width, J = 16 / W;  // J steps of W low-nibble and W high-nibble weights
+  const TW* w = a.w + o * a.ldw;
+  V acc[NT][R];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+  const int64_t blocks = a.in / TW::size;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = blk * TW::size;
+    V xlo[NT][J], xhi[NT][J], sx[NT];
+    for (int t = 0; t < NT; ++t) {
+      for (int j = 0; j < J; ++j) {
+        xlo[t][j] = V::load(x + t * a.ldx + i0 + j * W);
+        xhi[t][j] = V::load(x + t * a.ldx + i0 + 16 + j * W);
+        sx[t] = j == 0 ? xlo[t][j] + xhi[t][j] : sx[t] + xlo[t][j] + xhi[t][j];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const TW& b = w[r * a.ldw + blk];
+      V part[NT];
+      for (int j = 0; j < J; ++j) {
+        V lo, hi;
+        load_u4_pair(lo, hi, b.qs, j * W);
+        for (int t = 0; t < NT; ++t)
+          part[t] = fma(xhi[t][j], hi, j == 0 ? xlo[t][j] * lo : fma(xlo[t][j], lo, part[t]));
+      }
+      V d, c;
+      broadcast_half(d, b.d);
+      if constexpr (std::is_same_v<TW, BlockQ4_1>)
+        broadcast_half(c, b.m);
+      else
+        c = d * V::broadcast(-8.f);
+      for (int t = 0; t < NT; ++t) acc[t][r] = fma(sx[t], c, fma(part[t], d, acc[t][r]));
+    }
   }
+  gemv_store<NT, R>(a, acc, y, o);
+}
+
+// Any other block type: decode each row's block on the stack, then a dense dot with x.
+template <class V, int NT, int R, class TX, class TW,
+          std::enable_if_t<is_quant_block_v<TW> && !kNibbleBlock<TW> && !std::is_same_v<TW, BlockQ8_0>, int> = 0>
+void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
+  constexpr int W = V::width;
+  constexpr int64_t QB = TW::size;
+  const TW* w = a.w + o * a.ldw;
+  V acc[NT][R];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+  alignas(64) float wbuf[QB];
+  const int64_t blocks = a.in / QB;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = blk * QB;
+    for (int r = 0; r < R; ++r) {
+      w[r * a.ldw + blk].dequantize(wbuf);
+      for (int64_t j = 0; j < QB; j += W) {
+        const V wv = V::load(wbuf + j);
+        for (int t = 0; t < NT; ++t) acc[t][r] = fma(V::load(x + t * a.ldx + i0 + j), wv, acc[t][r]);
+      }
+    }
+  }
+  gemv_store<NT, R>(a, acc, y, o);
 }
 
 template <class V, int NT, class TX, class TW>
