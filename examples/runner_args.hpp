@@ -35,6 +35,7 @@ struct Args {
   std::string cache_type = "f32";   // storage of K, V and conv states (llama.cpp's -ctk/-ctv)
   int64_t memory_limit_mib = 0;     // the most a cache may take; 0 = the machine's available memory
   bool offline = false;             // main job: do not download SmolLM2
+  bool dense_weights = false;       // multiply by a quantised GGUF's fp32 decoding, not its blocks
   bool force = false;               // convert: replace a non-empty output directory
   bool help = false;
   bool chat = false;                // generate --chat: the prompt is a user turn (runner_chat.hpp)
@@ -87,7 +88,9 @@ inline const char* kCommonHelp =
 inline const char* kCacheHelp =
     "  --cache-type T       storage of the cache's keys, values and conv states: f32, f16 or bf16\n"
     "                       (default f32; the recurrent groups' SSM state is fp32 whatever T)\n"
-    "  --memory-limit MiB   refuse a cache larger than this (default: the memory available now)\n";
+    "  --memory-limit MiB   refuse a cache larger than this (default: the memory available now)\n"
+    "  --dense-weights      multiply by the fp32 decoding of a quantised GGUF's MLP and lm_head\n"
+    "                       instead of their 4-8 bit blocks (slower; the same weights, for comparisons)\n";
 
 inline std::string command_help(const std::string& cmd) {
   if (cmd == "generate")
@@ -297,6 +300,7 @@ inline Args parse_args(int argc, char** argv) {
                a.cache_type, "\" is not one of f32, f16, bf16");
     } else if (f == "--memory-limit") a.memory_limit_mib = to_int(f, val(), 1, int64_t(1) << 40);
     else if (f == "--offline") a.offline = true;
+    else if (f == "--dense-weights") a.dense_weights = true;
     else if (f == "--teacher") a.teacher = val();
     else if (f == "--repeat") a.repeat = true;
     else if (f == "--steps") a.steps = int(to_int(f, val(), 0, 1 << 24));

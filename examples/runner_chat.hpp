@@ -101,7 +101,7 @@ class Chat {
 inline int run_chat(const Args& a, std::istream& in, std::ostream& out, std::ostream& err) {
   std::string prompt = a.prompt;
   if (!a.file.empty()) prompt = read_file(a.file);
-  Loaded m = load(a.model);
+  Loaded m = load(a.model, model_options(a));
   ThreadPool pool(threads_of(a));
   Chat chat(m, chat_template_for(m.model->checkpoint(), *m.tok, a.chat_template), a.system, a.ctx, a.batch,
             SamplingParams{a.temp, a.top_k, a.top_p, a.seed}, CpuExec{&pool}, cache_options(a));

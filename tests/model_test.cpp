@@ -86,6 +86,99 @@ TEST_CASE("the GGUF copies give the same logits", "[model]") {
   check_logits("model-f16.gguf", all_logits(f16, g.ids, 16, exec), g, 2e-2);
 }
 
+namespace {
+
+// Plain block quantisers for test files (valid blocks, not ggml's error-minimising rounding).
+std::vector<BlockQ4_1> quantize_q4_1(const float* x, int64_t n) {
+  std::vector<BlockQ4_1> out(size_t(n / 32));
+  for (size_t b = 0; b < out.size(); ++b, x += 32) {
+    const float lo = *std::min_element(x, x + 32), hi = *std::max_element(x, x + 32);
+    const float d = (hi - lo) / 15;
+    out[b].d = half(d), out[b].m = half(lo);
+    for (int i = 0; i < 16; ++i) {
+      auto code = [&](float v) { return uint8_t(std::clamp(int(std::lround(d > 0 ? (v - lo) / d : 0)), 0, 15)); };
+      out[b].qs[i] = uint8_t(code(x[i]) | code(x[i + 16]) << 4);
+    }
+  }
+  return out;
+}
+std::vector<BlockQ4_0> quantize_q4_0(const float* x, int64_t n) {
+  std::vector<BlockQ4_0> out(size_t(n / 32));
+  for (size_t b = 0; b < out.size(); ++b, x += 32) {
+    float amax = 0;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float d = amax / 7;
+    out[b].d = half(d);
+    for (int i = 0; i < 16; ++i) {
+      auto code = [&](float v) { return uint8_t(std::clamp(int(std::lround(d > 0 ? v / d : 0)) + 8, 0, 15)); };
+      out[b].qs[i] = uint8_t(code(x[i]) | code(x[i + 16]) << 4);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("block-quantised MLP and lm_head are served from their blocks", "[model][gguf][quant]") {
+  // llama_gqa's F32 GGUF rewritten with ffn_gate / ffn_up / attn_q / attn_v in Q4_1, ffn_down /
+  // attn_k in Q4_0 and the output and attn_output matrices in Q8_0. Served from the blocks (the
+  // default), the model reads fewer bytes per token and gives the logits of the same weights
+  // decoded to fp32, on the GEMV (decode) and GEMM paths.
+  const CpuExec exec{&pool()};
+  const GgufFile src = GgufFile::open(model_dir("llama_gqa") + "/model-f32.gguf");
+  GgufWriter w;
+  for (const auto& kv : src.metadata()) w.set(kv.first, kv.second);
+  std::deque<std::vector<uint8_t>> kept;
+  auto keep = [&](const auto& blocks) {
+    const auto* p = reinterpret_cast<const uint8_t*>(blocks.data());
+    return kept.emplace_back(p, p + blocks.size() * sizeof(blocks[0])).data();
+  };
+  int quantised = 0;
+  for (const GgufTensorInfo& t : src.tensors()) {
+    REQUIRE(t.type == GgmlType::f32);
+    const float* x = reinterpret_cast<const float*>(t.data);
+    auto is = [&](const char* part) { return t.name.find(part) != std::string::npos; };
+    if (is("ffn_gate") || is("ffn_up") || is("attn_q") || is("attn_v")) {
+      w.add_tensor(t.name, GgmlType::q4_1, t.ne, keep(quantize_q4_1(x, t.numel())));
+    } else if (is("ffn_down") || is("attn_k")) {
+      w.add_tensor(t.name, GgmlType::q4_0, t.ne, keep(quantize_q4_0(x, t.numel())));
+    } else if (t.name == "output.weight" || is("attn_output")) {
+      std::vector<uint8_t> q(size_t(t.numel() / 32 * kQ8_0BlockBytes));
+      quantize_q8_0(x, t.numel(), q.data());
+      w.add_tensor(t.name, GgmlType::q8_0, t.ne, kept.emplace_back(std::move(q)).data());
+    } else {
+      w.add_tensor(t.name, t.type, t.ne, t.data);
+      continue;
+    }
+    ++quantised;
+  }
+  REQUIRE(quantised == 7 * 2 + 1);
+  rftest::TempDir dir("rf_model_blocks_");
+  w.write(dir / "q.gguf");
+  const LlamaModel blocks = LlamaModel::open(dir / "q.gguf");
+  LlamaModelOptions dense_opt;
+  dense_opt.serve_blocks = false;
+  const LlamaModel dense = LlamaModel::open(dir / "q.gguf", dense_opt);
+  const ModelConfig& c = dense.config();
+  const int64_t attn = c.n_layers * (2 * c.n_q + 2 * c.n_kv) * c.head_dim * c.d_model * 4;
+  const int64_t mlp = c.n_layers * 3 * c.ffn * c.d_model, head = c.vocab_size * c.d_model;
+  CHECK(dense.matrix_bytes() == attn + 4 * (mlp + head));
+  const int64_t per_layer = (c.n_q * c.head_dim * c.d_model * (20 + 34) + c.n_kv * c.head_dim * c.d_model * (18 + 20) +
+                             c.ffn * c.d_model * (2 * 20 + 18)) / 32;
+  CHECK(blocks.matrix_bytes() == c.n_layers * per_layer + head / 32 * 34);
+  const Golden g = golden("llama_gqa");
+  for (int64_t chunk : {int64_t(1), int64_t(64)}) {  // GEMV per token; GEMM over the whole prompt
+    INFO("chunk " << chunk);
+    const std::vector<float> want = all_logits(dense, g.ids, chunk, exec);
+    double max_abs = 0;
+    for (float v : want) max_abs = std::max(max_abs, double(std::fabs(v)));
+    rftest::for_each_isa([&] {
+      rftest::check_close("blocks vs their fp32 decoding", all_logits(blocks, g.ids, chunk, exec),
+                          std::vector<double>(want.begin(), want.end()), 1e-4, 1e-5 * max_abs);
+    });
+  }
+}
+
 TEST_CASE("decode and packed batches agree with one prefill", "[model]") {
   const CpuExec exec{&pool()};
   const char* name = "recurformer_mixed";  // every head kind

@@ -10,6 +10,7 @@
 #include "recurformer/cache/hybrid_cache.hpp"
 #include "recurformer/core/exec.hpp"
 #include "recurformer/core/view.hpp"
+#include "recurformer/ops/linear.hpp"
 #include "recurformer/ops/rope.hpp"
 
 namespace recurformer {
@@ -35,6 +36,9 @@ struct HybridAttentionWeights {
   View<const TW, 2> wv;  // [n_kv * hd, d_model]
   View<const TW, 2> wo;  // [d_model, n_q * hd]
   View<const TW, 1> bq, bk, bv;  // [n_q * hd], [n_kv * hd], [n_kv * hd] optional (Qwen2)
+  /// CPU only, optional: the GGUF blocks the projections above were decoded from, multiplied by
+  /// instead of them (the views still give the shapes; the recurrent groups' rows are the same).
+  BlockWeight wq_blocks, wk_blocks, wv_blocks, wo_blocks;
   /// [n_recurrent] one entry per recurrent or windowed group of the layer (LayerLayout::state_groups),
   /// in KV-group order (caller-owned).
   const RecurrentGroupWeights<TW>* recurrent = nullptr;

@@ -9,8 +9,8 @@
 // weights, so config().rope_layout says interleaved for a llama GGUF (and rotate_half for qwen2 GGUF
 // and every HF directory, which are not permuted). Quantised GGUF tensors (Q4_0 .. Q6_K, IQ4_*:
 // core/quant.hpp) are presented as fp32 copies, dequantised at open and owned by the Checkpoint
-// (4 bytes per weight: fine for the small models this library targets; GgufFile keeps the blocks
-// for a caller that runs linear on them directly).
+// (4 bytes per weight: fine for the small models this library targets), and keep their mapped
+// blocks beside (TensorRef::blocks), which LlamaModel's large matrices are served from.
 #pragma once
 
 #include <algorithm>
@@ -310,6 +310,10 @@ class Checkpoint {
                      int64_t(i) / block, " decodes to a non-finite weight (its scale is inf or NaN)");
           t.dtype = DType::f32;
           t.data = owned_.back().data();
+          t.blocks = g.data;
+          t.quant = g.type;
+          RF_CHECK(reinterpret_cast<uintptr_t>(g.data) % alignof(BlockQ4_0) == 0, source_, ": tensor ", g.name,
+                   " is not aligned to its ", alignof(BlockQ4_0), "-byte blocks");
           break;
         }
       }

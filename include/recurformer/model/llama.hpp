@@ -6,7 +6,7 @@
 //   logits = lm_head(rmsnorm(x))  for the last token of each sequence (decode) or every token
 //
 // Activations are fp32; weights are used as stored (f32, f16 or bf16; TW below, dispatched once
-// when the model is opened). The cache's storage type is the caller's choice, like llama.cpp's
+// when the model is opened; the MLP and lm_head of a block-quantised GGUF in their blocks). The cache's storage type is the caller's choice, like llama.cpp's
 // -ctk/-ctv: K, V and conv states in float, half or bfloat16 (HybridCache<T>; the SSM state is fp32
 // whatever T), one model serving all three. A batch is
 // a set of packed sequences, each with its own cache slot (continuous batching): a prefill chunk,
@@ -58,16 +58,28 @@ class LlamaImplBase;
 /// run-time value is the runner's --cache-type; the model takes any of these).
 using LlamaCacheRef = std::variant<HybridCache<float>*, HybridCache<half>*, HybridCache<bfloat16>*>;
 
+/// How a LlamaModel binds its weights.
+struct LlamaModelOptions {
+  /// Multiply by the projections, MLP and lm_head of a block-quantised GGUF in their blocks, reading
+  /// 4.5-8.5 bits per weight per token, rather than by their fp32 decoding (32 bits), for the
+  /// types the CPU linear has register kernels for (Q4_0, Q4_1, Q8_0; the others use the decoding
+  /// until they do). The same weights either way; only the summation order differs (~1e-6 relative).
+  bool serve_blocks = true;
+};
+
 class LlamaModel {
  public:
   /// Opens a HF directory or a .gguf file (Checkpoint::open) and binds its weights.
-  static LlamaModel open(const std::string& path);
+  static LlamaModel open(const std::string& path, const LlamaModelOptions& options = {});
   /// Binds the weights of an opened checkpoint, which the model keeps alive.
-  explicit LlamaModel(std::shared_ptr<const Checkpoint> checkpoint);
+  explicit LlamaModel(std::shared_ptr<const Checkpoint> checkpoint, const LlamaModelOptions& options = {});
 
   const ModelConfig& config() const;
   const Checkpoint& checkpoint() const { return *ckpt_; }
   DType weight_dtype() const;
+  /// Bytes of the matrices one decode step reads, each once (projections, MLP, lm_head; as served:
+  /// blocks or dense): the memory traffic that bounds decode speed at short context.
+  int64_t matrix_bytes() const;
   /// The head layout served (all attention for a plain Llama).
   HeadLayout head_layout() const { return config().head_layout(); }
 

@@ -23,6 +23,7 @@
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/error.hpp"
+#include "recurformer/core/quant.hpp"
 #include "recurformer/core/view.hpp"
 #include "recurformer/model/detail/json_util.hpp"
 #include "recurformer/model/mmap_file.hpp"
@@ -36,6 +37,11 @@ struct TensorRef {
   DType dtype = DType::f32;
   std::vector<int64_t> shape;
   const void* data = nullptr;
+  /// A GGUF block-quantised tensor also keeps its blocks as stored ([.., cols / block] blocks of
+  /// type `quant`, in the file's map) beside the fp32 decoding in `data`, so a linear layer can
+  /// read 4-8 bits per weight instead of 32. Null for dense tensors.
+  const void* blocks = nullptr;
+  GgmlType quant = GgmlType::f32;
 
   int64_t numel() const {
     int64_t n = 1;

@@ -328,12 +328,16 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
   const View<const int32_t, 1> pos = ws_ints(ws, pl.pos, n), cu = ws_ints(ws, pl.cu, pl.S + 1),
                                slots = ws_ints(ws, pl.slots, pl.S), kv_lens = ws_ints(ws, pl.kv_lens, pl.S);
 
-  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, View<const TW, 1> bias, View<float, 2> y) {
+  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, BlockWeight blocks, View<const TW, 1> bias,
+                       View<float, 2> y) {
     LinearParams<float, TW> lp{x, w, bias, y};
     if constexpr (Execute) {
-      linear(lp, exec, lin_ws, pl.lin_bytes);
+      if constexpr (std::is_same_v<Exec, CpuExec>)
+        linear(lp, blocks, exec, lin_ws, pl.lin_bytes);
+      else
+        linear(lp, exec, lin_ws, pl.lin_bytes);  // check(p) refused blocks off the CPU
     } else {
-      check(lp);
+      check(lp, blocks);
       RF_CHECK(linear_workspace_bytes(lp, exec) <= pl.lin_bytes, kOp, ": internal: linear scratch too small");
     }
   };
@@ -353,9 +357,9 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
 
   // 1. projections and the gather by kind.
   const HybridAttentionWeights<TW>& w = p.weights;
-  do_linear(p.x, w.wq, w.bq, make_view(b.qf, {n, n_q * hd}));
-  do_linear(p.x, w.wk, w.bk, make_view(b.kf, {n, n_kv * hd}));
-  do_linear(p.x, w.wv, w.bv, make_view(b.vf, {n, n_kv * hd}));
+  do_linear(p.x, w.wq, w.wq_blocks, w.bq, make_view(b.qf, {n, n_q * hd}));
+  do_linear(p.x, w.wk, w.wk_blocks, w.bk, make_view(b.kf, {n, n_kv * hd}));
+  do_linear(p.x, w.wv, w.wv_blocks, w.bv, make_view(b.vf, {n, n_kv * hd}));
   if constexpr (Execute) B::gather_heads(pl, b, float(1.0 / std::sqrt(double(hd))), exec);
 
   // 2. attention groups.
@@ -428,7 +432,7 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
       if (w.recurrent[i].alpha.present()) B::copy_floats(b.alpha + i * g, w.recurrent[i].alpha.data, g, exec);
     B::scatter_heads(pl, b, exec);
   }
-  do_linear(make_view(const_cast<const float*>(b.qf), {n, n_q * hd}), w.wo, View<const TW, 1>{}, p.out);
+  do_linear(make_view(const_cast<const float*>(b.qf), {n, n_q * hd}), w.wo, w.wo_blocks, View<const TW, 1>{}, p.out);
 }
 
 // The full plan: the layout, plus the linear and attention scratch for this call's metadata
@@ -558,6 +562,9 @@ void check(const HybridHeadAttentionParams<T, TW, M>& p) {
   detail::check_optional_shape(kOp, "weights.bq", w.bq, {n_q * hd});
   detail::check_optional_shape(kOp, "weights.bk", w.bk, {n_kv * hd});
   detail::check_optional_shape(kOp, "weights.bv", w.bv, {n_kv * hd});
+  RF_CHECK((std::is_same_v<M, HostMemory>) ||
+               !(w.wq_blocks.present() || w.wk_blocks.present() || w.wv_blocks.present() || w.wo_blocks.present()),
+           kOp, ": GGUF block weights (weights.w*_blocks) are served on the CPU only");
   const LayerLayout& ll = c.layer_layout(p.layer);
   const int n_rec = ll.count_state_groups();
   RF_CHECK(w.n_recurrent == n_rec && (n_rec == 0 || w.recurrent != nullptr), kOp, ": layer ", p.layer,

@@ -26,6 +26,7 @@ class LlamaImplBase {
  public:
   virtual ~LlamaImplBase() = default;
   virtual DType weight_dtype() const = 0;
+  virtual int64_t matrix_bytes() const = 0;
   virtual size_t workspace_bytes(const LlamaBatch& b, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const = 0;
   virtual void forward(const LlamaBatch& b, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
                        void* ws, size_t ws_bytes, const LayerInputHook& hook) const = 0;
@@ -44,15 +45,37 @@ struct WorkspaceCarver {
   }
 };
 
+/// y = x W^T for a model matrix, from its blocks when it is served from them.
+template <class TW>
+void linear_weight(View<const float, 2> x, const MatrixWeight<TW>& w, View<float, 2> y, CpuExec exec, void* ws,
+                   size_t ws_bytes) {
+  linear(LinearParams<float, TW>{x, w.dense, {}, y}, w.blocks, exec, ws, ws_bytes);
+}
+
 template <class TW>
 class LlamaImpl final : public LlamaImplBase {
  public:
   template <class Ckpt>
-  LlamaImpl(const Ckpt& ck, const ModelConfig& c) : cfg_(c) {
-    bind_llama_weights<TW>(ck, c, w_);
+  LlamaImpl(const Ckpt& ck, const ModelConfig& c, const LlamaModelOptions& opt) : cfg_(c) {
+    bind_llama_weights<TW>(ck, c, opt.serve_blocks, w_);
     inv_freq_ = ck.rope_inv_freq();  // the config's scaling, or a GGUF's rope_freqs.weight
   }
   DType weight_dtype() const override { return dtype_of<TW>(); }
+
+  int64_t matrix_bytes() const override {
+    auto dense = [](const View<const TW, 2>& v) { return v.shape[0] * v.shape[1] * int64_t(sizeof(TW)); };
+    auto bytes = [&](const MatrixWeight<TW>& m) {
+      if (!m.blocks.present()) return dense(m.dense);
+      const GgmlTypeTraits tt = ggml_type_traits(m.blocks.type);
+      return m.dense.shape[0] * m.dense.shape[1] / tt.block * tt.bytes;
+    };
+    int64_t total = bytes(w_.lm_head);
+    for (const LlamaLayerWeights<TW>& L : w_.layers) {
+      total += bytes(L.wq) + bytes(L.wk) + bytes(L.wv) + bytes(L.wo) + bytes(L.gate) + bytes(L.up) + bytes(L.down);
+      for (const RecurrentGroupWeights<TW>& g : L.recurrent) total += dense(g.dt_down) + dense(g.dt_up);
+    }
+    return total;
+  }
 
   size_t workspace_bytes(const LlamaBatch& b, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const override {
     return std::visit(
@@ -105,10 +128,10 @@ class LlamaImpl final : public LlamaImplBase {
       hybrid_head_attention(hp, exec, buf.layer_ws, buf.layer_ws_bytes);
       add_inplace(x, tmp, exec);
       rmsnorm(RmsNormParams<float, float>{x, L.mlp_norm, xn, cfg_.rms_eps}, exec);
-      linear(LinearParams<float, TW>{xn, L.gate, {}, gate}, exec, buf.lin_ws, buf.lin_ws_bytes);
-      linear(LinearParams<float, TW>{xn, L.up, {}, up}, exec, buf.lin_ws, buf.lin_ws_bytes);
+      linear_weight(xn, L.gate, gate, exec, buf.lin_ws, buf.lin_ws_bytes);
+      linear_weight(xn, L.up, up, exec, buf.lin_ws, buf.lin_ws_bytes);
       swiglu(SwigluParams<float>{gate, up, gate}, exec);
-      linear(LinearParams<float, TW>{gate, L.down, {}, tmp}, exec, buf.lin_ws, buf.lin_ws_bytes);
+      linear_weight(gate, L.down, tmp, exec, buf.lin_ws, buf.lin_ws_bytes);
       add_inplace(x, tmp, exec);
     }
     cache.advance(b.slots, counts);
@@ -122,7 +145,7 @@ class LlamaImpl final : public LlamaImplBase {
     } else {
       rmsnorm(RmsNormParams<float, float>{x, w_.final_norm, xn, cfg_.rms_eps}, exec);
     }
-    linear(LinearParams<float, TW>{sel, w_.lm_head, {}, logits}, exec, buf.lin_ws, buf.lin_ws_bytes);
+    linear_weight(sel, w_.lm_head, logits, exec, buf.lin_ws, buf.lin_ws_bytes);
   }
 
   struct Buffers {
@@ -158,7 +181,9 @@ class LlamaImpl final : public LlamaImplBase {
     HybridHeadAttentionParams<TC, TW> p;
     p.x = x;
     p.out = out;
-    p.weights.wq = L.wq, p.weights.wk = L.wk, p.weights.wv = L.wv, p.weights.wo = L.wo;
+    p.weights.wq = L.wq.dense, p.weights.wk = L.wk.dense, p.weights.wv = L.wv.dense, p.weights.wo = L.wo.dense;
+    p.weights.wq_blocks = L.wq.blocks, p.weights.wk_blocks = L.wk.blocks;
+    p.weights.wv_blocks = L.wv.blocks, p.weights.wo_blocks = L.wo.blocks;
     p.weights.bq = L.bq, p.weights.bk = L.bk, p.weights.bv = L.bv;
     p.weights.recurrent = L.recurrent.empty() ? nullptr : L.recurrent.data();
     p.weights.n_recurrent = int(L.recurrent.size());
@@ -195,9 +220,9 @@ class LlamaImpl final : public LlamaImplBase {
                                         layer_params(l, b, mc, shaped(T, d), shaped(T, d)), exec));
     const LlamaLayerWeights<TW>& L0 = w_.layers[0];
     const int64_t R = rows == LogitsRows::all ? T : S;
-    for (auto q : {LinearParams<float, TW>{shaped(T, d), L0.gate, {}, shaped(T, F)},
-                   LinearParams<float, TW>{shaped(T, F), L0.down, {}, shaped(T, d)},
-                   LinearParams<float, TW>{shaped(R, d), w_.lm_head, {}, shaped(R, cfg_.vocab_size)}})
+    for (auto q : {LinearParams<float, TW>{shaped(T, d), L0.gate.dense, {}, shaped(T, F)},
+                   LinearParams<float, TW>{shaped(T, F), L0.down.dense, {}, shaped(T, d)},
+                   LinearParams<float, TW>{shaped(R, d), w_.lm_head.dense, {}, shaped(R, cfg_.vocab_size)}})
       lin_ws = std::max(lin_ws, linear_workspace_bytes(q, exec));
     buf.layer_ws = c.take<unsigned char>(int64_t(layer_ws));
     buf.layer_ws_bytes = layer_ws;
@@ -225,7 +250,8 @@ class LlamaImpl final : public LlamaImplBase {
 
 }  // namespace detail
 
-inline LlamaModel::LlamaModel(std::shared_ptr<const Checkpoint> checkpoint) : ckpt_(std::move(checkpoint)) {
+inline LlamaModel::LlamaModel(std::shared_ptr<const Checkpoint> checkpoint, const LlamaModelOptions& options)
+    : ckpt_(std::move(checkpoint)) {
   RF_CHECK(ckpt_, "LlamaModel: null checkpoint");
   const ModelConfig& c = ckpt_->config();
   RF_CHECK(c.n_layers >= 1, "LlamaModel: the model has no layers");
@@ -233,16 +259,17 @@ inline LlamaModel::LlamaModel(std::shared_ptr<const Checkpoint> checkpoint) : ck
   RF_CHECK(ckpt_->has(q0), "model: tensor ", q0, " is missing from the checkpoint");
   dispatch_dtype("model weights", ckpt_->tensor(q0).dtype, [&](auto tag) {
     using TW = typename decltype(tag)::type;
-    impl_ = std::make_shared<detail::LlamaImpl<TW>>(*ckpt_, c);
+    impl_ = std::make_shared<detail::LlamaImpl<TW>>(*ckpt_, c, options);
   });
 }
 
-inline LlamaModel LlamaModel::open(const std::string& path) {
-  return LlamaModel(std::make_shared<const Checkpoint>(Checkpoint::open(path)));
+inline LlamaModel LlamaModel::open(const std::string& path, const LlamaModelOptions& options) {
+  return LlamaModel(std::make_shared<const Checkpoint>(Checkpoint::open(path)), options);
 }
 
 inline const ModelConfig& LlamaModel::config() const { return ckpt_->config(); }
 inline DType LlamaModel::weight_dtype() const { return impl_->weight_dtype(); }
+inline int64_t LlamaModel::matrix_bytes() const { return impl_->matrix_bytes(); }
 
 inline HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity) const {
   const ModelConfig& c = config();

@@ -3,7 +3,8 @@
 //
 // Matrices (embedding, projections, MLP, lm_head) are used in the dtype they are stored in, TW: the
 // dtype of layer 0's q_proj; a matrix stored in another dtype is converted once into an owned
-// buffer (GGUF files mix dtypes). Norm weights and the small per-recurrent-group tensors are
+// buffer (GGUF files mix dtypes). A GGUF block-quantised tensor's dtype is its fp32 decoding; the
+// projections, MLP and lm_head may be served from its blocks instead (MatrixWeight). Norm weights and the small per-recurrent-group tensors are
 // converted to fp32 owned copies (the Δ projections dt_down / dt_up to TW), with A = -exp(A_log) precomputed (spec section 3).
 #pragma once
 
@@ -17,6 +18,7 @@
 #include "recurformer/core/error.hpp"
 #include "recurformer/core/head_layout.hpp"
 #include "recurformer/core/view.hpp"
+#include "recurformer/cpu/linear.hpp"
 #include "recurformer/layers/hybrid_head_attention.hpp"
 #include "recurformer/model/config.hpp"
 #include "recurformer/model/safetensors.hpp"
@@ -38,19 +40,27 @@ void convert_values(const void* src, DType dt, int64_t n, T* dst) {
   }
 }
 
+/// A matrix multiplied by as a whole: its dense view (TW) and, for a GGUF block-quantised tensor
+/// served as stored, the blocks linear() reads instead.
+template <class TW>
+struct MatrixWeight {
+  View<const TW, 2> dense;  // [out, in]
+  BlockWeight blocks;       // [out, in / block], or absent
+};
+
 template <class TW>
 struct LlamaLayerWeights {
   View<const float, 1> attn_norm, mlp_norm;  // [d]
-  View<const TW, 2> wq, wk, wv, wo;          // [n_q hd, d], [n_kv hd, d] x2, [d, n_q hd]
+  MatrixWeight<TW> wq, wk, wv, wo;           // [n_q hd, d], [n_kv hd, d] x2, [d, n_q hd]
   View<const TW, 1> bq, bk, bv;              // optional (Qwen2)
-  View<const TW, 2> gate, up, down;          // [ffn, d], [ffn, d], [d, ffn]
+  MatrixWeight<TW> gate, up, down;           // [ffn, d], [ffn, d], [d, ffn]
   std::vector<RecurrentGroupWeights<TW>> recurrent;  // one per recurrent group, in group order
 };
 
 template <class TW>
 struct LlamaWeights {
   View<const TW, 2> embed;     // [vocab, d]
-  View<const TW, 2> lm_head;   // [vocab, d] (the embedding when tied)
+  MatrixWeight<TW> lm_head;    // [vocab, d] (the embedding when tied)
   View<const float, 1> final_norm;  // [d]
   std::vector<LlamaLayerWeights<TW>> layers;
   // Owned conversions (deque: element addresses are stable while it grows).
@@ -60,7 +70,7 @@ struct LlamaWeights {
 
 /// Binds every tensor the config needs; throws naming the tensor on a missing one or a bad shape.
 template <class TW, class Ckpt>
-void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, LlamaWeights<TW>& w) {
+void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks, LlamaWeights<TW>& w) {
   auto get = [&](const std::string& name, std::initializer_list<int64_t> shape) -> const TensorRef& {
     RF_CHECK(ck.has(name), "model: tensor ", name, " is missing from the checkpoint");
     const TensorRef& t = ck.tensor(name);
@@ -79,6 +89,16 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, LlamaWeights<TW>& 
     convert_values(t.data, t.dtype, r * k, w.owned_tw.back().data());
     return make_view<const TW>(w.owned_tw.back().data(), {r, k});
   };
+  // The projections, MLP and lm_head are served from a GGUF tensor's blocks when it has them, the
+  // CPU linear has register kernels for their type and `serve_blocks` is set (the embedding is
+  // gathered from its fp32 decoding).
+  auto matrix = [&](const std::string& name, int64_t r, int64_t k) -> MatrixWeight<TW> {
+    MatrixWeight<TW> m;
+    m.dense = mat(name, r, k);
+    const TensorRef& t = ck.tensor(name);
+    if (serve_blocks && t.blocks && linear_blocks_are_fast(t.quant)) m.blocks = BlockWeight{t.blocks, t.quant};
+    return m;
+  };
   auto vec_tw = [&](const std::string& name, int64_t n) -> View<const TW, 1> {
     const TensorRef& t = get(name, {n});
     w.owned_tw.emplace_back(size_t(n));
@@ -95,7 +115,8 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, LlamaWeights<TW>& 
 
   const int64_t d = c.d_model, hd = c.head_dim, nq = c.n_q, nkv = c.n_kv, V = c.vocab_size;
   w.embed = mat("model.embed_tokens.weight", V, d);
-  w.lm_head = c.tie_word_embeddings || !ck.has("lm_head.weight") ? w.embed : mat("lm_head.weight", V, d);
+  w.lm_head = matrix(c.tie_word_embeddings || !ck.has("lm_head.weight") ? "model.embed_tokens.weight" : "lm_head.weight",
+                     V, d);
   w.final_norm = vec("model.norm.weight", d);
   const HeadLayout layout = c.head_layout();
   w.layers.resize(size_t(c.n_layers));
@@ -104,18 +125,18 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, LlamaWeights<TW>& 
     LlamaLayerWeights<TW>& L = w.layers[size_t(l)];
     L.attn_norm = vec(p + "input_layernorm.weight", d);
     L.mlp_norm = vec(p + "post_attention_layernorm.weight", d);
-    L.wq = mat(p + "self_attn.q_proj.weight", nq * hd, d);
-    L.wk = mat(p + "self_attn.k_proj.weight", nkv * hd, d);
-    L.wv = mat(p + "self_attn.v_proj.weight", nkv * hd, d);
-    L.wo = mat(p + "self_attn.o_proj.weight", d, nq * hd);
+    L.wq = matrix(p + "self_attn.q_proj.weight", nq * hd, d);
+    L.wk = matrix(p + "self_attn.k_proj.weight", nkv * hd, d);
+    L.wv = matrix(p + "self_attn.v_proj.weight", nkv * hd, d);
+    L.wo = matrix(p + "self_attn.o_proj.weight", d, nq * hd);
     if (c.attention_bias) {
       L.bq = vec_tw(p + "self_attn.q_proj.bias", nq * hd);
       L.bk = vec_tw(p + "self_attn.k_proj.bias", nkv * hd);
       L.bv = vec_tw(p + "self_attn.v_proj.bias", nkv * hd);
     }
-    L.gate = mat(p + "mlp.gate_proj.weight", c.ffn, d);
-    L.up = mat(p + "mlp.up_proj.weight", c.ffn, d);
-    L.down = mat(p + "mlp.down_proj.weight", d, c.ffn);
+    L.gate = matrix(p + "mlp.gate_proj.weight", c.ffn, d);
+    L.up = matrix(p + "mlp.up_proj.weight", c.ffn, d);
+    L.down = matrix(p + "mlp.down_proj.weight", d, c.ffn);
     if (!c.recurformer) continue;
     const RecurrentConfig& rc = c.recurformer->recurrent;
     const int64_t r = rc.dt_rank, N = rc.d_state, Kc = rc.conv_kernel;
