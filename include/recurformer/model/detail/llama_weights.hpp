@@ -4,8 +4,9 @@
 // Matrices (embedding, projections, MLP, lm_head) are used in the dtype they are stored in, TW: the
 // dtype of layer 0's q_proj; a matrix stored in another dtype is converted once into an owned
 // buffer (GGUF files mix dtypes). A GGUF block-quantised tensor's dtype is its fp32 decoding; the
-// projections, MLP and lm_head may be served from its blocks instead (MatrixWeight). Norm weights and the small per-recurrent-group tensors are
-// converted to fp32 owned copies (the Δ projections dt_down / dt_up to TW), with A = -exp(A_log) precomputed (spec section 3).
+// projections, MLP and lm_head may be served from its blocks instead (MatrixWeight). Norm weights
+// and the small per-recurrent-group tensors are converted to fp32 owned copies (the Δ projections
+// dt_down / dt_up to TW), with A = -exp(A_log) precomputed (spec section 3).
 #pragma once
 
 #include <cmath>
