@@ -6,7 +6,8 @@
 //  - GEMM (prefill, 512 tokens): compute-bound; "flop/s" = 2 * tokens * in * out per second, to be
 //    set against BM_FmaPeak, the fp32 FMA throughput of the same threads on register-only work.
 //  - GGUF block weights: Q8_0 for the decode shapes and one prefill shape; Q4_0, Q4_1, Q4_K and
-//    Q6_K for gate_proj decode and q_proj prefill.
+//    Q6_K for gate_proj decode and q_proj prefill; Q4_0, Q4_1 and Q8_0 gate_proj decode of 1 and 4
+//    tokens with fp32 x and with int8 x (ActivationMath::int8).
 //  - linear_backward (training) at SmolLM2-135M shapes (d 576, ffn 1536, vocab 49152): "flop/s" =
 //    4 * tokens * in * out (dx and dweight; dbias is not counted), beside the forward's flop/s on
 //    the same shapes in the same run.
@@ -37,7 +38,8 @@ std::vector<TW> bench_weights(size_t n) {
 }
 
 template <class TW>
-void bm_linear(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+void bm_linear(benchmark::State& st, int64_t tokens, int64_t in, int64_t out,
+               ActivationMath x_math = ActivationMath::fp32) {
   constexpr int64_t block = LinearWeight<TW>::block;
   const auto x = rfbench::random_vector<float>(size_t(tokens * in));
   const auto w = bench_weights<TW>(size_t(out * in / block));
@@ -48,14 +50,22 @@ void bm_linear(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
   p.y = make_view(y.data(), {tokens, out});
   const auto exec = rfbench::cpu_exec();
   std::vector<unsigned char> ws(linear_workspace_bytes(p, exec));
+  // int8 x is asked for through BlockWeight, whose dense view only gives the shape (never read)
+  [[maybe_unused]] const LinearParams<float, float> shape{p.x, make_view(reinterpret_cast<const float*>(w.data()), {out, in}), {}, p.y};
   for (auto _ : st) {
-    linear(p, exec, ws.data(), ws.size());
+    if constexpr (is_quant_block_v<TW>) {
+      if (x_math == ActivationMath::int8) linear(shape, BlockWeight{w.data(), TW::type, x_math}, exec, ws.data(), ws.size());
+      else linear(p, exec, ws.data(), ws.size());
+    } else {
+      linear(p, exec, ws.data(), ws.size());
+    }
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
   rfbench::set_rate(st, "bytes/s", double(out * in / block) * sizeof(TW));  // weights read
   rfbench::set_rate(st, "flop/s", 2.0 * double(tokens * in * out));
   st.counters["threads"] = exec.threads();
+  if (x_math == ActivationMath::int8) st.counters["vnni"] = cpu::has_avx512_vnni();
 }
 
 void bm_linear_f32(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
@@ -65,8 +75,9 @@ void bm_linear_bf16(benchmark::State& st, int64_t tokens, int64_t in, int64_t ou
   bm_linear<bfloat16>(st, tokens, in, out);
 }
 
-void bm_linear_q8_0(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
-  bm_linear<BlockQ8_0>(st, tokens, in, out);
+void bm_linear_q8_0(benchmark::State& st, int64_t tokens, int64_t in, int64_t out,
+                    ActivationMath x_math = ActivationMath::fp32) {
+  bm_linear<BlockQ8_0>(st, tokens, in, out, x_math);
 }
 
 #define RF_LINEAR_BENCH(name, tokens, in, out)                                                     \
@@ -87,8 +98,9 @@ BENCHMARK_CAPTURE(bm_linear_q8_0, gemm_q_proj, 512, 2048, 2048)->Unit(benchmark:
 // The other common GGUF types: Q4_0 / Q4_1 unpack nibbles in registers, the K-quants decode a
 // block on the stack (20, 24, 144 and 210 bytes per 32, 32, 256 and 256 weights)
 #define RF_BLOCK_BENCH(name, Block)                                                                       \
-  void bm_linear_##name(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {                  \
-    bm_linear<Block>(st, tokens, in, out);                                                                \
+  void bm_linear_##name(benchmark::State& st, int64_t tokens, int64_t in, int64_t out,                     \
+                        ActivationMath x_math = ActivationMath::fp32) {                                   \
+    bm_linear<Block>(st, tokens, in, out, x_math);                                                        \
   }                                                                                                       \
   BENCHMARK_CAPTURE(bm_linear_##name, gemv_gate_proj, 1, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime(); \
   BENCHMARK_CAPTURE(bm_linear_##name, gemm_q_proj, 512, 2048, 2048)->Unit(benchmark::kMillisecond)->UseRealTime()
@@ -96,6 +108,22 @@ RF_BLOCK_BENCH(q4_0, BlockQ4_0);
 RF_BLOCK_BENCH(q4_1, BlockQ4_1);
 RF_BLOCK_BENCH(q4_k, BlockQ4_K);
 RF_BLOCK_BENCH(q6_k, BlockQ6_K);
+
+// The same GEMVs with x quantised to 8 bits and integer dot products (ActivationMath::int8, the
+// path llama.cpp takes), beside the fp32-x runs: 1 token, and 4 tokens (one pass over W).
+#define RF_INT8_X_BENCH(fn, name, tokens)                                                           \
+  BENCHMARK_CAPTURE(fn, name, tokens, 2048, 8192, ActivationMath::int8)                             \
+      ->Unit(benchmark::kMillisecond)                                                               \
+      ->UseRealTime()
+RF_INT8_X_BENCH(bm_linear_q4_0, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_q4_0, int8_x_gemv4_gate_proj, 4);
+RF_INT8_X_BENCH(bm_linear_q4_1, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_q4_1, int8_x_gemv4_gate_proj, 4);
+RF_INT8_X_BENCH(bm_linear_q8_0, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_q8_0, int8_x_gemv4_gate_proj, 4);
+BENCHMARK_CAPTURE(bm_linear_q4_0, gemv4_gate_proj, 4, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(bm_linear_q4_1, gemv4_gate_proj, 4, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(bm_linear_q8_0, gemv4_gate_proj, 4, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime();
 RF_LINEAR_BENCH(gemv4_q_proj, 4, 2048, 2048);
 RF_LINEAR_BENCH(gemm8_q_proj, 8, 2048, 2048);  // batched decode: the smallest GEMM
 RF_LINEAR_BENCH(gemm_q_proj, 512, 2048, 2048);

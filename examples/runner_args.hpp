@@ -36,6 +36,7 @@ struct Args {
   int64_t memory_limit_mib = 0;     // the most a cache may take; 0 = the machine's available memory
   bool offline = false;             // main job: do not download SmolLM2
   bool dense_weights = false;       // multiply by a quantised GGUF's fp32 decoding, not its blocks
+  bool fp32_activations = false;    // blocks meet fp32 x, not x quantised to 8 bits
   bool force = false;               // convert: replace a non-empty output directory
   bool help = false;
   bool chat = false;                // generate --chat: the prompt is a user turn (runner_chat.hpp)
@@ -90,7 +91,9 @@ inline const char* kCacheHelp =
     "                       (default f32; the recurrent groups' SSM state is fp32 whatever T)\n"
     "  --memory-limit MiB   refuse a cache larger than this (default: the memory available now)\n"
     "  --dense-weights      multiply by the fp32 decoding of a quantised GGUF's MLP and lm_head\n"
-    "                       instead of their 4-8 bit blocks (slower; the same weights, for comparisons)\n";
+    "                       instead of their 4-8 bit blocks (slower; the same weights, for comparisons)\n"
+    "  --fp32-activations   multiply the blocks by fp32 x in decode steps, not by x quantised to 8 bits\n"
+    "                       per 32 values with integer dot products (llama.cpp's way, the default)\n";
 
 inline std::string command_help(const std::string& cmd) {
   if (cmd == "generate")
@@ -301,6 +304,7 @@ inline Args parse_args(int argc, char** argv) {
     } else if (f == "--memory-limit") a.memory_limit_mib = to_int(f, val(), 1, int64_t(1) << 40);
     else if (f == "--offline") a.offline = true;
     else if (f == "--dense-weights") a.dense_weights = true;
+    else if (f == "--fp32-activations") a.fp32_activations = true;
     else if (f == "--teacher") a.teacher = val();
     else if (f == "--repeat") a.repeat = true;
     else if (f == "--steps") a.steps = int(to_int(f, val(), 0, 1 << 24));

@@ -112,6 +112,7 @@ inline Tokenizer tokenizer_of(const Checkpoint& ck) {
 inline LlamaModelOptions model_options(const Args& a) {
   LlamaModelOptions o;
   o.serve_blocks = !a.dense_weights;
+  o.activations = a.fp32_activations ? ActivationMath::fp32 : ActivationMath::int8;
   return o;
 }
 

@@ -316,3 +316,74 @@ TEST_CASE("linear reads a matrix's GGUF blocks through BlockWeight, after checki
                       Catch::Contains("bias with block weights must be fp32"));
   for (float v : y) REQUIRE(v == 7.f);
 }
+
+namespace {
+// x as ActivationMath::int8 quantises it, written out plainly: per 32 values d = max|x| / 127 and
+// q = round half to even of x * (1 / d) (all in float), returned as the doubles d * q.
+std::vector<double> int8_x_reference(const std::vector<float>& x) {
+  std::vector<double> xh(x.size());
+  for (size_t b = 0; b < x.size(); b += 32) {
+    float amax = 0.f;
+    for (size_t i = b; i < b + 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    for (size_t i = b; i < b + 32; ++i) {
+      const float q = std::nearbyint(x[i] * id);
+      REQUIRE(std::fabs(q) <= 127.f);
+      xh[i] = double(d) * double(q);
+    }
+  }
+  return xh;
+}
+
+template <class TW>
+void run_int8_x(int64_t tokens, int64_t in, int64_t out, bool with_bias) {
+  auto x = rftest::random_vector<float>(size_t(tokens * in));
+  std::fill_n(x.begin() + 32, std::min<int64_t>(32, tokens * in - 32), 0.f);  // an all-zero block: d = 0
+  const auto w = random_weights<TW>(size_t(out * in / 32));
+  const auto b = rftest::random_vector<float>(size_t(out));
+  const auto dense = rftest::random_vector<float>(size_t(out * in));  // the shape only
+  // Up to kGemvMaxTokens x is quantised; past it (the GEMM) int8 does not apply and x stays fp32.
+  const bool quantised = tokens <= cpu::detail::LinearBlocking::kGemvMaxTokens;
+  std::vector<double> xr(x.begin(), x.end());
+  if (quantised) xr = int8_x_reference(x);
+  std::vector<double> wd(size_t(out * in)), wm(size_t(out * in));
+  for (int64_t o = 0; o < out; ++o) decode_row(w.data() + o * in / 32, in, &wd[size_t(o * in)], &wm[size_t(o * in)]);
+  std::vector<double> expected(size_t(tokens * out)), magnitude(size_t(tokens * out));
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = with_bias ? double(b[size_t(o)]) : 0.0, m = std::fabs(s);
+      for (int64_t k = 0; k < in; ++k) {
+        s += xr[size_t(t * in + k)] * wd[size_t(o * in + k)];
+        m += std::fabs(xr[size_t(t * in + k)]) * wm[size_t(o * in + k)];
+      }
+      expected[size_t(t * out + o)] = s, magnitude[size_t(t * out + o)] = m;
+    }
+  std::vector<float> y(size_t(tokens * out));
+  LinearParams<float, float> p{make_view(x.data(), {tokens, in}), make_view(dense.data(), {out, in}), {},
+                               make_view(y.data(), {tokens, out})};
+  if (with_bias) p.bias = make_view(b.data(), {out});
+  const CpuExec exec{&pool()};
+  std::vector<unsigned char> ws(linear_workspace_bytes(p, exec));
+  rftest::for_each_isa([&] {
+    std::fill(y.begin(), y.end(), 7.f);
+    linear(p, BlockWeight{w.data(), TW::type, ActivationMath::int8}, exec, ws.data(), ws.size());
+    check_linear_close(std::string("int8 x ") + std::to_string(tokens) + "x" + std::to_string(in) + " -> " +
+                           std::to_string(out),
+                       y, out, tokens, out, expected, magnitude);
+  });
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("linear with int8 activations matches a double reference over the quantised x",
+                   "[linear][quant]", BlockQ4_0, BlockQ4_1, BlockQ8_0) {
+  using TW = TestType;
+  // in: one block, several, and past the 4096-value quantisation chunk (y added to after it);
+  // out: 1, a row tile and a remainder; tokens: every GEMV token group, and a GEMM size (fp32 x)
+  const int64_t chunk = cpu::detail::kQ8Chunk;
+  for (int64_t in : {int64_t(32), int64_t(160), chunk + 96})
+    for (int64_t out : {1, 7, 33})
+      for (int64_t tokens : {1, 2, 3, 4, 5, 9, 16, 17}) {
+        INFO(ggml_type_name(TW::type) << ": tokens " << tokens << ", in " << in << ", out " << out);
+        run_int8_x<TW>(tokens, in, out, out == 7);
+      }
+}

@@ -31,10 +31,16 @@
 // into it, so the body is compiled for that ISA without being written twice.
 #define RF_KERNEL_AVX2 __attribute__((flatten)) RF_TARGET_AVX2
 #define RF_KERNEL_AVX512 __attribute__((flatten)) RF_TARGET_AVX512
+// AVX-512 plus VNNI (vpdpbusd), for the integer dot products of cpu/detail/gemv_q8_kernels.hpp only;
+// chosen when cpu::has_avx512_vnni() says so.
+#define RF_KERNEL_AVX512_VNNI \
+  __attribute__((flatten, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 // The vector operations themselves (cpu/detail/simd.hpp). Not always_inline: GCC checks that on
 // the generic body's own out-of-line copy too, which is never called but would fail to compile.
 #define RF_SIMD_AVX2 inline RF_TARGET_AVX2
 #define RF_SIMD_AVX512 inline RF_TARGET_AVX512
+#define RF_SIMD_AVX512_VNNI \
+  inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #else
 #define RF_HAVE_X86_SIMD 0
 #endif

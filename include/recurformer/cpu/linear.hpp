@@ -5,7 +5,8 @@
 // passes still cost less than packing 16-bit W into fp32 panels: batched decode). More tokens: blocked GEMM over
 // (kMC tokens x kNC outputs) tasks handed out dynamically, each thread packing W into its own
 // slice of the workspace. Kernel bodies: cpu/detail/gemm_kernels.hpp. linear(p, blocks, ...) reads
-// the weights from a matrix's GGUF blocks (BlockWeight) instead of its dense view.
+// the weights from a matrix's GGUF blocks (BlockWeight) instead of its dense view; with
+// ActivationMath::int8 the GEMV of Q4_0 / Q4_1 / Q8_0 takes cpu/detail/gemv_q8_kernels.hpp.
 //
 // linear_backward: the dx GEMM (tokens x in, k = out) and the dweight GEMM (out x in, k = tokens)
 // are cut into (MC x NC) C blocks handed out together in one exec.for_each, each thread packing into
@@ -19,6 +20,7 @@
 
 #include "recurformer/core/dispatch.hpp"
 #include "recurformer/cpu/detail/gemm_kernels.hpp"
+#include "recurformer/cpu/detail/gemv_q8_kernels.hpp"
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/ops/linear.hpp"
 
@@ -34,8 +36,13 @@ size_t linear_workspace_bytes(const LinearParams<TX, TW>& p, CpuExec exec) {
   return size_t(per_thread * exec.threads()) * sizeof(float) + 64;  // + 64: alignment slack
 }
 
+namespace cpu {
+namespace detail {
+
+// linear with x multiplied as x_math says (int8 only changes the GEMV of kQ8DotBlock types).
 template <class TX, class TW>
-void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t workspace_bytes) {
+void linear_run(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t workspace_bytes,
+                ActivationMath x_math) {
   check(p);
   using B = cpu::detail::LinearBlocking;
   const size_t need = linear_workspace_bytes(p, exec);
@@ -48,6 +55,8 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
                                           p.weight.shape[0]};
   if (a.tokens == 0) return;
   const cpu::Isa isa = cpu::active_isa();
+  const bool int8_x = kQ8DotBlock<TW> && x_math == ActivationMath::int8;
+  const bool vnni = int8_x && cpu::has_avx512_vnni();
 
   if (a.tokens <= B::kGemvMaxTokens) {
     // Each pass streams W once for up to kGemvTokens tokens.
@@ -57,6 +66,19 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
         constexpr int NT = decltype(c)::value;
         static_assert(NT <= B::kGemvTokens, "token groups up to kGemvTokens");
         exec.parallel_for(a.out, [&](int64_t o0, int64_t o1, int) {
+          if constexpr (kQ8DotBlock<TW>) {
+            if (int8_x) {
+              switch (isa) {
+#if RF_HAVE_X86_SIMD
+                case cpu::Isa::avx512:
+                  if (vnni) return cpu::detail::gemv_q8_vnni<NT>(&a, t0, o0, o1);
+                  return cpu::detail::gemv_q8_avx2<NT>(&a, t0, o0, o1);
+                case cpu::Isa::avx2: return cpu::detail::gemv_q8_avx2<NT>(&a, t0, o0, o1);
+#endif
+                default: return cpu::detail::gemv_q8_scalar<NT>(&a, t0, o0, o1);
+              }
+            }
+          }
           switch (isa) {
 #if RF_HAVE_X86_SIMD
             case cpu::Isa::avx512: return cpu::detail::gemv_avx512<NT>(&a, t0, o0, o1);
@@ -95,6 +117,14 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
   });
 }
 
+}  // namespace detail
+}  // namespace cpu
+
+template <class TX, class TW>
+void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t workspace_bytes) {
+  cpu::detail::linear_run(p, exec, workspace, workspace_bytes, ActivationMath::fp32);
+}
+
 /// Whether linear has register kernels for this block type's GEMV (Q8_0, Q4_0, Q4_1): only then is
 /// multiplying by the blocks faster than by their fp32 decoding. The other types decode a block at
 /// a time on the stack, 10-25x slower than fp32 weights (benchmarks.md): correct, not yet fast.
@@ -120,7 +150,7 @@ void linear(const LinearParams<float, TW>& p, BlockWeight blocks, CpuExec exec, 
     q.weight = make_view(static_cast<const B*>(blocks.data), {p.weight.shape[0], p.weight.shape[1] / B::size});
     if constexpr (std::is_same_v<TW, float>) q.bias = p.bias;
     q.y = p.y;
-    linear(q, exec, workspace, workspace_bytes);
+    cpu::detail::linear_run(q, exec, workspace, workspace_bytes, blocks.x_math);
   });
 }
 

@@ -47,12 +47,21 @@ struct LinearParams {
   View<TX, 2> y;             // [tokens, out]
 };
 
+/// How linear multiplies x by block weights.
+///   fp32: x as it is, times the decoded weights (the fp32 product of the dequantised matrix).
+///   int8: on the GEMV path (at most LinearBlocking::kGemvMaxTokens tokens) of Q4_0, Q4_1 and Q8_0,
+///         x is first quantised per 32 values to 8 bits (scale max|x| / 127, round half to even) and
+///         the dot products are integer, as llama.cpp computes them: faster, and off by x's rounding
+///         (at most half a step, max|x| / 254, per value). Elsewhere x stays fp32.
+enum class ActivationMath : uint8_t { fp32, int8 };
+
 /// A weight matrix's GGUF blocks ([out, in / block] blocks of `type`), for callers that hold a matrix
 /// both as a dense view and as the blocks it was decoded from, and multiply by the blocks (4.5-8.5
 /// bits per weight read instead of 16-32): linear(p, blocks, ...) in cpu/linear.hpp.
 struct BlockWeight {
   const void* data = nullptr;
   GgmlType type = GgmlType::f32;
+  ActivationMath x_math = ActivationMath::fp32;
   bool present() const { return data != nullptr; }
 };
 

@@ -33,6 +33,11 @@ inline bool cpu_has_f16c() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29));
 }
+/// AVX512_VNNI from CPUID leaf 7, sub-leaf 0 (ECX bit 11).
+inline bool cpu_has_avx512_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 11));
+}
 }  // namespace detail
 #endif
 
@@ -77,6 +82,17 @@ inline void set_isa_limit(Isa limit) { detail::isa_limit().store(int(limit)); }
 inline Isa active_isa() {
   const int d = int(detected_isa()), l = detail::isa_limit().load(std::memory_order_relaxed);
   return Isa(d < l ? d : l);
+}
+
+/// Whether the integer kernels may use AVX-512 VNNI: the active ISA is AVX-512 and the processor
+/// has VNNI (without it they run their AVX2 body).
+inline bool has_avx512_vnni() {
+#if RF_HAVE_X86_SIMD
+  static const bool vnni = detail::cpu_has_avx512_vnni();
+  return active_isa() == Isa::avx512 && vnni;
+#else
+  return false;
+#endif
 }
 
 }  // namespace cpu

@@ -57,7 +57,7 @@ class LlamaImpl final : public LlamaImplBase {
  public:
   template <class Ckpt>
   LlamaImpl(const Ckpt& ck, const ModelConfig& c, const LlamaModelOptions& opt) : cfg_(c) {
-    bind_llama_weights<TW>(ck, c, opt.serve_blocks, w_);
+    bind_llama_weights<TW>(ck, c, opt.serve_blocks, opt.activations, w_);
     inv_freq_ = ck.rope_inv_freq();  // the config's scaling, or a GGUF's rope_freqs.weight
   }
   DType weight_dtype() const override { return dtype_of<TW>(); }

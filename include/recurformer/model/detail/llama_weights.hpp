@@ -71,7 +71,8 @@ struct LlamaWeights {
 
 /// Binds every tensor the config needs; throws naming the tensor on a missing one or a bad shape.
 template <class TW, class Ckpt>
-void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks, LlamaWeights<TW>& w) {
+void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks, ActivationMath x_math,
+                        LlamaWeights<TW>& w) {
   auto get = [&](const std::string& name, std::initializer_list<int64_t> shape) -> const TensorRef& {
     RF_CHECK(ck.has(name), "model: tensor ", name, " is missing from the checkpoint");
     const TensorRef& t = ck.tensor(name);
@@ -92,12 +93,12 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks,
   };
   // The projections, MLP and lm_head are served from a GGUF tensor's blocks when it has them, the
   // CPU linear has register kernels for their type and `serve_blocks` is set (the embedding is
-  // gathered from its fp32 decoding).
+  // gathered from its fp32 decoding), x meeting them as x_math says.
   auto matrix = [&](const std::string& name, int64_t r, int64_t k) -> MatrixWeight<TW> {
     MatrixWeight<TW> m;
     m.dense = mat(name, r, k);
     const TensorRef& t = ck.tensor(name);
-    if (serve_blocks && t.blocks && linear_blocks_are_fast(t.quant)) m.blocks = BlockWeight{t.blocks, t.quant};
+    if (serve_blocks && t.blocks && linear_blocks_are_fast(t.quant)) m.blocks = BlockWeight{t.blocks, t.quant, x_math};
     return m;
   };
   auto vec_tw = [&](const std::string& name, int64_t n) -> View<const TW, 1> {
