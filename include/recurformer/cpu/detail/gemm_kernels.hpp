@@ -140,16 +140,15 @@ void unpack_row(const TW* row, int64_t k0, int64_t n, float* dst, int64_t stride
     for (int64_t i = (k0 + k) % QB; i < QB && k < n; ++i, ++k) dst[k * stride] = buf[i];
   }
 }
-inline void unpack_row(const BlockQ8_0* row, int64_t k0, int64_t n, float* dst, int64_t stride) {
-  constexpr int64_t QB = BlockQ8_0::size;
-  for (int64_t k = 0; k < n;) {  // one scale conversion per block
-    const BlockQ8_0& b = row[(k0 + k) / QB];
-    const float d = float(b.d);
-    for (int64_t i = (k0 + k) % QB; i < QB && k < n; ++i, ++k) dst[k * stride] = d * float(b.qs[i]);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
+// The GEMV tiles' accumulators, zeroed.
+template <class V, int NT, int R>
+void gemv_zero(V (&acc)[NT][R]) {
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+}
+
 // y[t, o + r] = the row sums of acc plus the bias (fp32 for block weights).
 template <int NT, int R, class V, class TX, class TW>
 void gemv_store(const LinearArgs<TX, TW>& a, V (&acc)[NT][R], TX* y, int64_t o) {
@@ -166,8 +165,7 @@ void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
   const int64_t k = a.in;
   const TW* w = a.w + o * a.ldw;
   V acc[NT][R];
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+  gemv_zero(acc);
   int64_t i = 0;
   for (; i + W <= k; i += W) {
     V wv[R];
@@ -195,8 +193,7 @@ void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
   constexpr int W = V::width, J = int(BlockQ8_0::size) / W;
   const BlockQ8_0* w = a.w + o * a.ldw;
   V acc[NT][R];
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+  gemv_zero(acc);
   const int64_t blocks = a.in / BlockQ8_0::size;
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t i0 = blk * BlockQ8_0::size;
@@ -226,8 +223,7 @@ void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
   constexpr int W = V::width, J = 16 / W;  // J steps of W low-nibble and W high-nibble weights
   const TW* w = a.w + o * a.ldw;
   V acc[NT][R];
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+  gemv_zero(acc);
   const int64_t blocks = a.in / TW::size;
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t i0 = blk * TW::size;
@@ -268,8 +264,7 @@ void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
   constexpr int64_t QB = TW::size;
   const TW* w = a.w + o * a.ldw;
   V acc[NT][R];
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
+  gemv_zero(acc);
   alignas(64) float wbuf[QB];
   const int64_t blocks = a.in / QB;
   for (int64_t blk = 0; blk < blocks; ++blk) {
