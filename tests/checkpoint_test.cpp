@@ -449,7 +449,8 @@ struct TinyGguf {
   std::vector<float> down = rftest::random_vector<float>(64 * 32);
   std::vector<float> freqs = rftest::random_vector<float>(4, 1.0, 8.0);
   GgufWriter w;
-  TinyGguf(const std::string& arch, bool with_output) {
+  // blocks_only: the Q8_0 attn_q alone (the one tensor a checkpoint needs), for alignment tests
+  TinyGguf(const std::string& arch, bool with_output, bool blocks_only = false) {
     quantize_q8_0(q_f32.data(), 32 * 32, q_q8.data());
     w.set("general.architecture", GgufValue::str(arch));
     w.set("general.alignment", GgufValue::u32(64));
@@ -468,8 +469,9 @@ struct TinyGguf {
     w.set("tokenizer.ggml.tokens", GgufValue::str_array(toks));
     w.set("tokenizer.ggml.bos_token_id", GgufValue::u32(1));
     w.set("tokenizer.ggml.eos_token_id", GgufValue::u32(2));
-    w.add_tensor("token_embd.weight", GgmlType::f16, {32, 16}, embd.data());
     w.add_tensor("blk.0.attn_q.weight", GgmlType::q8_0, {32, 32}, q_q8.data());
+    if (blocks_only) return;
+    w.add_tensor("token_embd.weight", GgmlType::f16, {32, 16}, embd.data());
     w.add_tensor("blk.0.attn_k.weight", GgmlType::bf16, {32, 16}, k.data());
     if (arch == "qwen2") w.add_tensor("blk.0.attn_q.bias", GgmlType::f32, {32}, qbias.data());
     w.add_tensor("blk.0.attn_norm.weight", GgmlType::f32, {32}, norm.data());
@@ -564,6 +566,38 @@ TEST_CASE("Checkpoint opens GGUF with HF names, row-major shapes and Q8_0 dequan
     g.w.set("llama.attention.head_count_kv", GgufValue::str("2"));
     g.w.write(path);
     REQUIRE_THROWS_WITH(Checkpoint::open(path), path + ": metadata llama.attention.head_count_kv must be an integer");
+  }
+}
+
+TEST_CASE("GGUF blocks are offered where 2-byte aligned; elsewhere the fp32 decoding serves", "[checkpoint][gguf]") {
+  // general.alignment may be 1, so a block tensor can start at an odd address; its blocks (read
+  // as structs with fp16 fields) are then not offered, and the tensor still opens, decoded.
+  TempDir dir;
+  const std::string path = dir.file("m.gguf");
+  for (const bool odd : {false, true}) {
+    INFO((odd ? "odd" : "even") << " address");
+    TinyGguf g("llama", false, true);
+    g.w.set("general.alignment", GgufValue::u32(1));
+    bool placed = false;
+    for (int pad = 0; pad < 2 && !placed; ++pad) {  // a metadata string one byte longer flips the parity
+      g.w.set("test.padding", GgufValue::str(std::string(size_t(pad), 'x')));
+      g.w.write(path);
+      const GgufFile f = GgufFile::open(path);
+      placed = (reinterpret_cast<uintptr_t>(f.find_tensor("blk.0.attn_q.weight")->data) % 2 == 1) == odd;
+    }
+    REQUIRE(placed);
+    const Checkpoint c = Checkpoint::open(path);
+    const TensorRef& q = c.tensor("model.layers.0.self_attn.q_proj.weight", {32, 32}, DType::f32);
+    std::vector<float> ref(32 * 32);
+    dequantize_q8_0(g.q_q8.data(), 32 * 32, ref.data());
+    CHECK(std::memcmp(q.data, ref.data(), ref.size() * 4) == 0);
+    if (odd) {
+      CHECK(q.blocks == nullptr);
+    } else {
+      REQUIRE(q.blocks != nullptr);
+      CHECK(q.quant == GgmlType::q8_0);
+      CHECK(std::memcmp(q.blocks, g.q_q8.data(), g.q_q8.size()) == 0);
+    }
   }
 }
 
