@@ -5,6 +5,7 @@
 // and past KC; out = 1, NR-1, NR+1 and past NC. Plus strided rows, bias on/off and bad input.
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -386,4 +387,26 @@ TEMPLATE_TEST_CASE("linear with int8 activations matches a double reference over
         INFO(ggml_type_name(TW::type) << ": tokens " << tokens << ", in " << in << ", out " << out);
         run_int8_x<TW>(tokens, in, out, out == 7);
       }
+}
+
+TEST_CASE("linear with int8 activations turns a NaN or infinite x into NaN y (as fp32 x does)", "[linear][quant]") {
+  const int64_t tokens = 3, in = 96, out = 9;
+  auto x = rftest::random_vector<float>(size_t(tokens * in));
+  x[size_t(1 * in + 40)] = std::numeric_limits<float>::quiet_NaN();  // token 1, second block
+  x[size_t(2 * in + 70)] = -std::numeric_limits<float>::infinity();  // token 2, third block
+  const auto w = random_weights<BlockQ4_1>(size_t(out * in / 32));
+  const auto dense = rftest::random_vector<float>(size_t(out * in));  // the shape only
+  std::vector<float> y(size_t(tokens * out));
+  LinearParams<float, float> p{make_view(x.data(), {tokens, in}), make_view(dense.data(), {out, in}), {},
+                               make_view(y.data(), {tokens, out})};
+  const CpuExec exec{&pool()};
+  rftest::for_each_isa([&] {
+    std::fill(y.begin(), y.end(), 7.f);
+    linear(p, BlockWeight{w.data(), GgmlType::q4_1, ActivationMath::int8}, exec, nullptr, 0);
+    for (int64_t o = 0; o < out; ++o) {
+      CHECK(std::isfinite(y[size_t(o)]));  // token 0 is untouched by the others' blocks
+      CHECK(std::isnan(y[size_t(out + o)]));
+      CHECK(std::isnan(y[size_t(2 * out + o)]));
+    }
+  });
 }

@@ -12,7 +12,8 @@
 // One block is one 256-bit vector on both ISAs: the unpacked block is exactly 32 bytes, and
 // 256-bit integer ops issue on three ports where 512-bit ones issue on two.
 //
-// Each thread quantises the x it reads itself, kQ8Chunk values at a time into a stack buffer (no
+// A block of x holding a NaN or an infinity quantises to d = NaN, so the y it meets is NaN, as with
+// fp32 x. Each thread quantises the x it reads itself, kQ8Chunk values at a time into a stack buffer (no
 // workspace, nothing shared: the repeated work is threads / out of the whole), and walks its rows
 // once per chunk, adding into y after the first. The scalar body is the portable fallback and the
 // tests' reference for the SIMD ones (same quantisation, bit for bit; same integer sums).
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "recurformer/core/config.hpp"
@@ -43,12 +45,27 @@ constexpr bool kQ8DotBlock =
 constexpr int kQ8Block = 32;         // x values per scale (the weight block size of every kQ8DotBlock)
 constexpr int64_t kQ8Chunk = 4096;   // x values quantised at a time per token (16 KB of codes for 4 tokens)
 
+// A block holding a NaN or an infinity gets codes 0 and d = s = NaN, so every y it meets is NaN
+// as with fp32 x (a silent finite result would hide a broken activation).
+inline void q8_block_not_finite(int8_t* q, float* d, float* s) {
+  std::fill_n(q, kQ8Block, int8_t(0));
+  *d = *s = std::numeric_limits<float>::quiet_NaN();
+}
+
 /// x[0, n) quantised: codes q, per-32 scales d and d * sum(q) in s (n a multiple of 32).
 inline void quantize_x_q8(const float* x, int64_t n, int8_t* q, float* d, float* s) {
   for (int64_t b = 0; b < n / kQ8Block; ++b) {
     const float* xb = x + b * kQ8Block;
     float amax = 0.f;
-    for (int i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    bool finite = true;
+    for (int i = 0; i < kQ8Block; ++i) {
+      finite &= std::fabs(xb[i]) <= std::numeric_limits<float>::max();
+      amax = std::max(amax, std::fabs(xb[i]));
+    }
+    if (!finite) {
+      q8_block_not_finite(q + b * kQ8Block, d + b, s + b);
+      continue;
+    }
     const float db = amax / 127.f, id = db != 0.f ? 1.f / db : 0.f;
     int sum = 0;
     for (int i = 0; i < kQ8Block; ++i) {
@@ -127,13 +144,21 @@ RF_SIMD_AVX2 float f16_to_f32(half h) { return _cvtsh_ss(h.bits); }
 
 // quantize_x_q8 with 256-bit vectors; the same products and rounding, so the same codes and scales.
 RF_SIMD_AVX2 void quantize_x_q8_avx2(const float* x, int64_t n, int8_t* q, float* d, float* s) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(std::numeric_limits<float>::max());
   for (int64_t b = 0; b < n / kQ8Block; ++b) {
     const float* xb = x + b * kQ8Block;
     __m256 v[4];
     for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(xb + 8 * j);
-    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m256 a[4], bad = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      a[j] = _mm256_andnot_ps(sign, v[j]);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a[j], big, _CMP_NLE_UQ));  // NaN or inf
+    }
+    if (_mm256_movemask_ps(bad)) {
+      q8_block_not_finite(q + b * kQ8Block, d + b, s + b);
+      continue;
+    }
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
     __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
