@@ -209,21 +209,14 @@ struct Q8DotVnni {
   }
 };
 
-RF_SIMD_AVX2 float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 template <class Dot, int NT, int R, class TW, std::enable_if_t<Dot::kSimd, int> = 0>
 RF_SIMD_AVX2 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& xc, int64_t k0, int64_t kc,
                                float* y, int64_t o) {
   constexpr bool kSigned = std::is_same_v<TW, BlockQ8_0>;
   const TW* w = a.w + o * a.ldw + k0 / kQ8Block;
-  __m256 acc[NT][R];
+  simd::F32x8 acc[NT][R];
+  gemv_zero(acc);
   float corr[NT][R] = {};
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
   for (int64_t blk = 0; blk < kc / kQ8Block; ++blk) {
     __m256i xq[NT];
     for (int t = 0; t < NT; ++t)
@@ -241,13 +234,13 @@ RF_SIMD_AVX2 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& x
       q8_scales(b, f16_to_f32, dw, c);
       for (int t = 0; t < NT; ++t) {
         const __m256i sum = Dot::dot(u, kSigned ? _mm256_sign_epi8(xq[t], ws) : xq[t]);
-        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(dw * xc.d[t][blk]), acc[t][r]);
+        acc[t][r].v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(dw * xc.d[t][blk]), acc[t][r].v);
         if constexpr (!kSigned) corr[t][r] += c * xc.s[t][blk];
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) q8_store(a, y, t, o + r, hsum256(acc[t][r]) + corr[t][r], k0 == 0);
+    for (int t = 0; t < NT; ++t) q8_store(a, y, t, o + r, acc[t][r].reduce_add() + corr[t][r], k0 == 0);
 }
 #endif
 
