@@ -115,6 +115,7 @@ void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& xc, int64_t k0
   for (int64_t blk = 0; blk < kc / kQ8Block; ++blk) {
     for (int r = 0; r < R; ++r) {
       const TW& b = w[r * a.ldw + blk];
+      gemv_prefetch_next_tile<R>(&b, a.ldw);
       int u[kQ8Block];
       if constexpr (std::is_same_v<TW, BlockQ8_0>) {
         for (int i = 0; i < kQ8Block; ++i) u[i] = b.qs[i];
@@ -223,6 +224,7 @@ RF_SIMD_AVX2 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& x
       xq[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xc.q[t] + blk * kQ8Block));
     for (int r = 0; r < R; ++r) {
       const TW& b = w[r * a.ldw + blk];
+      gemv_prefetch_next_tile<R>(&b, a.ldw);
       __m256i u, ws;
       if constexpr (kSigned) {
         ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
