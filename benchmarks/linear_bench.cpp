@@ -9,7 +9,7 @@
 //    Q6_K for gate_proj decode and q_proj prefill; Q4_0, Q4_1 and Q8_0 gate_proj decode of 1 and 4
 //    tokens with fp32 x and with int8 x (ActivationMath::int8).
 //  - A decode step's GEMVs at SmolLM2-135M shapes (30 layers of q/k/v/o/gate/up/down, then the
-//    lm_head), each matrix its own copy as in a real model, so the step streams its weights from
+//    lm_head; 1 token, or 4 as in batched decode), each matrix its own copy as in a real model, so the step streams its weights from
 //    memory when they exceed the last-level cache (110 MB as Q4_1 + Q8_0 lm_head, 540 MB as F32):
 //    what a per-matrix benchmark, re-reading one cached matrix, cannot show.
 //  - linear_backward (training) at SmolLM2-135M shapes (d 576, ffn 1536, vocab 49152): "flop/s" =
@@ -138,7 +138,7 @@ RF_LINEAR_BENCH(gemm_down_proj, 512, 8192, 2048);
 // One decode step's GEMVs over a model's worth of distinct matrices: TW for the layers, TL for the
 // lm_head (Q4_1 GGUF files keep the tied embedding as Q8_0). "bytes/s" counts every weight byte.
 template <class TW, class TL>
-void bm_linear_decode_step(benchmark::State& st, ActivationMath x_math) {
+void bm_linear_decode_step(benchmark::State& st, ActivationMath x_math, int64_t tokens) {
   constexpr int64_t d = 576, ffn = 1536, kv = 192, vocab = 49152, layers = 30;
   struct Matrix {
     int64_t in, out;
@@ -157,13 +157,13 @@ void bm_linear_decode_step(benchmark::State& st, ActivationMath x_math) {
     for (auto [in, out] : {std::pair{d, d}, {d, kv}, {d, kv}, {d, d}, {d, ffn}, {d, ffn}, {ffn, d}})
       add(in, out, QuantTag<TW>{});
   add(d, vocab, QuantTag<TL>{});
-  const auto x = rfbench::random_vector<float>(size_t(ffn));
-  std::vector<float> y(static_cast<size_t>(vocab));
+  const auto x = rfbench::random_vector<float>(size_t(tokens * ffn));
+  std::vector<float> y(static_cast<size_t>(tokens * vocab));
   const auto exec = rfbench::cpu_exec();
   auto run = [&](const Matrix& m, auto tag) {
     using B = typename decltype(tag)::type;
-    const auto xv = make_view(x.data(), {int64_t(1), m.in});
-    const auto yv = make_view(y.data(), {int64_t(1), m.out});
+    const auto xv = make_view(x.data(), {tokens, m.in});
+    const auto yv = make_view(y.data(), {tokens, m.out});
     if constexpr (is_quant_block_v<B>) {  // the dense view only gives the shape (never read)
       const LinearParams<float, float> shape{xv, make_view(reinterpret_cast<const float*>(m.bytes.data()), {m.out, m.in}), {}, yv};
       linear(shape, BlockWeight{m.bytes.data(), B::type, x_math}, exec, nullptr, 0);
@@ -179,17 +179,26 @@ void bm_linear_decode_step(benchmark::State& st, ActivationMath x_math) {
     benchmark::ClobberMemory();
   }
   rfbench::set_rate(st, "bytes/s", total);
-  rfbench::set_rate(st, "tokens/s", 1.0);
+  rfbench::set_rate(st, "tokens/s", double(tokens));
   st.counters["MB"] = total / 1e6;
   st.counters["threads"] = exec.threads();
 }
-void bm_decode_step_f32(benchmark::State& st, ActivationMath m) { bm_linear_decode_step<float, float>(st, m); }
-void bm_decode_step_q4_1(benchmark::State& st, ActivationMath m) { bm_linear_decode_step<BlockQ4_1, BlockQ8_0>(st, m); }
-void bm_decode_step_q8_0(benchmark::State& st, ActivationMath m) { bm_linear_decode_step<BlockQ8_0, BlockQ8_0>(st, m); }
-BENCHMARK_CAPTURE(bm_decode_step_f32, smollm2, ActivationMath::fp32)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_CAPTURE(bm_decode_step_q4_1, smollm2_fp32_x, ActivationMath::fp32)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_CAPTURE(bm_decode_step_q4_1, smollm2_int8_x, ActivationMath::int8)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_CAPTURE(bm_decode_step_q8_0, smollm2_int8_x, ActivationMath::int8)->Unit(benchmark::kMillisecond)->UseRealTime();
+void bm_decode_step_f32(benchmark::State& st, ActivationMath m, int64_t t) { bm_linear_decode_step<float, float>(st, m, t); }
+void bm_decode_step_f16(benchmark::State& st, ActivationMath m, int64_t t) { bm_linear_decode_step<half, half>(st, m, t); }
+void bm_decode_step_q4_1(benchmark::State& st, ActivationMath m, int64_t t) {
+  bm_linear_decode_step<BlockQ4_1, BlockQ8_0>(st, m, t);
+}
+void bm_decode_step_q8_0(benchmark::State& st, ActivationMath m, int64_t t) {
+  bm_linear_decode_step<BlockQ8_0, BlockQ8_0>(st, m, t);
+}
+#define RF_DECODE_STEP_BENCH(fn, name, x_math, tokens) \
+  BENCHMARK_CAPTURE(fn, name, x_math, tokens)->Unit(benchmark::kMillisecond)->UseRealTime()
+RF_DECODE_STEP_BENCH(bm_decode_step_f32, smollm2, ActivationMath::fp32, 1);
+RF_DECODE_STEP_BENCH(bm_decode_step_f16, smollm2, ActivationMath::fp32, 1);
+RF_DECODE_STEP_BENCH(bm_decode_step_q4_1, smollm2_fp32_x, ActivationMath::fp32, 1);
+RF_DECODE_STEP_BENCH(bm_decode_step_q4_1, smollm2_int8_x, ActivationMath::int8, 1);
+RF_DECODE_STEP_BENCH(bm_decode_step_q4_1, smollm2_int8_x_4_tokens, ActivationMath::int8, 4);
+RF_DECODE_STEP_BENCH(bm_decode_step_q8_0, smollm2_int8_x, ActivationMath::int8, 1);
 
 // Training shapes (SmolLM2-135M): the forward and the backward (dx, dweight, dbias) side by side.
 template <class TW>

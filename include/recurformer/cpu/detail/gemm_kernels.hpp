@@ -3,8 +3,11 @@
 // y[t, o] = bias[o] + sum_k x[t, k] * w[o, k], with W stored [out, in] (HF layout), fp32 accumulation.
 //
 // GEMV (decode, a few tokens): memory-bound, so W is streamed exactly once per group of up to
-// kGemvTokens tokens. Each step loads one vector of kGemvRows weight rows (converted to fp32 in
-// registers) and uses it for every token, accumulating along k; the row sums are reduced at the end.
+// kGemvTokens tokens. Each step loads one vector of gemv_rows_for(tokens) weight rows (converted to
+// fp32 in registers) and uses it for every token, accumulating along k; the row sums are reduced at
+// the end. One token walks one row at a time: each thread then reads W as one sequential stream,
+// which the hardware prefetchers follow; several rows side by side share x's loads but, with rows
+// as short as a small model's (a Q4_1 row of 576 weights is 360 bytes), defeat them.
 //
 // GEMM (prefill): compute-bound. BLIS-style blocking: a task is an (MC tokens x NC outputs) block of
 // y; for each KC slice of k it packs W[o-block, k-slice] transposed into fp32 micro-panels
@@ -45,7 +48,10 @@ namespace detail {
 /// Blocking of the linear layer (one place, so benchmarks can read it).
 struct LinearBlocking {
   static constexpr int kGemvTokens = 4;     // tokens per pass over W in the GEMV
-  static constexpr int kGemvRows = 4;       // weight rows per GEMV step
+  static constexpr int kGemvRows = 4;       // weight rows per GEMV step for 2+ tokens
+  // Rows per GEMV step for NT tokens: 1 for one token (one sequential stream per thread: a
+  // SmolLM2 decode step's GEMVs ran 1.2-2x faster than with 4 on AMD Zen 4, benchmarks.md).
+  static constexpr int gemv_rows_for(int tokens) { return tokens == 1 ? 1 : kGemvRows; }
   static constexpr int64_t kGemvMaxTokens = 16;  // at most this many tokens take the GEMV path (passes of kGemvTokens)
   static constexpr int kMR = 8;             // GEMM tile: tokens
   static constexpr int kNRVectors = 2;      // GEMM tile: outputs = kNRVectors * vector width
@@ -142,19 +148,21 @@ void unpack_row(const TW* row, int64_t k0, int64_t n, float* dst, int64_t stride
 }
 
 // ---------------------------------------------------------------------------------------------
-// A block GEMV tile walks R short rows side by side (a Q4_1 row of 576 weights is 360 bytes), then
-// jumps to the next R: the hardware prefetchers barely train on streams that short (on AMD Zen 4 a
-// SmolLM2 decode step's block GEMVs read 14 GB/s of a 23 GB/s memory), so each tile asks for the
-// same spot of the next tile's rows, R rows further on: 1.4-1.6x (benchmarks.md). fp32 rows are
-// long enough for the hardware (no gain measured), so the dense tile does not ask. Building with
+// A block GEMV tile of R > 1 rows (several tokens) walks R short rows side by side, then jumps to
+// the next R: the hardware prefetchers barely train on streams that short, so each such tile asks
+// for the same spot of the next tile's rows, R rows further on (with 4 rows for one token, on AMD
+// Zen 4: 1.4-1.6x over a SmolLM2 decode step's block GEMVs, benchmarks.md). One row (R = 1) is a
+// sequential stream the hardware follows, so it does not ask. Dense rows: no gain measured.
 // -DRF_GEMV_PREFETCH_TILES=0 prefetches nothing new (the baseline of those figures).
 #ifndef RF_GEMV_PREFETCH_TILES
 #define RF_GEMV_PREFETCH_TILES 1
 #endif
 template <int R, class TW>
 inline void gemv_prefetch_next_tile(const TW* p, int64_t ldw) {
-  const uintptr_t ahead = uintptr_t(RF_GEMV_PREFETCH_TILES * R * ldw * int64_t(sizeof(TW)));
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + ahead));  // never faults
+  if constexpr (R > 1) {
+    const uintptr_t ahead = uintptr_t(RF_GEMV_PREFETCH_TILES * R * ldw * int64_t(sizeof(TW)));
+    __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + ahead));  // never faults
+  }
 }
 
 // The GEMV tiles' accumulators, zeroed.
@@ -300,7 +308,7 @@ void gemv_tile(const LinearArgs<TX, TW>& a, const TX* x, TX* y, int64_t o) {
 
 template <class V, int NT, class TX, class TW>
 void gemv_rows(const LinearArgs<TX, TW>& a, int64_t t0, int64_t o0, int64_t o1) {
-  constexpr int R = LinearBlocking::kGemvRows;
+  constexpr int R = LinearBlocking::gemv_rows_for(NT);
   const TX* x = a.x + t0 * a.ldx;
   TX* y = a.y + t0 * a.ldy;
   int64_t o = o0;

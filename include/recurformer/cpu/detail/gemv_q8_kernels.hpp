@@ -249,8 +249,9 @@ RF_SIMD_AVX2 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& x
 // Rows [o0, o1) of tokens t0 .. t0 + NT - 1, a chunk of k at a time.
 template <class Dot, int NT, class TW>
 void gemv_q8_rows(const LinearArgs<float, TW>& a, int64_t t0, int64_t o0, int64_t o1) {
-  // Fewer rows per tile for several tokens: NT x R accumulators, codes and x stay in registers.
-  constexpr int R = NT <= 2 ? LinearBlocking::kGemvRows : 2;
+  // One row for one token (gemv_rows_for); fewer rows for 3-4 tokens: NT x R accumulators, codes and x
+  // stay in registers.
+  constexpr int R = NT <= 2 ? LinearBlocking::gemv_rows_for(NT) : 2;
   XQ8Chunk xc;
   float* y = a.y + t0 * a.ldy;
   for (int64_t k0 = 0; k0 < a.in; k0 += kQ8Chunk) {
