@@ -41,6 +41,20 @@ std::vector<TW> bench_weights(size_t n) {
   }
 }
 
+// y = x W^T as the model calls it: dense W through the typed linear, block W through BlockWeight,
+// which carries x_math (its dense view only gives the shape and is never read).
+template <class TW>
+void run_linear(View<const float, 2> x, const TW* w, int64_t out, View<float, 2> y, ActivationMath x_math,
+                CpuExec exec, void* ws, size_t ws_bytes) {
+  const int64_t in = x.shape[1];
+  if constexpr (is_quant_block_v<TW>) {
+    const LinearParams<float, float> shape{x, make_view(reinterpret_cast<const float*>(w), {out, in}), {}, y};
+    linear(shape, BlockWeight{w, TW::type, x_math}, exec, ws, ws_bytes);
+  } else {
+    linear(LinearParams<float, TW>{x, make_view(w, {out, in}), {}, y}, exec, ws, ws_bytes);
+  }
+}
+
 template <class TW>
 void bm_linear(benchmark::State& st, int64_t tokens, int64_t in, int64_t out,
                ActivationMath x_math = ActivationMath::fp32) {
@@ -54,15 +68,8 @@ void bm_linear(benchmark::State& st, int64_t tokens, int64_t in, int64_t out,
   p.y = make_view(y.data(), {tokens, out});
   const auto exec = rfbench::cpu_exec();
   std::vector<unsigned char> ws(linear_workspace_bytes(p, exec));
-  // int8 x is asked for through BlockWeight, whose dense view only gives the shape (never read)
-  [[maybe_unused]] const LinearParams<float, float> shape{p.x, make_view(reinterpret_cast<const float*>(w.data()), {out, in}), {}, p.y};
   for (auto _ : st) {
-    if constexpr (is_quant_block_v<TW>) {
-      if (x_math == ActivationMath::int8) linear(shape, BlockWeight{w.data(), TW::type, x_math}, exec, ws.data(), ws.size());
-      else linear(p, exec, ws.data(), ws.size());
-    } else {
-      linear(p, exec, ws.data(), ws.size());
-    }
+    run_linear(p.x, w.data(), out, p.y, x_math, exec, ws.data(), ws.size());
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -160,17 +167,10 @@ void bm_linear_decode_step(benchmark::State& st, ActivationMath x_math, int64_t 
   const auto x = rfbench::random_vector<float>(size_t(tokens * ffn));
   std::vector<float> y(static_cast<size_t>(tokens * vocab));
   const auto exec = rfbench::cpu_exec();
-  auto run = [&](const Matrix& m, auto tag) {
+  auto run = [&](const Matrix& m, auto tag) {  // one token group: the GEMV, no workspace
     using B = typename decltype(tag)::type;
-    const auto xv = make_view(x.data(), {tokens, m.in});
-    const auto yv = make_view(y.data(), {tokens, m.out});
-    if constexpr (is_quant_block_v<B>) {  // the dense view only gives the shape (never read)
-      const LinearParams<float, float> shape{xv, make_view(reinterpret_cast<const float*>(m.bytes.data()), {m.out, m.in}), {}, yv};
-      linear(shape, BlockWeight{m.bytes.data(), B::type, x_math}, exec, nullptr, 0);
-    } else {
-      const LinearParams<float, B> p{xv, make_view(reinterpret_cast<const B*>(m.bytes.data()), {m.out, m.in}), {}, yv};
-      linear(p, exec, nullptr, 0);
-    }
+    run_linear(make_view<const float>(x.data(), {tokens, m.in}), reinterpret_cast<const B*>(m.bytes.data()), m.out,
+               make_view(y.data(), {tokens, m.out}), x_math, exec, nullptr, 0);
   };
   for (auto _ : st) {
     for (size_t i = 0; i + 1 < ms.size(); ++i) run(ms[i], QuantTag<TW>{});
