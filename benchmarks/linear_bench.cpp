@@ -85,6 +85,9 @@ void bm_linear_f32(benchmark::State& st, int64_t tokens, int64_t in, int64_t out
 void bm_linear_bf16(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
   bm_linear<bfloat16>(st, tokens, in, out);
 }
+void bm_linear_f16(benchmark::State& st, int64_t tokens, int64_t in, int64_t out) {
+  bm_linear<half>(st, tokens, in, out);
+}
 
 void bm_linear_q8_0(benchmark::State& st, int64_t tokens, int64_t in, int64_t out,
                     ActivationMath x_math = ActivationMath::fp32) {
@@ -93,7 +96,8 @@ void bm_linear_q8_0(benchmark::State& st, int64_t tokens, int64_t in, int64_t ou
 
 #define RF_LINEAR_BENCH(name, tokens, in, out)                                                     \
   BENCHMARK_CAPTURE(bm_linear_f32, name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime(); \
-  BENCHMARK_CAPTURE(bm_linear_bf16, name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime()
+  BENCHMARK_CAPTURE(bm_linear_bf16, name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime(); \
+  BENCHMARK_CAPTURE(bm_linear_f16, name, tokens, in, out)->Unit(benchmark::kMillisecond)->UseRealTime()
 
 RF_LINEAR_BENCH(gemv_q_proj, 1, 2048, 2048);
 RF_LINEAR_BENCH(gemv_kv_proj, 1, 2048, 512);
@@ -142,63 +146,79 @@ RF_LINEAR_BENCH(gemm_kv_proj, 512, 2048, 512);
 RF_LINEAR_BENCH(gemm_gate_proj, 512, 2048, 8192);
 RF_LINEAR_BENCH(gemm_down_proj, 512, 8192, 2048);
 
-// One decode step's GEMVs over a model's worth of distinct matrices: TW for the layers, TL for the
-// lm_head (Q4_1 GGUF files keep the tied embedding as Q8_0). "bytes/s" counts every weight byte.
+// One step's linears over a model's worth of distinct matrices (SmolLM2-135M): TW for the layers, TL
+// for the lm_head (Q4_1 GGUF files keep the tied embedding as Q8_0), which reads one token as
+// generate's prefill and decode do. A decode step (1-4 tokens) is bound by reading the weights, so
+// "bytes/s" counts every weight byte; a prefill step (512 tokens) by the FMAs (BM_FmaPeak).
 template <class TW, class TL>
-void bm_linear_decode_step(benchmark::State& st, ActivationMath x_math, int64_t tokens) {
+void bm_linear_model_step(benchmark::State& st, ActivationMath x_math, int64_t tokens) {
   constexpr int64_t d = 576, ffn = 1536, kv = 192, vocab = 49152, layers = 30;
   struct Matrix {
     int64_t in, out;
     std::vector<unsigned char> bytes;
   };
   std::vector<Matrix> ms;
-  double total = 0;
-  auto add = [&](int64_t in, int64_t out, auto tag) {
+  double total = 0, flops = 0;
+  const auto exec = rfbench::cpu_exec();
+  const auto x = rfbench::random_vector<float>(size_t(tokens * ffn));
+  std::vector<float> y(static_cast<size_t>(std::max(tokens * ffn, vocab)));
+  size_t ws_bytes = 0;
+  auto add = [&](int64_t in, int64_t out, int64_t t, auto tag) {
     using B = typename decltype(tag)::type;
     const auto w = bench_weights<B>(size_t(out * in / LinearWeight<B>::block));
     const auto* p = reinterpret_cast<const unsigned char*>(w.data());
     ms.push_back({in, out, std::vector<unsigned char>(p, p + w.size() * sizeof(B))});
     total += double(ms.back().bytes.size());
+    flops += 2.0 * double(t * in * out);
+    const LinearParams<float, float> shape{make_view(x.data(), {t, in}),  // the shapes: only these count
+                                           make_view(reinterpret_cast<const float*>(p), {out, in}), {},
+                                           make_view(y.data(), {t, out})};
+    ws_bytes = std::max(ws_bytes, linear_workspace_bytes(shape, exec));
   };
   for (int64_t l = 0; l < layers; ++l)
     for (auto [in, out] : {std::pair{d, d}, {d, kv}, {d, kv}, {d, d}, {d, ffn}, {d, ffn}, {ffn, d}})
-      add(in, out, QuantTag<TW>{});
-  add(d, vocab, QuantTag<TL>{});
-  const auto x = rfbench::random_vector<float>(size_t(tokens * ffn));
-  std::vector<float> y(static_cast<size_t>(tokens * vocab));
-  const auto exec = rfbench::cpu_exec();
-  auto run = [&](const Matrix& m, auto tag) {  // one token group: the GEMV, no workspace
+      add(in, out, tokens, QuantTag<TW>{});
+  add(d, vocab, 1, QuantTag<TL>{});
+  std::vector<unsigned char> ws(ws_bytes);
+  auto run = [&](const Matrix& m, int64_t t, auto tag) {
     using B = typename decltype(tag)::type;
-    run_linear(make_view<const float>(x.data(), {tokens, m.in}), reinterpret_cast<const B*>(m.bytes.data()), m.out,
-               make_view(y.data(), {tokens, m.out}), x_math, exec, nullptr, 0);
+    run_linear(make_view<const float>(x.data(), {t, m.in}), reinterpret_cast<const B*>(m.bytes.data()), m.out,
+               make_view(y.data(), {t, m.out}), x_math, exec, ws.data(), ws.size());
   };
   for (auto _ : st) {
-    for (size_t i = 0; i + 1 < ms.size(); ++i) run(ms[i], QuantTag<TW>{});
-    run(ms.back(), QuantTag<TL>{});
+    for (size_t i = 0; i + 1 < ms.size(); ++i) run(ms[i], tokens, QuantTag<TW>{});
+    run(ms.back(), 1, QuantTag<TL>{});
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
   rfbench::set_rate(st, "bytes/s", total);
+  rfbench::set_rate(st, "flop/s", flops);
   rfbench::set_rate(st, "tokens/s", double(tokens));
   st.counters["MB"] = total / 1e6;
   st.counters["threads"] = exec.threads();
 }
-void bm_decode_step_f32(benchmark::State& st, ActivationMath m, int64_t t) { bm_linear_decode_step<float, float>(st, m, t); }
-void bm_decode_step_f16(benchmark::State& st, ActivationMath m, int64_t t) { bm_linear_decode_step<half, half>(st, m, t); }
-void bm_decode_step_q4_1(benchmark::State& st, ActivationMath m, int64_t t) {
-  bm_linear_decode_step<BlockQ4_1, BlockQ8_0>(st, m, t);
+void bm_model_step_f32(benchmark::State& st, ActivationMath m, int64_t t) { bm_linear_model_step<float, float>(st, m, t); }
+void bm_model_step_f16(benchmark::State& st, ActivationMath m, int64_t t) { bm_linear_model_step<half, half>(st, m, t); }
+void bm_model_step_q4_1(benchmark::State& st, ActivationMath m, int64_t t) {
+  bm_linear_model_step<BlockQ4_1, BlockQ8_0>(st, m, t);
 }
-void bm_decode_step_q8_0(benchmark::State& st, ActivationMath m, int64_t t) {
-  bm_linear_decode_step<BlockQ8_0, BlockQ8_0>(st, m, t);
+void bm_model_step_q8_0(benchmark::State& st, ActivationMath m, int64_t t) {
+  bm_linear_model_step<BlockQ8_0, BlockQ8_0>(st, m, t);
 }
-#define RF_DECODE_STEP_BENCH(fn, name, x_math, tokens) \
+#define RF_MODEL_STEP_BENCH(fn, name, x_math, tokens) \
   BENCHMARK_CAPTURE(fn, name, x_math, tokens)->Unit(benchmark::kMillisecond)->UseRealTime()
-RF_DECODE_STEP_BENCH(bm_decode_step_f32, smollm2, ActivationMath::fp32, 1);
-RF_DECODE_STEP_BENCH(bm_decode_step_f16, smollm2, ActivationMath::fp32, 1);
-RF_DECODE_STEP_BENCH(bm_decode_step_q4_1, smollm2_fp32_x, ActivationMath::fp32, 1);
-RF_DECODE_STEP_BENCH(bm_decode_step_q4_1, smollm2_int8_x, ActivationMath::int8, 1);
-RF_DECODE_STEP_BENCH(bm_decode_step_q4_1, smollm2_int8_x_4_tokens, ActivationMath::int8, 4);
-RF_DECODE_STEP_BENCH(bm_decode_step_q8_0, smollm2_int8_x, ActivationMath::int8, 1);
+RF_MODEL_STEP_BENCH(bm_model_step_f32, decode, ActivationMath::fp32, 1);
+RF_MODEL_STEP_BENCH(bm_model_step_f16, decode, ActivationMath::fp32, 1);
+RF_MODEL_STEP_BENCH(bm_model_step_q4_1, decode_fp32_x, ActivationMath::fp32, 1);
+RF_MODEL_STEP_BENCH(bm_model_step_q4_1, decode_int8_x, ActivationMath::int8, 1);
+RF_MODEL_STEP_BENCH(bm_model_step_q4_1, decode_int8_x_4_tokens, ActivationMath::int8, 4);
+RF_MODEL_STEP_BENCH(bm_model_step_q8_0, decode_int8_x, ActivationMath::int8, 1);
+// The same functions at 512 tokens: a prefill step's linears (fp32 x; block weights are unpacked
+// into fp32 panels)
+RF_MODEL_STEP_BENCH(bm_model_step_f32, prefill_512, ActivationMath::fp32, 512);
+RF_MODEL_STEP_BENCH(bm_model_step_f16, prefill_512, ActivationMath::fp32, 512);
+RF_MODEL_STEP_BENCH(bm_model_step_q8_0, prefill_512, ActivationMath::fp32, 512);
+RF_MODEL_STEP_BENCH(bm_model_step_q4_1, prefill_512, ActivationMath::fp32, 512);
 
 // Training shapes (SmolLM2-135M): the forward and the backward (dx, dweight, dbias) side by side.
 template <class TW>
