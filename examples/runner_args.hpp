@@ -30,7 +30,7 @@ struct Args {
   int sink = 4, stream_window = 0;  // convert --kind streaming|windowed: ring of sink + window (0 = same bytes as a state)
   int batch = 256;                  // prefill chunk
   std::vector<int64_t> contexts;    // bench -c list
-  int n_decode = 32;                // bench decode tokens
+  int n_decode = 32;                // bench decode tokens (-n sets it too; its own default)
   std::string dtype;                // convert: weight dtype of the written tensors ("" = as read)
   std::string cache_type = "f32";   // storage of K, V and conv states (llama.cpp's -ctk/-ctv)
   int64_t memory_limit_mib = 0;     // the most a cache may take; 0 = the machine's available memory
@@ -206,7 +206,10 @@ inline std::string command_help(const std::string& cmd) {
     return std::string("usage: recurformer bench -m MODEL [-c 512,4096,32768] [options]\n\n") + kCommonHelp + kCacheHelp +
            "  -c, --ctx-size LIST  context depths, comma separated (default 512,4096,32768)\n"
            "  -b, --batch-size N   prefill tokens measured at each depth (default 256)\n"
-           "  -n, --n-predict N    decode steps measured at each depth (default 32)\n";
+           "  -n, --n-predict N    decode steps measured at each depth (default 32, at most a quarter of it)\n"
+           "At context C the cache is filled synthetically to C - b - n - 1, then b tokens are prefilled\n"
+           "and n decoded after one warm-up step, ending at C: -b 512 -n 128 -c 641 is llama-bench's\n"
+           "pp512 at depth 0, and -c 4737 its pp512 at depth 4096 (our decode then runs from there on).\n";
   return kMainHelp;
 }
 
@@ -254,7 +257,7 @@ inline Args parse_args(int argc, char** argv) {
     else if (f == "-p" || f == "--prompt") a.prompt = val();
     else if (f == "-f" || f == "--file") a.file = val();
     else if (f == "-o" || f == "--output") a.out = val();
-    else if (f == "-n" || f == "--n-predict") a.n_predict = int(to_int(f, val(), 0, 1 << 24));
+    else if (f == "-n" || f == "--n-predict") a.n_predict = a.n_decode = int(to_int(f, val(), 0, 1 << 24));
     else if (f == "-c" || f == "--ctx-size") {
       const std::string v = val();
       a.ctx_set = true;

@@ -568,7 +568,7 @@ struct BenchPoint {
 /// Prefill of `prefill` tokens and `decode` single-token steps ending at depth ctx.
 inline BenchPoint bench_at(const LlamaModel& model, int64_t ctx, int prefill, int decode, CpuExec exec,
                            CacheOptions cache = {}) {
-  RF_CHECK(ctx > prefill + decode + 1, "bench: context ", ctx, " must exceed the ", prefill, " prefill + ", decode,
+  RF_CHECK(ctx >= prefill + decode + 1, "bench: context ", ctx, " cannot hold the ", prefill, " prefill + ", decode,
            " (+1 warm-up) decode tokens measured");
   Session s(model, cache, ctx, exec, prefill);
   s.fill_synthetic(ctx - prefill - decode - 1, 99);
@@ -601,10 +601,11 @@ inline int run_bench(const Args& a, std::ostream& out, std::ostream& err) {
   out << std::setw(8) << "context" << std::setw(16) << "prefill tok/s" << std::setw(16) << "decode tok/s"
       << "  cache (" << a.cache_type << ")\n";
   for (int64_t ctx : ctxs) {
-    const int pre = int(std::min<int64_t>(a.batch, ctx / 2));
-    err << "bench: context " << ctx << " ...\n";
-    const BenchPoint p =
-        bench_at(*m.model, ctx, pre, int(std::min<int64_t>(a.n_decode, ctx / 4)), CpuExec{&pool}, cache_options(a));
+    // llama-bench's pp<b> and tg<n>: at -c b + n + 1 the prefill starts at depth 0
+    const int steps = int(std::min<int64_t>(a.n_decode, ctx / 4));
+    const int pre = int(std::max<int64_t>(1, std::min<int64_t>(a.batch, ctx - steps - 1)));
+    err << "bench: context " << ctx << ": prefill " << pre << " tokens, decode " << steps << " steps ...\n";
+    const BenchPoint p = bench_at(*m.model, ctx, pre, steps, CpuExec{&pool}, cache_options(a));
     char buf[96];
     std::snprintf(buf, sizeof buf, "%8lld%16.1f%16.2f  ", (long long)ctx, p.prefill_tps, p.decode_tps);
     out << buf << bytes_by_kind(p.cache) << "\n";

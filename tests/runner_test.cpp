@@ -186,8 +186,10 @@ TEST_CASE("calibrate -> convert -> generate through files; perplexity prints lla
   CHECK_THAT(pout.str(), Catch::Contains("Final estimate: PPL = "));
   CHECK_THAT(pout.str(), Catch::Contains(" +/- "));
   std::ostringstream bout;
-  REQUIRE(runner::run_bench(args({"bench", "-m", dir / "rf", "-c", "64,96", "-b", "16", "-n", "4"}), bout, err) == 0);
+  std::ostringstream berr;
+  REQUIRE(runner::run_bench(args({"bench", "-m", dir / "rf", "-c", "64,96", "-b", "16", "-n", "4"}), bout, berr) == 0);
   CHECK_THAT(bout.str(), Catch::Contains("synthetic"));
+  CHECK_THAT(berr.str(), Catch::Contains("bench: context 96: prefill 16 tokens, decode 4 steps"));  // -n is heard
   // --cache-type: the same greedy text from a bf16 cache on this tiny model, at half the K/V bytes
   std::ostringstream g16, e16, e32;
   REQUIRE(runner::run_generate(args({"generate", "-m", dir / "m", "-p", "hello", "-n", "5", "--temp", "0", "--cache-type",
