@@ -666,7 +666,7 @@ inline int run_smollm2_job(const Args& a, const std::string& gguf, const MainJob
       << "[1/6] model " << gguf << "\n";
   auto t0 = Clock::now();
   // Like for like: the converted directory stores F32, so the original runs on the fp32 decoding of
-  // its blocks too (served from the blocks, as `generate -m` does, it decodes about 1.9x faster).
+  // its blocks too (served from the blocks, as `generate -m` does, it decodes about 4x faster on 2 Zen 4 cores).
   LlamaModelOptions like_converted;
   like_converted.serve_blocks = false;
   Loaded m = load(gguf, like_converted);
@@ -674,7 +674,8 @@ inline int run_smollm2_job(const Args& a, const std::string& gguf, const MainJob
   out << "      " << c.n_layers << " layers, d_model " << c.d_model << ", " << c.n_q << " query / " << c.n_kv
       << " KV heads, vocabulary " << c.vocab_size << "; loaded in " << human_seconds(seconds_since(t0)) << "\n"
       << "      (run on the fp32 decoding of its quantised weights, as the converted model stores F32;\n"
-      << "      `recurformer generate -m` multiplies by the 4-bit blocks instead: about 1.9x faster decode)\n";
+      << "      `recurformer generate -m` multiplies by the 4-bit blocks instead, reading a sixth of the\n"
+      << "      bytes: about 4x faster decode on 2 Zen 4 cores, docs/benchmarks.md)\n";
   const std::string calib = read_file(f.calibration_text), heldout = read_file(f.heldout_text);
   out << "[2/6] calibrating recency on " << f.calibration_text << " (" << calib.size() / 1024 << " KB)\n";
   const int seq = 256;

@@ -56,7 +56,7 @@ void linear_run(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, si
   if (a.tokens == 0) return;
   const cpu::Isa isa = cpu::active_isa();
   const bool int8_x = kQ8DotBlock<TW> && x_math == ActivationMath::int8;
-  const bool vnni = int8_x && cpu::has_avx512_vnni();
+  [[maybe_unused]] const bool vnni = int8_x && cpu::has_avx512_vnni();  // read on x86 only
 
   if (a.tokens <= B::kGemvMaxTokens) {
     // Each pass streams W once for up to kGemvTokens tokens.
