@@ -121,6 +121,7 @@ BENCHMARK_CAPTURE(bm_linear_q8_0, gemm_q_proj, 512, 2048, 2048)->Unit(benchmark:
   BENCHMARK_CAPTURE(bm_linear_##name, gemm_q_proj, 512, 2048, 2048)->Unit(benchmark::kMillisecond)->UseRealTime()
 RF_BLOCK_BENCH(q4_0, BlockQ4_0);
 RF_BLOCK_BENCH(q4_1, BlockQ4_1);
+RF_BLOCK_BENCH(q5_0, BlockQ5_0);
 RF_BLOCK_BENCH(q4_k, BlockQ4_K);
 RF_BLOCK_BENCH(q6_k, BlockQ6_K);
 
@@ -134,6 +135,8 @@ RF_INT8_X_BENCH(bm_linear_q4_0, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q4_0, int8_x_gemv4_gate_proj, 4);
 RF_INT8_X_BENCH(bm_linear_q4_1, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q4_1, int8_x_gemv4_gate_proj, 4);
+RF_INT8_X_BENCH(bm_linear_q5_0, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_q4_k, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q8_0, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q8_0, int8_x_gemv4_gate_proj, 4);
 BENCHMARK_CAPTURE(bm_linear_q4_0, gemv4_gate_proj, 4, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime();

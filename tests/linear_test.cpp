@@ -340,7 +340,7 @@ template <class TW>
 void run_int8_x(int64_t tokens, int64_t in, int64_t out, bool with_bias) {
   auto x = rftest::random_vector<float>(size_t(tokens * in));
   std::fill_n(x.begin() + 32, std::min<int64_t>(32, tokens * in - 32), 0.f);  // an all-zero block: d = 0
-  const auto w = random_weights<TW>(size_t(out * in / 32));
+  const auto w = random_weights<TW>(size_t(out * in / TW::size));
   const auto b = rftest::random_vector<float>(size_t(out));
   const auto dense = rftest::random_vector<float>(size_t(out * in));  // the shape only
   // Up to kGemvMaxTokens x is quantised; past it (the GEMM) int8 does not apply and x stays fp32.
@@ -348,7 +348,8 @@ void run_int8_x(int64_t tokens, int64_t in, int64_t out, bool with_bias) {
   std::vector<double> xr(x.begin(), x.end());
   if (quantised) xr = int8_x_reference(x);
   std::vector<double> wd(size_t(out * in)), wm(size_t(out * in));
-  for (int64_t o = 0; o < out; ++o) decode_row(w.data() + o * in / 32, in, &wd[size_t(o * in)], &wm[size_t(o * in)]);
+  for (int64_t o = 0; o < out; ++o)
+    decode_row(w.data() + o * in / TW::size, in, &wd[size_t(o * in)], &wm[size_t(o * in)]);
   std::vector<double> expected(size_t(tokens * out)), magnitude(size_t(tokens * out));
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t o = 0; o < out; ++o) {
@@ -376,12 +377,13 @@ void run_int8_x(int64_t tokens, int64_t in, int64_t out, bool with_bias) {
 }  // namespace
 
 TEMPLATE_TEST_CASE("linear with int8 activations matches a double reference over the quantised x",
-                   "[linear][quant]", BlockQ4_0, BlockQ4_1, BlockQ8_0) {
+                   "[linear][quant]", BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ4_K) {
   using TW = TestType;
+  constexpr int64_t QB = TW::size;
   // in: one block, several, and past the 4096-value quantisation chunk (y added to after it);
   // out: 1, a row tile and a remainder; tokens: every GEMV token group, and a GEMM size (fp32 x)
   const int64_t chunk = cpu::detail::kQ8Chunk;
-  for (int64_t in : {int64_t(32), int64_t(160), chunk + 96})
+  for (int64_t in : {QB, 5 * QB, chunk + (QB == 32 ? 96 : QB)})
     for (int64_t out : {1, 7, 33})
       for (int64_t tokens : {1, 2, 3, 4, 5, 9, 16, 17}) {
         INFO(ggml_type_name(TW::type) << ": tokens " << tokens << ", in " << in << ", out " << out);

@@ -125,13 +125,15 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
   cpu::detail::linear_run(p, exec, workspace, workspace_bytes, ActivationMath::fp32);
 }
 
-/// Whether linear has register kernels for this block type's GEMV (Q8_0, Q4_0, Q4_1): only then is
-/// multiplying by the blocks faster than by their fp32 decoding. The other types decode a block at
-/// a time on the stack, 10-25x slower than fp32 weights (benchmarks.md): correct, not yet fast.
-inline bool linear_blocks_are_fast(GgmlType t) {
+/// Whether linear has register kernels for this block type's GEMV with x as x_math says (fp32 x:
+/// Q8_0, Q4_0, Q4_1; int8 x: those and Q5_0, Q5_1, Q4_K): only then is multiplying by the blocks faster
+/// than by their fp32 decoding. The other types decode a block at a time on the stack, 10-25x
+/// slower than fp32 weights (benchmarks.md): correct, not yet fast.
+inline bool linear_blocks_are_fast(GgmlType t, ActivationMath x_math) {
   if (!is_quantized(t)) return false;
-  return dispatch_quant(t, [](auto tag) {
+  return dispatch_quant(t, [x_math](auto tag) {
     using B = typename decltype(tag)::type;
+    if (x_math == ActivationMath::int8 && cpu::detail::kQ8DotBlock<B>) return true;
     return cpu::detail::kNibbleBlock<B> || std::is_same_v<B, BlockQ8_0>;
   });
 }

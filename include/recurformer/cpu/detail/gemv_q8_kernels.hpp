@@ -1,13 +1,14 @@
-// recurformer/cpu/detail/gemv_q8_kernels.hpp: GEMV on Q4_0 / Q4_1 / Q8_0 weights with x quantised to
-// 8 bits (ActivationMath::int8), the integer path llama.cpp takes for these types.
+// recurformer/cpu/detail/gemv_q8_kernels.hpp: GEMV on Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K weights
+// with x quantised to 8 bits (ActivationMath::int8), the integer path llama.cpp takes for these types.
 //
 // x is quantised per token and per 32 values (quantize_x_q8): d = max|x| / 127,
 // q = round-half-even(x * (1 / d)), and s = d * sum(q) is kept beside d (llama.cpp's q8_1). A weight
-// block is w = dw * u + c with u its codes (Q4_0: nibbles, c = -8 dw; Q4_1: nibbles, c = m; Q8_0:
-// signed bytes, c = 0), so
+// block is w = dw * u + c with u its codes (Q4_0: nibbles, c = -8 dw; Q4_1: nibbles, c = m; Q5_0 /
+// Q5_1: nibbles plus a fifth bit from qh, c = -16 dw / m; Q8_0: signed bytes, c = 0; Q4_K: eight
+// such sub-blocks of 32 nibbles per block, dw = d sc_j, c = -dmin m_j), so
 //   sum_i w_i (d q_i) = dw d sum_i u_i q_i + c s,
 // where the integer sum is exact: AVX-512 VNNI vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd (nibbles
-// times |q| <= 127 cannot saturate a 16-bit pair). Q8_0's signed codes enter as |w| and sign(q, w),
+// or 5-bit codes times |q| <= 127 cannot saturate a 16-bit pair). Q8_0's signed codes enter as |w| and sign(q, w),
 // so the unsigned operand stays non-negative (|w| <= 128: a pair is at most 2 * 128 * 127).
 // One block is one 256-bit vector on both ISAs: the unpacked block is exactly 32 bytes, and
 // 256-bit integer ops issue on three ports where 512-bit ones issue on two.
@@ -39,10 +40,16 @@ namespace detail {
 
 /// Block types with an integer GEMV against 8-bit x.
 template <class TW>
-constexpr bool kQ8DotBlock =
-    std::is_same_v<TW, BlockQ4_0> || std::is_same_v<TW, BlockQ4_1> || std::is_same_v<TW, BlockQ8_0>;
+constexpr bool kQ8DotBlock = std::is_same_v<TW, BlockQ4_0> || std::is_same_v<TW, BlockQ4_1> ||
+                             std::is_same_v<TW, BlockQ5_0> || std::is_same_v<TW, BlockQ5_1> ||
+                             std::is_same_v<TW, BlockQ8_0> || std::is_same_v<TW, BlockQ4_K>;
+template <class TW>
+constexpr bool kQ5Block = std::is_same_v<TW, BlockQ5_0> || std::is_same_v<TW, BlockQ5_1>;
 
-constexpr int kQ8Block = 32;         // x values per scale (the weight block size of every kQ8DotBlock)
+constexpr int kQ8Block = 32;         // x values per scale (the weight (sub-)block size of every kQ8DotBlock)
+/// 32-weight sub-blocks per block (8 for Q4_K's 256).
+template <class TW>
+constexpr int64_t kQ8SubBlocks = TW::size / kQ8Block;
 constexpr int64_t kQ8Chunk = 4096;   // x values quantised at a time per token (16 KB of codes for 4 tokens)
 
 // A block holding a NaN or an infinity gets codes 0 and d = s = NaN, so every y it meets is NaN
@@ -92,12 +99,20 @@ void q8_store(const LinearArgs<float, TW>& a, float* y, int t, int64_t o, float 
   out = first ? v + (a.bias ? a.bias[o] : 0.f) : out + v;
 }
 
-// A block's scale dw and offset c (w = dw u + c), its fp16 fields read with to_f32.
+// Sub-block j's scale dw and offset c (w = dw u + c), its fp16 fields read with to_f32.
 template <class TW, class ToF32>
-void q8_scales(const TW& b, ToF32 to_f32, float& dw, float& c) {
+void q8_scales(const TW& b, int j, ToF32 to_f32, float& dw, float& c) {
+  if constexpr (std::is_same_v<TW, BlockQ4_K>) {
+    uint8_t sc, mn;
+    recurformer::detail::k4_scale_min(b.scales, j, sc, mn);
+    dw = to_f32(b.d) * float(sc);
+    c = -(to_f32(b.dmin) * float(mn));
+    return;
+  }
   dw = to_f32(b.d);
-  if constexpr (std::is_same_v<TW, BlockQ4_1>) c = to_f32(b.m);
+  if constexpr (std::is_same_v<TW, BlockQ4_1> || std::is_same_v<TW, BlockQ5_1>) c = to_f32(b.m);
   else if constexpr (std::is_same_v<TW, BlockQ4_0>) c = -8.f * dw;
+  else if constexpr (std::is_same_v<TW, BlockQ5_0>) c = -16.f * dw;
   else c = 0.f;
 }
 
@@ -110,23 +125,31 @@ struct Q8DotScalar {
 template <class Dot, int NT, int R, class TW, std::enable_if_t<!Dot::kSimd, int> = 0>
 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& xc, int64_t k0, int64_t kc, float* y,
                   int64_t o) {
-  const TW* w = a.w + o * a.ldw + k0 / kQ8Block;
+  constexpr int64_t kSub = kQ8SubBlocks<TW>;
+  const TW* w = a.w + o * a.ldw + k0 / TW::size;
   float acc[NT][R] = {}, corr[NT][R] = {};
   for (int64_t blk = 0; blk < kc / kQ8Block; ++blk) {
     for (int r = 0; r < R; ++r) {
-      const TW& b = w[r * a.ldw + blk];
+      const TW& b = w[r * a.ldw + blk / kSub];
+      const int j = int(blk % kSub);
       gemv_prefetch_next_tile<R>(&b, a.ldw);
       int u[kQ8Block];
       if constexpr (std::is_same_v<TW, BlockQ8_0>) {
         for (int i = 0; i < kQ8Block; ++i) u[i] = b.qs[i];
+      } else if constexpr (std::is_same_v<TW, BlockQ4_K>) {
+        for (int i = 0; i < kQ8Block; ++i) u[i] = (b.qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 0x0F;
       } else {
         for (int i = 0; i < 16; ++i) {
           u[i] = b.qs[i] & 0x0F;
           u[i + 16] = b.qs[i] >> 4;
         }
+        if constexpr (kQ5Block<TW>) {
+          const uint32_t h = recurformer::detail::load_u32_le(b.qh);
+          for (int i = 0; i < kQ8Block; ++i) u[i] |= int((h >> i) & 1) << 4;
+        }
       }
       float dw, c;
-      q8_scales(b, [](half h) { return float(h); }, dw, c);
+      q8_scales(b, j, [](half h) { return float(h); }, dw, c);
       for (int t = 0; t < NT; ++t) {
         const int8_t* xq = xc.q[t] + blk * kQ8Block;
         int sum = 0;
@@ -188,6 +211,17 @@ RF_SIMD_AVX2 __m256i unpack_u4_block(const uint8_t* qs) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
 }
 
+// A Q5 block's fifth bits as 0x10 in byte i where bit i of qh is set (weight order, as the nibbles).
+RF_SIMD_AVX2 __m256i unpack_q5_high_bits(const uint8_t* qh) {
+  // byte i of the vector takes byte i / 8 of qh (each 128-bit lane holds all four), then its own bit
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(int(recurformer::detail::load_u32_le(qh))),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
 /// AVX2: u8 x s8 pairs into 16 bits, then pairs of those into 32.
 struct Q8DotAvx2 {
   static constexpr bool kSimd = true;
@@ -214,7 +248,8 @@ template <class Dot, int NT, int R, class TW, std::enable_if_t<Dot::kSimd, int> 
 RF_SIMD_AVX2 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& xc, int64_t k0, int64_t kc,
                                float* y, int64_t o) {
   constexpr bool kSigned = std::is_same_v<TW, BlockQ8_0>;
-  const TW* w = a.w + o * a.ldw + k0 / kQ8Block;
+  constexpr int64_t kSub = kQ8SubBlocks<TW>;
+  const TW* w = a.w + o * a.ldw + k0 / TW::size;
   simd::F32x8 acc[NT][R];
   gemv_zero(acc);
   float corr[NT][R] = {};
@@ -223,17 +258,22 @@ RF_SIMD_AVX2 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& x
     for (int t = 0; t < NT; ++t)
       xq[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xc.q[t] + blk * kQ8Block));
     for (int r = 0; r < R; ++r) {
-      const TW& b = w[r * a.ldw + blk];
+      const TW& b = w[r * a.ldw + blk / kSub];
+      const int j = int(blk % kSub);
       gemv_prefetch_next_tile<R>(&b, a.ldw);
       __m256i u, ws;
       if constexpr (kSigned) {
         ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
         u = _mm256_abs_epi8(ws);
+      } else if constexpr (std::is_same_v<TW, BlockQ4_K>) {  // 32 bytes: low nibbles for even j, high for odd
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * (j / 2)));
+        u = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
       } else {
         u = unpack_u4_block(b.qs);
+        if constexpr (kQ5Block<TW>) u = _mm256_or_si256(u, unpack_q5_high_bits(b.qh));
       }
       float dw, c;
-      q8_scales(b, f16_to_f32, dw, c);
+      q8_scales(b, j, f16_to_f32, dw, c);
       for (int t = 0; t < NT; ++t) {
         const __m256i sum = Dot::dot(u, kSigned ? _mm256_sign_epi8(xq[t], ws) : xq[t]);
         acc[t][r].v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(dw * xc.d[t][blk]), acc[t][r].v);

@@ -98,7 +98,7 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks,
     MatrixWeight<TW> m;
     m.dense = mat(name, r, k);
     const TensorRef& t = ck.tensor(name);
-    if (serve_blocks && t.blocks && linear_blocks_are_fast(t.quant)) m.blocks = BlockWeight{t.blocks, t.quant, x_math};
+    if (serve_blocks && t.blocks && linear_blocks_are_fast(t.quant, x_math)) m.blocks = BlockWeight{t.blocks, t.quant, x_math};
     return m;
   };
   auto vec_tw = [&](const std::string& name, int64_t n) -> View<const TW, 1> {
