@@ -137,6 +137,7 @@ RF_INT8_X_BENCH(bm_linear_q4_1, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q4_1, int8_x_gemv4_gate_proj, 4);
 RF_INT8_X_BENCH(bm_linear_q5_0, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q4_k, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_q6_k, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q8_0, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q8_0, int8_x_gemv4_gate_proj, 4);
 BENCHMARK_CAPTURE(bm_linear_q4_0, gemv4_gate_proj, 4, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime();

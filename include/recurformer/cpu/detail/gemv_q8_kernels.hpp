@@ -1,11 +1,12 @@
-// recurformer/cpu/detail/gemv_q8_kernels.hpp: GEMV on Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K weights
+// recurformer/cpu/detail/gemv_q8_kernels.hpp: GEMV on Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K weights
 // with x quantised to 8 bits (ActivationMath::int8), the integer path llama.cpp takes for these types.
 //
 // x is quantised per token and per 32 values (quantize_x_q8): d = max|x| / 127,
 // q = round-half-even(x * (1 / d)), and s = d * sum(q) is kept beside d (llama.cpp's q8_1). A weight
 // block is w = dw * u + c with u its codes (Q4_0: nibbles, c = -8 dw; Q4_1: nibbles, c = m; Q5_0 /
 // Q5_1: nibbles plus a fifth bit from qh, c = -16 dw / m; Q8_0: signed bytes, c = 0; Q4_K: eight
-// such sub-blocks of 32 nibbles per block, dw = d sc_j, c = -dmin m_j), so
+// such sub-blocks of 32 nibbles per block, dw = d sc_j, c = -dmin m_j; Q6_K: 6-bit codes less 32,
+// signed, with a scale per 16 weights, so a sub-block's integer sum is taken per half), so
 //   sum_i w_i (d q_i) = dw d sum_i u_i q_i + c s,
 // where the integer sum is exact: AVX-512 VNNI vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd (nibbles
 // or 5-bit codes times |q| <= 127 cannot saturate a 16-bit pair). Q8_0's signed codes enter as |w| and sign(q, w),
@@ -42,7 +43,8 @@ namespace detail {
 template <class TW>
 constexpr bool kQ8DotBlock = std::is_same_v<TW, BlockQ4_0> || std::is_same_v<TW, BlockQ4_1> ||
                              std::is_same_v<TW, BlockQ5_0> || std::is_same_v<TW, BlockQ5_1> ||
-                             std::is_same_v<TW, BlockQ8_0> || std::is_same_v<TW, BlockQ4_K>;
+                             std::is_same_v<TW, BlockQ8_0> || std::is_same_v<TW, BlockQ4_K> ||
+                             std::is_same_v<TW, BlockQ6_K>;
 template <class TW>
 constexpr bool kQ5Block = std::is_same_v<TW, BlockQ5_0> || std::is_same_v<TW, BlockQ5_1>;
 
@@ -99,21 +101,28 @@ void q8_store(const LinearArgs<float, TW>& a, float* y, int t, int64_t o, float 
   out = first ? v + (a.bias ? a.bias[o] : 0.f) : out + v;
 }
 
-// Sub-block j's scale dw and offset c (w = dw u + c), its fp16 fields read with to_f32.
+// Sub-block j's scales dw for its first and its second 16 weights (the same but for Q6_K) and
+// offset c (w = dw u + c), its fp16 fields read with to_f32.
 template <class TW, class ToF32>
-void q8_scales(const TW& b, int j, ToF32 to_f32, float& dw, float& c) {
-  if constexpr (std::is_same_v<TW, BlockQ4_K>) {
+void q8_scales(const TW& b, int j, ToF32 to_f32, float (&dw)[2], float& c) {
+  c = 0.f;
+  if constexpr (std::is_same_v<TW, BlockQ6_K>) {
+    const float d = to_f32(b.d);
+    dw[0] = d * float(b.scales[2 * j]);
+    dw[1] = d * float(b.scales[2 * j + 1]);
+    return;
+  } else if constexpr (std::is_same_v<TW, BlockQ4_K>) {
     uint8_t sc, mn;
     recurformer::detail::k4_scale_min(b.scales, j, sc, mn);
-    dw = to_f32(b.d) * float(sc);
+    dw[0] = to_f32(b.d) * float(sc);
     c = -(to_f32(b.dmin) * float(mn));
-    return;
+  } else {
+    dw[0] = to_f32(b.d);
+    if constexpr (std::is_same_v<TW, BlockQ4_1> || std::is_same_v<TW, BlockQ5_1>) c = to_f32(b.m);
+    else if constexpr (std::is_same_v<TW, BlockQ4_0>) c = -8.f * dw[0];
+    else if constexpr (std::is_same_v<TW, BlockQ5_0>) c = -16.f * dw[0];
   }
-  dw = to_f32(b.d);
-  if constexpr (std::is_same_v<TW, BlockQ4_1> || std::is_same_v<TW, BlockQ5_1>) c = to_f32(b.m);
-  else if constexpr (std::is_same_v<TW, BlockQ4_0>) c = -8.f * dw;
-  else if constexpr (std::is_same_v<TW, BlockQ5_0>) c = -16.f * dw;
-  else c = 0.f;
+  dw[1] = dw[0];
 }
 
 /// The portable body: integer sums in int, the rest as the SIMD bodies do it.
@@ -138,6 +147,11 @@ void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& xc, int64_t k0
         for (int i = 0; i < kQ8Block; ++i) u[i] = b.qs[i];
       } else if constexpr (std::is_same_v<TW, BlockQ4_K>) {
         for (int i = 0; i < kQ8Block; ++i) u[i] = (b.qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 0x0F;
+      } else if constexpr (std::is_same_v<TW, BlockQ6_K>) {  // weight 32 j + i: see BlockQ6_K
+        const int g = j / 4, m = j % 4;
+        for (int i = 0; i < kQ8Block; ++i)
+          u[i] = (((b.ql[64 * g + 32 * (m % 2) + i] >> (4 * (m / 2))) & 0x0F) |
+                  (((b.qh[32 * g + i] >> (2 * m)) & 3) << 4)) - 32;
       } else {
         for (int i = 0; i < 16; ++i) {
           u[i] = b.qs[i] & 0x0F;
@@ -148,13 +162,13 @@ void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& xc, int64_t k0
           for (int i = 0; i < kQ8Block; ++i) u[i] |= int((h >> i) & 1) << 4;
         }
       }
-      float dw, c;
+      float dw[2], c;
       q8_scales(b, j, [](half h) { return float(h); }, dw, c);
       for (int t = 0; t < NT; ++t) {
         const int8_t* xq = xc.q[t] + blk * kQ8Block;
-        int sum = 0;
-        for (int i = 0; i < kQ8Block; ++i) sum += u[i] * xq[i];
-        acc[t][r] += float(sum) * (dw * xc.d[t][blk]);
+        int sum[2] = {0, 0};
+        for (int i = 0; i < kQ8Block; ++i) sum[i / 16] += u[i] * xq[i];
+        acc[t][r] += float(sum[0]) * (dw[0] * xc.d[t][blk]) + float(sum[1]) * (dw[1] * xc.d[t][blk]);
         corr[t][r] += c * xc.s[t][blk];
       }
     }
@@ -268,16 +282,32 @@ RF_SIMD_AVX2 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& x
       } else if constexpr (std::is_same_v<TW, BlockQ4_K>) {  // 32 bytes: low nibbles for even j, high for odd
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * (j / 2)));
         u = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+      } else if constexpr (std::is_same_v<TW, BlockQ6_K>) {  // the unsigned 6-bit codes (0..63)
+        const int g = j / 4, m = j % 4;
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.ql + 64 * g + 32 * (m % 2)));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qh + 32 * g));
+        const __m256i lo4 = _mm256_and_si256(_mm256_srli_epi16(lo, 4 * (m / 2)), _mm256_set1_epi8(0x0F));
+        const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * m), _mm256_set1_epi8(0x03));
+        u = _mm256_or_si256(lo4, _mm256_slli_epi16(hi2, 4));
       } else {
         u = unpack_u4_block(b.qs);
         if constexpr (kQ5Block<TW>) u = _mm256_or_si256(u, unpack_q5_high_bits(b.qh));
       }
-      float dw, c;
+      float dw[2], c;
       q8_scales(b, j, f16_to_f32, dw, c);
       for (int t = 0; t < NT; ++t) {
-        const __m256i sum = Dot::dot(u, kSigned ? _mm256_sign_epi8(xq[t], ws) : xq[t]);
-        acc[t][r].v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(dw * xc.d[t][blk]), acc[t][r].v);
-        if constexpr (!kSigned) corr[t][r] += c * xc.s[t][blk];
+        __m256i sum = Dot::dot(u, kSigned ? _mm256_sign_epi8(xq[t], ws) : xq[t]);
+        if constexpr (std::is_same_v<TW, BlockQ6_K>) {
+          // codes less 32, and a scale per 16 weights: lanes 0-3 sum the first 16, lanes 4-7 the rest
+          sum = _mm256_sub_epi32(sum, Dot::dot(_mm256_set1_epi8(32), xq[t]));
+          const float xd = xc.d[t][blk];
+          const __m256 scale = _mm256_setr_m128(_mm_set1_ps(dw[0] * xd), _mm_set1_ps(dw[1] * xd));
+          acc[t][r].v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[t][r].v);
+        } else {
+          acc[t][r].v =
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(dw[0] * xc.d[t][blk]), acc[t][r].v);
+          if constexpr (!kSigned) corr[t][r] += c * xc.s[t][blk];
+        }
       }
     }
   }
