@@ -9,7 +9,7 @@
 // signed, with a scale per 16 weights, so a sub-block's integer sum is taken per half), so
 //   sum_i w_i (d q_i) = dw d sum_i u_i q_i + c s,
 // where the integer sum is exact: AVX-512 VNNI vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd (nibbles
-// or 5-bit codes times |q| <= 127 cannot saturate a 16-bit pair). Q8_0's signed codes enter as |w| and sign(q, w),
+// 5- or 6-bit codes times |q| <= 127 cannot saturate a 16-bit pair: 2 * 63 * 127 < 2^15). Q8_0's signed codes enter as |w| and sign(q, w),
 // so the unsigned operand stays non-negative (|w| <= 128: a pair is at most 2 * 128 * 127).
 // One block is one 256-bit vector on both ISAs: the unpacked block is exactly 32 bytes, and
 // 256-bit integer ops issue on three ports where 512-bit ones issue on two.
@@ -125,6 +125,30 @@ void q8_scales(const TW& b, int j, ToF32 to_f32, float (&dw)[2], float& c) {
   dw[1] = dw[0];
 }
 
+// Sub-block j's 32 codes in weight order, as ints: u of w = dw u + c (Q6_K: the code less 32).
+template <class TW>
+void q8_codes(const TW& b, int j, int (&u)[kQ8Block]) {
+  if constexpr (std::is_same_v<TW, BlockQ8_0>) {
+    for (int i = 0; i < kQ8Block; ++i) u[i] = b.qs[i];
+  } else if constexpr (std::is_same_v<TW, BlockQ4_K>) {
+    for (int i = 0; i < kQ8Block; ++i) u[i] = (b.qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 0x0F;
+  } else if constexpr (std::is_same_v<TW, BlockQ6_K>) {  // weight 32 j + i: see BlockQ6_K
+    const int g = j / 4, m = j % 4;
+    for (int i = 0; i < kQ8Block; ++i)
+      u[i] = (((b.ql[64 * g + 32 * (m % 2) + i] >> (4 * (m / 2))) & 0x0F) | (((b.qh[32 * g + i] >> (2 * m)) & 3) << 4)) -
+             32;
+  } else {
+    for (int i = 0; i < 16; ++i) {
+      u[i] = b.qs[i] & 0x0F;
+      u[i + 16] = b.qs[i] >> 4;
+    }
+    if constexpr (kQ5Block<TW>) {
+      const uint32_t h = recurformer::detail::load_u32_le(b.qh);
+      for (int i = 0; i < kQ8Block; ++i) u[i] |= int((h >> i) & 1) << 4;
+    }
+  }
+}
+
 /// The portable body: integer sums in int, the rest as the SIMD bodies do it.
 struct Q8DotScalar {
   static constexpr bool kSimd = false;
@@ -143,25 +167,7 @@ void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& xc, int64_t k0
       const int j = int(blk % kSub);
       gemv_prefetch_next_tile<R>(&b, a.ldw);
       int u[kQ8Block];
-      if constexpr (std::is_same_v<TW, BlockQ8_0>) {
-        for (int i = 0; i < kQ8Block; ++i) u[i] = b.qs[i];
-      } else if constexpr (std::is_same_v<TW, BlockQ4_K>) {
-        for (int i = 0; i < kQ8Block; ++i) u[i] = (b.qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 0x0F;
-      } else if constexpr (std::is_same_v<TW, BlockQ6_K>) {  // weight 32 j + i: see BlockQ6_K
-        const int g = j / 4, m = j % 4;
-        for (int i = 0; i < kQ8Block; ++i)
-          u[i] = (((b.ql[64 * g + 32 * (m % 2) + i] >> (4 * (m / 2))) & 0x0F) |
-                  (((b.qh[32 * g + i] >> (2 * m)) & 3) << 4)) - 32;
-      } else {
-        for (int i = 0; i < 16; ++i) {
-          u[i] = b.qs[i] & 0x0F;
-          u[i + 16] = b.qs[i] >> 4;
-        }
-        if constexpr (kQ5Block<TW>) {
-          const uint32_t h = recurformer::detail::load_u32_le(b.qh);
-          for (int i = 0; i < kQ8Block; ++i) u[i] |= int((h >> i) & 1) << 4;
-        }
-      }
+      q8_codes(b, j, u);
       float dw[2], c;
       q8_scales(b, j, [](half h) { return float(h); }, dw, c);
       for (int t = 0; t < NT; ++t) {
@@ -236,6 +242,27 @@ RF_SIMD_AVX2 __m256i unpack_q5_high_bits(const uint8_t* qh) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
+// Sub-block j's 32 unsigned codes in weight order, one byte each (Q6_K: 0..63, before the less 32),
+// for every kQ8DotBlock type but Q8_0 (whose signed codes the tile takes as |w| and sign(q, w)).
+template <class TW>
+RF_SIMD_AVX2 __m256i q8_codes_avx2(const TW& b, int j) {
+  if constexpr (std::is_same_v<TW, BlockQ4_K>) {  // 32 bytes: low nibbles for even j, high for odd
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * (j / 2)));
+    return _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+  } else if constexpr (std::is_same_v<TW, BlockQ6_K>) {
+    const int g = j / 4, m = j % 4;
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.ql + 64 * g + 32 * (m % 2)));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qh + 32 * g));
+    const __m256i lo4 = _mm256_and_si256(_mm256_srli_epi16(lo, 4 * (m / 2)), _mm256_set1_epi8(0x0F));
+    const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * m), _mm256_set1_epi8(0x03));
+    return _mm256_or_si256(lo4, _mm256_slli_epi16(hi2, 4));
+  } else {
+    const __m256i u = unpack_u4_block(b.qs);
+    if constexpr (kQ5Block<TW>) return _mm256_or_si256(u, unpack_q5_high_bits(b.qh));
+    return u;
+  }
+}
+
 /// AVX2: u8 x s8 pairs into 16 bits, then pairs of those into 32.
 struct Q8DotAvx2 {
   static constexpr bool kSimd = true;
@@ -279,19 +306,8 @@ RF_SIMD_AVX2 void gemv_q8_tile(const LinearArgs<float, TW>& a, const XQ8Chunk& x
       if constexpr (kSigned) {
         ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
         u = _mm256_abs_epi8(ws);
-      } else if constexpr (std::is_same_v<TW, BlockQ4_K>) {  // 32 bytes: low nibbles for even j, high for odd
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * (j / 2)));
-        u = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
-      } else if constexpr (std::is_same_v<TW, BlockQ6_K>) {  // the unsigned 6-bit codes (0..63)
-        const int g = j / 4, m = j % 4;
-        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.ql + 64 * g + 32 * (m % 2)));
-        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qh + 32 * g));
-        const __m256i lo4 = _mm256_and_si256(_mm256_srli_epi16(lo, 4 * (m / 2)), _mm256_set1_epi8(0x0F));
-        const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * m), _mm256_set1_epi8(0x03));
-        u = _mm256_or_si256(lo4, _mm256_slli_epi16(hi2, 4));
       } else {
-        u = unpack_u4_block(b.qs);
-        if constexpr (kQ5Block<TW>) u = _mm256_or_si256(u, unpack_q5_high_bits(b.qh));
+        u = q8_codes_avx2(b, j);
       }
       float dw[2], c;
       q8_scales(b, j, f16_to_f32, dw, c);
