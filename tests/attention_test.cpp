@@ -1,8 +1,11 @@
 // attention against a plain double-precision softmax over explicit positions: prefill, chunked
 // prefill, packed sequences with slots, decode over ~1000 keys (split-KV with 2 threads), GQA,
-// the streaming mask over a ring buffer, LSE, fully-masked rows; every dtype and ISA.
+// the streaming mask over a ring buffer, LSE, fully-masked rows; every dtype and ISA. Every
+// case without a ring also runs over paged K/V (pages of 5, 32 and capacity keys, shuffled in a
+// pool with unused pages of NaN) and must match the contiguous output bit for bit.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
@@ -24,7 +27,35 @@ struct Case {
   int sink = 0, window = 0;
   bool lse = true;
   float scale = 0;
+  int shared_prefix = 0;         // keys every sequence copies from sequence 0 (paged: the same pages)
 };
+
+// K or V [slots, n_kv, cap, hd] -> a pool of pages [pages, n_kv, P, hd] holding each sequence's
+// slot in ceil(cap / P) pages at shuffled places, the unused pages NaN; page_table [S, ceil(cap / P)].
+// Pages that lie within the shared prefix of a sequence s > 0 are sequence 0's pages.
+template <class T>
+void to_pages(const std::vector<T>& kv, int n_kv, int cap, int hd, const std::vector<int32_t>& kv_slots,
+              int shared_prefix, int P, std::vector<T>& pool, std::vector<int32_t>& table, bool make_table) {
+  const int S = int(kv_slots.size()), per = (cap + P - 1) / P, n_pages = S * per + 3;
+  if (make_table) {
+    std::vector<int32_t> order(static_cast<size_t>(n_pages));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rftest::rng());
+    table.assign(size_t(S) * per, 0);
+    for (int s = 0; s < S; ++s)
+      for (int pg = 0; pg < per; ++pg)
+        table[size_t(s) * per + pg] =
+            s > 0 && (pg + 1) * P <= shared_prefix ? table[size_t(pg)] : order[size_t(s) * per + pg];
+  }
+  pool.assign(size_t(n_pages) * n_kv * P * hd, T(NAN));
+  for (int s = 0; s < S; ++s)
+    for (int pg = 0; pg < per; ++pg)
+      for (int kh = 0; kh < n_kv; ++kh)
+        for (int r = 0; r < P && pg * P + r < cap; ++r)
+          for (int d = 0; d < hd; ++d)
+            pool[((size_t(table[size_t(s) * per + pg]) * n_kv + kh) * P + r) * hd + d] =
+                kv[((size_t(kv_slots[size_t(s)]) * n_kv + kh) * cap + pg * P + r) * hd + d];
+}
 
 // Builds the inputs and the reference once, then runs every ISA on one thread and on two.
 template <class T>
@@ -41,6 +72,13 @@ void run_everywhere(const Case& c) {
   std::vector<int32_t> cu(size_t(S) + 1, 0), kv_slots(static_cast<size_t>(S)), kv_lens(c.kv_lens.begin(), c.kv_lens.end());
   for (int s = 0; s < S; ++s) cu[size_t(s) + 1] = cu[size_t(s)] + c.q_lens[size_t(s)];
   for (int s = 0; s < S; ++s) kv_slots[size_t(s)] = (s + 1) % slots;
+  for (int s = 1; s < S; ++s)
+    for (int kh = 0; kh < c.n_kv; ++kh)
+      for (int j = 0; j < c.shared_prefix * hd; ++j) {
+        const size_t from = (size_t(kv_slots[0]) * c.n_kv + kh) * cap * hd + j;
+        const size_t to = (size_t(kv_slots[size_t(s)]) * c.n_kv + kh) * cap * hd + j;
+        k[to] = k[from], v[to] = v[from];
+      }
   // Key positions: index, or a ring buffer whose slot j holds position pos_offset + ((j + 5) % len).
   std::vector<int32_t> kpos(size_t(slots) * cap, 0);
   for (int sl = 0; sl < slots; ++sl)
@@ -137,6 +175,28 @@ void run_everywhere(const Case& c) {
           }
         rftest::check_close<float>("lse", lse, ref_lse_finite);
       }
+      if (c.ring) continue;  // paged K/V takes no k_positions
+      const std::vector<T> want = out;
+      const std::vector<float> want_lse = lse;
+      for (int P : {5, 32, cap}) {
+        INFO("paged K/V, pages of " << P << " keys");
+        std::vector<T> kp, vp;
+        std::vector<int32_t> table;
+        to_pages(k, c.n_kv, cap, hd, kv_slots, c.shared_prefix, P, kp, table, true);
+        to_pages(v, c.n_kv, cap, hd, kv_slots, c.shared_prefix, P, vp, table, false);
+        const int n_pages = int(kp.size() / (size_t(c.n_kv) * P * hd)), per = int(table.size()) / S;
+        AttentionParams<T> pp = p;
+        pp.k = make_view<const T>(kp.data(), {n_pages, c.n_kv, P, hd});
+        pp.v = make_view<const T>(vp.data(), {n_pages, c.n_kv, P, hd});
+        pp.kv_slots = {};
+        pp.page_table = make_view<const int32_t>(table.data(), {S, per});
+        std::fill(out.begin(), out.end(), T(7.f));
+        std::fill(lse.begin(), lse.end(), 7.f);
+        std::vector<char> pws(attention_workspace_bytes(pp, exec));
+        attention(pp, exec, pws.data(), pws.size());
+        REQUIRE(std::memcmp(out.data(), want.data(), out.size() * sizeof(T)) == 0);
+        REQUIRE(std::memcmp(lse.data(), want_lse.data(), lse.size() * sizeof(float)) == 0);
+      }
     }
   });
 }
@@ -187,6 +247,12 @@ TEMPLATE_LIST_TEST_CASE("attention: decode over ~1000 keys (split-KV merge)", "[
     c.hd = 128, c.n_q = 8, c.n_kv = 4, c.q_lens = {1, 1}, c.kv_lens = {777, 1000};
     run_everywhere<TestType>(c);
   }
+}
+
+TEMPLATE_LIST_TEST_CASE("attention: sequences sharing prefix pages", "[attention]", rftest::StorageTypes) {
+  Case c;
+  c.q_lens = {1, 6, 1}, c.kv_lens = {70, 75, 300}, c.shared_prefix = 64;  // two pages of 32 shared
+  run_everywhere<TestType>(c);
 }
 
 TEMPLATE_LIST_TEST_CASE("attention: streaming mask by positions", "[attention]", rftest::StorageTypes) {
@@ -285,6 +351,23 @@ TEST_CASE("attention: bad input throws and leaves the output untouched", "[atten
     auto b = p;
     b.kv_slots = make_view<const int32_t>(bad.data(), {1});
     REQUIRE_THROWS_WITH(attention(b, CpuExec{}, nullptr, 0), Catch::Contains("slot of sequence 0 is 2"));
+  }
+  SECTION("paged K/V: a page outside the pool, too few pages, kv_slots beside page_table") {
+    std::vector<int32_t> table{1, 2};  // pool of 2 pages of 8 keys; page 2 does not exist
+    auto b = p;
+    b.kv_slots = {};
+    b.page_table = make_view<const int32_t>(table.data(), {1, 2});
+    b.kv_lens = make_view<const int32_t>(lens.data(), {1});
+    REQUIRE_NOTHROW(check(b));  // 2 keys: only page 0 of the table is read
+    std::vector<int32_t> many{9};
+    b.kv_lens = make_view<const int32_t>(many.data(), {1});
+    REQUIRE_THROWS_WITH(attention(b, CpuExec{}, nullptr, 0), Catch::Contains("page_table[0, 1] = 2"));
+    std::vector<int32_t> too_many{17};
+    b.kv_lens = make_view<const int32_t>(too_many.data(), {1});
+    REQUIRE_THROWS_WITH(attention(b, CpuExec{}, nullptr, 0), Catch::Contains("kv_lens[0] = 17, expected in [0, 2 pages x 8"));
+    b.kv_lens = make_view<const int32_t>(lens.data(), {1});
+    b.kv_slots = make_view<const int32_t>(slots.data(), {1});
+    REQUIRE_THROWS_WITH(attention(b, CpuExec{}, nullptr, 0), Catch::Contains("takes neither kv_slots"));
   }
   SECTION("cu_seqlens not ending at tokens") {
     std::vector<int32_t> cu{0, 1};

@@ -86,7 +86,7 @@ void attention_run(const AttentionParams<T>& p, const AttnPlan& pl, CpuExec exec
     const int64_t t1 = std::min(seq_end, t0 + pl.tok_block);
     const int64_t h0 = kh * pl.g + hb * pl.head_block;
     const int64_t h1 = std::min(kh * pl.g + pl.g, h0 + pl.head_block);
-    const int64_t slot = p.kv_slots.present() ? p.kv_slots(s) : s;
+    const int64_t slot = p.kv_slots.present() ? p.kv_slots(s) : s;  // unread when paged
     AttnBlock b{};
     b.q = p.q.ptr(t0, h0, 0);
     b.q_tok_stride = p.q.stride[0];
@@ -98,10 +98,15 @@ void attention_run(const AttentionParams<T>& p, const AttnPlan& pl, CpuExec exec
       b.q_pos[t - t0] = p.q_positions(t);
       qmax = std::max(qmax, b.q_pos[t - t0]);
     }
-    b.k = p.k.ptr(slot, kh, 0, 0);
-    b.v = p.v.ptr(slot, kh, 0, 0);
+    const bool paged = p.page_table.present();
+    b.k = p.k.ptr(paged ? 0 : slot, kh, 0, 0);
+    b.v = p.v.ptr(paged ? 0 : slot, kh, 0, 0);
     b.k_stride = p.k.stride[2];
     b.v_stride = p.v.stride[2];
+    b.pages = paged ? p.page_table.ptr(s, 0) : nullptr;
+    b.page_size = p.k.shape[2];
+    b.k_page_stride = p.k.stride[0];
+    b.v_page_stride = p.v.stride[0];
     b.k_pos = p.k_positions.present() ? p.k_positions.ptr(slot, 0) : nullptr;
     b.k_pos_stride = p.k_positions.present() ? p.k_positions.stride[1] : 0;
     // With index positions no key past the block's last query position is visible.

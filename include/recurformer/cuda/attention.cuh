@@ -37,6 +37,8 @@ template <class T>
 void check_cuda_attention(const AttentionParams<T>& p) {
   const char* op = "attention";
   check(p, recurformer::detail::IndexMemory::device);
+  RF_CHECK(!p.page_table.present(), op, ": paged K/V (page_table) runs on the CPU only; the CUDA kernel reads ",
+           "contiguous slots");
   const int64_t g = p.q.shape[1] / p.k.shape[1];
   RF_CHECK(g <= kAttnMaxRows, op, ": the CUDA kernel takes at most ", kAttnMaxRows,
            " query heads per KV head, got ", g);

@@ -11,6 +11,14 @@
 // The chunk's own keys must already be in the slot (kv_lens counts them); key order in the slot is
 // free when k_positions is given (a streaming ring buffer).
 //
+// Paged K/V (vLLM's block tables over FlashInfer's HND page layout): with page_table given, k and v
+// are a pool of pages [pages, n_kv, page_size, hd] and key j of sequence s is row j % page_size of
+// page page_table[s, j / page_size]. Sequences may share pages (a common prefix) and a page may sit
+// anywhere in the pool. kv_slots and k_positions must then be absent, and kv_lens[s] is at most
+// max_pages * page_size. The contiguous layout is the case page_size = capacity, page_table[s] =
+// {kv_slots[s]}: the CPU op gives bit for bit the same output for a paged and a contiguous copy of
+// the same keys.
+//
 // CPU (cpu/attention.hpp): the g = n_q / n_kv query heads of a KV group and a block of tokens are
 // processed together, so each K/V tile is read once per block; tiles of keys with an online softmax
 // (never tokens x keys); fp32 accumulation whatever the storage dtype. When there are too few
@@ -40,6 +48,7 @@ struct AttentionParams {
   View<T, 3> out;                      // [tokens, n_q, hd]
   View<const int32_t, 1> cu_seqlens;   // [S+1] optional: sequence s = tokens [cu[s], cu[s+1]) (absent: one sequence)
   View<const int32_t, 1> kv_slots;     // [S] optional: slot read by sequence s (absent: s)
+  View<const int32_t, 2> page_table;   // [S, max_pages] optional: paged K/V (above); k, v are then the page pool
   View<const int32_t, 1> kv_lens;      // [S] valid keys of sequence s in its slot (this chunk's keys included)
   View<const int32_t, 1> q_positions;  // [tokens] position of each query
   View<const int32_t, 2> k_positions;  // [slots, capacity] optional: position of each stored key (absent: its index)
@@ -72,6 +81,7 @@ void check_attention(const char* op, const AttentionParams<T>& p, IndexMemory wh
   detail::check_shape(op, "q", p.q, {-1, -1, -1});
   const int64_t tokens = p.q.shape[0], n_q = p.q.shape[1], hd = p.q.shape[2];
   detail::check_shape(op, "k", p.k, {-1, -1, -1, hd});
+  // slots x capacity, or pages x page_size when paged
   const int64_t slots = p.k.shape[0], n_kv = p.k.shape[1], cap = p.k.shape[2];
   detail::check_shape(op, "v", p.v, {slots, n_kv, cap, hd});
   detail::check_shape(op, "out", p.out, {tokens, n_q, hd});
@@ -102,6 +112,22 @@ void check_attention(const char* op, const AttentionParams<T>& p, IndexMemory wh
   detail::check_optional_shape(op, "kv_slots", p.kv_slots, {S});
   detail::check_shape(op, "q_positions", p.q_positions, {tokens});
   detail::check_optional_shape(op, "k_positions", p.k_positions, {slots, cap});
+  if (p.page_table.present()) {
+    detail::check_shape(op, "page_table", p.page_table, {S, -1});
+    RF_CHECK(p.page_table.shape[1] >= 1, op, ": page_table needs at least one page per sequence");
+    detail::check_inner_contiguous(op, "page_table", p.page_table);
+    RF_CHECK(!p.kv_slots.present() && !p.k_positions.present(), op,
+             ": page_table (paged K/V) takes neither kv_slots nor k_positions");
+    const int64_t max_keys = p.page_table.shape[1] * cap;
+    for (int64_t s = 0; on_host && s < S; ++s) {
+      RF_CHECK(p.kv_lens(s) >= 0 && p.kv_lens(s) <= max_keys, op, ": kv_lens[", s, "] = ", p.kv_lens(s),
+               ", expected in [0, ", p.page_table.shape[1], " pages x ", cap, " keys]");
+      for (int64_t pg = 0; pg * cap < p.kv_lens(s); ++pg)
+        RF_CHECK(p.page_table(s, pg) >= 0 && p.page_table(s, pg) < slots, op, ": page_table[", s, ", ", pg,
+                 "] = ", p.page_table(s, pg), ", expected a page in [0, ", slots, ")");
+    }
+    return;
+  }
   for (int64_t s = 0; on_host && s < S; ++s) {
     const int64_t slot = p.kv_slots.present() ? p.kv_slots(s) : s;
     RF_CHECK(slot >= 0 && slot < slots, op, ": slot of sequence ", s, " is ", slot, ", expected in [0, ", slots, ")");

@@ -49,6 +49,7 @@ template <class T>
 void check(const AttentionBackwardParams<T>& p) {
   const char* op = "attention_backward";
   detail::check_attention(op, p.fwd, detail::IndexMemory::host);
+  RF_CHECK(!p.fwd.page_table.present(), op, ": paged K/V (page_table) is not supported; training reads contiguous K/V");
   const int64_t tokens = p.fwd.q.shape[0], n_q = p.fwd.q.shape[1], hd = p.fwd.q.shape[2];
   const int64_t slots = p.fwd.k.shape[0], n_kv = p.fwd.k.shape[1], cap = p.fwd.k.shape[2];
   RF_CHECK(p.fwd.lse.present(), op, ": lse is required (the forward's, from a call with lse set)");

@@ -34,8 +34,10 @@ struct AttnBlock {
   int n_tok, n_head;
   int32_t q_pos[kAttnRows];       // [n_tok] query positions
   const void* k;                  // [keys, hd] of one slot and KV head, key stride below
-  const void* v;
+  const void* v;                  // (paged: of page 0 and the KV head)
   int64_t k_stride, v_stride;
+  const int32_t* pages;           // paged K/V: the sequence's page table row (null: contiguous)
+  int64_t page_size, k_page_stride, v_page_stride;
   const int32_t* k_pos;           // key positions (null: the key's index), stride below
   int64_t k_pos_stride;
   int64_t key_begin, key_end;     // key range read by this block
@@ -299,6 +301,22 @@ void attend_block(const AttnBlock& b) {
     // 16-bit K/V read by more than one group of four rows: convert the tile once.
     const T* kt = k + j0 * b.k_stride;
     const T* vt = v + j0 * b.v_stride;
+    if (b.pages) {
+      const int64_t row = j0 % b.page_size, page = b.pages[j0 / b.page_size];
+      kt = k + page * b.k_page_stride + row * b.k_stride;
+      vt = v + page * b.v_page_stride + row * b.v_stride;
+      if (row + nk > b.page_size) {
+        // The tile crosses a page: gather its rows (widened exactly), so the arithmetic and its
+        // order stay those of the contiguous layout.
+        for (int i = 0; i < nk; ++i) {
+          const int64_t j = j0 + i, pg = b.pages[j / b.page_size], r = j % b.page_size;
+          tile_to_float<V, HD>(k + pg * b.k_page_stride + r * b.k_stride, 0, 1, kf[i]);
+          tile_to_float<V, HD>(v + pg * b.v_page_stride + r * b.v_stride, 0, 1, vf[i]);
+        }
+        block_update<V, HD>(qf, &kf[0][0], HD, &vf[0][0], HD, R, nk, kp, rpos, full, b.sink, b.window, m, l, o);
+        continue;
+      }
+    }
     if (!std::is_same<T, float>::value && R > 4) {
       tile_to_float<V, HD>(kt, b.k_stride, nk, kf[0]);
       tile_to_float<V, HD>(vt, b.v_stride, nk, vf[0]);
