@@ -224,3 +224,193 @@ TEST_CASE("HybridHeadAttention without cu_seqlens and slots: one sequence in slo
   }
   rftest::check_close<float>("cu_seqlens and slots absent", outs, ref);
 }
+
+namespace {
+
+// An inference engine's use of the layer core (no HybridCache): its own projections, written as
+// column blocks of one fused [tokens, q | k | v | dt_low] buffer; its own K/V as a pool of pages of
+// 4 tokens handed out from a shuffled free list as sequences grow; its own states, rings and lengths.
+template <class T, class TW>
+struct EngineRunner {
+  static constexpr int64_t kPage = 4;
+  const Model<TW>& m;
+  int slots;
+  int64_t capacity;
+  std::vector<HeadKind> kinds;
+  int64_t nA = 0, nState = 0, nRing = 0, ring = 0, pages = 0;
+  std::vector<T> k_pool, v_pool, conv, ring_k, ring_v;
+  std::vector<float> ssm;
+  std::vector<int32_t> lengths, free_pages;
+  std::vector<std::vector<int32_t>> pages_of;  // per slot
+  std::vector<int> slot_of;
+  ThreadPool pool{2};
+  bool threaded = true;
+
+  EngineRunner(const Model<TW>& model, int n_slots, int64_t cap)
+      : m(model), slots(n_slots), capacity(cap), kinds(model.layout.groups) {
+    for (HeadKind k : kinds) nA += k == K::attention, nState += has_recurrent_state(k), nRing += has_stream_ring(k);
+    ring = std::min<int64_t>(cap, kSink + kWindow);
+    pages = slots * ((cap + kPage - 1) / kPage) + 5;
+    k_pool.assign(size_t(pages * nA * kPage * kHd), T(NAN));  // never-written rows must never be read
+    v_pool = k_pool;
+    ssm.assign(size_t(slots * nState * kHd * kHd), 0.f);
+    conv.assign(size_t(slots * nState * (kConv - 1) * kHd), T(0.f));
+    ring_k.assign(size_t(slots * nRing * ring * kHd), T(0.f));
+    ring_v = ring_k;
+    lengths.assign(size_t(slots), 0);
+    pages_of.resize(size_t(slots));
+    for (int32_t p = 0; p < pages; ++p) free_pages.push_back(p);
+    std::shuffle(free_pages.begin(), free_pages.end(), rftest::rng());
+    for (int s = 0; s < slots; ++s) slot_of.push_back(s);
+  }
+
+  std::vector<float> step(const std::vector<std::vector<float>>& xs, std::vector<int64_t>& done,
+                          const std::vector<Step>& batch) {
+    const PackedBatch pb(xs, done, batch, slot_of);
+    const int64_t n = int64_t(pb.x.size()) / kDModel, S = int64_t(batch.size());
+    CpuExec exec{threaded ? &pool : nullptr};
+    // Pages for the new tokens, then the step's page table.
+    int64_t max_pages = 1;
+    for (int64_t s = 0; s < S; ++s) {
+      std::vector<int32_t>& pg = pages_of[size_t(pb.slots[size_t(s)])];
+      while (int64_t(pg.size()) * kPage < lengths[size_t(pb.slots[size_t(s)])] + pb.counts[size_t(s)]) {
+        pg.push_back(free_pages.back());
+        free_pages.pop_back();
+      }
+      max_pages = std::max<int64_t>(max_pages, int64_t(pg.size()));
+    }
+    std::vector<int32_t> table(size_t(S * max_pages), -1);
+    for (int64_t s = 0; s < S; ++s) {
+      const std::vector<int32_t>& pg = pages_of[size_t(pb.slots[size_t(s)])];
+      std::copy(pg.begin(), pg.end(), table.begin() + s * max_pages);
+    }
+    // Projections into one fused buffer.
+    const int64_t dq = kNq * kHd, dkv = int64_t(kinds.size()) * kHd, dt = nState * kRank;
+    const int64_t ld = dq + 2 * dkv + dt;
+    std::vector<float> fused(size_t(n * ld)), heads(size_t(n * dq)), out(pb.x.size());
+    const HybridAttentionWeights<TW> w = m.weights();
+    std::vector<unsigned char> lin_ws;
+    auto project = [&](View<const TW, 2> wt, View<const TW, 1> bias, int64_t col, CpuExec e) {
+      LinearParams<float, TW> lp{make_view(pb.x.data(), {n, int64_t(kDModel)}), wt, bias,
+                                 make_strided_view(fused.data() + col, {n, wt.shape[0]}, {ld, int64_t(1)})};
+      lin_ws.resize(linear_workspace_bytes(lp, e));
+      linear(lp, e, lin_ws.data(), lin_ws.size());
+    };
+    project(w.wq, w.bq, 0, exec);
+    project(w.wk, w.bk, dq, exec);
+    project(w.wv, w.bv, dq + dkv, exec);
+    for (int64_t i = 0; i < nState; ++i)
+      project(w.recurrent[i].dt_down, {}, dq + 2 * dkv + i * kRank, n == 1 ? CpuExec{} : exec);
+    auto cols = [&](int64_t col, int64_t width) {
+      return make_strided_view(const_cast<const float*>(fused.data()) + col, {n, width}, {ld, int64_t(1)});
+    };
+    HybridAttentionCoreParams<T, TW> cp;
+    cp.q = cols(0, dq), cp.k = cols(dq, dkv), cp.v = cols(dq + dkv, dkv);
+    if (nState) cp.dt_low = cols(dq + 2 * dkv, dt);
+    cp.out = make_view(heads.data(), {n, dq});
+    cp.recurrent = w.recurrent;
+    cp.n_recurrent = w.n_recurrent;
+    cp.cache.kinds = make_view(const_cast<const HeadKind*>(kinds.data()), {int64_t(kinds.size())});
+    cp.cache.k = make_view(k_pool.data(), {pages, nA, kPage, int64_t(kHd)});
+    cp.cache.v = make_view(v_pool.data(), {pages, nA, kPage, int64_t(kHd)});
+    cp.cache.ssm_states = make_view(ssm.data(), {int64_t(slots), nState, int64_t(kHd), int64_t(kHd)});
+    cp.cache.conv_states = make_view(conv.data(), {int64_t(slots), nState, int64_t(kConv - 1), int64_t(kHd)});
+    cp.cache.ring_k = make_view(ring_k.data(), {int64_t(slots), nRing, ring, int64_t(kHd)});
+    cp.cache.ring_v = make_view(ring_v.data(), {int64_t(slots), nRing, ring, int64_t(kHd)});
+    cp.cache.sink = kSink, cp.cache.window = kWindow;
+    cp.step.cu_seqlens = make_view(pb.cu.data(), {S + 1});
+    cp.step.slots = make_view(pb.slots.data(), {S});
+    cp.step.lengths = make_view(const_cast<const int32_t*>(lengths.data()), {int64_t(slots)});
+    cp.step.page_table = make_view(const_cast<const int32_t*>(table.data()), {S, max_pages});
+    cp.n_q = kNq, cp.head_dim = kHd;
+    cp.inv_freq = make_view(m.inv_freq.data(), {int64_t(m.inv_freq.size())});
+    std::vector<unsigned char> ws(hybrid_attention_core_workspace_bytes(cp, exec));
+    hybrid_attention_core(cp, exec, ws.data(), ws.size());
+    LinearParams<float, TW> lo{make_view(const_cast<const float*>(heads.data()), {n, dq}), w.wo, {},
+                               make_view(out.data(), {n, int64_t(kDModel)})};
+    lin_ws.resize(linear_workspace_bytes(lo, exec));
+    linear(lo, exec, lin_ws.data(), lin_ws.size());
+    for (int64_t s = 0; s < S; ++s) lengths[size_t(pb.slots[size_t(s)])] += pb.counts[size_t(s)];
+    for (const Step& b : batch) done[size_t(b.seq)] += b.count;
+    return out;
+  }
+};
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("hybrid_attention_core with an engine's own projections and paged K/V == the layer over a HybridCache, bit for bit",
+                        "[hybrid_head_attention][core]", rftest::StorageTypes) {
+  using T = TestType;
+  Model<T> m({{K::windowed, K::recurrent, K::attention, K::streaming, K::attention, K::windowed}}, true);
+  std::vector<std::vector<float>> xs;
+  for (int64_t L : kLens) xs.push_back(rftest::random_vector<float>(size_t(L * kDModel)));
+  for (const auto& schedule : {chunked(), prefill_then_decode(), one_prefill()}) {
+    Runner<T, T> layer(m, 3, 40);
+    EngineRunner<T, T> engine(m, 3, 40);
+    layer.slot_of = engine.slot_of = {2, 0};
+    const auto want = run_schedule(layer, xs, schedule), got = run_schedule(engine, xs, schedule);
+    for (size_t s = 0; s < xs.size(); ++s) REQUIRE(std::memcmp(got[s].data(), want[s].data(), got[s].size() * 4) == 0);
+  }
+}
+
+TEST_CASE("hybrid_attention_core: bad steps are named and write nothing", "[hybrid_head_attention][core]") {
+  Model<float> m({{K::attention, K::recurrent, K::streaming}}, true);
+  EngineRunner<float, float> e(m, 2, 12);
+  std::vector<std::vector<float>> xs = {rftest::random_vector<float>(size_t(20 * kDModel)),
+                                        rftest::random_vector<float>(size_t(20 * kDModel))};
+  std::vector<int64_t> done = {0, 0};
+  e.step(xs, done, {{0, 5}, {1, 3}});
+  const auto k_before = e.k_pool, ring_before = e.ring_k;
+  const auto ssm_before = e.ssm;
+  // 9 more tokens need 4 pages for sequence 0, but its table row has only its 2 (an engine's bug).
+  const std::vector<int32_t> two = e.pages_of[0];
+  std::vector<int32_t> table = {two[0], two[1]}, cu = {0, 9}, slot = {0};
+  std::vector<float> x(size_t(9 * kDModel), 0.5f), qkv(size_t(9 * (kNq + 6) * kHd), 0.25f), dt(size_t(9 * kRank), 0.1f),
+      out(size_t(9 * kNq * kHd), -7.f);
+  HybridAttentionCoreParams<float, float> cp;
+  const HybridAttentionWeights<float> w = m.weights();
+  cp.q = make_view(const_cast<const float*>(qkv.data()), {9, int64_t(kNq * kHd)});
+  cp.k = make_view(const_cast<const float*>(qkv.data()) + 9 * kNq * kHd, {9, int64_t(3 * kHd)});
+  cp.v = make_view(const_cast<const float*>(qkv.data()) + 9 * (kNq + 3) * kHd, {9, int64_t(3 * kHd)});
+  cp.dt_low = make_view(const_cast<const float*>(dt.data()), {9, int64_t(kRank)});
+  cp.out = make_view(out.data(), {9, int64_t(kNq * kHd)});
+  cp.recurrent = w.recurrent, cp.n_recurrent = w.n_recurrent;
+  cp.cache.kinds = make_view(const_cast<const HeadKind*>(e.kinds.data()), {3});
+  cp.cache.k = make_view(e.k_pool.data(), {e.pages, 1, EngineRunner<float, float>::kPage, int64_t(kHd)});
+  cp.cache.v = make_view(e.v_pool.data(), {e.pages, 1, EngineRunner<float, float>::kPage, int64_t(kHd)});
+  cp.cache.ssm_states = make_view(e.ssm.data(), {2, 1, int64_t(kHd), int64_t(kHd)});
+  cp.cache.conv_states = make_view(e.conv.data(), {2, 1, int64_t(kConv - 1), int64_t(kHd)});
+  cp.cache.ring_k = make_view(e.ring_k.data(), {2, 1, e.ring, int64_t(kHd)});
+  cp.cache.ring_v = make_view(e.ring_v.data(), {2, 1, e.ring, int64_t(kHd)});
+  cp.cache.sink = kSink, cp.cache.window = kWindow;
+  cp.step.cu_seqlens = make_view(const_cast<const int32_t*>(cu.data()), {2});
+  cp.step.slots = make_view(const_cast<const int32_t*>(slot.data()), {1});
+  cp.step.lengths = make_view(const_cast<const int32_t*>(e.lengths.data()), {2});
+  cp.step.page_table = make_view(const_cast<const int32_t*>(table.data()), {1, 2});
+  cp.n_q = kNq, cp.head_dim = kHd;
+  cp.inv_freq = make_view(m.inv_freq.data(), {int64_t(m.inv_freq.size())});
+  std::vector<unsigned char> ws(1 << 22);
+  auto untouched = [&] {
+    REQUIRE(e.k_pool.size() == k_before.size());
+    REQUIRE(std::memcmp(e.k_pool.data(), k_before.data(), k_before.size() * 4) == 0);  // NaN-safe
+    REQUIRE(e.ring_k == ring_before);
+    REQUIRE(e.ssm == ssm_before);
+    for (float o : out) REQUIRE(o == -7.f);
+  };
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()),
+                      Catch::Contains("holds 5 tokens and cannot take 9 more: its K/V hold 8 (page_table pages"));
+  untouched();
+  table = {two[0], int32_t(e.pages)};  // a page outside the pool
+  cu = {0, 3};
+  cp.q.shape[0] = cp.k.shape[0] = cp.v.shape[0] = cp.dt_low.shape[0] = cp.out.shape[0] = 3;
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()), Catch::Contains("page_table[0, 1]"));
+  untouched();
+  table = {two[0], two[1]};
+  std::vector<int32_t> bad_slot = {2};
+  cp.step.slots = make_view(const_cast<const int32_t*>(bad_slot.data()), {1});
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()), Catch::Contains("has slot 2"));
+  cp.step.slots = make_view(const_cast<const int32_t*>(slot.data()), {1});
+  cp.dt_low = {};
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()), Catch::Contains("dt_low"));
+  untouched();
+}

@@ -131,6 +131,40 @@ inline int streaming_window_matching_recurrent(int64_t head_dim, const Recurrent
   return int(ring - sink);
 }
 
+/// Where a streaming ring keeps the token at position p: entry p inside the sink, then the window's
+/// entries in turn (ring = min(capacity, sink + window) entries).
+inline int64_t stream_ring_entry(int64_t p, int64_t sink, int64_t ring) {
+  return p < sink ? p : sink + (p - sink) % (ring - sink);
+}
+/// The position entry e of a ring holds after `len` tokens, or -1 when it holds none yet.
+inline int64_t stream_ring_position(int64_t e, int64_t len, int64_t sink, int64_t ring) {
+  if (e >= len) return -1;
+  if (e < sink) return e;
+  const int64_t last = len - 1;
+  return last - (last - e) % (ring - sink);
+}
+
+/// One group's [slots, ...] slice of a per-layer state view [slots, groups, a, b].
+template <class E>
+View<E, 3> group_slice(const View<E, 4>& all, int64_t i) {
+  return make_strided_view(all.data + i * all.stride[1], {all.shape[0], all.shape[2], all.shape[3]},
+                           {all.stride[0], all.stride[2], all.stride[3]});
+}
+
+/// One layer's cache memory as plain views: what the layer core (layers/hybrid_attention_core.hpp)
+/// reads and writes. HybridCache::layer_view hands it out; an engine may build it over its own pools
+/// (the attention groups' K/V then usually paged, see HybridStep::page_table).
+template <class T>
+struct HybridLayerView {
+  View<const HeadKind, 1> kinds;  // [n_kv] the kind of each KV group
+  View<T, 4> k, v;                // attention groups: [slots, n_attn, capacity, hd], or a page pool
+                                  // [pages, n_attn, page_size, hd] when the step has a page table
+  View<float, 4> ssm_states;      // [slots, n_state, hd, N]   recurrent and windowed groups, KV-group order
+  View<T, 4> conv_states;         // [slots, n_state, Kc-1, hd]
+  View<T, 4> ring_k, ring_v;      // [slots, n_ring, ring, hd] streaming and windowed groups
+  int sink = 0, window = 0;       // the streaming mask; ring entries as stream_ring_entry
+};
+
 /// The cache. T = storage type of K, V and conv state (float, half, bfloat16); SSM state is fp32.
 /// Memory = HostMemory or DeviceMemory (where K, V, states and snapshots live).
 template <class T, class Memory = HostMemory>
@@ -209,8 +243,7 @@ class HybridCache {
     View<float, 4> all = ssm_states(layer);
     RF_CHECK(i >= 0 && i < all.shape[1], "HybridCache: recurrent group ", i, " out of range [0, ",
              all.shape[1], ") in layer ", layer);
-    return make_strided_view(all.data + i * all.stride[1], {all.shape[0], all.shape[2], all.shape[3]},
-                             {all.stride[0], all.stride[2], all.stride[3]});
+    return group_slice(all, i);
   }
   /// [slots, n_rec, Kc-1, hd] conv states (the last Kc-1 conv inputs, oldest first).
   View<T, 4> conv_states(int layer) {
@@ -223,25 +256,30 @@ class HybridCache {
     View<T, 4> all = conv_states(layer);
     RF_CHECK(i >= 0 && i < all.shape[1], "HybridCache: recurrent group ", i, " out of range [0, ",
              all.shape[1], ") in layer ", layer);
-    return make_strided_view(all.data + i * all.stride[1], {all.shape[0], all.shape[2], all.shape[3]},
-                             {all.stride[0], all.stride[2], all.stride[3]});
+    return group_slice(all, i);
   }
   /// [slots, n_stream, ring, hd] ring buffers of the layer's streaming and windowed groups.
   View<T, 4> stream_keys(int layer) { return kv_view(lay(layer).ring_k, lay(layer).n_stream, ring_); }
   View<T, 4> stream_values(int layer) { return kv_view(lay(layer).ring_v, lay(layer).n_stream, ring_); }
 
   /// Ring entry of the token at position p.
-  int64_t ring_entry(int64_t p) const {
-    const int64_t s = cfg_.streaming.sink;
-    return p < s ? p : s + (p - s) % (ring_ - s);
-  }
+  int64_t ring_entry(int64_t p) const { return stream_ring_entry(p, cfg_.streaming.sink, ring_); }
   /// Position of the token in ring entry e of a slot holding `len` tokens, or -1 if it holds none.
   int64_t ring_position(int64_t e, int64_t len) const {
-    const int64_t s = cfg_.streaming.sink, w = ring_ - s;
-    if (e >= len) return -1;
-    if (e < s) return e;
-    const int64_t last = len - 1;
-    return last - (last - e) % w;
+    return stream_ring_position(e, len, cfg_.streaming.sink, ring_);
+  }
+
+  /// Layer `layer`'s memory as views (the layer core's input; lengths() gives the slots' lengths).
+  HybridLayerView<T> layer_view(int layer) {
+    lay(layer);  // range check
+    HybridLayerView<T> v;
+    const LayerLayout& ll = layer_layout(layer);
+    v.kinds = make_view(ll.groups.data(), {int64_t(ll.n_groups())});
+    v.k = keys(layer), v.v = values(layer);
+    v.ssm_states = ssm_states(layer), v.conv_states = conv_states(layer);
+    v.ring_k = stream_keys(layer), v.ring_v = stream_values(layer);
+    v.sink = sink(), v.window = window();
+    return v;
   }
 
   // --- appending --------------------------------------------------------------------------------
@@ -251,14 +289,18 @@ class HybridCache {
     RF_CHECK(slots.present() && counts.present() && slots.shape[0] == counts.shape[0],
              "HybridCache::append: slots and counts must both be given with the same length (got ",
              slots.shape[0], " and ", counts.shape[0], ")");
-    const int64_t n = slots.shape[0];
+    check_append(slots.shape[0], [&](int64_t s) { return std::pair<int32_t, int64_t>{slots(s), counts(s)}; });
+  }
+  /// The same for n sequences whose (slot, count) slot_count(s) gives (no arrays to build).
+  template <class F>
+  void check_append(int64_t n, F&& slot_count) const {
     for (int64_t s = 0; s < n; ++s) {
-      const int32_t slot = slots(s), cnt = counts(s);
+      const auto [slot, cnt] = slot_count(s);
       RF_CHECK(slot >= 0 && slot < cfg_.slots, "HybridCache::append: sequence ", s, " has slot ", slot,
                ", expected 0..", cfg_.slots - 1);
       RF_CHECK(cnt >= 0, "HybridCache::append: sequence ", s, " appends ", cnt, " tokens, expected >= 0");
       for (int64_t o = 0; o < s; ++o)
-        RF_CHECK(slots(o) != slot, "HybridCache::append: slot ", slot, " appears twice (sequences ", o,
+        RF_CHECK(slot_count(o).first != slot, "HybridCache::append: slot ", slot, " appears twice (sequences ", o,
                  " and ", s, ")");
       RF_CHECK(int64_t(lengths_[size_t(slot)]) + cnt <= cfg_.capacity, "HybridCache::append: slot ", slot,
                " holds ", lengths_[size_t(slot)], " tokens and cannot take ", cnt, " more (capacity ",

@@ -94,6 +94,19 @@ struct HybridBackend<CudaExec> {
 }  // namespace hybrid
 }  // namespace detail
 
+/// Scratch bytes (device memory) the layer core (layers/hybrid_attention_core.hpp) needs on the device.
+template <class T, class TW>
+size_t hybrid_attention_core_workspace_bytes(const HybridAttentionCoreParams<T, TW>& p, CudaExec exec) {
+  return detail::hybrid::core_workspace_bytes(p, exec);
+}
+
+/// Runs the layer core on exec.stream over device views (the step's arrays stay on the host).
+template <class T, class TW>
+void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, CudaExec exec, void* workspace,
+                           size_t workspace_bytes) {
+  detail::hybrid::core_call(p, exec, workspace, workspace_bytes);
+}
+
 /// Scratch bytes (device memory) hybrid_head_attention needs for this call on the device.
 template <class T, class TW>
 size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW, DeviceMemory>& p,

@@ -23,6 +23,9 @@
 // cache's storage type T, in which RoPE, attention, the conv and the scan read and write them
 // (the SSM state is fp32 whatever T); head outputs are widened back to fp32 for Wo.
 //
+// The layer is the core of layers/hybrid_attention_core.hpp (everything between the projections, over
+// the cache's layer view) with the q/k/v, dt_down and Wo projections around it.
+//
 // Where it runs: this header is the CPU layer (CpuExec, HybridCache<T>); cuda/hybrid_head_attention.cuh
 // is the same call with CudaExec over a HybridCache<T, DeviceMemory>. Both are one orchestration
 // (layers/detail/hybrid_head_attention_run.hpp); the params are in hybrid_head_attention_params.hpp.
@@ -36,6 +39,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "recurformer/layers/hybrid_attention_core.hpp"
 #include "recurformer/layers/hybrid_head_attention_params.hpp"
 
 namespace recurformer {
@@ -52,4 +56,3 @@ void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, CpuExec ex
 
 }  // namespace recurformer
 
-#include "recurformer/layers/detail/hybrid_head_attention_impl.hpp"

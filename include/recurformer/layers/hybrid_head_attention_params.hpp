@@ -45,6 +45,38 @@ struct HybridAttentionWeights {
   int n_recurrent = 0;
 };
 
+/// The batch of one forward step, shared by every layer of it (layers/hybrid_attention_core.hpp).
+/// Host arrays: the core plans each call from them.
+struct HybridStep {
+  View<const int32_t, 1> cu_seqlens;  // [S+1] optional: sequence s = tokens [cu[s], cu[s+1]) (absent: one)
+  View<const int32_t, 1> slots;       // [S] optional: slot of sequence s in the states, rings and contiguous K/V (absent: s)
+  View<const int32_t, 1> lengths;     // [slots] tokens each slot held before this step (positions continue from there)
+  View<const int32_t, 2> page_table;  // [S, max_pages] optional: paged K/V of the attention groups (ops/attention.hpp)
+};
+
+/// The layer core: everything of the layer between the projections (spec section 2), over one
+/// layer's cache views. q, k, v come projected (biases added, no RoPE), and dt_low holds dt_down x
+/// of every recurrent and windowed group, the groups' columns one after the other in KV-group order.
+template <class T, class TW>
+struct HybridAttentionCoreParams {
+  View<const float, 2> q;        // [tokens, n_q * hd] unit stride in columns (rows may be strided)
+  View<const float, 2> k, v;     // [tokens, n_kv * hd]
+  View<const float, 2> dt_low;   // [tokens, sum of dt ranks]; absent when the layer keeps no state
+  View<float, 2> out;            // [tokens, n_q * hd] head outputs in head order (what Wo multiplies); may alias q
+  const RecurrentGroupWeights<TW>* recurrent = nullptr;  // [n_recurrent] (dt_down unread: the caller applied it)
+  int n_recurrent = 0;
+  HybridLayerView<T> cache;      // read, and written at positions [length, length + n)
+  HybridStep step;
+  int n_q = 0, head_dim = 0;     // n_kv = cache.kinds.shape[0]
+  View<const float, 1> inv_freq; // [hd/2] RoPE table (rope_inv_freq)
+  RopeLayout rope_layout = RopeLayout::rotate_half;
+};
+
+/// Throws Error naming the argument unless the core's shapes, views and step are consistent (the
+/// inner ops are checked by the core itself, before any write).
+template <class T, class TW>
+void check(const HybridAttentionCoreParams<T, TW>& p);
+
 /// T: cache storage type; TW: weight type; Memory: where the cache, weights, x, out and the
 /// workspace live (HostMemory for CpuExec, DeviceMemory for CudaExec: cuda/hybrid_head_attention.cuh).
 /// cu_seqlens and slots are host arrays in both: the layer plans the call from them and the

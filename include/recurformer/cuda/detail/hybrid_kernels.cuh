@@ -48,7 +48,7 @@ __global__ void gather_q_kernel(int64_t count, const hy::Plan pl, const hy::Call
     for (int kind = 0; kind < 3; ++kind) {
       const int64_t i = b.group_local[j * 3 + kind], nk = pl.groups[kind];
       if (i < 0) continue;
-      const float v = b.qf[idx] * (kind == hy::kRec ? c_scale : 1.f);
+      const float v = b.qf[t * pl.q_ld + h * pl.hd + e] * (kind == hy::kRec ? c_scale : 1.f);
       store_float(b.q[kind] + ((t * nk + i) * pl.g + r) * pl.hd + e, v);
     }
   }
@@ -63,13 +63,13 @@ __global__ void gather_kv_kernel(int64_t count, const hy::Plan pl, const hy::Cal
       const int64_t i = b.group_local[j * 3 + kind];
       if (i < 0) continue;
       const int64_t at = (t * pl.groups[kind] + i) * pl.hd + e;
-      store_float(b.k[kind] + at, b.kf[idx]);
-      store_float(b.v[kind] + at, b.vf[idx]);
+      store_float(b.k[kind] + at, b.kf[t * pl.k_ld + j * pl.hd + e]);
+      store_float(b.v[kind] + at, b.vf[t * pl.v_ld + j * pl.hd + e]);
     }
   }
 }
 
-// Head outputs o[kind] [n, nk, g, hd] -> qf [n, n_q, hd] in fp32 (the concat Wo reads): the sum over
+// Head outputs o[kind] [n, nk, g, hd] -> heads [n, n_q, hd] in fp32 (the concat Wo reads): the sum over
 // the kind slots serving the group, the recurrent output weighted by alpha in a windowed group.
 template <class T>
 __global__ void scatter_heads_kernel(int64_t count, const hy::Plan pl, const hy::CallBuffers<T> b) {
@@ -84,20 +84,20 @@ __global__ void scatter_heads_kernel(int64_t count, const hy::Plan pl, const hy:
       const float wgt = kind == hy::kRec && windowed ? b.alpha[i * pl.g + r] : 1.f;
       acc += wgt * load_float(b.o[kind] + ((t * nk + i) * pl.g + r) * pl.hd + e);
     }
-    b.qf[idx] = acc;
+    b.heads[t * pl.out_ld + h * pl.hd + e] = acc;
   }
 }
 
-// Attention groups: (t, i, e) of the chunk's k/v [n, nA, hd] -> K/V[slot, i, pos, e].
+// Attention groups: (t, i, e) of the chunk's k/v [n, nA, hd] -> K/V[slot, i, pos, e] (or its page and row).
 template <class T>
 __global__ void append_kv_kernel(int64_t count, const hy::Plan pl, const hy::CallBuffers<T> b, const View<T, 4> K,
                                  const View<T, 4> V) {
   const int64_t nA = pl.groups[hy::kAttn];
   RF_GRID_STRIDE(idx, count) {
     const int64_t e = idx % pl.hd, i = (idx / pl.hd) % nA, t = idx / (pl.hd * nA);
-    const int32_t slot = b.slots[b.tok_seq[t]], pos = b.pos[t];
-    *K.ptr(slot, i, pos, e) = b.k[hy::kAttn][idx];
-    *V.ptr(slot, i, pos, e) = b.v[hy::kAttn][idx];
+    const hy::KvRow at = hy::kv_row(pl, b, t);
+    *K.ptr(at.page, i, at.row, e) = b.k[hy::kAttn][idx];
+    *V.ptr(at.page, i, at.row, e) = b.v[hy::kAttn][idx];
   }
 }
 

@@ -1,5 +1,5 @@
 // recurformer/layers/detail/hybrid_head_attention_impl.hpp: the CPU implementation of
-// layers/hybrid_head_attention.hpp: the shared orchestration (hybrid_head_attention_run.hpp) over
+// layers/hybrid_attention_core.hpp and layers/hybrid_head_attention.hpp: the shared orchestration (hybrid_head_attention_run.hpp) over
 // the CPU ops, with the data movement between them as loops over the thread pool.
 #pragma once
 
@@ -63,11 +63,11 @@ struct HybridBackend<CpuExec> {
             const int64_t i = b.group_local[j * 3 + kind], nk = pl.groups[kind];
             if (i < 0) continue;
             const float qs = kind == kRec ? c_scale : 1.f;
-            const float* q_src = b.qf + (t * n_q + j * g) * hd;
+            const float* q_src = b.qf + t * pl.q_ld + j * g * hd;
             T* qd = b.q[kind] + (t * nk * g + i * g) * hd;
             for (int64_t e = 0; e < g * hd; ++e) qd[e] = from_float<T>(q_src[e] * qs);
-            const float* ks = b.kf + (t * n_kv + j) * hd;
-            const float* vs = b.vf + (t * n_kv + j) * hd;
+            const float* ks = b.kf + t * pl.k_ld + j * hd;
+            const float* vs = b.vf + t * pl.v_ld + j * hd;
             T* kd = b.k[kind] + (t * nk + i) * hd;
             T* vd = b.v[kind] + (t * nk + i) * hd;
             for (int64_t e = 0; e < hd; ++e) kd[e] = from_float<T>(ks[e]), vd[e] = from_float<T>(vs[e]);
@@ -75,7 +75,7 @@ struct HybridBackend<CpuExec> {
     });
   }
 
-  // Head outputs per kind (T) -> head order (fp32, into qf): the sum over the kind slots serving
+  // Head outputs per kind (T) -> head order (fp32, into heads): the sum over the kind slots serving
   // the group, the recurrent output weighted by alpha in a windowed group.
   template <class T>
   static void scatter_heads(const Plan& pl, const CallBuffers<T>& b, CpuExec exec) {
@@ -83,7 +83,7 @@ struct HybridBackend<CpuExec> {
     for_work(exec, pl.n * n_q * hd).parallel_for(pl.n, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t j = 0; j < n_kv; ++j) {
-          float* dst = b.qf + (t * n_q + j * g) * hd;
+          float* dst = b.heads + t * pl.out_ld + j * g * hd;
           std::fill(dst, dst + g * hd, 0.f);
           const bool windowed = b.group_local[j * 3 + kStream] >= 0 && b.group_local[j * 3 + kRec] >= 0;
           for (int kind : {kAttn, kRec, kStream}) {
@@ -99,18 +99,19 @@ struct HybridBackend<CpuExec> {
     });
   }
 
-  // The chunk's attention-group keys and values into their slots at the tokens' positions.
+  // The chunk's attention-group keys and values into their slots (or pages) at the tokens' positions.
   template <class T>
   static void append_kv(const Plan& pl, const CallBuffers<T>& b, View<T, 4> K, View<T, 4> V, CpuExec exec) {
     const int64_t nA = pl.groups[kAttn], hd = pl.hd;
     const size_t row = size_t(hd) * sizeof(T);
     for_work(exec, pl.n * nA * hd * 2).parallel_for(pl.n, [&](int64_t t0, int64_t t1, int) {
-      for (int64_t t = t0; t < t1; ++t)
+      for (int64_t t = t0; t < t1; ++t) {
+        const KvRow at = kv_row(pl, b, t);
         for (int64_t i = 0; i < nA; ++i) {
-          const int32_t slot = b.slots[b.tok_seq[t]];
-          std::memcpy(K.ptr(slot, i, b.pos[t], 0), b.k[kAttn] + (t * nA + i) * hd, row);
-          std::memcpy(V.ptr(slot, i, b.pos[t], 0), b.v[kAttn] + (t * nA + i) * hd, row);
+          std::memcpy(K.ptr(at.page, i, at.row, 0), b.k[kAttn] + (t * nA + i) * hd, row);
+          std::memcpy(V.ptr(at.page, i, at.row, 0), b.v[kAttn] + (t * nA + i) * hd, row);
         }
+      }
     });
   }
 
@@ -153,6 +154,17 @@ struct HybridBackend<CpuExec> {
 
 }  // namespace hybrid
 }  // namespace detail
+
+template <class T, class TW>
+size_t hybrid_attention_core_workspace_bytes(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec) {
+  return detail::hybrid::core_workspace_bytes(p, exec);
+}
+
+template <class T, class TW>
+void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec, void* workspace,
+                           size_t workspace_bytes) {
+  detail::hybrid::core_call(p, exec, workspace, workspace_bytes);
+}
 
 template <class T, class TW>
 size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec) {

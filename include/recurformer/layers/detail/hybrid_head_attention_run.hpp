@@ -1,25 +1,27 @@
-// recurformer/layers/detail/hybrid_head_attention_run.hpp: the orchestration of
-// layers/hybrid_head_attention.hpp, written once for every exec.
+// recurformer/layers/detail/hybrid_head_attention_run.hpp: the orchestration of the layer core
+// (layers/hybrid_attention_core.hpp) and of the layer around it (layers/hybrid_head_attention.hpp),
+// written once for every exec.
 //
-// One call runs in stages, each an op over the whole batch (the ops parallelise inside):
-//   1. q, k, v projections (fp32) -> gather the heads by kind into packed T buffers
-//      [tokens, groups_of_kind (* g), hd] (what each kind's op reads), scaling recurrent q by
-//      1/sqrt(hd) on the way (C of the scan);
-//   2. attention groups: RoPE, append K/V to the slot, attention over the slot;
+// The layer projects q, k, v (and dt_down x for the recurrent groups) into its workspace, runs the
+// core over the cache's layer view, then projects the head outputs with Wo. One core call runs in
+// stages, each an op over the whole batch (the ops parallelise inside):
+//   1. gather the projected heads by kind into packed T buffers [tokens, groups_of_kind (* g), hd]
+//      (what each kind's op reads), scaling recurrent q by 1/sqrt(hd) on the way (C of the scan);
+//   2. attention groups: RoPE, append K/V to the slot (or its pages), attention over them;
 //   3. streaming groups: RoPE, copy the ring's live entries and the chunk's keys into scratch
 //      (with their positions), attention with the sink/window mask, then write the chunk into the ring;
-//   4. recurrent groups: conv over v_j, low-rank Δ, scan over the slot's state;
-//   5. scatter the head outputs back to head order (fp32) and project with Wo.
+//   4. recurrent groups: conv over v_j, Δ = dt_up dt_low, scan over the slot's state;
+//   5. scatter the head outputs back to head order (fp32).
 // A windowed group is gathered into both the streaming and the recurrent buffers (stages 3 and 4
 // run it as one of each), and stage 5 adds its streaming output and alpha_h times its recurrent one.
 // The ops (linear, rope, attention, causal_conv1d, selective_scan) are found by overload on the
 // exec; the data movement between them (gather, append, ring copies, scatter) and the op checks
 // are the exec's HybridBackend<Exec> (CPU: layers/detail/hybrid_head_attention_impl.hpp, CUDA:
 // cuda/hybrid_head_attention.cuh). All index metadata (positions, offsets, slots, key counts,
-// ring sources and destinations) is computed on the host from the cache's host-side lengths,
+// ring sources and destinations) is computed on the host from the step's host-side lengths,
 // then handed to the backend, which uploads it when the exec's memory is not the host's.
 // Before anything runs the whole call is run "dry": every inner op's params are built and
-// checked and the cache's capacity check runs, so an error leaves the cache and out untouched.
+// checked and the capacity check runs, so an error leaves the cache and out untouched.
 #pragma once
 
 #include <algorithm>
@@ -43,6 +45,7 @@ namespace detail {
 namespace hybrid {
 
 constexpr const char* kOp = "hybrid_head_attention";
+constexpr const char* kCoreOp = "hybrid_attention_core";
 constexpr int kAttn = 0, kRec = 1, kStream = 2;  // kind slots in the per-kind arrays
 constexpr size_t kAlign = 64;
 
@@ -74,18 +77,18 @@ struct Plan {
   int64_t groups[3] = {0, 0, 0};  // KV groups per kind
   int64_t ring = 0, sink = 0, window = 0, max_len = 0, stream_cap = 0, dt_rank_max = 0;
   bool decode = false;
+  int64_t q_ld = 0, k_ld = 0, v_ld = 0, out_ld = 0;  // row strides of the projected inputs and of out
+  int64_t page_ld = 0, page_size = 0;                // page_table row stride (0: contiguous K/V), keys per page
   // int32 metadata, computed on the host (the first meta_end bytes of the workspace)
   size_t pos = 0, cu = 0, slots = 0, counts = 0, kv_lens = 0, s_kv_lens = 0, s_kpos = 0, tok_seq = 0;
   size_t group_local = 0, s_src = 0, ring_dst = 0, meta_end = 0;
-  // fp32 projections (q doubles as the fp32 head concat for Wo)
-  size_t qf = 0, kf = 0, vf = 0;
   // T per kind: q heads, k, v, head outputs
   size_t q[3] = {}, k[3] = {}, v[3] = {}, o[3] = {};
   size_t stream_k = 0, stream_v = 0;                       // [S, n_stream, stream_cap, hd] T
-  size_t u = 0, dt_low = 0, delta_f = 0, delta_t = 0;      // recurrent scratch, per group
+  size_t u = 0, delta_f = 0, delta_t = 0;                  // recurrent scratch, per group
   size_t alpha = 0;                                        // [groups[kRec], g] fp32 (windowed groups' alpha)
   size_t lin = 0, lin_bytes = 0, attn = 0, attn_bytes = 0;
-  size_t rec_lin = 0, rec_lin_bytes = 0;                   // per-thread linear scratch (CPU decode)
+  size_t rec_lin = 0, rec_lin_bytes = 0;                   // per-thread dt_up scratch (CPU decode)
   size_t total = 0;
 };
 
@@ -98,44 +101,64 @@ struct CallBuffers {
   const int32_t *s_src;     // [S, stream_cap] ring entry (>= 0) or -(chunk token + 1) of each key
   const int32_t *s_kv_lens; // [S] keys of each sequence in the streaming scratch
   const int32_t *ring_dst;  // [n] ring entry a token is written to, -1 when a later token takes it
-  float *qf, *kf, *vf;
+  const int32_t *page_table;  // [S, page_ld] paged K/V, or null
+  const float *qf, *kf, *vf;  // the projected inputs (rows at q_ld, k_ld, v_ld)
+  float* heads;               // out: head outputs in head order (rows at out_ld)
   float* alpha;  // [groups[kRec], g]: the weight of state group i's reader r in a windowed group
   T *q[3], *k[3], *v[3], *o[3];
 };
 
-template <class P>
-int64_t num_sequences(const P& p) {
-  return p.cu_seqlens.present() ? p.cu_seqlens.shape[0] - 1 : 1;
+/// Where token t's K/V row goes: (slot, position), or (page, row in the page) when paged.
+struct KvRow {
+  int64_t page, row;
+};
+template <class T>
+RF_HOST_DEVICE inline KvRow kv_row(const Plan& pl, const CallBuffers<T>& b, int64_t t) {
+  const int64_t s = b.tok_seq[t], pos = b.pos[t];
+  if (!b.page_table) return {b.slots[s], pos};
+  return {b.page_table[s * pl.page_ld + pos / pl.page_size], pos % pl.page_size};
+}
+
+inline int64_t num_sequences(View<const int32_t, 1> cu_seqlens) {
+  return cu_seqlens.present() ? cu_seqlens.shape[0] - 1 : 1;
+}
+
+/// dt_low's first column of state group i (the groups' dt ranks one after the other).
+template <class TW>
+int64_t dt_column(const RecurrentGroupWeights<TW>* rw, int64_t i) {
+  int64_t c = 0;
+  for (int64_t k = 0; k < i; ++k) c += rw[k].dt_up.shape[1];
+  return c;
 }
 
 // Everything but the attention / linear scratch, which depend on the metadata.
-template <class T, class TW, class M>
-Plan plan_layout(const HybridHeadAttentionParams<T, TW, M>& p) {
+template <class T, class TW>
+Plan plan_layout(const HybridAttentionCoreParams<T, TW>& p) {
   Plan pl;
-  const HybridCache<T, M>& c = *p.cache;
-  pl.n = p.x.shape[0];
-  pl.d_model = p.x.shape[1];
-  pl.S = num_sequences(p);
+  const HybridLayerView<T>& c = p.cache;
+  pl.n = p.q.shape[0];
+  pl.S = num_sequences(p.step.cu_seqlens);
   pl.n_q = p.n_q;
-  pl.n_kv = c.config().n_kv;
-  pl.hd = c.head_dim();
+  pl.n_kv = c.kinds.shape[0];
+  pl.hd = p.head_dim;
   pl.g = pl.n_q / pl.n_kv;
-  const LayerLayout& ll = c.layer_layout(p.layer);
-  for (HeadKind k : ll.groups)
-    for (int slot : {kAttn, kRec, kStream}) pl.groups[slot] += uses_slot(k, slot);
-  pl.ring = c.ring_size();
-  pl.sink = c.sink();
+  for (int64_t j = 0; j < pl.n_kv; ++j)
+    for (int slot : {kAttn, kRec, kStream}) pl.groups[slot] += uses_slot(c.kinds(j), slot);
+  pl.ring = pl.groups[kStream] ? c.ring_k.shape[2] : 0;
+  pl.sink = c.sink;
   pl.window = pl.ring - pl.sink;
   bool all_one = true;
   for (int64_t s = 0; s < pl.S; ++s) {
-    const int64_t len = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) - p.cu_seqlens(s) : pl.n;
+    const int64_t len = p.step.cu_seqlens.present() ? p.step.cu_seqlens(s + 1) - p.step.cu_seqlens(s) : pl.n;
     pl.max_len = std::max(pl.max_len, len);
     all_one = all_one && len == 1;
   }
   pl.decode = all_one && pl.S == pl.n;
   pl.stream_cap = pl.groups[kStream] ? pl.ring + pl.max_len : 0;
-  for (int i = 0; i < p.weights.n_recurrent; ++i)
-    pl.dt_rank_max = std::max(pl.dt_rank_max, p.weights.recurrent[i].dt_down.shape[0]);
+  for (int i = 0; i < p.n_recurrent; ++i) pl.dt_rank_max = std::max(pl.dt_rank_max, p.recurrent[i].dt_up.shape[1]);
+  pl.q_ld = p.q.stride[0], pl.k_ld = p.k.stride[0], pl.v_ld = p.v.stride[0], pl.out_ld = p.out.stride[0];
+  pl.page_ld = p.step.page_table.present() ? p.step.page_table.stride[0] : 0;
+  pl.page_size = c.k.shape[2];
 
   size_t off = 0;
   auto take = [&](size_t& at, int64_t count, size_t elem) {
@@ -154,9 +177,6 @@ Plan plan_layout(const HybridHeadAttentionParams<T, TW, M>& p) {
   take(pl.s_src, pl.S * pl.stream_cap, 4);
   take(pl.ring_dst, pl.groups[kStream] ? pl.n : 0, 4);
   pl.meta_end = off;
-  take(pl.qf, pl.n * pl.n_q * pl.hd, 4);
-  take(pl.kf, pl.n * pl.n_kv * pl.hd, 4);
-  take(pl.vf, pl.n * pl.n_kv * pl.hd, 4);
   for (int k = 0; k < 3; ++k) {
     take(pl.q[k], pl.n * pl.groups[k] * pl.g * pl.hd, sizeof(T));
     take(pl.k[k], pl.n * pl.groups[k] * pl.hd, sizeof(T));
@@ -167,7 +187,6 @@ Plan plan_layout(const HybridHeadAttentionParams<T, TW, M>& p) {
   take(pl.stream_v, pl.S * pl.groups[kStream] * pl.stream_cap * pl.hd, sizeof(T));
   const int64_t rec = pl.groups[kRec] * pl.n;
   take(pl.u, rec * pl.hd, sizeof(T));
-  take(pl.dt_low, rec * pl.dt_rank_max, 4);
   take(pl.delta_f, rec * pl.hd, 4);
   take(pl.delta_t, rec * pl.hd, sizeof(T));
   take(pl.alpha, pl.groups[kRec] * pl.g, 4);
@@ -176,28 +195,27 @@ Plan plan_layout(const HybridHeadAttentionParams<T, TW, M>& p) {
 }
 
 // Fills the int32 metadata into `meta` (host memory laid out as the workspace's first meta_end bytes).
-template <class T, class TW, class M>
-void fill_metadata(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, unsigned char* meta) {
-  const HybridCache<T, M>& c = *p.cache;
+template <class T, class TW>
+void fill_metadata(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, unsigned char* meta) {
+  const HybridStep& st = p.step;
   auto ints = [&](size_t off) { return reinterpret_cast<int32_t*>(meta + off); };
   int32_t *pos = ints(pl.pos), *cu = ints(pl.cu), *slots = ints(pl.slots), *counts = ints(pl.counts);
   int32_t *kv_lens = ints(pl.kv_lens), *s_kv_lens = ints(pl.s_kv_lens), *s_kpos = ints(pl.s_kpos);
   int32_t *tok_seq = ints(pl.tok_seq), *s_src = ints(pl.s_src), *ring_dst = ints(pl.ring_dst);
-  const LayerLayout& ll = c.layer_layout(p.layer);
   int32_t local[3] = {0, 0, 0};
   for (int64_t j = 0; j < pl.n_kv; ++j)
     for (int slot : {kAttn, kRec, kStream})
-      ints(pl.group_local)[j * 3 + slot] = uses_slot(ll.groups[size_t(j)], slot) ? local[slot]++ : -1;
+      ints(pl.group_local)[j * 3 + slot] = uses_slot(p.cache.kinds(j), slot) ? local[slot]++ : -1;
   cu[0] = 0;
   for (int64_t s = 0; s < pl.S; ++s) {
-    cu[s + 1] = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) : int32_t(pl.n);
-    slots[s] = p.slots.present() ? p.slots(s) : int32_t(s);
+    cu[s + 1] = st.cu_seqlens.present() ? st.cu_seqlens(s + 1) : int32_t(pl.n);
+    slots[s] = st.slots.present() ? st.slots(s) : int32_t(s);
     counts[s] = cu[s + 1] - cu[s];
   }
   for (int64_t s = 0; s < pl.S; ++s) {
-    // Slot validity is the cache's check (check_append); read lengths only for valid slots.
-    const bool ok = slots[s] >= 0 && slots[s] < c.slots();
-    const int64_t len = ok ? c.length(slots[s]) : 0;
+    // Slot validity is check_step's; read lengths only for valid slots.
+    const bool ok = slots[s] >= 0 && slots[s] < st.lengths.shape[0];
+    const int64_t len = ok ? st.lengths(slots[s]) : 0;
     const int64_t last = len + counts[s] - 1;  // position of the sequence's last token
     kv_lens[s] = int32_t(std::min<int64_t>(len + counts[s], INT32_MAX));
     for (int32_t t = cu[s]; t < cu[s + 1]; ++t) {
@@ -206,7 +224,9 @@ void fill_metadata(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl,
       // A streaming token keeps its ring entry unless a later token of the chunk lands there,
       // so every entry is written once and the writes need no order.
       if (pl.groups[kStream])
-        ring_dst[t] = pos[t] < pl.sink || pos[t] + pl.window > last ? int32_t(c.ring_entry(pos[t])) : -1;
+        ring_dst[t] = pos[t] < pl.sink || pos[t] + pl.window > last
+                          ? int32_t(stream_ring_entry(pos[t], pl.sink, pl.ring))
+                          : -1;
     }
     s_kv_lens[s] = 0;
     if (!pl.stream_cap) continue;
@@ -215,7 +235,7 @@ void fill_metadata(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl,
     int32_t* src = s_src + s * pl.stream_cap;
     int64_t m = 0;
     for (int64_t e = 0; e < pl.ring; ++e) {
-      const int64_t rp = c.ring_position(e, len);
+      const int64_t rp = stream_ring_position(e, len, pl.sink, pl.ring);
       if (rp >= 0) kp[m] = int32_t(rp), src[m++] = int32_t(e);
     }
     for (int32_t t = 0; t < counts[s]; ++t) kp[m] = int32_t(len + t), src[m++] = -(cu[s] + t + 1);
@@ -224,21 +244,41 @@ void fill_metadata(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl,
   }
 }
 
+/// Throws (before anything is written) unless every sequence's slot is valid and distinct and its
+/// tokens fit the attention groups' K/V (the slot's capacity, or its page table's pages).
+template <class T, class TW>
+void check_step(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, const unsigned char* meta) {
+  auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(meta + off); };
+  const int32_t *slots = ints(pl.slots), *counts = ints(pl.counts);
+  const int64_t n_slots = p.step.lengths.shape[0];
+  const int64_t keys = pl.page_ld ? p.step.page_table.shape[1] * pl.page_size : pl.page_size;
+  for (int64_t s = 0; s < pl.S; ++s) {
+    RF_CHECK(slots[s] >= 0 && slots[s] < n_slots, kCoreOp, ": sequence ", s, " has slot ", slots[s],
+             ", expected 0..", n_slots - 1);
+    for (int64_t o = 0; o < s; ++o)
+      RF_CHECK(slots[o] != slots[s], kCoreOp, ": slot ", slots[s], " appears twice (sequences ", o, " and ", s, ")");
+    const int64_t len = p.step.lengths(slots[s]);
+    RF_CHECK(len >= 0, kCoreOp, ": lengths[", slots[s], "] is ", len, ", expected >= 0");
+    RF_CHECK(!pl.groups[kAttn] || len + counts[s] <= keys, kCoreOp, ": sequence ", s, " holds ", len,
+             " tokens and cannot take ", counts[s], " more: its K/V hold ", keys,
+             pl.page_ld ? " (page_table pages x page size)" : " (capacity)");
+  }
+}
+
 inline View<const int32_t, 1> ws_ints(unsigned char* ws, size_t off, int64_t n) {
   return make_view(reinterpret_cast<const int32_t*>(ws + off), {n});
 }
 
-template <class T>
-CallBuffers<T> call_buffers(const Plan& pl, unsigned char* ws) {
+template <class T, class TW>
+CallBuffers<T> call_buffers(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, unsigned char* ws) {
   auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(ws + off); };
   CallBuffers<T> b;
   b.pos = ints(pl.pos), b.cu = ints(pl.cu), b.slots = ints(pl.slots), b.tok_seq = ints(pl.tok_seq);
   b.group_local = ints(pl.group_local);
   b.alpha = reinterpret_cast<float*>(ws + pl.alpha);
   b.s_src = ints(pl.s_src), b.s_kv_lens = ints(pl.s_kv_lens), b.ring_dst = ints(pl.ring_dst);
-  b.qf = reinterpret_cast<float*>(ws + pl.qf);
-  b.kf = reinterpret_cast<float*>(ws + pl.kf);
-  b.vf = reinterpret_cast<float*>(ws + pl.vf);
+  b.page_table = pl.page_ld ? p.step.page_table.data : nullptr;
+  b.qf = p.q.data, b.kf = p.k.data, b.vf = p.v.data, b.heads = p.out.data;
   for (int k = 0; k < 3; ++k) {
     b.q[k] = reinterpret_cast<T*>(ws + pl.q[k]);
     b.k[k] = reinterpret_cast<T*>(ws + pl.k[k]);
@@ -251,32 +291,21 @@ CallBuffers<T> call_buffers(const Plan& pl, unsigned char* ws) {
 template <class Exec>
 constexpr bool is_cpu_exec = std::is_same_v<Exec, CpuExec>;
 
-// One recurrent group i (KV group j): u = conv(v_j), Δ = dt_up (dt_down x) rounded to T, scan.
+// One recurrent group i (KV group j): u = conv(v_j), Δ = dt_up dt_low_i rounded to T, scan.
 // Its scratch (u, Δ) is the group's own, so groups may run concurrently (CPU decode).
-template <bool Execute, class Exec, class T, class TW, class M>
-void recurrent_group(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, int64_t i, Exec exec,
+template <bool Execute, class Exec, class T, class TW>
+void recurrent_group(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, int64_t i, Exec exec,
                      unsigned char* ws, void* lin_ws, size_t lin_bytes) {
   using B = HybridBackend<Exec>;
-  HybridCache<T, M>& cache = *p.cache;
   const int64_t n = pl.n, hd = pl.hd, g = pl.g, nR = pl.groups[kRec];
   const View<const int32_t, 1> cu = ws_ints(ws, pl.cu, pl.S + 1), slots = ws_ints(ws, pl.slots, pl.S);
   const T* qr = reinterpret_cast<const T*>(ws + pl.q[kRec]);
   const T* kr = reinterpret_cast<const T*>(ws + pl.k[kRec]);
   const T* vr = reinterpret_cast<const T*>(ws + pl.v[kRec]);
   T* yr = reinterpret_cast<T*>(ws + pl.o[kRec]);
-  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, View<float, 2> y) {
-    LinearParams<float, TW> lp{x, w, View<const TW, 1>{}, y};
-    if constexpr (Execute) {
-      linear(lp, exec, lin_ws, lin_bytes);
-    } else {
-      check(lp);
-      RF_CHECK(linear_workspace_bytes(lp, exec) <= lin_bytes, kOp, ": internal: linear scratch too small");
-    }
-  };
-  const RecurrentGroupWeights<TW>& rw = p.weights.recurrent[i];
-  const int64_t r = rw.dt_down.shape[0];
+  const RecurrentGroupWeights<TW>& rw = p.recurrent[i];
+  const int64_t r = rw.dt_up.shape[1];
   T* u = reinterpret_cast<T*>(ws + pl.u) + i * n * hd;
-  float* dt_low = reinterpret_cast<float*>(ws + pl.dt_low) + i * n * pl.dt_rank_max;
   float* delta_f = reinterpret_cast<float*>(ws + pl.delta_f) + i * n * hd;
   T* delta_t = reinterpret_cast<T*>(ws + pl.delta_t) + i * n * hd;
   CausalConv1dParams<T> cp;
@@ -284,7 +313,7 @@ void recurrent_group(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& p
   cp.weight = rw.conv_weight;
   cp.bias = rw.conv_bias;
   cp.y = make_view(u, {n, hd});
-  cp.conv_state = cache.conv_state(p.layer, int(i));
+  cp.conv_state = group_slice(p.cache.conv_states, i);
   cp.state_slots = slots;
   if (!pl.decode) cp.cu_seqlens = cu;
   SelectiveScanParams<T> sp;
@@ -296,57 +325,43 @@ void recurrent_group(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& p
   sp.D = rw.D;
   sp.delta_bias = rw.dt_bias;
   sp.y = make_strided_view(yr + i * g * hd, {n, g, hd}, {nR * g * hd, hd, 1});
-  sp.state = cache.ssm_state(p.layer, int(i));
+  sp.state = group_slice(p.cache.ssm_states, i);
   sp.state_slots = slots;
   if (!pl.decode) sp.cu_seqlens = cu;
   sp.delta_activation = DeltaActivation::softplus;
+  LinearParams<float, TW> lp{
+      make_strided_view(p.dt_low.data + dt_column(p.recurrent, i), {n, r}, {p.dt_low.stride[0], int64_t(1)}),
+      rw.dt_up, View<const TW, 1>{}, make_view(delta_f, {n, hd})};
   if constexpr (Execute) {
     if (pl.decode) causal_conv1d_update(cp, exec); else causal_conv1d(cp, exec);
-  } else {
-    B::check_conv(cp, pl.decode);
-  }
-  do_linear(p.x, rw.dt_down, make_view(dt_low, {n, r}));
-  do_linear(make_view(const_cast<const float*>(dt_low), {n, r}), rw.dt_up, make_view(delta_f, {n, hd}));
-  if constexpr (Execute) {
+    linear(lp, exec, lin_ws, lin_bytes);
     B::to_storage(delta_t, delta_f, n * hd, exec);
     if (pl.decode) selective_state_update(sp, exec); else selective_scan(sp, exec);
   } else {
+    B::check_conv(cp, pl.decode);
+    check(lp);
+    RF_CHECK(linear_workspace_bytes(lp, exec) <= lin_bytes, kCoreOp, ": internal: linear scratch too small");
     B::check_scan(sp, pl.decode);
   }
 }
 
-// The layer's inner ops, built from the plan. Execute = false only builds and checks each op's
+// The core's inner ops, built from the plan. Execute = false only builds and checks each op's
 // params (and the scratch each needs); true runs them.
-template <bool Execute, class Exec, class T, class TW, class M>
-void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec, unsigned char* ws) {
+template <bool Execute, class Exec, class T, class TW>
+void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, Exec exec, unsigned char* ws) {
   using B = HybridBackend<Exec>;
-  HybridCache<T, M>& cache = *p.cache;
-  const int64_t n = pl.n, hd = pl.hd, g = pl.g, n_q = pl.n_q, n_kv = pl.n_kv;
-  void* lin_ws = ws + pl.lin;
+  const int64_t n = pl.n, hd = pl.hd, g = pl.g;
   void* attn_ws = ws + pl.attn;
-  const CallBuffers<T> b = call_buffers<T>(pl, ws);
+  const CallBuffers<T> b = call_buffers(p, pl, ws);
   const View<const int32_t, 1> pos = ws_ints(ws, pl.pos, n), cu = ws_ints(ws, pl.cu, pl.S + 1),
                                slots = ws_ints(ws, pl.slots, pl.S), kv_lens = ws_ints(ws, pl.kv_lens, pl.S);
 
-  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> w, BlockWeight blocks, View<const TW, 1> bias,
-                       View<float, 2> y) {
-    LinearParams<float, TW> lp{x, w, bias, y};
-    if constexpr (Execute) {
-      if constexpr (std::is_same_v<Exec, CpuExec>)
-        linear(lp, blocks, exec, lin_ws, pl.lin_bytes);
-      else
-        linear(lp, exec, lin_ws, pl.lin_bytes);  // check(p) refused blocks off the CPU
-    } else {
-      check(lp, blocks);
-      RF_CHECK(linear_workspace_bytes(lp, exec) <= pl.lin_bytes, kOp, ": internal: linear scratch too small");
-    }
-  };
   auto do_attention = [&](const AttentionParams<T>& ap) {
     if constexpr (Execute) {
       attention(ap, exec, attn_ws, pl.attn_bytes);
     } else {
       B::check_attention(ap);
-      RF_CHECK(attention_workspace_bytes(ap, exec) <= pl.attn_bytes, kOp,
+      RF_CHECK(attention_workspace_bytes(ap, exec) <= pl.attn_bytes, kCoreOp,
                ": internal: attention scratch too small");
     }
   };
@@ -355,19 +370,15 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
     if constexpr (Execute) rope(rp, exec); else check(rp, B::kIndex);
   };
 
-  // 1. projections and the gather by kind.
-  const HybridAttentionWeights<TW>& w = p.weights;
-  do_linear(p.x, w.wq, w.wq_blocks, w.bq, make_view(b.qf, {n, n_q * hd}));
-  do_linear(p.x, w.wk, w.wk_blocks, w.bk, make_view(b.kf, {n, n_kv * hd}));
-  do_linear(p.x, w.wv, w.wv_blocks, w.bv, make_view(b.vf, {n, n_kv * hd}));
+  // 1. the gather by kind.
   if constexpr (Execute) B::gather_heads(pl, b, float(1.0 / std::sqrt(double(hd))), exec);
 
-  // 2. attention groups.
+  // 2. attention groups (contiguous slots, or pages).
   const int64_t nA = pl.groups[kAttn];
   if (nA) {
     do_rope(b.q[kAttn], nA * g);
     do_rope(b.k[kAttn], nA);
-    View<T, 4> K = cache.keys(p.layer), V = cache.values(p.layer);
+    const View<T, 4> K = p.cache.k, V = p.cache.v;
     if constexpr (Execute) B::append_kv(pl, b, K, V, exec);
     AttentionParams<T> ap;
     ap.q = make_view(const_cast<const T*>(b.q[kAttn]), {n, nA * g, hd});
@@ -375,7 +386,7 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
     ap.v = V;
     ap.out = make_view(b.o[kAttn], {n, nA * g, hd});
     ap.cu_seqlens = cu;
-    ap.kv_slots = slots;
+    if (pl.page_ld) ap.page_table = p.step.page_table; else ap.kv_slots = slots;
     ap.kv_lens = kv_lens;
     ap.q_positions = pos;
     do_attention(ap);
@@ -386,7 +397,7 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
   if (nS) {
     do_rope(b.q[kStream], nS * g);
     do_rope(b.k[kStream], nS);
-    View<T, 4> RK = cache.stream_keys(p.layer), RV = cache.stream_values(p.layer);
+    const View<T, 4> RK = p.cache.ring_k, RV = p.cache.ring_v;
     const int64_t cap = pl.stream_cap;
     View<T, 4> SK = make_view(reinterpret_cast<T*>(ws + pl.stream_k), {pl.S, nS, cap, hd});
     View<T, 4> SV = make_view(reinterpret_cast<T*>(ws + pl.stream_v), {pl.S, nS, cap, hd});
@@ -400,8 +411,8 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
     ap.kv_lens = ws_ints(ws, pl.s_kv_lens, pl.S);
     ap.q_positions = pos;
     ap.k_positions = make_view(reinterpret_cast<const int32_t*>(ws + pl.s_kpos), {pl.S, cap});
-    ap.sink = cache.sink();
-    ap.window = cache.window();
+    ap.sink = p.cache.sink;
+    ap.window = p.cache.window;
     do_attention(ap);
     if constexpr (Execute) B::ring_write(pl, b, RK, RV, exec);  // after the attention read the ring
   }
@@ -412,7 +423,7 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
     // Decode (tiny ops) runs the groups in parallel, each on one thread with its own scratch, so a
     // step costs one fork-join, not ~4 per group.
     if (!Execute || !pl.decode) {
-      for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, lin_ws, pl.lin_bytes);
+      for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, ws + pl.lin, pl.lin_bytes);
       if (!Execute && pl.decode)  // the decode path's per-thread scratch, on one thread
         for (int64_t i = 0; i < nR; ++i)
           recurrent_group<false>(p, pl, i, CpuExec{}, ws, ws + pl.rec_lin, pl.rec_lin_bytes);
@@ -423,39 +434,35 @@ void run(const HybridHeadAttentionParams<T, TW, M>& p, const Plan& pl, Exec exec
       });
     }
   } else {
-    for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, lin_ws, pl.lin_bytes);
+    for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, ws + pl.lin, pl.lin_bytes);
   }
 
-  // 5. head outputs back to head order in fp32 (reusing qf), windowed groups mixed with alpha, then Wo.
+  // 5. head outputs back to head order in fp32, windowed groups mixed with alpha.
   if constexpr (Execute) {
     for (int64_t i = 0; i < nR; ++i)
-      if (w.recurrent[i].alpha.present()) B::copy_floats(b.alpha + i * g, w.recurrent[i].alpha.data, g, exec);
+      if (p.recurrent[i].alpha.present()) B::copy_floats(b.alpha + i * g, p.recurrent[i].alpha.data, g, exec);
     B::scatter_heads(pl, b, exec);
   }
-  do_linear(make_view(const_cast<const float*>(b.qf), {n, n_q * hd}), w.wo, w.wo_blocks, View<const TW, 1>{}, p.out);
+}
+
+// What linear(x [tokens, in] W^T) needs of scratch on `exec`.
+template <class TW, class Exec>
+size_t linear_scratch(int64_t tokens, View<const TW, 2> w, Exec exec) {
+  LinearParams<float, TW> lp;
+  lp.x = make_view(const_cast<const float*>(placeholder<float>()), {tokens, w.shape[1]});
+  lp.weight = w;
+  lp.y = make_view(placeholder<float>(), {tokens, w.shape[0]});
+  return linear_workspace_bytes(lp, exec);
 }
 
 // The full plan: the layout, plus the linear and attention scratch for this call's metadata
 // (filled, on the host, at `meta`).
-template <class Exec, class T, class TW, class M>
-Plan plan_call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, unsigned char* meta) {
+template <class Exec, class T, class TW>
+Plan plan_call(const HybridAttentionCoreParams<T, TW>& p, Exec exec, unsigned char* meta) {
   Plan pl = plan_layout(p);
   const int64_t n = pl.n, hd = pl.hd, g = pl.g;
-  const HybridAttentionWeights<TW>& w = p.weights;
-  auto lin_need = [&](int64_t tokens, View<const TW, 2> wt, int64_t in, auto lin_exec) {
-    LinearParams<float, TW> lp;
-    lp.x = make_view(const_cast<const float*>(placeholder<float>()), {tokens, in});
-    lp.weight = wt;
-    lp.y = make_view(placeholder<float>(), {tokens, wt.shape[0]});
-    return linear_workspace_bytes(lp, lin_exec);
-  };
   size_t lin = 0;
-  lin = std::max({lin_need(n, w.wq, pl.d_model, exec), lin_need(n, w.wk, pl.d_model, exec),
-                  lin_need(n, w.wv, pl.d_model, exec), lin_need(n, w.wo, pl.n_q * hd, exec)});
-  for (int i = 0; i < w.n_recurrent; ++i) {
-    lin = std::max(lin, lin_need(n, w.recurrent[i].dt_down, pl.d_model, exec));
-    lin = std::max(lin, lin_need(n, w.recurrent[i].dt_up, w.recurrent[i].dt_down.shape[0], exec));
-  }
+  for (int i = 0; i < p.n_recurrent; ++i) lin = std::max(lin, linear_scratch(n, p.recurrent[i].dt_up, exec));
   size_t attn = 0;
   const View<const int32_t, 1> pos = ws_ints(meta, pl.pos, n), cu = ws_ints(meta, pl.cu, pl.S + 1),
                                slots = ws_ints(meta, pl.slots, pl.S);
@@ -468,30 +475,24 @@ Plan plan_call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, unsigned
     ap.cu_seqlens = cu;
     ap.q_positions = pos;
     if (kind == kAttn) {
-      ap.k = p.cache->keys(p.layer);
-      ap.v = p.cache->values(p.layer);
-      ap.kv_slots = slots;
+      ap.k = p.cache.k;
+      ap.v = p.cache.v;
+      if (pl.page_ld) ap.page_table = p.step.page_table; else ap.kv_slots = slots;
       ap.kv_lens = ws_ints(meta, pl.kv_lens, pl.S);
     } else {
       ap.k = make_view(const_cast<const T*>(placeholder<T>()), {pl.S, nk, pl.stream_cap, hd});
       ap.v = ap.k;
       ap.kv_lens = ws_ints(meta, pl.s_kv_lens, pl.S);
     }
-    // Slot and length errors are reported by the cache's own check before this matters.
-    bool valid = true;
-    for (int64_t s = 0; s < pl.S; ++s)
-      valid = valid && slots(s) >= 0 && slots(s) < p.cache->slots() && ap.kv_lens(s) <= ap.k.shape[2];
-    if (valid) attn = std::max(attn, attention_workspace_bytes(ap, exec));
+    attn = std::max(attn, attention_workspace_bytes(ap, exec));  // after check_step: the indices are valid
   }
   size_t rec_lin = 0;
   int threads = 1;
-  if constexpr (is_cpu_exec<Exec>) {  // CPU decode runs each group's Δ projections on one thread
+  if constexpr (is_cpu_exec<Exec>) {  // CPU decode runs each group's dt_up on one thread
     threads = exec.threads();
     if (pl.decode)
-      for (int i = 0; i < w.n_recurrent; ++i) {
-        rec_lin = std::max(rec_lin, lin_need(n, w.recurrent[i].dt_down, pl.d_model, CpuExec{}));
-        rec_lin = std::max(rec_lin, lin_need(n, w.recurrent[i].dt_up, w.recurrent[i].dt_down.shape[0], CpuExec{}));
-      }
+      for (int i = 0; i < p.n_recurrent; ++i)
+        rec_lin = std::max(rec_lin, linear_scratch(n, p.recurrent[i].dt_up, CpuExec{}));
   }
   size_t off = pl.lin;
   pl.lin_bytes = lin;
@@ -506,38 +507,272 @@ Plan plan_call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, unsigned
   return pl;
 }
 
-template <class Exec, class T, class TW, class M>
-size_t workspace_bytes(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) {
+template <class Exec, class T, class TW>
+size_t core_workspace_bytes(const HybridAttentionCoreParams<T, TW>& p, Exec exec) {
   check(p);
   const Plan layout = plan_layout(p);
   std::vector<unsigned char> meta(layout.meta_end + kAlign);  // a size query may allocate
   unsigned char* m = align_ptr(meta.data());
   fill_metadata(p, layout, m);
+  check_step(p, layout, m);
   return plan_call(p, exec, m).total;
 }
 
-template <class Exec, class T, class TW, class M>
-void call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, void* workspace, size_t workspace_bytes) {
+template <class Exec, class T, class TW>
+void core_call(const HybridAttentionCoreParams<T, TW>& p, Exec exec, void* workspace, size_t workspace_bytes) {
   using B = HybridBackend<Exec>;
   check(p);
   const Plan layout = plan_layout(p);
-  RF_CHECK(workspace != nullptr && workspace_bytes >= layout.meta_end + kAlign, kOp, ": workspace has ",
-           workspace_bytes, " bytes, expected at least hybrid_head_attention_workspace_bytes()");
+  RF_CHECK(workspace != nullptr && workspace_bytes >= layout.meta_end + kAlign, kCoreOp, ": workspace has ",
+           workspace_bytes, " bytes, expected at least hybrid_attention_core_workspace_bytes()");
   unsigned char* ws = align_ptr(workspace);
   unsigned char* meta = B::metadata_buffer(ws, layout.meta_end, exec);  // host memory
   fill_metadata(p, layout, meta);
+  check_step(p, layout, meta);
   const Plan pl = plan_call(p, exec, meta);
-  RF_CHECK(workspace_bytes >= pl.total, kOp, ": workspace has ", workspace_bytes, " bytes, expected at least ",
-           pl.total, " (hybrid_head_attention_workspace_bytes)");
-  p.cache->check_append(ws_ints(meta, pl.slots, pl.S), ws_ints(meta, pl.counts, pl.S));
+  RF_CHECK(workspace_bytes >= pl.total, kCoreOp, ": workspace has ", workspace_bytes, " bytes, expected at least ",
+           pl.total, " (hybrid_attention_core_workspace_bytes)");
   if (pl.n == 0) return;
   run<false>(p, pl, exec, ws);  // every inner op's params checked before anything is written
   B::upload_metadata(ws, meta, pl.meta_end, exec);
   run<true>(p, pl, exec, ws);
 }
 
+// ---- the layer: projections around the core ------------------------------------------------------
+
+/// Where the layer keeps its projections in the workspace, ahead of the core's scratch.
+struct LayerPlan {
+  size_t qf = 0, kf = 0, vf = 0, dt_low = 0, lin = 0, lin_bytes = 0, core = 0;
+  int64_t dt_cols = 0;
+};
+
+template <class T, class TW, class M>
+LayerPlan plan_layer(const HybridHeadAttentionParams<T, TW, M>& p) {
+  LayerPlan lp;
+  const int64_t n = p.x.shape[0], hd = p.cache->head_dim(), n_kv = p.cache->config().n_kv;
+  const HybridAttentionWeights<TW>& w = p.weights;
+  for (int i = 0; i < w.n_recurrent; ++i) lp.dt_cols += w.recurrent[i].dt_up.shape[1];
+  size_t off = 0;
+  auto take = [&](size_t& at, int64_t count) {
+    at = off;
+    off += align_up(size_t(count) * sizeof(float));
+  };
+  take(lp.qf, n * p.n_q * hd);  // doubles as the core's out (the head concat Wo reads)
+  take(lp.kf, n * n_kv * hd);
+  take(lp.vf, n * n_kv * hd);
+  take(lp.dt_low, n * lp.dt_cols);
+  lp.lin = off;
+  return lp;
+}
+
+/// The layer's core params, over the workspace at `ws` (null: placeholders, for checks and sizes).
+template <class T, class TW, class M>
+HybridAttentionCoreParams<T, TW> core_params(const HybridHeadAttentionParams<T, TW, M>& p, const LayerPlan& lp,
+                                             unsigned char* ws) {
+  HybridCache<T, M>& c = *p.cache;
+  const int64_t n = p.x.shape[0], hd = c.head_dim(), n_kv = c.config().n_kv;
+  auto f = [&](size_t off) { return ws ? reinterpret_cast<float*>(ws + off) : placeholder<float>(); };
+  HybridAttentionCoreParams<T, TW> cp;
+  cp.q = make_view(const_cast<const float*>(f(lp.qf)), {n, p.n_q * hd});
+  cp.k = make_view(const_cast<const float*>(f(lp.kf)), {n, n_kv * hd});
+  cp.v = make_view(const_cast<const float*>(f(lp.vf)), {n, n_kv * hd});
+  if (lp.dt_cols) cp.dt_low = make_view(const_cast<const float*>(f(lp.dt_low)), {n, lp.dt_cols});
+  cp.out = make_view(f(lp.qf), {n, p.n_q * hd});
+  cp.recurrent = p.weights.recurrent;
+  cp.n_recurrent = p.weights.n_recurrent;
+  cp.cache = c.layer_view(p.layer);
+  cp.step.cu_seqlens = p.cu_seqlens;
+  cp.step.slots = p.slots;
+  cp.step.lengths = c.lengths();
+  cp.n_q = p.n_q;
+  cp.head_dim = int(hd);
+  cp.inv_freq = p.inv_freq;
+  cp.rope_layout = p.rope_layout;
+  return cp;
+}
+
+// The layer's linears. Execute = false checks them and their scratch.
+template <bool Execute, class Exec, class T, class TW, class M>
+void project(const HybridHeadAttentionParams<T, TW, M>& p, const LayerPlan& lp, Exec exec, unsigned char* ws,
+             size_t lin_bytes, bool inputs) {
+  const HybridAttentionWeights<TW>& w = p.weights;
+  const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, ws);
+  auto do_linear = [&](View<const float, 2> x, View<const TW, 2> wt, BlockWeight blocks, View<const TW, 1> bias,
+                       View<float, 2> y, auto lin_exec) {
+    LinearParams<float, TW> prm{x, wt, bias, y};
+    if constexpr (Execute) {
+      if constexpr (is_cpu_exec<Exec>)
+        linear(prm, blocks, lin_exec, ws + lp.lin, lin_bytes);
+      else
+        linear(prm, lin_exec, ws + lp.lin, lin_bytes);  // check(p) refused blocks off the CPU
+    } else {
+      check(prm, blocks);
+      RF_CHECK(linear_workspace_bytes(prm, lin_exec) <= lin_bytes, kOp, ": internal: linear scratch too small");
+    }
+  };
+  auto mut = [](View<const float, 2> v) { return make_strided_view(const_cast<float*>(v.data), v.shape, v.stride); };
+  if (!inputs) {  // Wo over the head outputs
+    do_linear(cp.out, w.wo, w.wo_blocks, View<const TW, 1>{}, p.out, exec);
+    return;
+  }
+  do_linear(p.x, w.wq, w.wq_blocks, w.bq, mut(cp.q), exec);
+  do_linear(p.x, w.wk, w.wk_blocks, w.bk, mut(cp.k), exec);
+  do_linear(p.x, w.wv, w.wv_blocks, w.bv, mut(cp.v), exec);
+  // dt_down x per state group into its columns; a decode step's are tiny, so on the calling thread.
+  const int64_t n = p.x.shape[0];
+  for (int i = 0; i < w.n_recurrent; ++i) {
+    const View<const TW, 2> dd = w.recurrent[i].dt_down;
+    View<float, 2> y = make_strided_view(const_cast<float*>(cp.dt_low.data) + dt_column(w.recurrent, i),
+                                         {n, dd.shape[0]}, {cp.dt_low.stride[0], int64_t(1)});
+    if constexpr (is_cpu_exec<Exec>) {
+      if (n == 1) {
+        do_linear(p.x, dd, BlockWeight{}, View<const TW, 1>{}, y, CpuExec{});
+        continue;
+      }
+    }
+    do_linear(p.x, dd, BlockWeight{}, View<const TW, 1>{}, y, exec);
+  }
+}
+
+template <class Exec, class T, class TW, class M>
+size_t layer_lin_bytes(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) {
+  const int64_t n = p.x.shape[0];
+  const HybridAttentionWeights<TW>& w = p.weights;
+  size_t lin = std::max({linear_scratch(n, w.wq, exec), linear_scratch(n, w.wk, exec), linear_scratch(n, w.wv, exec),
+                         linear_scratch(n, w.wo, exec)});
+  for (int i = 0; i < w.n_recurrent; ++i) {
+    lin = std::max(lin, linear_scratch(n, w.recurrent[i].dt_down, exec));
+    if constexpr (is_cpu_exec<Exec>) lin = std::max(lin, linear_scratch(n, w.recurrent[i].dt_down, CpuExec{}));
+  }
+  return lin;
+}
+
+template <class Exec, class T, class TW, class M>
+size_t workspace_bytes(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) {
+  check(p);
+  const LayerPlan lp = plan_layer(p);
+  return kAlign + lp.lin + align_up(layer_lin_bytes(p, exec)) +
+         core_workspace_bytes(core_params(p, lp, nullptr), exec);
+}
+
+template <class Exec, class T, class TW, class M>
+void call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, void* workspace, size_t workspace_bytes) {
+  check(p);
+  HybridCache<T, M>& c = *p.cache;
+  const LayerPlan lp = plan_layer(p);
+  const size_t lin_bytes = layer_lin_bytes(p, exec), core_at = lp.lin + align_up(lin_bytes) + kAlign;
+  RF_CHECK(workspace != nullptr && workspace_bytes >= core_at, kOp, ": workspace has ", workspace_bytes,
+           " bytes, expected at least hybrid_head_attention_workspace_bytes()");
+  unsigned char* ws = align_ptr(workspace);
+  // The cache's own capacity check first: it speaks of slots and capacity, which the caller chose.
+  const int64_t S = num_sequences(p.cu_seqlens);
+  c.check_append(S, [&](int64_t s) {
+    const int64_t cnt = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) - p.cu_seqlens(s) : p.x.shape[0];
+    return std::pair<int32_t, int64_t>{p.slots.present() ? p.slots(s) : int32_t(s), cnt};
+  });
+  project<false>(p, lp, exec, ws, lin_bytes, true);
+  project<false>(p, lp, exec, ws, lin_bytes, false);  // Wo checked before the core writes the cache
+  if (p.x.shape[0] == 0) return;
+  const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, ws);
+  project<true>(p, lp, exec, ws, lin_bytes, true);  // into the workspace only
+  unsigned char* core_ws = ws + lp.lin + align_up(lin_bytes);
+  core_call(cp, exec, core_ws, workspace_bytes - size_t(core_ws - static_cast<unsigned char*>(workspace)));
+  project<true>(p, lp, exec, ws, lin_bytes, false);
+}
+
 }  // namespace hybrid
 }  // namespace detail
+
+template <class T, class TW>
+void check(const HybridAttentionCoreParams<T, TW>& p) {
+  using detail::hybrid::kCoreOp;
+  const HybridLayerView<T>& c = p.cache;
+  detail::check_shape(kCoreOp, "cache.kinds", c.kinds, {-1});
+  const int64_t n_kv = c.kinds.shape[0], hd = p.head_dim;
+  RF_CHECK(n_kv >= 1 && hd >= 1, kCoreOp, ": cache.kinds (", n_kv, " KV groups) and head_dim (", hd,
+           ") must be positive");
+  RF_CHECK(p.n_q >= 1 && p.n_q % n_kv == 0, kCoreOp, ": n_q (", p.n_q, ") must be a positive multiple of n_kv (",
+           n_kv, ")");
+  const int64_t n_q = p.n_q;
+  detail::check_shape(kCoreOp, "q", p.q, {-1, n_q * hd});
+  const int64_t tokens = p.q.shape[0];
+  detail::check_shape(kCoreOp, "k", p.k, {tokens, n_kv * hd});
+  detail::check_shape(kCoreOp, "v", p.v, {tokens, n_kv * hd});
+  detail::check_shape(kCoreOp, "out", p.out, {tokens, n_q * hd});
+  detail::check_inner_contiguous(kCoreOp, "q", p.q);
+  detail::check_inner_contiguous(kCoreOp, "k", p.k);
+  detail::check_inner_contiguous(kCoreOp, "v", p.v);
+  detail::check_inner_contiguous(kCoreOp, "out", p.out);
+  int64_t nA = 0, nState = 0, nRing = 0;
+  for (int64_t j = 0; j < n_kv; ++j) {
+    const HeadKind k = c.kinds(j);
+    nA += k == HeadKind::attention, nState += has_recurrent_state(k), nRing += has_stream_ring(k);
+  }
+  detail::check_shape(kCoreOp, "step.lengths", p.step.lengths, {-1});
+  const int64_t slots = p.step.lengths.shape[0];
+  const bool paged = p.step.page_table.present();
+  if (nA) {
+    detail::check_shape(kCoreOp, "cache.k", c.k, {paged ? -1 : slots, nA, -1, hd});
+    detail::check_shape(kCoreOp, "cache.v", c.v, {c.k.shape[0], nA, c.k.shape[2], hd});
+  }
+  if (nRing) {
+    detail::check_shape(kCoreOp, "cache.ring_k", c.ring_k, {slots, nRing, -1, hd});
+    detail::check_shape(kCoreOp, "cache.ring_v", c.ring_v, {slots, nRing, c.ring_k.shape[2], hd});
+    RF_CHECK(c.sink >= 0 && c.window >= 1 && c.ring_k.shape[2] > c.sink, kCoreOp, ": the rings hold ",
+             c.ring_k.shape[2], " entries: expected more than the sink (", c.sink, "), and window >= 1 (got ",
+             c.window, ")");
+  }
+  if (nState) {
+    RF_CHECK(p.n_recurrent == nState && p.recurrent != nullptr, kCoreOp, ": ", nState,
+             " recurrent and windowed groups but recurrent has ", p.n_recurrent, " entries");
+    detail::check_shape(kCoreOp, "cache.ssm_states", c.ssm_states, {slots, nState, hd, hd});
+    detail::check_shape(kCoreOp, "cache.conv_states", c.conv_states, {slots, nState, -1, hd});
+    const int64_t Kc = c.conv_states.shape[2] + 1;
+    int64_t cols = 0;
+    for (int64_t j = 0, i = 0; j < n_kv; ++j) {
+      if (!has_recurrent_state(c.kinds(j))) continue;
+      const RecurrentGroupWeights<TW>& r = p.recurrent[i];
+      char name[64];  // no allocation on the hot path: the names are formatted into a stack buffer
+      auto nm = [&](const char* field) {
+        std::snprintf(name, sizeof name, "recurrent[%d].%s", int(i), field);
+        return name;
+      };
+      detail::check_shape(kCoreOp, nm("dt_up"), r.dt_up, {hd, -1});
+      RF_CHECK(r.dt_up.shape[1] >= 1, kCoreOp, ": ", nm("dt_up"), " must have at least one column (dt_rank)");
+      cols += r.dt_up.shape[1];
+      detail::check_shape(kCoreOp, nm("dt_bias"), r.dt_bias, {hd});
+      detail::check_shape(kCoreOp, nm("A"), r.A, {hd, hd});
+      detail::check_optional_shape(kCoreOp, nm("D"), r.D, {hd});
+      detail::check_shape(kCoreOp, nm("conv_weight"), r.conv_weight, {hd, Kc});
+      detail::check_optional_shape(kCoreOp, nm("conv_bias"), r.conv_bias, {hd});
+      const bool windowed = c.kinds(j) == HeadKind::windowed;
+      RF_CHECK(windowed == r.alpha.present(), kCoreOp, ": ", nm("alpha"),
+               windowed ? " is missing: KV group " : " is given: KV group ", j,
+               windowed ? " is windowed" : " is recurrent, not windowed");
+      if (windowed) detail::check_shape(kCoreOp, nm("alpha"), r.alpha, {n_q / n_kv});
+      ++i;
+    }
+    detail::check_shape(kCoreOp, "dt_low", p.dt_low, {tokens, cols});
+    detail::check_inner_contiguous(kCoreOp, "dt_low", p.dt_low);
+  }
+  if (nA + nRing > 0) {  // some group runs softmax attention
+    dispatch_value("hybrid_attention_core: head_dim of attention groups", AttentionHeadDims{}, hd, [](auto) {});
+    detail::check_shape(kCoreOp, "inv_freq", p.inv_freq, {hd / 2});
+  }
+  int64_t S = 1;
+  if (p.step.cu_seqlens.present()) {
+    S = p.step.cu_seqlens.shape[0] - 1;
+    RF_CHECK(S >= 1, kCoreOp, ": step.cu_seqlens needs at least 2 entries");
+    RF_CHECK(p.step.cu_seqlens(0) == 0 && p.step.cu_seqlens(S) == tokens, kCoreOp,
+             ": step.cu_seqlens must start at 0 and end at ", tokens, " (got ", p.step.cu_seqlens(0), " .. ",
+             p.step.cu_seqlens(S), ")");
+    for (int64_t s = 0; s < S; ++s)
+      RF_CHECK(p.step.cu_seqlens(s) <= p.step.cu_seqlens(s + 1), kCoreOp,
+               ": step.cu_seqlens must be non-decreasing (at ", s, ")");
+  }
+  detail::check_optional_shape(kCoreOp, "step.slots", p.step.slots, {S});
+  if (paged) detail::check_shape(kCoreOp, "step.page_table", p.step.page_table, {S, -1});
+}
 
 template <class T, class TW, class M>
 void check(const HybridHeadAttentionParams<T, TW, M>& p) {
@@ -572,43 +807,14 @@ void check(const HybridHeadAttentionParams<T, TW, M>& p) {
   if (n_rec > 0)
     RF_CHECK(c.d_state() == hd, kOp, ": d_state (", c.d_state(), ") must equal head_dim (", hd,
              ") for recurrent groups (B = k, C = q)");
-  for (int j = 0, i = 0; j < ll.n_groups(); ++j) {
-    if (!has_recurrent_state(ll.groups[size_t(j)])) continue;
+  for (int i = 0; i < n_rec; ++i) {
     const RecurrentGroupWeights<TW>& r = w.recurrent[i];
-    char name[64];  // no allocation on the hot path: the names are formatted into a stack buffer
-    auto nm = [&](const char* field) {
-      std::snprintf(name, sizeof name, "weights.recurrent[%d].%s", i, field);
-      return name;
-    };
-    detail::check_shape(kOp, nm("dt_down"), r.dt_down, {-1, d_model});
-    const int64_t rank = r.dt_down.shape[0];
-    RF_CHECK(rank >= 1, kOp, ": ", nm("dt_down"), " must have at least one row (dt_rank)");
-    detail::check_shape(kOp, nm("dt_up"), r.dt_up, {hd, rank});
-    detail::check_shape(kOp, nm("dt_bias"), r.dt_bias, {hd});
-    detail::check_shape(kOp, nm("A"), r.A, {hd, hd});
-    detail::check_optional_shape(kOp, nm("D"), r.D, {hd});
-    detail::check_shape(kOp, nm("conv_weight"), r.conv_weight, {hd, int64_t(c.conv_kernel())});
-    detail::check_optional_shape(kOp, nm("conv_bias"), r.conv_bias, {hd});
-    const bool windowed = ll.groups[size_t(j)] == HeadKind::windowed;
-    RF_CHECK(windowed == r.alpha.present(), kOp, ": ", nm("alpha"), windowed ? " is missing: KV group " : " is given: KV group ",
-             j, " of layer ", p.layer, windowed ? " is windowed" : " is recurrent, not windowed");
-    if (windowed) detail::check_shape(kOp, nm("alpha"), r.alpha, {n_q / n_kv});
-    ++i;
+    char name[64];
+    std::snprintf(name, sizeof name, "weights.recurrent[%d].dt_down", i);
+    detail::check_shape(kOp, name, r.dt_down, {r.dt_up.present() ? r.dt_up.shape[1] : -1, d_model});
   }
-  if (ll.count(HeadKind::recurrent) < ll.n_groups()) {  // some group runs softmax attention
-    dispatch_value("hybrid_head_attention: head_dim of attention groups", AttentionHeadDims{}, hd, [](auto) {});
-    detail::check_shape(kOp, "inv_freq", p.inv_freq, {hd / 2});
-  }
-  int64_t S = 1;
-  if (p.cu_seqlens.present()) {
-    S = p.cu_seqlens.shape[0] - 1;
-    RF_CHECK(S >= 1, kOp, ": cu_seqlens needs at least 2 entries");
-    RF_CHECK(p.cu_seqlens(0) == 0 && p.cu_seqlens(S) == tokens, kOp, ": cu_seqlens must start at 0 and end at ",
-             tokens, " (got ", p.cu_seqlens(0), " .. ", p.cu_seqlens(S), ")");
-    for (int64_t s = 0; s < S; ++s)
-      RF_CHECK(p.cu_seqlens(s) <= p.cu_seqlens(s + 1), kOp, ": cu_seqlens must be non-decreasing (at ", s, ")");
-  }
-  detail::check_optional_shape(kOp, "slots", p.slots, {S});
+  // The rest (cu_seqlens, slots, recurrent weights, the cache's views, head_dim, inv_freq) is the core's check.
+  check(detail::hybrid::core_params(p, detail::hybrid::plan_layer(p), nullptr));
 }
 
 }  // namespace recurformer
