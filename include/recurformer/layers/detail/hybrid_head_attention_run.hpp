@@ -591,12 +591,12 @@ HybridAttentionCoreParams<T, TW> core_params(const HybridHeadAttentionParams<T, 
   return cp;
 }
 
-// The layer's linears. Execute = false checks them and their scratch.
+// The layer's linears, into and out of the core's views cp: the inputs (q, k, v, dt_low) or Wo.
+// Execute = false checks them and their scratch.
 template <bool Execute, class Exec, class T, class TW, class M>
-void project(const HybridHeadAttentionParams<T, TW, M>& p, const LayerPlan& lp, Exec exec, unsigned char* ws,
-             size_t lin_bytes, bool inputs) {
+void project(const HybridHeadAttentionParams<T, TW, M>& p, const HybridAttentionCoreParams<T, TW>& cp,
+             const LayerPlan& lp, Exec exec, unsigned char* ws, size_t lin_bytes, bool inputs) {
   const HybridAttentionWeights<TW>& w = p.weights;
-  const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, ws);
   auto do_linear = [&](View<const float, 2> x, View<const TW, 2> wt, BlockWeight blocks, View<const TW, 1> bias,
                        View<float, 2> y, auto lin_exec) {
     LinearParams<float, TW> prm{x, wt, bias, y};
@@ -670,14 +670,14 @@ void call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, void* workspa
     const int64_t cnt = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) - p.cu_seqlens(s) : p.x.shape[0];
     return std::pair<int32_t, int64_t>{p.slots.present() ? p.slots(s) : int32_t(s), cnt};
   });
-  project<false>(p, lp, exec, ws, lin_bytes, true);
-  project<false>(p, lp, exec, ws, lin_bytes, false);  // Wo checked before the core writes the cache
-  if (p.x.shape[0] == 0) return;
   const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, ws);
-  project<true>(p, lp, exec, ws, lin_bytes, true);  // into the workspace only
+  project<false>(p, cp, lp, exec, ws, lin_bytes, true);
+  project<false>(p, cp, lp, exec, ws, lin_bytes, false);  // Wo checked before the core writes the cache
+  if (p.x.shape[0] == 0) return;
+  project<true>(p, cp, lp, exec, ws, lin_bytes, true);  // into the workspace only
   unsigned char* core_ws = ws + lp.lin + align_up(lin_bytes);
   core_call(cp, exec, core_ws, workspace_bytes - size_t(core_ws - static_cast<unsigned char*>(workspace)));
-  project<true>(p, lp, exec, ws, lin_bytes, false);
+  project<true>(p, cp, lp, exec, ws, lin_bytes, false);
 }
 
 }  // namespace hybrid
