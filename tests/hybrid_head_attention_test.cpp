@@ -412,5 +412,8 @@ TEST_CASE("hybrid_attention_core: bad steps are named and write nothing", "[hybr
   cp.step.slots = make_view(const_cast<const int32_t*>(slot.data()), {1});
   cp.dt_low = {};
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()), Catch::Contains("dt_low"));
+  cp.n_recurrent = 2;
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()),
+                      Catch::Contains("1 recurrent and windowed groups but recurrent has 2 entries"));
   untouched();
 }

@@ -23,6 +23,10 @@
 // asynchronous on that stream. Lengths and epochs live on the host in both: they are the
 // scheduler's metadata, and a device layer uploads what its kernels need with each call.
 //
+// layer_view(l) hands out one layer's memory as plain views (HybridLayerView), which is what the
+// layer core (layers/hybrid_attention_core.hpp) reads and writes; an engine with its own memory
+// builds the same views over its own buffers, with the attention groups' K/V paged if it likes.
+//
 // Appending is two-phase, because every layer of a forward pass writes at the same positions:
 // the layer calls check_append (throws before anything changes if any slot would overflow), writes
 // its K/V/states at positions [length, length + n), and after the last layer the caller commits the

@@ -722,9 +722,9 @@ void check(const HybridAttentionCoreParams<T, TW>& p) {
              c.ring_k.shape[2], " entries: expected more than the sink (", c.sink, "), and window >= 1 (got ",
              c.window, ")");
   }
+  RF_CHECK(p.n_recurrent == nState && (nState == 0 || p.recurrent != nullptr), kCoreOp, ": ", nState,
+           " recurrent and windowed groups but recurrent has ", p.n_recurrent, " entries");
   if (nState) {
-    RF_CHECK(p.n_recurrent == nState && p.recurrent != nullptr, kCoreOp, ": ", nState,
-             " recurrent and windowed groups but recurrent has ", p.n_recurrent, " entries");
     detail::check_shape(kCoreOp, "cache.ssm_states", c.ssm_states, {slots, nState, hd, hd});
     detail::check_shape(kCoreOp, "cache.conv_states", c.conv_states, {slots, nState, -1, hd});
     const int64_t Kc = c.conv_states.shape[2] + 1;
