@@ -175,6 +175,9 @@ struct Engine {
     }
     std::vector<float> x(size_t(n * d)), xn(x.size()), tmp(x.size()), heads(size_t(n * nq * hd));
     std::vector<float> gate(size_t(n * c.ffn)), up(gate.size());
+    int64_t in_rows = 0;
+    for (const Layer& L : layers) in_rows = std::max(in_rows, L.in_rows);
+    std::vector<float> fused(size_t(n * in_rows));  // one buffer for every layer's fused projection
     std::vector<unsigned char> lin_ws;
     auto scratch = [&](size_t b) -> std::vector<unsigned char>& {
       if (lin_ws.size() < b) lin_ws.resize(b);
@@ -185,7 +188,6 @@ struct Engine {
     embedding(EmbeddingParams<float, float>{mat(embed, V, d), make_view(tokens.data(), {n}), X(x, d)}, exec);
     for (Layer& L : layers) {
       rmsnorm(RmsNormParams<float, float>{cX(x, d), make_view(L.attn_norm.data(), {d}), X(xn, d), c.rms_eps}, exec);
-      std::vector<float> fused(size_t(n * L.in_rows));
       linear_f32(cX(xn, d), mat(L.w_in, L.in_rows, d), L.b_in.data(), X(fused, L.in_rows), scratch);
       auto cols = [&](int64_t col, int64_t width) {
         return make_strided_view(const_cast<const float*>(fused.data()) + col, {n, width}, {L.in_rows, int64_t(1)});

@@ -75,7 +75,7 @@ U* placeholder() {
 struct Plan {
   int64_t n = 0, S = 0, d_model = 0, n_q = 0, n_kv = 0, hd = 0, g = 0;
   int64_t groups[3] = {0, 0, 0};  // KV groups per kind
-  int64_t ring = 0, sink = 0, window = 0, max_len = 0, stream_cap = 0, dt_rank_max = 0;
+  int64_t ring = 0, sink = 0, window = 0, max_len = 0, stream_cap = 0;
   bool decode = false;
   int64_t q_ld = 0, k_ld = 0, v_ld = 0, out_ld = 0;  // row strides of the projected inputs and of out
   int64_t page_ld = 0, page_size = 0;                // page_table row stride (0: contiguous K/V), keys per page
@@ -155,7 +155,6 @@ Plan plan_layout(const HybridAttentionCoreParams<T, TW>& p) {
   }
   pl.decode = all_one && pl.S == pl.n;
   pl.stream_cap = pl.groups[kStream] ? pl.ring + pl.max_len : 0;
-  for (int i = 0; i < p.n_recurrent; ++i) pl.dt_rank_max = std::max(pl.dt_rank_max, p.recurrent[i].dt_up.shape[1]);
   pl.q_ld = p.q.stride[0], pl.k_ld = p.k.stride[0], pl.v_ld = p.v.stride[0], pl.out_ld = p.out.stride[0];
   pl.page_ld = p.step.page_table.present() ? p.step.page_table.stride[0] : 0;
   pl.page_size = c.k.shape[2];
