@@ -5,8 +5,12 @@
 // token-by-token decode, sequences batched or alone) must reproduce the same reference; plus the
 // capacity error (cache and out bit-identical), snapshot/restore and fork. Every storage type, every
 // ISA, head_dim 64 (what the attention op is compiled for).
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <cstring>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -15,6 +19,19 @@
 #include "support/test_util.hpp"
 
 using namespace recurformer;
+
+// Counts heap allocations while armed: a planned layer call must make none.
+namespace {
+std::atomic<bool> g_count_allocs{false};
+std::atomic<long> g_allocs{0};
+}  // namespace
+void* operator new(std::size_t n) {
+  if (g_count_allocs.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -245,6 +262,9 @@ struct EngineRunner {
   std::vector<int> slot_of;
   ThreadPool pool{2};
   bool threaded = true;
+  // Plan the step once (plan_hybrid_step) with a shape wider than this layer, as a model whose
+  // largest layer has every kind, and run the core from the plan with no allocation.
+  bool planned = false;
 
   EngineRunner(const Model<TW>& model, int n_slots, int64_t cap)
       : m(model), slots(n_slots), capacity(cap), kinds(model.layout.groups) {
@@ -324,8 +344,28 @@ struct EngineRunner {
     cp.step.page_table = make_view(const_cast<const int32_t*>(table.data()), {S, max_pages});
     cp.n_q = kNq, cp.head_dim = kHd;
     cp.inv_freq = make_view(m.inv_freq.data(), {int64_t(m.inv_freq.size())});
-    std::vector<unsigned char> ws(hybrid_attention_core_workspace_bytes(cp, exec));
-    hybrid_attention_core(cp, exec, ws.data(), ws.size());
+    if (planned) {
+      HybridStepShape sh;
+      sh.n_q = kNq, sh.n_kv = int64_t(kinds.size()), sh.head_dim = kHd;
+      sh.max_attention_groups = sh.max_state_groups = sh.max_ring_groups = sh.n_kv;
+      sh.max_dt_rank = kRank + 3;
+      sh.kv_keys = kPage, sh.kv_pages = pages;
+      sh.ring = ring, sh.sink = kSink, sh.window = kWindow;
+      const HybridStep st = cp.step;
+      std::vector<unsigned char> meta(hybrid_step_metadata_bytes(sh, st, n));
+      const HybridStepPlan<T, TW> plan =
+          plan_hybrid_step<T, TW>(sh, st, n, exec, HybridPlanBuffers{meta.data(), nullptr, meta.size()});
+      cp.step = HybridStep{};
+      std::vector<unsigned char> ws(plan.workspace_bytes);
+      g_allocs = 0;
+      g_count_allocs = true;
+      hybrid_attention_core(cp, plan, exec, ws.data(), ws.size());
+      g_count_allocs = false;
+      REQUIRE(g_allocs == 0);
+    } else {
+      std::vector<unsigned char> ws(hybrid_attention_core_workspace_bytes(cp, exec));
+      hybrid_attention_core(cp, exec, ws.data(), ws.size());
+    }
     LinearParams<float, TW> lo{make_view(const_cast<const float*>(heads.data()), {n, dq}), w.wo, {},
                                make_view(out.data(), {n, int64_t(kDModel)})};
     lin_ws.resize(linear_workspace_bytes(lo, exec));
@@ -346,10 +386,15 @@ TEMPLATE_LIST_TEST_CASE("hybrid_attention_core with an engine's own projections 
   for (int64_t L : kLens) xs.push_back(rftest::random_vector<float>(size_t(L * kDModel)));
   for (const auto& schedule : {chunked(), prefill_then_decode(), one_prefill()}) {
     Runner<T, T> layer(m, 3, 40);
-    EngineRunner<T, T> engine(m, 3, 40);
-    layer.slot_of = engine.slot_of = {2, 0};
+    EngineRunner<T, T> engine(m, 3, 40), planned(m, 3, 40);
+    planned.planned = true;
+    layer.slot_of = engine.slot_of = planned.slot_of = {2, 0};
     const auto want = run_schedule(layer, xs, schedule), got = run_schedule(engine, xs, schedule);
-    for (size_t s = 0; s < xs.size(); ++s) REQUIRE(std::memcmp(got[s].data(), want[s].data(), got[s].size() * 4) == 0);
+    const auto got_planned = run_schedule(planned, xs, schedule);
+    for (size_t s = 0; s < xs.size(); ++s) {
+      REQUIRE(std::memcmp(got[s].data(), want[s].data(), got[s].size() * 4) == 0);
+      REQUIRE(std::memcmp(got_planned[s].data(), want[s].data(), got[s].size() * 4) == 0);
+    }
   }
 }
 
@@ -416,4 +461,69 @@ TEST_CASE("hybrid_attention_core: bad steps are named and write nothing", "[hybr
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("1 recurrent and windowed groups but recurrent has 2 entries"));
   untouched();
+  cp.n_recurrent = 1;
+  cp.dt_low = make_view(const_cast<const float*>(dt.data()), {3, int64_t(kRank)});
+
+  // The same through a step plan: the step's errors come from the plan, the layer's from the call.
+  HybridStepShape sh;
+  sh.n_q = kNq, sh.n_kv = 3, sh.head_dim = kHd;
+  sh.max_attention_groups = sh.max_state_groups = sh.max_ring_groups = 1;
+  sh.max_dt_rank = kRank;
+  sh.kv_keys = EngineRunner<float, float>::kPage, sh.kv_pages = e.pages;
+  sh.ring = e.ring, sh.sink = kSink, sh.window = kWindow;
+  HybridStep st = cp.step;
+  cp.step = HybridStep{};
+  std::vector<unsigned char> meta(1 << 16);
+  const HybridPlanBuffers buf{meta.data(), nullptr, meta.size()};
+  std::vector<int32_t> cu9 = {0, 9};
+  HybridStep st9 = st;
+  st9.cu_seqlens = make_view(const_cast<const int32_t*>(cu9.data()), {2});
+  REQUIRE_THROWS_WITH((plan_hybrid_step<float, float>(sh, st9, 9, CpuExec{}, buf)),
+                      Catch::Contains("holds 5 tokens and cannot take 9 more"));
+  table = {two[0], int32_t(e.pages)};
+  REQUIRE_THROWS_WITH((plan_hybrid_step<float, float>(sh, st, 3, CpuExec{}, buf)),
+                      Catch::Contains("page_table[0, 1] is " + std::to_string(e.pages) + ", outside the pool of " + std::to_string(e.pages) + " pages"));
+  table = {two[0], two[1]};
+  REQUIRE_THROWS_WITH((plan_hybrid_step<float, float>(sh, st, 3, CpuExec{}, HybridPlanBuffers{meta.data(), nullptr, 64})),
+                      Catch::Contains("hybrid_step_metadata_bytes"));
+  REQUIRE_THROWS_WITH((plan_hybrid_step<float, float>(sh, st, 3, CpuExec{}, HybridPlanBuffers{meta.data(), ws.data(), meta.size()})),
+                      Catch::Contains("host_staging is given on the CPU"));
+  HybridStepShape no_pages = sh;
+  no_pages.kv_pages = 0;
+  REQUIRE_THROWS_WITH((plan_hybrid_step<float, float>(no_pages, st, 3, CpuExec{}, buf)),
+                      Catch::Contains("the step has a page table but the shape's kv_pages is 0"));
+  const HybridStepPlan<float, float> plan = plan_hybrid_step<float, float>(sh, st, 3, CpuExec{}, buf);
+  REQUIRE(plan.workspace_bytes > 0);
+  cp.step = st;
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, plan, CpuExec{}, ws.data(), ws.size()),
+                      Catch::Contains("leave p.step empty"));
+  cp.step = HybridStep{};
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, plan, CpuExec{}, ws.data(), plan.workspace_bytes - 1),
+                      Catch::Contains("plan.workspace_bytes"));
+  cp.q.shape[0] = cp.k.shape[0] = cp.v.shape[0] = cp.dt_low.shape[0] = cp.out.shape[0] = 2;
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, plan, CpuExec{}, ws.data(), ws.size()),
+                      Catch::Contains("q has 2 tokens but the plan is for 3"));
+  cp.q.shape[0] = cp.k.shape[0] = cp.v.shape[0] = cp.dt_low.shape[0] = cp.out.shape[0] = 3;
+  HybridStepShape small = sh;
+  small.max_ring_groups = 0;
+  const HybridStepPlan<float, float> small_plan = plan_hybrid_step<float, float>(small, st, 3, CpuExec{}, buf);
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, small_plan, CpuExec{}, ws.data(), ws.size()),
+                      Catch::Contains("1 ring (streaming or windowed) groups, more than the plan's shape allows (0)"));
+  HybridStepShape other_pool = sh;
+  other_pool.kv_pages = e.pages + 1;
+  const HybridStepPlan<float, float> pool_plan = plan_hybrid_step<float, float>(other_pool, st, 3, CpuExec{}, buf);
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, pool_plan, CpuExec{}, ws.data(), ws.size()),
+                      Catch::Contains("the plan's shape has kv_pages " + std::to_string(e.pages + 1)));
+  HybridStepShape rank = sh;
+  rank.max_dt_rank = kRank - 1;
+  const HybridStepPlan<float, float> rank_plan = plan_hybrid_step<float, float>(rank, st, 3, CpuExec{}, buf);
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, rank_plan, CpuExec{}, ws.data(), ws.size()),
+                      Catch::Contains("more than the plan's max_dt_rank"));
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, HybridStepPlan<float, float>{}, CpuExec{}, ws.data(), ws.size()),
+                      Catch::Contains("the plan is empty"));
+  REQUIRE_THROWS_WITH(hybrid_attention_core(cp, plan, CpuExec{&e.pool}, ws.data(), ws.size()),
+                      Catch::Contains("runs on 2 threads but the plan's scratch was sized for 1"));
+  untouched();
+  hybrid_attention_core(cp, plan, CpuExec{}, ws.data(), ws.size());  // and the good plan runs
+  REQUIRE(out[0] != -7.f);
 }

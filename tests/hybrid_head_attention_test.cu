@@ -210,3 +210,80 @@ TEST_CASE("CUDA HybridHeadAttention: bad input throws before the device changes"
   REQUIRE(dump(r.cache) == before);
   for (float o : dout.download()) REQUIRE(o == -7.f);
 }
+
+// Plan once per step on the device: the layer over a step plan, captured in a CUDA graph at the
+// first decode step and replayed for the next ones (the plan re-uploads each step's metadata into
+// the same device buffer), gives the bytes of the same layer run directly from the same plans.
+TEST_CASE("CUDA HybridHeadAttention: a planned decode step captured in a graph and replayed == run directly",
+          "[hybrid][cuda][graph]") {
+  using K = HeadKind;
+  Model<float> m({{K::windowed, K::recurrent, K::attention, K::streaming, K::attention, K::windowed}}, true);
+  const int64_t S = 2, steps = 8;
+  std::vector<std::vector<float>> xs = {rftest::random_vector<float>(size_t((7 + steps) * kDModel)),
+                                        rftest::random_vector<float>(size_t((4 + steps) * kDModel))};
+  DeviceRunner<float, float> direct(m, 3, 40), graphed(m, 3, 40);
+  direct.slot_of = graphed.slot_of = {2, 0};
+  std::vector<int64_t> done_d = {0, 0}, done_g = {0, 0};
+  direct.step(xs, done_d, {{0, 7}, {1, 4}});  // one-shot prefill (also creates the cuBLAS handle)
+  graphed.step(xs, done_g, {{0, 7}, {1, 4}});
+
+  cudaStream_t stream = nullptr;
+  RF_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const CudaExec exec{stream};
+  const std::vector<int32_t> cu = {0, 1, 2}, slots = {2, 0};
+  const HybridStepShape shape = hybrid_step_shape(direct.cache, kNq, kRank);
+  const size_t meta_bytes =
+      hybrid_step_metadata_bytes(shape, hybrid_step(direct.cache, make_view(cu.data(), {S + 1}), make_view(slots.data(), {S})), S);
+  struct PlanMemory {
+    void *device = nullptr, *staging = nullptr;
+    explicit PlanMemory(size_t b) {
+      RF_CUDA_CHECK(cudaMalloc(&device, b));
+      RF_CUDA_CHECK(cudaMallocHost(&staging, b));
+    }
+    ~PlanMemory() { cudaFree(device), cudaFreeHost(staging); }
+  } pm_d(meta_bytes), pm_g(meta_bytes);
+  rftest::DeviceBuffer<float> dx(std::vector<float>(size_t(S * kDModel), 0.f));
+  rftest::DeviceBuffer<float> out_d(std::vector<float>(size_t(S * kDModel), -7.f)), out_g(out_d.download());
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t graph_exec = nullptr;
+  for (int64_t step = 0; step < steps; ++step) {
+    std::vector<float> x;
+    for (int64_t s = 0; s < S; ++s) {
+      const float* src = xs[size_t(s)].data() + done_d[size_t(s)] * kDModel;
+      x.insert(x.end(), src, src + kDModel);
+    }
+    RF_CUDA_CHECK(cudaMemcpyAsync(dx.data(), x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream));
+    auto run = [&](DeviceRunner<float, float>& r, PlanMemory& pm, float* out, bool capture) {
+      const auto plan = plan_hybrid_step<float, float>(
+          shape, hybrid_step(r.cache, make_view(cu.data(), {S + 1}), make_view(slots.data(), {S})), S, exec,
+          HybridPlanBuffers{pm.device, pm.staging, meta_bytes});
+      auto p = r.params(dx.data(), out, S, cu, slots);
+      p.cu_seqlens = {}, p.slots = {};  // the plan holds the step
+      if (step == 0) r.reserve(hybrid_head_attention_workspace_bytes(p, plan, exec));
+      if (!capture) {
+        hybrid_head_attention(p, plan, exec, r.ws, r.ws_bytes);
+        return;
+      }
+      if (!graph_exec) {
+        RF_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        hybrid_head_attention(p, plan, exec, r.ws, r.ws_bytes);
+        RF_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+        RF_CUDA_CHECK(cudaGraphInstantiate(&graph_exec, graph, 0));
+      }
+      RF_CUDA_CHECK(cudaGraphLaunch(graph_exec, stream));
+    };
+    run(direct, pm_d, out_d.data(), false);
+    run(graphed, pm_g, out_g.data(), true);
+    RF_CUDA_CHECK(cudaStreamSynchronize(stream));  // the staging is rewritten by the next plan
+    const std::vector<float> a = out_d.download(), b = out_g.download();
+    REQUIRE(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
+    for (float o : a) REQUIRE(o != -7.f);
+    const std::vector<Step> batch = {{0, 1}, {1, 1}};
+    PackedBatch(xs, done_d, batch, direct.slot_of).advance(direct.cache, done_d, batch);
+    PackedBatch(xs, done_g, batch, graphed.slot_of).advance(graphed.cache, done_g, batch);
+  }
+  REQUIRE(dump(direct.cache) == dump(graphed.cache));
+  cudaGraphExecDestroy(graph_exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}

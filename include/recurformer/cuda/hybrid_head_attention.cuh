@@ -11,7 +11,9 @@
 // device memory; cu_seqlens and slots are host arrays (the call is planned on the host from them
 // and the cache's host-side lengths, and every index is checked there). The host-computed
 // metadata (a few KB) goes up with one cudaMemcpyAsync from pinned staging, so a call never
-// synchronises the stream: the host may run ahead by up to four calls.
+// synchronises the stream: the host may run ahead by up to four calls. With a step plan
+// (plan_hybrid_step: the caller's page-locked staging and device buffer, uploaded once per step)
+// the per-layer calls launch kernels only and can be captured in a CUDA graph.
 //
 // Run the layer on the stream the cache's DeviceMemory uses (or order the two yourself): the
 // cache's reset/copy/snapshot/restore are enqueued there. Precision is the CPU layer's except the
@@ -40,6 +42,16 @@ struct HybridBackend<CudaExec> {
   }
   static void upload_metadata(unsigned char* ws, const unsigned char*, size_t bytes, CudaExec exec) {
     cuda::detail::MetadataStaging::current().upload(ws, bytes, exec.stream);
+  }
+  // A step plan fills the caller's staging and uploads it once: no hidden buffers, so the layer
+  // calls that follow can be captured in a graph.
+  static unsigned char* plan_staging(unsigned char*, const HybridPlanBuffers& buf) {
+    RF_CHECK(buf.host_staging != nullptr, kCoreOp,
+             ": host_staging is null: on CUDA the plan fills its metadata in host memory (page-locked) and uploads it");
+    return align_ptr(buf.host_staging);
+  }
+  static void upload_plan(unsigned char* dst, const unsigned char* host, size_t bytes, CudaExec exec) {
+    RF_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, exec.stream));
   }
 
   template <class T>
@@ -105,6 +117,33 @@ template <class T, class TW>
 void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, CudaExec exec, void* workspace,
                            size_t workspace_bytes) {
   detail::hybrid::core_call(p, exec, workspace, workspace_bytes);
+}
+
+/// The step plan on the device (layers/hybrid_attention_core.hpp): metadata filled in
+/// buffers.host_staging and uploaded to buffers.metadata (device) on exec.stream.
+template <class T, class TW>
+HybridStepPlan<T, TW> plan_hybrid_step(const HybridStepShape& shape, const HybridStep& step, int64_t tokens,
+                                       CudaExec exec, const HybridPlanBuffers& buffers) {
+  return detail::hybrid::plan_step<CudaExec, T, TW>(shape, step, tokens, exec, buffers);
+}
+
+/// One layer of the planned step on exec.stream: kernel launches only (graph-capturable).
+template <class T, class TW>
+void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan,
+                           CudaExec exec, void* workspace, size_t workspace_bytes) {
+  detail::hybrid::core_call(p, plan, exec, workspace, workspace_bytes);
+}
+
+template <class T, class TW>
+size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW, DeviceMemory>& p,
+                                             const HybridStepPlan<T, TW>& plan, CudaExec exec) {
+  return detail::hybrid::workspace_bytes(p, plan, exec);
+}
+
+template <class T, class TW>
+void hybrid_head_attention(const HybridHeadAttentionParams<T, TW, DeviceMemory>& p, const HybridStepPlan<T, TW>& plan,
+                           CudaExec exec, void* workspace, size_t workspace_bytes) {
+  detail::hybrid::call(p, plan, exec, workspace, workspace_bytes);
 }
 
 /// Scratch bytes (device memory) hybrid_head_attention needs for this call on the device.

@@ -14,9 +14,27 @@
 // advance the lengths: the caller does, after the last layer. hybrid_head_attention is this core with
 // its projections around it, over a HybridCache.
 //
+// Plan once per step (FlashInfer's plan/run): the step's index metadata (positions, key counts,
+// ring entries, slots) is the same for every layer, so plan_hybrid_step computes and checks it once,
+// into buffers the caller provides (on CUDA: filled in page-locked host staging and uploaded once),
+// and each layer's hybrid_attention_core(p, plan, ...) then only launches its ops: no allocation, no
+// synchronisation, no upload (a CUDA step is graph-capturable). The plan is sized for a
+// HybridStepShape, what every layer shares (the most groups of each kind any layer has), and holds
+// views of the step's arrays: keep them alive and unchanged for the step.
+//
+//   HybridStepShape shape = ...;                     // hybrid_step_shape(cache, n_q, max_dt_rank)
+//   HybridStep step{cu_seqlens, slots, lengths, page_table};
+//   buffers.bytes = hybrid_step_metadata_bytes(shape, step, tokens);   // + metadata (+ staging)
+//   auto plan = plan_hybrid_step<T, TW>(shape, step, tokens, exec, buffers);
+//   for each layer: hybrid_attention_core(p_layer, plan, exec, ws, plan.workspace_bytes);  // p.step empty
+//   then advance the lengths
+//
+// The one-shot hybrid_attention_core(p, exec, ws, bytes) plans a step for its one layer from p.step.
+//
 // Every check (shapes, slots, capacity or pages, every inner op) runs before the first write: a call
-// that throws leaves the memory and out as they were. Nothing is allocated per call;
-// hybrid_attention_core_workspace_bytes sizes the caller's scratch for a step's shapes and lengths.
+// that throws leaves the memory and out as they were. The step's checks run once, in the plan; a
+// layer call checks its own views and weights against the plan, and its inner ops' params (host
+// arithmetic, no allocation). Nothing is allocated per call.
 #pragma once
 
 #include <cstddef>
@@ -24,6 +42,22 @@
 #include "recurformer/layers/hybrid_head_attention_params.hpp"
 
 namespace recurformer {
+
+/// Bytes of the plan's metadata buffer (and, on CUDA, of its host staging) for a step of `tokens`.
+inline size_t hybrid_step_metadata_bytes(const HybridStepShape& shape, const HybridStep& step, int64_t tokens);
+
+/// Plans one step for every layer of `shape`: checks the step (slots distinct and valid, every
+/// sequence's tokens fit its K/V, pages in the pool), fills its metadata into buffers.metadata and
+/// sizes the per-layer scratch (plan.workspace_bytes). T, TW: the layers' cache and weight types.
+template <class T, class TW>
+HybridStepPlan<T, TW> plan_hybrid_step(const HybridStepShape& shape, const HybridStep& step, int64_t tokens,
+                                       CpuExec exec, const HybridPlanBuffers& buffers);
+
+/// Runs one layer of the planned step (p.step left empty; the layer's views and weights checked
+/// against the plan's shape). workspace: at least plan.workspace_bytes, reusable by every layer.
+template <class T, class TW>
+void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, CpuExec exec,
+                           void* workspace, size_t workspace_bytes);
 
 /// Scratch bytes hybrid_attention_core needs for this call (tokens, sequences, lengths, threads).
 template <class T, class TW>

@@ -54,5 +54,15 @@ template <class T, class TW>
 void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec, void* workspace,
                            size_t workspace_bytes);
 
+/// The layer over a step plan (layers/hybrid_attention_core.hpp) made from hybrid_step(cache, ...):
+/// p.cu_seqlens and p.slots stay empty (the plan holds the step), and the slots and capacity were
+/// checked by the plan. A model plans once per step and runs every layer from it.
+template <class T, class TW>
+size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW>& p,
+                                             const HybridStepPlan<T, TW>& plan, CpuExec exec);
+template <class T, class TW>
+void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, const HybridStepPlan<T, TW>& plan,
+                           CpuExec exec, void* workspace, size_t workspace_bytes);
+
 }  // namespace recurformer
 

@@ -4,12 +4,14 @@
 // and a CUDA translation unit can take it.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
 #include "recurformer/cache/hybrid_cache.hpp"
 #include "recurformer/core/exec.hpp"
 #include "recurformer/core/view.hpp"
+#include "recurformer/layers/detail/hybrid_plan.hpp"
 #include "recurformer/ops/linear.hpp"
 #include "recurformer/ops/rope.hpp"
 
@@ -46,12 +48,47 @@ struct HybridAttentionWeights {
 };
 
 /// The batch of one forward step, shared by every layer of it (layers/hybrid_attention_core.hpp).
-/// Host arrays: the core plans each call from them.
+/// Host arrays: the step plan (or a one-shot call) is computed from them.
 struct HybridStep {
   View<const int32_t, 1> cu_seqlens;  // [S+1] optional: sequence s = tokens [cu[s], cu[s+1]) (absent: one)
   View<const int32_t, 1> slots;       // [S] optional: slot of sequence s in the states, rings and contiguous K/V (absent: s)
   View<const int32_t, 1> lengths;     // [slots] tokens each slot held before this step (positions continue from there)
   View<const int32_t, 2> page_table;  // [S, max_pages] optional: paged K/V of the attention groups (ops/attention.hpp)
+};
+
+/// What every layer of a model shares, which a step plan is sized for (HybridCache::step_shape()
+/// gives a cache's; an engine over its own pools fills it from its allocation).
+struct HybridStepShape {
+  int64_t n_q = 0, n_kv = 0, head_dim = 0;
+  /// The most KV groups of each kind any layer has: attention; recurrent + windowed (a state);
+  /// streaming + windowed (a ring). They size the per-layer scratch.
+  int64_t max_attention_groups = 0, max_state_groups = 0, max_ring_groups = 0;
+  int64_t max_dt_rank = 0;  // the widest dt_up of any state group (sizes its linear's scratch)
+  int64_t kv_keys = 0;      // attention K/V rows per slot (contiguous), or per page (paged)
+  int64_t kv_pages = 0;     // pages in the K/V pool when the step has a page table, else 0
+  int64_t ring = 0;         // entries of a streaming ring (0: no layer streams)
+  int sink = 0, window = 0; // the streaming mask
+};
+
+/// Where plan_hybrid_step writes the step's index metadata: `metadata` in the exec's memory
+/// (host for CpuExec, device for CudaExec), at least hybrid_step_metadata_bytes(). On CUDA it is
+/// filled in `host_staging` (host memory, page-locked for an asynchronous copy) and uploaded on the
+/// stream; the staging must not be rewritten before that copy has run. The CPU takes no staging.
+struct HybridPlanBuffers {
+  void* metadata = nullptr;
+  void* host_staging = nullptr;
+  size_t bytes = 0;
+};
+
+/// One step's plan (plan_hybrid_step): every layer of the step runs from it. It holds views, not
+/// copies: the step's arrays and the metadata buffer must outlive the step.
+template <class T, class TW>
+struct HybridStepPlan {
+  HybridStepShape shape;
+  HybridStep step;
+  detail::hybrid::Plan layout;          // sizes, metadata offsets, scratch for the largest layer
+  const unsigned char* metadata = nullptr;  // the step's int32 index metadata, in the exec's memory
+  size_t workspace_bytes = 0;           // scratch each layer's hybrid_attention_core call needs
 };
 
 /// The layer core: everything of the layer between the projections (spec section 2), over one
@@ -94,6 +131,34 @@ struct HybridHeadAttentionParams {
   View<const float, 1> inv_freq;       // [hd/2] RoPE table (rope_inv_freq)
   RopeLayout rope_layout = RopeLayout::rotate_half;
 };
+
+/// The step shape of a HybridCache's layers; n_q and the widest dt rank are the model's.
+template <class T, class M>
+HybridStepShape hybrid_step_shape(const HybridCache<T, M>& cache, int64_t n_q, int64_t max_dt_rank) {
+  HybridStepShape sh;
+  sh.n_q = n_q;
+  sh.n_kv = cache.config().n_kv;
+  sh.head_dim = cache.head_dim();
+  for (int l = 0; l < cache.n_layers(); ++l) {
+    const LayerLayout& ll = cache.layer_layout(l);
+    sh.max_attention_groups = std::max<int64_t>(sh.max_attention_groups, ll.count(HeadKind::attention));
+    sh.max_state_groups = std::max<int64_t>(sh.max_state_groups, ll.count_state_groups());
+    sh.max_ring_groups = std::max<int64_t>(sh.max_ring_groups, ll.count_ring_groups());
+  }
+  sh.max_dt_rank = max_dt_rank;
+  sh.kv_keys = cache.capacity();
+  sh.ring = sh.max_ring_groups ? cache.ring_size() : 0;
+  sh.sink = cache.sink();
+  sh.window = cache.window();
+  return sh;
+}
+
+/// A step over a HybridCache's slots (contiguous K/V): positions continue from the cache's lengths.
+template <class T, class M>
+HybridStep hybrid_step(const HybridCache<T, M>& cache, View<const int32_t, 1> cu_seqlens,
+                       View<const int32_t, 1> slots) {
+  return HybridStep{cu_seqlens, slots, cache.lengths(), {}};
+}
 
 /// Throws Error naming the argument unless the shapes, weights and layout are consistent (the
 /// capacity and the inner ops are checked by hybrid_head_attention itself, before any write).

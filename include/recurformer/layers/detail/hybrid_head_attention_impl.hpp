@@ -28,6 +28,12 @@ struct HybridBackend<CpuExec> {
   // The metadata is filled in place: the workspace is host memory.
   static unsigned char* metadata_buffer(unsigned char* ws, size_t, CpuExec) { return ws; }
   static void upload_metadata(unsigned char*, const unsigned char*, size_t, CpuExec) {}
+  static unsigned char* plan_staging(unsigned char* meta, const HybridPlanBuffers& buf) {
+    RF_CHECK(buf.host_staging == nullptr, kCoreOp,
+             ": host_staging is given on the CPU, where the plan fills its metadata in place: pass null");
+    return meta;
+  }
+  static void upload_plan(unsigned char*, const unsigned char*, size_t, CpuExec) {}
 
   template <class T>
   static void check_attention(const AttentionParams<T>& ap) { check(ap); }
@@ -164,6 +170,30 @@ template <class T, class TW>
 void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec, void* workspace,
                            size_t workspace_bytes) {
   detail::hybrid::core_call(p, exec, workspace, workspace_bytes);
+}
+
+template <class T, class TW>
+HybridStepPlan<T, TW> plan_hybrid_step(const HybridStepShape& shape, const HybridStep& step, int64_t tokens,
+                                       CpuExec exec, const HybridPlanBuffers& buffers) {
+  return detail::hybrid::plan_step<CpuExec, T, TW>(shape, step, tokens, exec, buffers);
+}
+
+template <class T, class TW>
+void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, CpuExec exec,
+                           void* workspace, size_t workspace_bytes) {
+  detail::hybrid::core_call(p, plan, exec, workspace, workspace_bytes);
+}
+
+template <class T, class TW>
+size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW>& p,
+                                             const HybridStepPlan<T, TW>& plan, CpuExec exec) {
+  return detail::hybrid::workspace_bytes(p, plan, exec);
+}
+
+template <class T, class TW>
+void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, const HybridStepPlan<T, TW>& plan,
+                           CpuExec exec, void* workspace, size_t workspace_bytes) {
+  detail::hybrid::call(p, plan, exec, workspace, workspace_bytes);
 }
 
 template <class T, class TW>

@@ -17,11 +17,15 @@
 // The ops (linear, rope, attention, causal_conv1d, selective_scan) are found by overload on the
 // exec; the data movement between them (gather, append, ring copies, scatter) and the op checks
 // are the exec's HybridBackend<Exec> (CPU: layers/detail/hybrid_head_attention_impl.hpp, CUDA:
-// cuda/hybrid_head_attention.cuh). All index metadata (positions, offsets, slots, key counts,
+// cuda/hybrid_head_attention.cuh).
+//
+// A step is planned once (plan_step): all index metadata (positions, offsets, slots, key counts,
 // ring sources and destinations) is computed on the host from the step's host-side lengths,
-// then handed to the backend, which uploads it when the exec's memory is not the host's.
-// Before anything runs the whole call is run "dry": every inner op's params are built and
-// checked and the capacity check runs, so an error leaves the cache and out untouched.
+// checked, and handed to the backend, which uploads it when the exec's memory is not the host's;
+// the scratch is laid out for the largest layer of the step's shape. Each layer call (core_call
+// with a plan) checks its views against the plan, then runs its stages "dry" (every inner op's
+// params built and checked, host arithmetic only) and then for real, so an error leaves the cache
+// and out untouched. The one-shot core_call plans a step for one layer in its own workspace.
 #pragma once
 
 #include <algorithm>
@@ -46,7 +50,6 @@ namespace hybrid {
 
 constexpr const char* kOp = "hybrid_head_attention";
 constexpr const char* kCoreOp = "hybrid_attention_core";
-constexpr int kAttn = 0, kRec = 1, kStream = 2;  // kind slots in the per-kind arrays
 constexpr size_t kAlign = 64;
 
 /// The exec's data movement and op checks (specialised next to each exec's ops).
@@ -71,33 +74,11 @@ U* placeholder() {
   return &u;
 }
 
-/// Sizes of one call and the byte offsets of its scratch buffers in the workspace.
-struct Plan {
-  int64_t n = 0, S = 0, d_model = 0, n_q = 0, n_kv = 0, hd = 0, g = 0;
-  int64_t groups[3] = {0, 0, 0};  // KV groups per kind
-  int64_t ring = 0, sink = 0, window = 0, max_len = 0, stream_cap = 0;
-  bool decode = false;
-  int64_t q_ld = 0, k_ld = 0, v_ld = 0, out_ld = 0;  // row strides of the projected inputs and of out
-  int64_t page_ld = 0, page_size = 0;                // page_table row stride (0: contiguous K/V), keys per page
-  // int32 metadata, computed on the host (the first meta_end bytes of the workspace)
-  size_t pos = 0, cu = 0, slots = 0, counts = 0, kv_lens = 0, s_kv_lens = 0, s_kpos = 0, tok_seq = 0;
-  size_t group_local = 0, s_src = 0, ring_dst = 0, meta_end = 0;
-  // T per kind: q heads, k, v, head outputs
-  size_t q[3] = {}, k[3] = {}, v[3] = {}, o[3] = {};
-  size_t stream_k = 0, stream_v = 0;                       // [S, n_stream, stream_cap, hd] T
-  size_t u = 0, delta_f = 0, delta_t = 0;                  // recurrent scratch, per group
-  size_t alpha = 0;                                        // [groups[kRec], g] fp32 (windowed groups' alpha)
-  size_t lin = 0, lin_bytes = 0, attn = 0, attn_bytes = 0;
-  size_t rec_lin = 0, rec_lin_bytes = 0;                   // per-thread dt_up scratch (CPU decode)
-  size_t total = 0;
-};
-
-/// The call's buffers, resolved from the plan and the workspace (in the exec's memory). The
-/// backends' data movement reads and writes only these.
+/// One layer call's buffers, resolved from the plan, the step's metadata and the workspace (in the
+/// exec's memory). The backends' data movement reads and writes only these.
 template <class T>
 struct CallBuffers {
   const int32_t *pos, *cu, *slots, *tok_seq;  // [n], [S+1], [S], [n] (sequence of each token)
-  const int32_t *group_local;  // [n_kv, 3] index of group j among each kind slot's groups, -1 if not served by it
   const int32_t *s_src;     // [S, stream_cap] ring entry (>= 0) or -(chunk token + 1) of each key
   const int32_t *s_kv_lens; // [S] keys of each sequence in the streaming scratch
   const int32_t *ring_dst;  // [n] ring entry a token is written to, -1 when a later token takes it
@@ -106,6 +87,9 @@ struct CallBuffers {
   float* heads;               // out: head outputs in head order (rows at out_ld)
   float* alpha;  // [groups[kRec], g]: the weight of state group i's reader r in a windowed group
   T *q[3], *k[3], *v[3], *o[3];
+  // [n_kv, 3] index of group j among each kind slot's groups, -1 if not served by it. By value: it
+  // is the layer's, and the step's metadata is shared by every layer.
+  int8_t group_local[kMaxKvGroups * 3];
 };
 
 /// Where token t's K/V row goes: (slot, position), or (page, row in the page) when paged.
@@ -131,33 +115,78 @@ int64_t dt_column(const RecurrentGroupWeights<TW>* rw, int64_t i) {
   return c;
 }
 
-// Everything but the attention / linear scratch, which depend on the metadata.
-template <class T, class TW>
-Plan plan_layout(const HybridAttentionCoreParams<T, TW>& p) {
+/// KV groups of each kind slot in a layer (kinds: host view).
+inline void count_groups(View<const HeadKind, 1> kinds, int64_t (&groups)[3]) {
+  groups[0] = groups[1] = groups[2] = 0;
+  for (int64_t j = 0; j < kinds.shape[0]; ++j)
+    for (int slot : {kAttn, kRec, kStream}) groups[slot] += uses_slot(kinds(j), slot);
+}
+
+// ---- the step: checked, planned and its metadata filled once, for every layer -------------------
+
+/// Throws unless the shape is coherent and the step's views fit it and `tokens`.
+inline void check_step_views(const HybridStepShape& sh, const HybridStep& st, int64_t tokens) {
+  RF_CHECK(sh.n_kv >= 1 && sh.n_kv <= kMaxKvGroups && sh.head_dim >= 1, kCoreOp, ": ", sh.n_kv,
+           " KV groups and head_dim ", sh.head_dim, ": expected 1..", kMaxKvGroups, " groups and head_dim >= 1");
+  RF_CHECK(sh.n_q >= 1 && sh.n_q % sh.n_kv == 0, kCoreOp, ": n_q (", sh.n_q,
+           ") must be a positive multiple of n_kv (", sh.n_kv, ")");
+  for (int64_t m : {sh.max_attention_groups, sh.max_state_groups, sh.max_ring_groups})
+    RF_CHECK(m >= 0 && m <= sh.n_kv, kCoreOp, ": a layer's groups of one kind (", m, ") must be in 0..n_kv (",
+             sh.n_kv, ")");
+  RF_CHECK(!sh.max_state_groups || sh.max_dt_rank >= 1, kCoreOp, ": max_dt_rank is ", sh.max_dt_rank,
+           ": a layer with state groups needs it >= 1");
+  RF_CHECK(!sh.max_ring_groups || (sh.sink >= 0 && sh.window >= 1 && sh.ring > sh.sink), kCoreOp, ": the rings hold ",
+           sh.ring, " entries: expected more than the sink (", sh.sink, "), and window >= 1 (got ", sh.window, ")");
+  RF_CHECK(tokens >= 0, kCoreOp, ": ", tokens, " tokens");
+  detail::check_shape(kCoreOp, "step.lengths", st.lengths, {-1});
+  int64_t S = 1;
+  if (st.cu_seqlens.present()) {
+    S = st.cu_seqlens.shape[0] - 1;
+    RF_CHECK(S >= 1, kCoreOp, ": step.cu_seqlens needs at least 2 entries");
+    RF_CHECK(st.cu_seqlens(0) == 0 && st.cu_seqlens(S) == tokens, kCoreOp,
+             ": step.cu_seqlens must start at 0 and end at ", tokens, " (got ", st.cu_seqlens(0), " .. ",
+             st.cu_seqlens(S), ")");
+    for (int64_t s = 0; s < S; ++s)
+      RF_CHECK(st.cu_seqlens(s) <= st.cu_seqlens(s + 1), kCoreOp, ": step.cu_seqlens must be non-decreasing (at ", s,
+               ")");
+  }
+  detail::check_optional_shape(kCoreOp, "step.slots", st.slots, {S});
+  const bool paged = st.page_table.present();
+  if (paged) detail::check_shape(kCoreOp, "step.page_table", st.page_table, {S, -1});
+  if (sh.max_attention_groups) {
+    RF_CHECK(sh.kv_keys >= 1, kCoreOp, ": kv_keys is ", sh.kv_keys, ", expected >= 1 (K/V rows per slot or page)");
+    RF_CHECK(paged == (sh.kv_pages > 0), kCoreOp,
+             paged ? ": the step has a page table but the shape's kv_pages is 0"
+                   : ": the shape has a page pool (kv_pages) but the step has no page table");
+  }
+}
+
+// The step's layout for a shape: the metadata offsets, and the scratch of the largest layer.
+template <class T>
+Plan plan_layout(const HybridStepShape& sh, const HybridStep& st, int64_t n) {
   Plan pl;
-  const HybridLayerView<T>& c = p.cache;
-  pl.n = p.q.shape[0];
-  pl.S = num_sequences(p.step.cu_seqlens);
-  pl.n_q = p.n_q;
-  pl.n_kv = c.kinds.shape[0];
-  pl.hd = p.head_dim;
+  pl.n = n;
+  pl.S = num_sequences(st.cu_seqlens);
+  pl.n_q = sh.n_q;
+  pl.n_kv = sh.n_kv;
+  pl.hd = sh.head_dim;
   pl.g = pl.n_q / pl.n_kv;
-  for (int64_t j = 0; j < pl.n_kv; ++j)
-    for (int slot : {kAttn, kRec, kStream}) pl.groups[slot] += uses_slot(c.kinds(j), slot);
-  pl.ring = pl.groups[kStream] ? c.ring_k.shape[2] : 0;
-  pl.sink = c.sink;
+  pl.groups[kAttn] = sh.max_attention_groups;
+  pl.groups[kRec] = sh.max_state_groups;
+  pl.groups[kStream] = sh.max_ring_groups;
+  pl.ring = pl.groups[kStream] ? sh.ring : 0;
+  pl.sink = sh.sink;
   pl.window = pl.ring - pl.sink;
   bool all_one = true;
   for (int64_t s = 0; s < pl.S; ++s) {
-    const int64_t len = p.step.cu_seqlens.present() ? p.step.cu_seqlens(s + 1) - p.step.cu_seqlens(s) : pl.n;
+    const int64_t len = st.cu_seqlens.present() ? st.cu_seqlens(s + 1) - st.cu_seqlens(s) : pl.n;
     pl.max_len = std::max(pl.max_len, len);
     all_one = all_one && len == 1;
   }
   pl.decode = all_one && pl.S == pl.n;
   pl.stream_cap = pl.groups[kStream] ? pl.ring + pl.max_len : 0;
-  pl.q_ld = p.q.stride[0], pl.k_ld = p.k.stride[0], pl.v_ld = p.v.stride[0], pl.out_ld = p.out.stride[0];
-  pl.page_ld = p.step.page_table.present() ? p.step.page_table.stride[0] : 0;
-  pl.page_size = c.k.shape[2];
+  pl.page_ld = st.page_table.present() ? st.page_table.stride[0] : 0;
+  pl.page_size = sh.kv_keys;
 
   size_t off = 0;
   auto take = [&](size_t& at, int64_t count, size_t elem) {
@@ -172,10 +201,10 @@ Plan plan_layout(const HybridAttentionCoreParams<T, TW>& p) {
   take(pl.s_kv_lens, pl.S, 4);
   take(pl.s_kpos, pl.S * pl.stream_cap, 4);
   take(pl.tok_seq, pl.n, 4);
-  take(pl.group_local, pl.n_kv * 3, 4);
   take(pl.s_src, pl.S * pl.stream_cap, 4);
   take(pl.ring_dst, pl.groups[kStream] ? pl.n : 0, 4);
   pl.meta_end = off;
+  off = 0;  // the scratch, from the workspace base
   for (int k = 0; k < 3; ++k) {
     take(pl.q[k], pl.n * pl.groups[k] * pl.g * pl.hd, sizeof(T));
     take(pl.k[k], pl.n * pl.groups[k] * pl.hd, sizeof(T));
@@ -193,18 +222,12 @@ Plan plan_layout(const HybridAttentionCoreParams<T, TW>& p) {
   return pl;
 }
 
-// Fills the int32 metadata into `meta` (host memory laid out as the workspace's first meta_end bytes).
-template <class T, class TW>
-void fill_metadata(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, unsigned char* meta) {
-  const HybridStep& st = p.step;
+// Fills the int32 metadata into `meta` (host memory laid out as the plan's metadata).
+inline void fill_metadata(const HybridStep& st, const Plan& pl, unsigned char* meta) {
   auto ints = [&](size_t off) { return reinterpret_cast<int32_t*>(meta + off); };
   int32_t *pos = ints(pl.pos), *cu = ints(pl.cu), *slots = ints(pl.slots), *counts = ints(pl.counts);
   int32_t *kv_lens = ints(pl.kv_lens), *s_kv_lens = ints(pl.s_kv_lens), *s_kpos = ints(pl.s_kpos);
   int32_t *tok_seq = ints(pl.tok_seq), *s_src = ints(pl.s_src), *ring_dst = ints(pl.ring_dst);
-  int32_t local[3] = {0, 0, 0};
-  for (int64_t j = 0; j < pl.n_kv; ++j)
-    for (int slot : {kAttn, kRec, kStream})
-      ints(pl.group_local)[j * 3 + slot] = uses_slot(p.cache.kinds(j), slot) ? local[slot]++ : -1;
   cu[0] = 0;
   for (int64_t s = 0; s < pl.S; ++s) {
     cu[s + 1] = st.cu_seqlens.present() ? st.cu_seqlens(s + 1) : int32_t(pl.n);
@@ -244,39 +267,188 @@ void fill_metadata(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, un
 }
 
 /// Throws (before anything is written) unless every sequence's slot is valid and distinct and its
-/// tokens fit the attention groups' K/V (the slot's capacity, or its page table's pages).
-template <class T, class TW>
-void check_step(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, const unsigned char* meta) {
+/// tokens fit the attention groups' K/V (the slot's capacity, or its page table's pages, each in the pool).
+inline void check_step(const HybridStepShape& sh, const HybridStep& st, const Plan& pl, const unsigned char* meta) {
   auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(meta + off); };
   const int32_t *slots = ints(pl.slots), *counts = ints(pl.counts);
-  const int64_t n_slots = p.step.lengths.shape[0];
-  const int64_t keys = pl.page_ld ? p.step.page_table.shape[1] * pl.page_size : pl.page_size;
+  const int64_t n_slots = st.lengths.shape[0];
+  const int64_t keys = pl.page_ld ? st.page_table.shape[1] * pl.page_size : pl.page_size;
   for (int64_t s = 0; s < pl.S; ++s) {
     RF_CHECK(slots[s] >= 0 && slots[s] < n_slots, kCoreOp, ": sequence ", s, " has slot ", slots[s],
              ", expected 0..", n_slots - 1);
     for (int64_t o = 0; o < s; ++o)
       RF_CHECK(slots[o] != slots[s], kCoreOp, ": slot ", slots[s], " appears twice (sequences ", o, " and ", s, ")");
-    const int64_t len = p.step.lengths(slots[s]);
+    const int64_t len = st.lengths(slots[s]);
     RF_CHECK(len >= 0, kCoreOp, ": lengths[", slots[s], "] is ", len, ", expected >= 0");
-    RF_CHECK(!pl.groups[kAttn] || len + counts[s] <= keys, kCoreOp, ": sequence ", s, " holds ", len,
-             " tokens and cannot take ", counts[s], " more: its K/V hold ", keys,
-             pl.page_ld ? " (page_table pages x page size)" : " (capacity)");
+    if (!pl.groups[kAttn]) continue;
+    RF_CHECK(len + counts[s] <= keys, kCoreOp, ": sequence ", s, " holds ", len, " tokens and cannot take ",
+             counts[s], " more: its K/V hold ", keys, pl.page_ld ? " (page_table pages x page size)" : " (capacity)");
+    if (!pl.page_ld) continue;
+    // The pages the step reads or writes must lie in the pool: the append writes through them.
+    for (int64_t i = 0; i * pl.page_size < len + counts[s]; ++i) {
+      const int32_t page = st.page_table(s, i);
+      RF_CHECK(page >= 0 && page < sh.kv_pages, kCoreOp, ": step.page_table[", s, ", ", i, "] is ", page,
+               ", outside the pool of ", sh.kv_pages, " pages");
+    }
   }
 }
 
-inline View<const int32_t, 1> ws_ints(unsigned char* ws, size_t off, int64_t n) {
-  return make_view(reinterpret_cast<const int32_t*>(ws + off), {n});
+// What linear(x [tokens, in] W^T) needs of scratch on `exec`.
+template <class TW, class Exec>
+size_t linear_scratch(int64_t tokens, View<const TW, 2> w, Exec exec) {
+  LinearParams<float, TW> lp;
+  lp.x = make_view(const_cast<const float*>(placeholder<float>()), {tokens, w.shape[1]});
+  lp.weight = w;
+  lp.y = make_view(placeholder<float>(), {tokens, w.shape[0]});
+  return linear_workspace_bytes(lp, exec);
+}
+
+// The scratch of the layers' linear and attention ops for this step (metadata filled, on the host,
+// at `meta`), after the layout's: any layer of the shape fits it.
+template <class Exec, class T, class TW>
+void plan_scratch(const HybridStepShape& sh, const HybridStep& st, Plan& pl, Exec exec, const unsigned char* meta) {
+  const int64_t n = pl.n, hd = pl.hd, g = pl.g;
+  // The widest dt_up [hd, max_dt_rank] (a linear's scratch grows with its input width).
+  const View<const TW, 2> dt_up = make_view(const_cast<const TW*>(placeholder<TW>()), {hd, sh.max_dt_rank});
+  const size_t lin = pl.groups[kRec] ? linear_scratch(n, dt_up, exec) : 0;
+  auto ints = [&](size_t off, int64_t count) { return make_view(reinterpret_cast<const int32_t*>(meta + off), {count}); };
+  size_t attn = 0;
+  for (int kind : {kAttn, kStream}) {
+    // A layer has 1..max groups of the kind; the attention scratch is not monotone in heads (its
+    // split count adapts), so every count is asked.
+    for (int64_t nk = 1; nk <= pl.groups[kind]; ++nk) {
+      AttentionParams<T> ap;
+      ap.q = make_view(const_cast<const T*>(placeholder<T>()), {n, nk * g, hd});
+      ap.out = make_view(placeholder<T>(), {n, nk * g, hd});
+      ap.cu_seqlens = ints(pl.cu, pl.S + 1);
+      ap.q_positions = ints(pl.pos, n);
+      if (kind == kAttn) {
+        const int64_t rows = pl.page_ld ? sh.kv_pages : st.lengths.shape[0];
+        ap.k = make_view(const_cast<const T*>(placeholder<T>()), {rows, nk, sh.kv_keys, hd});
+        if (pl.page_ld) ap.page_table = st.page_table; else ap.kv_slots = ints(pl.slots, pl.S);
+        ap.kv_lens = ints(pl.kv_lens, pl.S);
+      } else {
+        ap.k = make_view(const_cast<const T*>(placeholder<T>()), {pl.S, nk, pl.stream_cap, hd});
+        ap.kv_lens = ints(pl.s_kv_lens, pl.S);
+      }
+      ap.v = ap.k;
+      attn = std::max(attn, attention_workspace_bytes(ap, exec));  // after check_step: the indices are valid
+    }
+  }
+  size_t rec_lin = 0;
+  int threads = 1;
+  if constexpr (std::is_same_v<Exec, CpuExec>) {  // CPU decode runs each group's dt_up on one thread
+    threads = exec.threads();
+    if (pl.decode && pl.groups[kRec]) rec_lin = linear_scratch(n, dt_up, CpuExec{});
+  }
+  pl.threads = threads;
+  size_t off = pl.lin;
+  pl.lin_bytes = lin;
+  off += align_up(lin);
+  pl.rec_lin = off;
+  pl.rec_lin_bytes = rec_lin;
+  off += align_up(rec_lin) * size_t(threads);
+  pl.attn = off;
+  pl.attn_bytes = attn;
+  off += align_up(attn);
+  pl.total = off + kAlign;  // + alignment slack for the caller's pointer
+}
+
+/// The step plan, its metadata filled at `host_meta` (host memory of metadata_bytes); the caller
+/// sets plan.metadata to where the exec reads it.
+template <class Exec, class T, class TW>
+HybridStepPlan<T, TW> make_step_plan(const HybridStepShape& sh, const HybridStep& st, int64_t tokens, Exec exec,
+                                     unsigned char* host_meta) {
+  check_step_views(sh, st, tokens);
+  HybridStepPlan<T, TW> plan;
+  plan.shape = sh;
+  plan.step = st;
+  plan.layout = plan_layout<T>(sh, st, tokens);
+  fill_metadata(st, plan.layout, host_meta);
+  check_step(sh, st, plan.layout, host_meta);
+  plan_scratch<Exec, T, TW>(sh, st, plan.layout, exec, host_meta);
+  plan.workspace_bytes = plan.layout.total;
+  return plan;
+}
+
+/// The step shape of one core call (the one-shot path plans a step for a single layer).
+template <class T, class TW>
+HybridStepShape shape_of(const HybridAttentionCoreParams<T, TW>& p) {
+  HybridStepShape sh;
+  const HybridLayerView<T>& c = p.cache;
+  int64_t groups[3];
+  count_groups(c.kinds, groups);
+  sh.n_q = p.n_q;
+  sh.n_kv = c.kinds.shape[0];
+  sh.head_dim = p.head_dim;
+  sh.max_attention_groups = groups[kAttn];
+  sh.max_state_groups = groups[kRec];
+  sh.max_ring_groups = groups[kStream];
+  for (int i = 0; i < p.n_recurrent; ++i) sh.max_dt_rank = std::max(sh.max_dt_rank, p.recurrent[i].dt_up.shape[1]);
+  if (groups[kAttn]) {
+    sh.kv_keys = c.k.shape[2];
+    sh.kv_pages = p.step.page_table.present() ? c.k.shape[0] : 0;
+  }
+  if (groups[kStream]) sh.ring = c.ring_k.shape[2];
+  sh.sink = c.sink;
+  sh.window = c.window;
+  return sh;
+}
+
+// ---- one layer over a step's plan -------------------------------------------------------------------
+
+template <class T, class TW>
+void check_layer(const HybridAttentionCoreParams<T, TW>& p, int64_t slots, bool paged);
+
+/// The layer's plan: the step's, with this layer's group counts and input strides, after checking
+/// the layer's views against the plan's shape.
+template <class T, class TW>
+Plan layer_plan(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan) {
+  const HybridStepShape& sh = plan.shape;
+  const HybridLayerView<T>& c = p.cache;
+  const bool paged = plan.layout.page_ld != 0;
+  check_layer(p, plan.step.lengths.shape[0], paged);
+  RF_CHECK(p.q.shape[0] == plan.layout.n, kCoreOp, ": q has ", p.q.shape[0], " tokens but the plan is for ",
+           plan.layout.n);
+  RF_CHECK(p.n_q == sh.n_q && c.kinds.shape[0] == sh.n_kv && p.head_dim == sh.head_dim, kCoreOp,
+           ": the layer has n_q ", p.n_q, ", n_kv ", c.kinds.shape[0], ", head_dim ", p.head_dim,
+           "; the plan's shape has ", sh.n_q, ", ", sh.n_kv, ", ", sh.head_dim);
+  Plan pl = plan.layout;
+  count_groups(c.kinds, pl.groups);
+  const char* kind_name[3] = {"attention", "state (recurrent or windowed)", "ring (streaming or windowed)"};
+  for (int k : {kAttn, kRec, kStream})
+    RF_CHECK(pl.groups[k] <= plan.layout.groups[k], kCoreOp, ": the layer has ", pl.groups[k], " ", kind_name[k],
+             " groups, more than the plan's shape allows (", plan.layout.groups[k], ")");
+  if (pl.groups[kAttn]) {
+    RF_CHECK(c.k.shape[2] == sh.kv_keys, kCoreOp, ": cache.k has ", c.k.shape[2],
+             " rows per slot or page; the plan's shape has kv_keys ", sh.kv_keys);
+    RF_CHECK(!paged || c.k.shape[0] == sh.kv_pages, kCoreOp, ": cache.k is a pool of ", c.k.shape[0],
+             " pages; the plan's shape has kv_pages ", sh.kv_pages);
+  }
+  if (pl.groups[kStream])
+    RF_CHECK(c.ring_k.shape[2] == sh.ring && c.sink == sh.sink && c.window == sh.window, kCoreOp,
+             ": the layer's rings (", c.ring_k.shape[2], " entries, sink ", c.sink, ", window ", c.window,
+             ") are not the plan's (", sh.ring, ", ", sh.sink, ", ", sh.window, ")");
+  for (int i = 0; i < p.n_recurrent; ++i)
+    RF_CHECK(p.recurrent[i].dt_up.shape[1] <= sh.max_dt_rank, kCoreOp, ": recurrent[", i, "].dt_up has rank ",
+             p.recurrent[i].dt_up.shape[1], ", more than the plan's max_dt_rank ", sh.max_dt_rank);
+  pl.q_ld = p.q.stride[0], pl.k_ld = p.k.stride[0], pl.v_ld = p.v.stride[0], pl.out_ld = p.out.stride[0];
+  return pl;
+}
+
+inline View<const int32_t, 1> meta_ints(const unsigned char* meta, size_t off, int64_t n) {
+  return make_view(reinterpret_cast<const int32_t*>(meta + off), {n});
 }
 
 template <class T, class TW>
-CallBuffers<T> call_buffers(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, unsigned char* ws) {
-  auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(ws + off); };
+CallBuffers<T> call_buffers(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, const HybridStep& st,
+                            const unsigned char* meta, unsigned char* ws) {
+  auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(meta + off); };
   CallBuffers<T> b;
   b.pos = ints(pl.pos), b.cu = ints(pl.cu), b.slots = ints(pl.slots), b.tok_seq = ints(pl.tok_seq);
-  b.group_local = ints(pl.group_local);
   b.alpha = reinterpret_cast<float*>(ws + pl.alpha);
   b.s_src = ints(pl.s_src), b.s_kv_lens = ints(pl.s_kv_lens), b.ring_dst = ints(pl.ring_dst);
-  b.page_table = pl.page_ld ? p.step.page_table.data : nullptr;
+  b.page_table = pl.page_ld ? st.page_table.data : nullptr;
   b.qf = p.q.data, b.kf = p.k.data, b.vf = p.v.data, b.heads = p.out.data;
   for (int k = 0; k < 3; ++k) {
     b.q[k] = reinterpret_cast<T*>(ws + pl.q[k]);
@@ -284,6 +456,10 @@ CallBuffers<T> call_buffers(const HybridAttentionCoreParams<T, TW>& p, const Pla
     b.v[k] = reinterpret_cast<T*>(ws + pl.v[k]);
     b.o[k] = reinterpret_cast<T*>(ws + pl.o[k]);
   }
+  int8_t local[3] = {0, 0, 0};
+  for (int64_t j = 0; j < pl.n_kv; ++j)
+    for (int slot : {kAttn, kRec, kStream})
+      b.group_local[j * 3 + slot] = uses_slot(p.cache.kinds(j), slot) ? local[slot]++ : int8_t(-1);
   return b;
 }
 
@@ -294,10 +470,10 @@ constexpr bool is_cpu_exec = std::is_same_v<Exec, CpuExec>;
 // Its scratch (u, Δ) is the group's own, so groups may run concurrently (CPU decode).
 template <bool Execute, class Exec, class T, class TW>
 void recurrent_group(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, int64_t i, Exec exec,
-                     unsigned char* ws, void* lin_ws, size_t lin_bytes) {
+                     const unsigned char* meta, unsigned char* ws, void* lin_ws, size_t lin_bytes) {
   using B = HybridBackend<Exec>;
   const int64_t n = pl.n, hd = pl.hd, g = pl.g, nR = pl.groups[kRec];
-  const View<const int32_t, 1> cu = ws_ints(ws, pl.cu, pl.S + 1), slots = ws_ints(ws, pl.slots, pl.S);
+  const View<const int32_t, 1> cu = meta_ints(meta, pl.cu, pl.S + 1), slots = meta_ints(meta, pl.slots, pl.S);
   const T* qr = reinterpret_cast<const T*>(ws + pl.q[kRec]);
   const T* kr = reinterpret_cast<const T*>(ws + pl.k[kRec]);
   const T* vr = reinterpret_cast<const T*>(ws + pl.v[kRec]);
@@ -347,13 +523,14 @@ void recurrent_group(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, 
 // The core's inner ops, built from the plan. Execute = false only builds and checks each op's
 // params (and the scratch each needs); true runs them.
 template <bool Execute, class Exec, class T, class TW>
-void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, Exec exec, unsigned char* ws) {
+void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, const HybridStep& st, Exec exec,
+         const unsigned char* meta, unsigned char* ws) {
   using B = HybridBackend<Exec>;
   const int64_t n = pl.n, hd = pl.hd, g = pl.g;
   void* attn_ws = ws + pl.attn;
-  const CallBuffers<T> b = call_buffers(p, pl, ws);
-  const View<const int32_t, 1> pos = ws_ints(ws, pl.pos, n), cu = ws_ints(ws, pl.cu, pl.S + 1),
-                               slots = ws_ints(ws, pl.slots, pl.S), kv_lens = ws_ints(ws, pl.kv_lens, pl.S);
+  const CallBuffers<T> b = call_buffers(p, pl, st, meta, ws);
+  const View<const int32_t, 1> pos = meta_ints(meta, pl.pos, n), cu = meta_ints(meta, pl.cu, pl.S + 1),
+                               slots = meta_ints(meta, pl.slots, pl.S), kv_lens = meta_ints(meta, pl.kv_lens, pl.S);
 
   auto do_attention = [&](const AttentionParams<T>& ap) {
     if constexpr (Execute) {
@@ -385,7 +562,7 @@ void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, Exec exec, u
     ap.v = V;
     ap.out = make_view(b.o[kAttn], {n, nA * g, hd});
     ap.cu_seqlens = cu;
-    if (pl.page_ld) ap.page_table = p.step.page_table; else ap.kv_slots = slots;
+    if (pl.page_ld) ap.page_table = st.page_table; else ap.kv_slots = slots;
     ap.kv_lens = kv_lens;
     ap.q_positions = pos;
     do_attention(ap);
@@ -407,9 +584,9 @@ void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, Exec exec, u
     ap.v = SV;
     ap.out = make_view(b.o[kStream], {n, nS * g, hd});
     ap.cu_seqlens = cu;
-    ap.kv_lens = ws_ints(ws, pl.s_kv_lens, pl.S);
+    ap.kv_lens = meta_ints(meta, pl.s_kv_lens, pl.S);
     ap.q_positions = pos;
-    ap.k_positions = make_view(reinterpret_cast<const int32_t*>(ws + pl.s_kpos), {pl.S, cap});
+    ap.k_positions = make_view(reinterpret_cast<const int32_t*>(meta + pl.s_kpos), {pl.S, cap});
     ap.sink = p.cache.sink;
     ap.window = p.cache.window;
     do_attention(ap);
@@ -422,18 +599,18 @@ void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, Exec exec, u
     // Decode (tiny ops) runs the groups in parallel, each on one thread with its own scratch, so a
     // step costs one fork-join, not ~4 per group.
     if (!Execute || !pl.decode) {
-      for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, ws + pl.lin, pl.lin_bytes);
+      for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, meta, ws, ws + pl.lin, pl.lin_bytes);
       if (!Execute && pl.decode)  // the decode path's per-thread scratch, on one thread
         for (int64_t i = 0; i < nR; ++i)
-          recurrent_group<false>(p, pl, i, CpuExec{}, ws, ws + pl.rec_lin, pl.rec_lin_bytes);
+          recurrent_group<false>(p, pl, i, CpuExec{}, meta, ws, ws + pl.rec_lin, pl.rec_lin_bytes);
     } else {
       exec.for_each(nR, [&](int64_t i, int thread) {
-        recurrent_group<true>(p, pl, i, CpuExec{}, ws,
+        recurrent_group<true>(p, pl, i, CpuExec{}, meta, ws,
                               ws + pl.rec_lin + size_t(thread) * align_up(pl.rec_lin_bytes), pl.rec_lin_bytes);
       });
     }
   } else {
-    for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, ws, ws + pl.lin, pl.lin_bytes);
+    for (int64_t i = 0; i < nR; ++i) recurrent_group<Execute>(p, pl, i, exec, meta, ws, ws + pl.lin, pl.lin_bytes);
   }
 
   // 5. head outputs back to head order in fp32, windowed groups mixed with alpha.
@@ -444,97 +621,84 @@ void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, Exec exec, u
   }
 }
 
-// What linear(x [tokens, in] W^T) needs of scratch on `exec`.
-template <class TW, class Exec>
-size_t linear_scratch(int64_t tokens, View<const TW, 2> w, Exec exec) {
-  LinearParams<float, TW> lp;
-  lp.x = make_view(const_cast<const float*>(placeholder<float>()), {tokens, w.shape[1]});
-  lp.weight = w;
-  lp.y = make_view(placeholder<float>(), {tokens, w.shape[0]});
-  return linear_workspace_bytes(lp, exec);
-}
-
-// The full plan: the layout, plus the linear and attention scratch for this call's metadata
-// (filled, on the host, at `meta`).
+/// Checks one layer against the plan (its views, then every inner op's params: a dry run of the
+/// stages, host-only), so a call that throws writes nothing; returns the layer's plan.
 template <class Exec, class T, class TW>
-Plan plan_call(const HybridAttentionCoreParams<T, TW>& p, Exec exec, unsigned char* meta) {
-  Plan pl = plan_layout(p);
-  const int64_t n = pl.n, hd = pl.hd, g = pl.g;
-  size_t lin = 0;
-  for (int i = 0; i < p.n_recurrent; ++i) lin = std::max(lin, linear_scratch(n, p.recurrent[i].dt_up, exec));
-  size_t attn = 0;
-  const View<const int32_t, 1> pos = ws_ints(meta, pl.pos, n), cu = ws_ints(meta, pl.cu, pl.S + 1),
-                               slots = ws_ints(meta, pl.slots, pl.S);
-  for (int kind : {kAttn, kStream}) {
-    const int64_t nk = pl.groups[kind];
-    if (!nk) continue;
-    AttentionParams<T> ap;
-    ap.q = make_view(const_cast<const T*>(placeholder<T>()), {n, nk * g, hd});
-    ap.out = make_view(placeholder<T>(), {n, nk * g, hd});
-    ap.cu_seqlens = cu;
-    ap.q_positions = pos;
-    if (kind == kAttn) {
-      ap.k = p.cache.k;
-      ap.v = p.cache.v;
-      if (pl.page_ld) ap.page_table = p.step.page_table; else ap.kv_slots = slots;
-      ap.kv_lens = ws_ints(meta, pl.kv_lens, pl.S);
-    } else {
-      ap.k = make_view(const_cast<const T*>(placeholder<T>()), {pl.S, nk, pl.stream_cap, hd});
-      ap.v = ap.k;
-      ap.kv_lens = ws_ints(meta, pl.s_kv_lens, pl.S);
-    }
-    attn = std::max(attn, attention_workspace_bytes(ap, exec));  // after check_step: the indices are valid
-  }
-  size_t rec_lin = 0;
-  int threads = 1;
-  if constexpr (is_cpu_exec<Exec>) {  // CPU decode runs each group's dt_up on one thread
-    threads = exec.threads();
-    if (pl.decode)
-      for (int i = 0; i < p.n_recurrent; ++i)
-        rec_lin = std::max(rec_lin, linear_scratch(n, p.recurrent[i].dt_up, CpuExec{}));
-  }
-  size_t off = pl.lin;
-  pl.lin_bytes = lin;
-  off += align_up(lin);
-  pl.rec_lin = off;
-  pl.rec_lin_bytes = rec_lin;
-  off += align_up(rec_lin) * size_t(threads);
-  pl.attn = off;
-  pl.attn_bytes = attn;
-  off += align_up(attn);
-  pl.total = off + kAlign;  // + alignment slack for the caller's pointer
+Plan prepare_layer(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, Exec exec,
+                   unsigned char* ws) {
+  const Plan pl = layer_plan(p, plan);
+  if constexpr (is_cpu_exec<Exec>)
+    RF_CHECK(exec.threads() <= pl.threads, kCoreOp, ": the call runs on ", exec.threads(),
+             " threads but the plan's scratch was sized for ", pl.threads, " (plan with the same exec)");
+  if (pl.n) run<false>(p, pl, plan.step, exec, plan.metadata, ws);
   return pl;
 }
 
+/// The step plan on `exec` into the caller's buffers (plan_hybrid_step).
+template <class Exec, class T, class TW>
+HybridStepPlan<T, TW> plan_step(const HybridStepShape& sh, const HybridStep& st, int64_t tokens, Exec exec,
+                                const HybridPlanBuffers& buf) {
+  using B = HybridBackend<Exec>;
+  check_step_views(sh, st, tokens);
+  const size_t need = plan_layout<T>(sh, st, tokens).meta_end + kAlign;
+  RF_CHECK(buf.metadata != nullptr && buf.bytes >= need, kCoreOp, ": the plan's metadata buffer has ", buf.bytes,
+           " bytes, expected at least ", need, " (hybrid_step_metadata_bytes)");
+  unsigned char* meta = align_ptr(buf.metadata);
+  unsigned char* host = B::plan_staging(meta, buf);
+  HybridStepPlan<T, TW> plan = make_step_plan<Exec, T, TW>(sh, st, tokens, exec, host);
+  B::upload_plan(meta, host, plan.layout.meta_end, exec);
+  plan.metadata = meta;
+  return plan;
+}
+
+/// One layer over the step's plan: no allocation, no synchronisation, no metadata upload.
+template <class Exec, class T, class TW>
+void core_call(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, Exec exec,
+               void* workspace, size_t workspace_bytes) {
+  RF_CHECK(plan.metadata != nullptr, kCoreOp, ": the plan is empty (make it with plan_hybrid_step)");
+  RF_CHECK(!p.step.cu_seqlens.present() && !p.step.slots.present() && !p.step.lengths.present() &&
+               !p.step.page_table.present(),
+           kCoreOp, ": p.step is given beside a plan: the plan holds the step, leave p.step empty");
+  RF_CHECK(workspace != nullptr && workspace_bytes >= plan.workspace_bytes, kCoreOp, ": workspace has ",
+           workspace_bytes, " bytes, expected at least ", plan.workspace_bytes, " (plan.workspace_bytes)");
+  unsigned char* ws = align_ptr(workspace);
+  const Plan pl = prepare_layer(p, plan, exec, ws);
+  if (pl.n) run<true>(p, pl, plan.step, exec, plan.metadata, ws);
+}
+
+// The one-shot call plans a step for this layer alone, its metadata at the head of the workspace.
 template <class Exec, class T, class TW>
 size_t core_workspace_bytes(const HybridAttentionCoreParams<T, TW>& p, Exec exec) {
   check(p);
-  const Plan layout = plan_layout(p);
-  std::vector<unsigned char> meta(layout.meta_end + kAlign);  // a size query may allocate
-  unsigned char* m = align_ptr(meta.data());
-  fill_metadata(p, layout, m);
-  check_step(p, layout, m);
-  return plan_call(p, exec, m).total;
+  const HybridStepShape sh = shape_of(p);
+  const int64_t n = p.q.shape[0];
+  std::vector<unsigned char> meta(plan_layout<T>(sh, p.step, n).meta_end + kAlign);  // a size query may allocate
+  const HybridStepPlan<T, TW> plan = make_step_plan<Exec, T, TW>(sh, p.step, n, exec, align_ptr(meta.data()));
+  return align_up(plan.layout.meta_end) + plan.workspace_bytes;
 }
 
 template <class Exec, class T, class TW>
 void core_call(const HybridAttentionCoreParams<T, TW>& p, Exec exec, void* workspace, size_t workspace_bytes) {
   using B = HybridBackend<Exec>;
   check(p);
-  const Plan layout = plan_layout(p);
-  RF_CHECK(workspace != nullptr && workspace_bytes >= layout.meta_end + kAlign, kCoreOp, ": workspace has ",
+  const HybridStepShape sh = shape_of(p);
+  const int64_t n = p.q.shape[0];
+  const size_t meta_bytes = align_up(plan_layout<T>(sh, p.step, n).meta_end);
+  RF_CHECK(workspace != nullptr && workspace_bytes >= meta_bytes + kAlign, kCoreOp, ": workspace has ",
            workspace_bytes, " bytes, expected at least hybrid_attention_core_workspace_bytes()");
-  unsigned char* ws = align_ptr(workspace);
-  unsigned char* meta = B::metadata_buffer(ws, layout.meta_end, exec);  // host memory
-  fill_metadata(p, layout, meta);
-  check_step(p, layout, meta);
-  const Plan pl = plan_call(p, exec, meta);
-  RF_CHECK(workspace_bytes >= pl.total, kCoreOp, ": workspace has ", workspace_bytes, " bytes, expected at least ",
-           pl.total, " (hybrid_attention_core_workspace_bytes)");
+  unsigned char* meta = align_ptr(workspace);
+  unsigned char* host = B::metadata_buffer(meta, meta_bytes, exec);
+  HybridStepPlan<T, TW> plan = make_step_plan<Exec, T, TW>(sh, p.step, n, exec, host);
+  plan.metadata = meta;
+  RF_CHECK(workspace_bytes >= meta_bytes + plan.workspace_bytes, kCoreOp, ": workspace has ", workspace_bytes,
+           " bytes, expected at least ", meta_bytes + plan.workspace_bytes, " (hybrid_attention_core_workspace_bytes)");
+  HybridAttentionCoreParams<T, TW> lp = p;
+  lp.step = HybridStep{};  // the plan holds it
+  unsigned char* ws = meta + meta_bytes;
+  const Plan pl = prepare_layer(lp, plan, exec, ws);
   if (pl.n == 0) return;
-  run<false>(p, pl, exec, ws);  // every inner op's params checked before anything is written
-  B::upload_metadata(ws, meta, pl.meta_end, exec);
-  run<true>(p, pl, exec, ws);
+  B::upload_metadata(meta, host, plan.layout.meta_end, exec);
+  run<true>(lp, pl, plan.step, exec, meta, ws);
 }
 
 // ---- the layer: projections around the core ------------------------------------------------------
@@ -564,10 +728,11 @@ LayerPlan plan_layer(const HybridHeadAttentionParams<T, TW, M>& p) {
   return lp;
 }
 
-/// The layer's core params, over the workspace at `ws` (null: placeholders, for checks and sizes).
+/// The layer's core params, over the workspace at `ws` (null: placeholders, for checks and sizes);
+/// with_step = false leaves the step to a plan.
 template <class T, class TW, class M>
 HybridAttentionCoreParams<T, TW> core_params(const HybridHeadAttentionParams<T, TW, M>& p, const LayerPlan& lp,
-                                             unsigned char* ws) {
+                                             unsigned char* ws, bool with_step = true) {
   HybridCache<T, M>& c = *p.cache;
   const int64_t n = p.x.shape[0], hd = c.head_dim(), n_kv = c.config().n_kv;
   auto f = [&](size_t off) { return ws ? reinterpret_cast<float*>(ws + off) : placeholder<float>(); };
@@ -580,9 +745,11 @@ HybridAttentionCoreParams<T, TW> core_params(const HybridHeadAttentionParams<T, 
   cp.recurrent = p.weights.recurrent;
   cp.n_recurrent = p.weights.n_recurrent;
   cp.cache = c.layer_view(p.layer);
-  cp.step.cu_seqlens = p.cu_seqlens;
-  cp.step.slots = p.slots;
-  cp.step.lengths = c.lengths();
+  if (with_step) {
+    cp.step.cu_seqlens = p.cu_seqlens;
+    cp.step.slots = p.slots;
+    cp.step.lengths = c.lengths();
+  }
   cp.n_q = p.n_q;
   cp.head_dim = int(hd);
   cp.inv_freq = p.inv_freq;
@@ -646,6 +813,9 @@ size_t layer_lin_bytes(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) 
   return lin;
 }
 
+template <class T, class TW, class M>
+void check_layer_params(const HybridHeadAttentionParams<T, TW, M>& p);
+
 template <class Exec, class T, class TW, class M>
 size_t workspace_bytes(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) {
   check(p);
@@ -679,12 +849,48 @@ void call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, void* workspa
   project<true>(p, cp, lp, exec, ws, lin_bytes, false);
 }
 
-}  // namespace hybrid
-}  // namespace detail
 
+// The layer over a step's plan (hybrid_step gives the step over the cache): the core runs from the
+// plan's metadata; the capacity and slots were checked when the plan was made.
+template <class T, class TW, class M>
+void check_plan_for(const HybridHeadAttentionParams<T, TW, M>& p, const HybridStepPlan<T, TW>& plan) {
+  check_layer_params(p);
+  RF_CHECK(!p.cu_seqlens.present() && !p.slots.present(), kOp,
+           ": cu_seqlens and slots are given beside a plan: the plan holds the step, leave them empty");
+  RF_CHECK(plan.metadata != nullptr, kOp, ": the plan is empty (make it with plan_hybrid_step)");
+  RF_CHECK(plan.step.lengths.data == p.cache->lengths().data, kOp,
+           ": the plan was made over another cache's lengths (plan the step with hybrid_step(cache, ...))");
+}
+
+template <class Exec, class T, class TW, class M>
+size_t workspace_bytes(const HybridHeadAttentionParams<T, TW, M>& p, const HybridStepPlan<T, TW>& plan, Exec exec) {
+  check_plan_for(p, plan);
+  return kAlign + plan_layer(p).lin + align_up(layer_lin_bytes(p, exec)) + plan.workspace_bytes;
+}
+
+template <class Exec, class T, class TW, class M>
+void call(const HybridHeadAttentionParams<T, TW, M>& p, const HybridStepPlan<T, TW>& plan, Exec exec,
+          void* workspace, size_t workspace_bytes) {
+  check_plan_for(p, plan);
+  const LayerPlan lp = plan_layer(p);
+  const size_t lin_bytes = layer_lin_bytes(p, exec), core_off = lp.lin + align_up(lin_bytes);
+  RF_CHECK(workspace != nullptr && workspace_bytes >= kAlign + core_off + plan.workspace_bytes, kOp,
+           ": workspace has ", workspace_bytes, " bytes, expected at least ", kAlign + core_off + plan.workspace_bytes,
+           " (hybrid_head_attention_workspace_bytes(p, plan, exec))");
+  unsigned char* ws = align_ptr(workspace);
+  const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, ws, false);
+  project<false>(p, cp, lp, exec, ws, lin_bytes, true);
+  project<false>(p, cp, lp, exec, ws, lin_bytes, false);
+  const Plan pl = prepare_layer(cp, plan, exec, ws + core_off);  // every check before the first write
+  if (pl.n == 0) return;
+  project<true>(p, cp, lp, exec, ws, lin_bytes, true);
+  run<true>(cp, pl, plan.step, exec, plan.metadata, ws + core_off);
+  project<true>(p, cp, lp, exec, ws, lin_bytes, false);
+}
+
+/// The core's views and weights, for a step over `slots` slots (paged: K/V a pool of pages).
 template <class T, class TW>
-void check(const HybridAttentionCoreParams<T, TW>& p) {
-  using detail::hybrid::kCoreOp;
+void check_layer(const HybridAttentionCoreParams<T, TW>& p, int64_t slots, bool paged) {
   const HybridLayerView<T>& c = p.cache;
   detail::check_shape(kCoreOp, "cache.kinds", c.kinds, {-1});
   const int64_t n_kv = c.kinds.shape[0], hd = p.head_dim;
@@ -707,9 +913,7 @@ void check(const HybridAttentionCoreParams<T, TW>& p) {
     const HeadKind k = c.kinds(j);
     nA += k == HeadKind::attention, nState += has_recurrent_state(k), nRing += has_stream_ring(k);
   }
-  detail::check_shape(kCoreOp, "step.lengths", p.step.lengths, {-1});
-  const int64_t slots = p.step.lengths.shape[0];
-  const bool paged = p.step.page_table.present();
+  RF_CHECK(n_kv <= kMaxKvGroups, kCoreOp, ": ", n_kv, " KV groups, more than the ", kMaxKvGroups, " supported");
   if (nA) {
     detail::check_shape(kCoreOp, "cache.k", c.k, {paged ? -1 : slots, nA, -1, hd});
     detail::check_shape(kCoreOp, "cache.v", c.v, {c.k.shape[0], nA, c.k.shape[2], hd});
@@ -756,26 +960,31 @@ void check(const HybridAttentionCoreParams<T, TW>& p) {
   }
   if (nA + nRing > 0) {  // some group runs softmax attention
     dispatch_value("hybrid_attention_core: head_dim of attention groups", AttentionHeadDims{}, hd, [](auto) {});
-    detail::check_shape(kCoreOp, "inv_freq", p.inv_freq, {hd / 2});
+    recurformer::detail::check_shape(kCoreOp, "inv_freq", p.inv_freq, {hd / 2});
   }
-  int64_t S = 1;
-  if (p.step.cu_seqlens.present()) {
-    S = p.step.cu_seqlens.shape[0] - 1;
-    RF_CHECK(S >= 1, kCoreOp, ": step.cu_seqlens needs at least 2 entries");
-    RF_CHECK(p.step.cu_seqlens(0) == 0 && p.step.cu_seqlens(S) == tokens, kCoreOp,
-             ": step.cu_seqlens must start at 0 and end at ", tokens, " (got ", p.step.cu_seqlens(0), " .. ",
-             p.step.cu_seqlens(S), ")");
-    for (int64_t s = 0; s < S; ++s)
-      RF_CHECK(p.step.cu_seqlens(s) <= p.step.cu_seqlens(s + 1), kCoreOp,
-               ": step.cu_seqlens must be non-decreasing (at ", s, ")");
-  }
-  detail::check_optional_shape(kCoreOp, "step.slots", p.step.slots, {S});
-  if (paged) detail::check_shape(kCoreOp, "step.page_table", p.step.page_table, {S, -1});
 }
 
+}  // namespace hybrid
+}  // namespace detail
+
+inline size_t hybrid_step_metadata_bytes(const HybridStepShape& shape, const HybridStep& step, int64_t tokens) {
+  detail::hybrid::check_step_views(shape, step, tokens);
+  return detail::hybrid::plan_layout<float>(shape, step, tokens).meta_end + detail::hybrid::kAlign;
+}
+
+template <class T, class TW>
+void check(const HybridAttentionCoreParams<T, TW>& p) {
+  using namespace detail::hybrid;
+  recurformer::detail::check_shape(kCoreOp, "step.lengths", p.step.lengths, {-1});
+  check_layer(p, p.step.lengths.shape[0], p.step.page_table.present());
+  check_step_views(shape_of(p), p.step, p.q.shape[0]);
+}
+
+namespace detail {
+namespace hybrid {
+
 template <class T, class TW, class M>
-void check(const HybridHeadAttentionParams<T, TW, M>& p) {
-  using detail::hybrid::kOp;
+void check_layer_params(const HybridHeadAttentionParams<T, TW, M>& p) {
   RF_CHECK(p.cache != nullptr, kOp, ": cache is null");
   const HybridCache<T, M>& c = *p.cache;
   RF_CHECK(p.layer >= 0 && p.layer < c.n_layers(), kOp, ": layer ", p.layer, " out of range [0, ",
@@ -812,6 +1021,14 @@ void check(const HybridHeadAttentionParams<T, TW, M>& p) {
     std::snprintf(name, sizeof name, "weights.recurrent[%d].dt_down", i);
     detail::check_shape(kOp, name, r.dt_down, {r.dt_up.present() ? r.dt_up.shape[1] : -1, d_model});
   }
+}
+
+}  // namespace hybrid
+}  // namespace detail
+
+template <class T, class TW, class M>
+void check(const HybridHeadAttentionParams<T, TW, M>& p) {
+  detail::hybrid::check_layer_params(p);
   // The rest (cu_seqlens, slots, recurrent weights, the cache's views, head_dim, inv_freq) is the core's check.
   check(detail::hybrid::core_params(p, detail::hybrid::plan_layer(p), nullptr));
 }
