@@ -78,12 +78,7 @@ class LlamaImpl final : public LlamaImplBase {
   }
 
   size_t workspace_bytes(const LlamaBatch& b, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const override {
-    return std::visit(
-        [&](auto* c) {
-          Buffers buf;
-          return carve(b, rows, *c, exec, nullptr, buf);
-        },
-        cache);
+    return std::visit([&](auto* c) { return size_query(b, rows, *c, exec); }, cache);
   }
 
   void forward(const LlamaBatch& b, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
@@ -108,9 +103,14 @@ class LlamaImpl final : public LlamaImplBase {
     for (int64_t s = 0; s < S; ++s) counts_[size_t(s)] = b.cu_seqlens(s + 1) - b.cu_seqlens(s);
     const View<const int32_t, 1> counts = make_view<const int32_t>(counts_.data(), {S});
     cache.check_append(b.slots, counts);  // before anything is written
+    RF_CHECK(ws, op, ": workspace is null");
+    // One plan for the step (positions, key counts, slots: the same in every layer), made in the
+    // workspace; every layer runs from it.
     Buffers buf;
-    const size_t need = carve(b, rows, cache, exec, static_cast<unsigned char*>(ws), buf);
-    RF_CHECK(ws && ws_bytes >= need, op, ": workspace of ", ws_bytes, " bytes, ", need, " needed");
+    HybridStepPlan<TC, TW> plan;
+    size_t need = carve(b, rows, cache, exec, static_cast<unsigned char*>(ws), buf, plan, ws_bytes);
+    if (ws_bytes < need) need = size_query(b, rows, cache, exec);  // the whole need, for the message
+    RF_CHECK(ws_bytes >= need, op, ": workspace of ", ws_bytes, " bytes, ", need, " needed");
 
     auto x = make_view(buf.x, {T, d});
     auto xn = make_view(buf.xn, {T, d});
@@ -124,8 +124,7 @@ class LlamaImpl final : public LlamaImplBase {
       const LlamaLayerWeights<TW>& L = w_.layers[size_t(l)];
       rmsnorm(RmsNormParams<float, float>{x, L.attn_norm, xn, cfg_.rms_eps}, exec);
       if (hook) hook(l, xn, b);
-      auto hp = layer_params(l, b, cache, xn, tmp);
-      hybrid_head_attention(hp, exec, buf.layer_ws, buf.layer_ws_bytes);
+      hybrid_head_attention(layer_params(l, cache, xn, tmp), plan, exec, buf.layer_ws, buf.layer_ws_bytes);
       add_inplace(x, tmp, exec);
       rmsnorm(RmsNormParams<float, float>{x, L.mlp_norm, xn, cfg_.rms_eps}, exec);
       linear_weight(xn, L.gate, gate, exec, buf.lin_ws, buf.lin_ws_bytes);
@@ -175,8 +174,8 @@ class LlamaImpl final : public LlamaImplBase {
   }
 
   template <class TC>
-  HybridHeadAttentionParams<TC, TW> layer_params(int l, const LlamaBatch& b, HybridCache<TC>& cache,
-                                                View<const float, 2> x, View<float, 2> out) const {
+  HybridHeadAttentionParams<TC, TW> layer_params(int l, HybridCache<TC>& cache, View<const float, 2> x,
+                                                View<float, 2> out) const {
     const LlamaLayerWeights<TW>& L = w_.layers[size_t(l)];
     HybridHeadAttentionParams<TC, TW> p;
     p.x = x;
@@ -190,17 +189,32 @@ class LlamaImpl final : public LlamaImplBase {
     p.cache = &cache;
     p.layer = l;
     p.n_q = cfg_.n_q;
-    p.cu_seqlens = b.cu_seqlens;
-    p.slots = b.slots;
     p.inv_freq = make_view<const float>(inv_freq_.data(), {int64_t(inv_freq_.size())});
     p.rope_layout = cfg_.rope_layout;
     return p;
   }
 
-  // Lays the buffers out from `base` (or only sizes them when base is null); returns the bytes.
+  template <class TC>
+  size_t size_query(const LlamaBatch& b, LogitsRows rows, const HybridCache<TC>& cache, CpuExec exec) const {
+    Buffers buf;
+    HybridStepPlan<TC, TW> plan;
+    return carve(b, rows, cache, exec, nullptr, buf, plan);
+  }
+
+  // The widest dt_up of any recurrent or windowed group (the step plan sizes its scratch).
+  int64_t max_dt_rank() const {
+    int64_t r = 0;
+    for (const LlamaLayerWeights<TW>& L : w_.layers)
+      for (const RecurrentGroupWeights<TW>& g : L.recurrent) r = std::max(r, g.dt_up.shape[1]);
+    return r;
+  }
+
+  // Lays the buffers out from `base` (or only sizes them when base is null) and plans the step,
+  // its metadata in the workspace (a size query plans into a buffer of its own); returns the bytes.
+  // With a base, the plan is made only when the buffers before it fit in `bytes`.
   template <class TC>
   size_t carve(const LlamaBatch& b, LogitsRows rows, const HybridCache<TC>& cache, CpuExec exec, unsigned char* base,
-               Buffers& buf) const {
+               Buffers& buf, HybridStepPlan<TC, TW>& plan, size_t bytes = 0) const {
     const int64_t T = b.tokens.shape[0], S = b.slots.shape[0], d = cfg_.d_model, F = cfg_.ffn;
     WorkspaceCarver c{base, 0};
     buf.x = c.take<float>(T * d);
@@ -213,11 +227,23 @@ class LlamaImpl final : public LlamaImplBase {
     // the queries never dereference it).
     static float dummy[1];
     auto shaped = [](int64_t r, int64_t k) { return make_view(dummy, {r, k}); };
+    const HybridStepShape shape = hybrid_step_shape(cache, cfg_.n_q, max_dt_rank());
+    const HybridStep step = hybrid_step(cache, b.cu_seqlens, b.slots);
+    const size_t meta_bytes = hybrid_step_metadata_bytes(shape, step, T);
+    unsigned char* meta = c.take<unsigned char>(int64_t(meta_bytes));
+    std::vector<unsigned char> own_meta;
+    if (!base) {
+      own_meta.resize(meta_bytes);
+      meta = own_meta.data();
+    } else if (c.used > bytes) {
+      return c.used;  // too small for the metadata: the caller reports the need
+    }
+    plan = plan_hybrid_step<TC, TW>(shape, step, T, exec, HybridPlanBuffers{meta, nullptr, meta_bytes});
     size_t layer_ws = 0, lin_ws = 0;
     auto& mc = const_cast<HybridCache<TC>&>(cache);  // the query only reads the lengths
     for (int l = 0; l < cfg_.n_layers; ++l)
       layer_ws = std::max(layer_ws, hybrid_head_attention_workspace_bytes(
-                                        layer_params(l, b, mc, shaped(T, d), shaped(T, d)), exec));
+                                        layer_params(l, mc, shaped(T, d), shaped(T, d)), plan, exec));
     const LlamaLayerWeights<TW>& L0 = w_.layers[0];
     const int64_t R = rows == LogitsRows::all ? T : S;
     for (auto q : {LinearParams<float, TW>{shaped(T, d), L0.gate.dense, {}, shaped(T, F)},
