@@ -4,8 +4,9 @@
 // into fp32, the q, k, v and dt_down rows of each layer fused into one matrix, so the layer's input
 // projections are one GEMM), the MLP and lm_head, and the memory: a pool of K/V pages per layer
 // handed out from one free list as sequences grow (one page table for all layers, vLLM's way),
-// SSM and conv states and streaming rings per slot, and the slots' lengths. For each layer it
-// calls hybrid_attention_core on views of that memory; no HybridCache is involved.
+// SSM and conv states and streaming rings per slot, and the slots' lengths. Each step it plans once
+// (plan_hybrid_step: positions, key counts, pages, checked once for all layers), then for each layer
+// calls hybrid_attention_core with that plan on views of its memory; no HybridCache is involved.
 //
 // It runs a batch of sequences of different lengths (one packed prefill, then batched decode steps,
 // greedy) and runs the same tokens through the library's own LlamaSession, printing the largest
@@ -69,7 +70,7 @@ struct Engine {
   int64_t pages = 0, ring = 0, N = 0, Kc = 0;  // pages in each layer's pool, ring entries, d_state, conv kernel
   std::vector<int32_t> lengths, free_pages;
   std::vector<std::vector<int32_t>> pages_of;
-  std::vector<unsigned char> ws;
+  std::vector<unsigned char> ws, meta;  // the layers' scratch and the step plan's metadata (grow-only)
   ThreadPool pool;
 
   Engine(const Checkpoint& ck, int n_slots, int64_t capacity) : c(ck.config()), slots(n_slots), pool(0) {
@@ -183,6 +184,27 @@ struct Engine {
       if (lin_ws.size() < b) lin_ws.resize(b);
       return lin_ws;
     };
+    // One plan for the step, shared by every layer: positions, key counts and pages are the same in
+    // all of them. Its shape covers the largest layer of each kind.
+    HybridStepShape shape;
+    shape.n_q = nq, shape.n_kv = nkv, shape.head_dim = hd;
+    for (const Layer& L : layers) {
+      shape.max_attention_groups = std::max(shape.max_attention_groups, L.n_attn);
+      shape.max_state_groups = std::max(shape.max_state_groups, L.n_state);
+      shape.max_ring_groups = std::max(shape.max_ring_groups, L.n_ring);
+    }
+    shape.max_dt_rank = c.recurformer ? c.recurformer->recurrent.dt_rank : 0;
+    shape.kv_keys = kPage, shape.kv_pages = pages;
+    shape.ring = shape.max_ring_groups ? ring : 0;
+    shape.sink = c.recurformer ? c.recurformer->streaming.sink : 0;
+    shape.window = c.recurformer ? c.recurformer->streaming.window : 1;
+    const HybridStep step_arrays{make_view(cu.data(), {S + 1}), make_view(seq_slots.data(), {S}),
+                                 make_view(const_cast<const int32_t*>(lengths.data()), {int64_t(slots)}),
+                                 make_view(const_cast<const int32_t*>(table.data()), {S, max_pages})};
+    meta.resize(std::max(meta.size(), hybrid_step_metadata_bytes(shape, step_arrays, n)));  // grow-only
+    const HybridStepPlan<float, float> plan =
+        plan_hybrid_step<float, float>(shape, step_arrays, n, exec, HybridPlanBuffers{meta.data(), nullptr, meta.size()});
+    if (ws.size() < plan.workspace_bytes) ws.resize(plan.workspace_bytes);
     auto X = [&](std::vector<float>& v, int64_t cols) { return make_view(v.data(), {n, cols}); };
     auto cX = [&](const std::vector<float>& v, int64_t cols) { return make_view(v.data(), {n, cols}); };
     embedding(EmbeddingParams<float, float>{mat(embed, V, d), make_view(tokens.data(), {n}), X(x, d)}, exec);
@@ -207,18 +229,11 @@ struct Engine {
       cp.cache.conv_states = make_view(L.conv.data(), {int64_t(slots), L.n_state, Kc - 1, hd});
       cp.cache.ring_k = make_view(L.ring_k.data(), {int64_t(slots), L.n_ring, ring, hd});
       cp.cache.ring_v = make_view(L.ring_v.data(), {int64_t(slots), L.n_ring, ring, hd});
-      cp.cache.sink = c.recurformer ? c.recurformer->streaming.sink : 0;
-      cp.cache.window = c.recurformer ? c.recurformer->streaming.window : 1;
-      cp.step.cu_seqlens = make_view(cu.data(), {S + 1});
-      cp.step.slots = make_view(seq_slots.data(), {S});
-      cp.step.lengths = make_view(const_cast<const int32_t*>(lengths.data()), {int64_t(slots)});
-      cp.step.page_table = make_view(const_cast<const int32_t*>(table.data()), {S, max_pages});
+      cp.cache.sink = shape.sink, cp.cache.window = shape.window;
       cp.n_q = int(nq), cp.head_dim = int(hd);
       cp.inv_freq = make_view(inv_freq.data(), {int64_t(inv_freq.size())});
       cp.rope_layout = c.rope_layout;
-      const size_t need = hybrid_attention_core_workspace_bytes(cp, exec);
-      if (ws.size() < need) ws.resize(need);  // grow-only: steady decode allocates nothing here
-      hybrid_attention_core(cp, exec, ws.data(), ws.size());
+      hybrid_attention_core(cp, plan, exec, ws.data(), ws.size());  // the step comes from the plan
       linear_f32(cX(heads, nq * hd), mat(L.wo, d, nq * hd), nullptr, X(tmp, d), scratch);
       for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
       rmsnorm(RmsNormParams<float, float>{cX(x, d), make_view(L.mlp_norm.data(), {d}), X(xn, d), c.rms_eps}, exec);
