@@ -4,12 +4,18 @@
 // over each whole sequence from position 0. Every schedule (one prefill, chunked prefill, prefill +
 // token-by-token decode, sequences batched or alone) must reproduce the same reference; plus the
 // capacity error (cache and out bit-identical), snapshot/restore and fork. Every storage type, every
-// ISA, head_dim 64 (what the attention op is compiled for).
+// ISA, head_dim 64 (what the attention op is compiled for). The planned engine runner also counts
+// heap allocations around its core calls (this file replaces the global operator new).
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC pairs operator new with operator delete by name and, once they are inlined, warns that our
+// delete frees what our new took from malloc: a false positive for a replacement pair.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <new>
 #include <cstring>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
