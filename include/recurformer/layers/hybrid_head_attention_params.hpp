@@ -56,8 +56,8 @@ struct HybridStep {
   View<const int32_t, 2> page_table;  // [S, max_pages] optional: paged K/V of the attention groups (ops/attention.hpp)
 };
 
-/// What every layer of a model shares, which a step plan is sized for (HybridCache::step_shape()
-/// gives a cache's; an engine over its own pools fills it from its allocation).
+/// What every layer of a model shares, which a step plan is sized for (hybrid_step_shape()
+/// gives a HybridCache's; an engine over its own pools fills it from its allocation).
 struct HybridStepShape {
   int64_t n_q = 0, n_kv = 0, head_dim = 0;
   /// The most KV groups of each kind any layer has: attention; recurrent + windowed (a state);

@@ -908,12 +908,9 @@ void check_layer(const HybridAttentionCoreParams<T, TW>& p, int64_t slots, bool 
   detail::check_inner_contiguous(kCoreOp, "k", p.k);
   detail::check_inner_contiguous(kCoreOp, "v", p.v);
   detail::check_inner_contiguous(kCoreOp, "out", p.out);
-  int64_t nA = 0, nState = 0, nRing = 0;
-  for (int64_t j = 0; j < n_kv; ++j) {
-    const HeadKind k = c.kinds(j);
-    nA += k == HeadKind::attention, nState += has_recurrent_state(k), nRing += has_stream_ring(k);
-  }
-  RF_CHECK(n_kv <= kMaxKvGroups, kCoreOp, ": ", n_kv, " KV groups, more than the ", kMaxKvGroups, " supported");
+  int64_t groups[3];
+  count_groups(c.kinds, groups);
+  const int64_t nA = groups[kAttn], nState = groups[kRec], nRing = groups[kStream];
   if (nA) {
     detail::check_shape(kCoreOp, "cache.k", c.k, {paged ? -1 : slots, nA, -1, hd});
     detail::check_shape(kCoreOp, "cache.v", c.v, {c.k.shape[0], nA, c.k.shape[2], hd});
