@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "recurformer/model/tokenizer.hpp"
+#include "model/detail/tokenizer_impl.hpp"  // white-box: TokenizerData, the UTF-8 and NFC helpers
 #include "support/test_util.hpp"
 
 using recurformer::Error;

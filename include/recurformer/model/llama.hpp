@@ -191,5 +191,3 @@ class BasicLlamaSession {
 using LlamaSession = BasicLlamaSession<float>;
 
 }  // namespace recurformer
-
-#include "recurformer/model/detail/llama_impl.hpp"

@@ -42,8 +42,8 @@ struct TokenizerData;
 namespace detail {
 /// tokenizer.json / tokenizer_config.json texts equivalent to a GGUF "gpt2" vocabulary (the
 /// converter writes them when its input is a GGUF file); Error for any other vocabulary model.
-inline std::string gguf_to_hf_tokenizer_json(const GgufVocab& v);
-inline std::string gguf_to_hf_tokenizer_config_json(const GgufVocab& v, const std::string& chat_template, int64_t max_length);
+std::string gguf_to_hf_tokenizer_json(const GgufVocab& v);
+std::string gguf_to_hf_tokenizer_config_json(const GgufVocab& v, const std::string& chat_template, int64_t max_length);
 }  // namespace detail
 
 class StreamDecoder;
@@ -84,7 +84,8 @@ class Tokenizer {
   const std::string& token(int32_t id) const;       // the vocabulary string (as in the file)
   int32_t token_id(std::string_view token) const;   // the id of a vocabulary string, -1 if absent
 
-  /// The shared implementation state (for StreamDecoder and tests).
+  /// The shared implementation state (for StreamDecoder and tests; defined in the library's
+  /// src/model/detail/tokenizer_impl.hpp).
   const detail::TokenizerData& data() const { return *d_; }
 
  private:
@@ -112,5 +113,3 @@ class StreamDecoder {
 };
 
 }  // namespace recurformer
-
-#include "recurformer/model/detail/tokenizer_impl.hpp"

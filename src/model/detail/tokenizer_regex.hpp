@@ -1,4 +1,4 @@
-// recurformer/model/detail/tokenizer_regex.hpp: the pre-tokenizer regexes, compiled with PCRE2 in
+// src/model/detail/tokenizer_regex.hpp: the pre-tokenizer regexes, compiled with PCRE2 in
 // UTF mode with Unicode properties for \s, \w, \d (UCP), as Oniguruma does in HF tokenizers, and
 // JIT-compiled when the library has a JIT. Text is validated once by the caller, so matching skips
 // PCRE2's own UTF check.

@@ -1,4 +1,4 @@
-// recurformer/model/detail/tokenizer_bpe.hpp: the two BPE merge loops.
+// src/model/detail/tokenizer_bpe.hpp: the two BPE merge loops.
 //
 //  * merge_by_rank (HF BPE model): repeatedly merge the adjacent pair with the lowest merge rank,
 //    leftmost first. Symbols form a linked list over an array and candidate pairs sit in a min-heap

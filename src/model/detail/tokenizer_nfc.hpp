@@ -1,4 +1,4 @@
-// recurformer/model/detail/tokenizer_nfc.hpp: Unicode NFC (the normalizer of Qwen2's tokenizer.json):
+// src/model/detail/tokenizer_nfc.hpp: Unicode NFC (the normalizer of Qwen2's tokenizer.json):
 // full canonical decomposition, canonical ordering of combining marks, canonical composition
 // (UAX #15), with Hangul done algorithmically and tables from tokenizer_nfc_tables.hpp.
 // Text whose code points are all below U+0300 is always NFC and is returned untouched without
@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "recurformer/model/detail/tokenizer_nfc_tables.hpp"
-#include "recurformer/model/detail/tokenizer_unicode.hpp"
+#include "model/detail/tokenizer_nfc_tables.hpp"
+#include "model/detail/tokenizer_unicode.hpp"
 
 namespace recurformer {
 namespace detail {

@@ -1,16 +1,14 @@
-// recurformer/model/detail/llama_impl.hpp: LlamaModel's implementation (see model/llama.hpp).
+// src/model/llama.cpp: LlamaModel's implementation (see recurformer/model/llama.hpp).
 //
 // The weight dtype is a run-time property of the file; it becomes the template argument TW here,
 // once, through dispatch_dtype (LlamaModel's constructor). The cache's storage type arrives as
 // TC, the alternative held by a LlamaCacheRef and is visited once per call. Every op runs on the
 // caller's exec; parallelism is inside the ops.
-#pragma once
-
 #include <algorithm>
 #include <cstring>
 #include <variant>
 
-#include "recurformer/model/llama.hpp"  // declarations (this file is included at its end)
+#include "recurformer/model/llama.hpp"
 #include "recurformer/cpu/embedding.hpp"
 #include "recurformer/cpu/linear.hpp"
 #include "recurformer/cpu/rmsnorm.hpp"
@@ -276,7 +274,7 @@ class LlamaImpl final : public LlamaImplBase {
 
 }  // namespace detail
 
-inline LlamaModel::LlamaModel(std::shared_ptr<const Checkpoint> checkpoint, const LlamaModelOptions& options)
+LlamaModel::LlamaModel(std::shared_ptr<const Checkpoint> checkpoint, const LlamaModelOptions& options)
     : ckpt_(std::move(checkpoint)) {
   RF_CHECK(ckpt_, "LlamaModel: null checkpoint");
   const ModelConfig& c = ckpt_->config();
@@ -289,15 +287,15 @@ inline LlamaModel::LlamaModel(std::shared_ptr<const Checkpoint> checkpoint, cons
   });
 }
 
-inline LlamaModel LlamaModel::open(const std::string& path, const LlamaModelOptions& options) {
+LlamaModel LlamaModel::open(const std::string& path, const LlamaModelOptions& options) {
   return LlamaModel(std::make_shared<const Checkpoint>(Checkpoint::open(path)), options);
 }
 
-inline const ModelConfig& LlamaModel::config() const { return ckpt_->config(); }
-inline DType LlamaModel::weight_dtype() const { return impl_->weight_dtype(); }
-inline int64_t LlamaModel::matrix_bytes() const { return impl_->matrix_bytes(); }
+const ModelConfig& LlamaModel::config() const { return ckpt_->config(); }
+DType LlamaModel::weight_dtype() const { return impl_->weight_dtype(); }
+int64_t LlamaModel::matrix_bytes() const { return impl_->matrix_bytes(); }
 
-inline HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity) const {
+HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity) const {
   const ModelConfig& c = config();
   HybridCacheConfig cc;
   cc.n_layers = c.n_layers;
@@ -313,12 +311,12 @@ inline HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity) c
   return cc;
 }
 
-inline size_t LlamaModel::forward_workspace_bytes(const LlamaBatch& batch, LlamaCacheRef cache, LogitsRows rows,
+size_t LlamaModel::forward_workspace_bytes(const LlamaBatch& batch, LlamaCacheRef cache, LogitsRows rows,
                                                   CpuExec exec) const {
   return impl_->workspace_bytes(batch, cache, rows, exec);
 }
 
-inline void LlamaModel::forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows,
+void LlamaModel::forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows,
                                 CpuExec exec, void* workspace, size_t workspace_bytes,
                                 const LayerInputHook& hook) const {
   impl_->forward(batch, cache, logits, rows, exec, workspace, workspace_bytes, hook);

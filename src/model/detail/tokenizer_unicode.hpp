@@ -1,4 +1,4 @@
-// recurformer/model/detail/tokenizer_unicode.hpp: the UTF-8 and byte-map helpers the tokenizers
+// src/model/detail/tokenizer_unicode.hpp: the UTF-8 and byte-map helpers the tokenizers
 // share: validation, code point iteration, the GPT-2 byte <-> unicode map, and lossy repair
 // (invalid bytes -> U+FFFD, one per maximal invalid subpart as Rust's from_utf8_lossy).
 #pragma once
