@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <unistd.h>
+
 #include "recurformer/model/convert.hpp"
 #include "recurformer/model/llama.hpp"
 #include "recurformer/model/random_model.hpp"

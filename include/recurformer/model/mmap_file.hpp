@@ -5,18 +5,10 @@
 // a ByteSpan so they also run on bytes in memory (tests, fuzzers).
 #pragma once
 
-#include <cerrno>
+#include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <string>
-#include <utility>
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include "recurformer/core/error.hpp"
 
 namespace recurformer {
 
@@ -31,42 +23,12 @@ class MappedFile {
  public:
   MappedFile() = default;
   /// Maps `path`; throws Error "PATH: cannot open (reason)" and the like.
-  explicit MappedFile(const std::string& path) : path_(path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    RF_CHECK(fd >= 0, path, ": cannot open (", std::strerror(errno), ")");
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      const int e = errno;
-      ::close(fd);
-      fail(path, ": cannot stat (", std::strerror(e), ")");
-    }
-    if (!S_ISREG(st.st_mode)) {
-      ::close(fd);
-      fail(path, ": not a regular file");
-    }
-    size_ = size_t(st.st_size);
-    if (size_ > 0) {
-      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (p == MAP_FAILED) {
-        const int e = errno;
-        ::close(fd);
-        fail(path, ": cannot mmap ", size_, " bytes (", std::strerror(e), ")");
-      }
-      data_ = static_cast<const uint8_t*>(p);
-    }
-    ::close(fd);  // the mapping stays valid without the descriptor
-  }
+  explicit MappedFile(const std::string& path);
   MappedFile(MappedFile&& o) noexcept { swap(o); }
-  MappedFile& operator=(MappedFile&& o) noexcept {
-    MappedFile tmp(std::move(o));
-    swap(tmp);
-    return *this;
-  }
+  MappedFile& operator=(MappedFile&& o) noexcept;
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
-  ~MappedFile() {
-    if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
-  }
+  ~MappedFile();
 
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
@@ -74,11 +36,7 @@ class MappedFile {
   const std::string& path() const { return path_; }
 
  private:
-  void swap(MappedFile& o) noexcept {
-    std::swap(data_, o.data_);
-    std::swap(size_, o.size_);
-    std::swap(path_, o.path_);
-  }
+  void swap(MappedFile& o) noexcept;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
   std::string path_;

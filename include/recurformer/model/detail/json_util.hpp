@@ -2,8 +2,6 @@
 // the source (file path) and the key, shared by the safetensors header, the index and config.json.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -50,71 +48,31 @@ J parse_json_as(const char* begin, const char* end, const std::string& source, c
     fail(source, ": malformed JSON in ", what, " (", e.what(), ")");
   }
 }
-inline json parse_json(const char* begin, const char* end, const std::string& source, const char* what) {
-  return parse_json_as<json>(begin, end, source, what);
-}
+json parse_json(const char* begin, const char* end, const std::string& source, const char* what);
 
 /// A value as an error message quotes it: scalars as JSON (at most 48 characters), arrays and
 /// objects by their size only, so a message stays one short line whatever the file holds.
-inline std::string json_quote(const json& v) {
-  if (v.is_array()) return "a list of " + std::to_string(v.size()) + " elements";
-  if (v.is_object()) return "an object of " + std::to_string(v.size()) + " keys";
-  std::string s = v.dump();
-  if (s.size() > 48) s = s.substr(0, 45) + "...";
-  return s;
-}
+std::string json_quote(const json& v);
 
-inline const char* json_type_name(const json& v) { return v.type_name(); }
+const char* json_type_name(const json& v);
 
 /// An integer field in [lo, hi]; `key` names it in errors.
-inline int64_t json_int(const json& v, const std::string& source, const std::string& key,
-                        int64_t lo = std::numeric_limits<int64_t>::min(),
-                        int64_t hi = std::numeric_limits<int64_t>::max()) {
-  int64_t x = 0;
-  if (v.is_number_unsigned()) {
-    const uint64_t u = v.get<uint64_t>();
-    RF_CHECK(u <= uint64_t(std::numeric_limits<int64_t>::max()), source, ": ", key, " = ", u, " is too large");
-    x = int64_t(u);
-  } else if (v.is_number_integer()) {
-    x = v.get<int64_t>();
-  } else if (v.is_number_float() && std::fabs(v.get<double>()) <= 9.0e18 &&
-             v.get<double>() == std::floor(v.get<double>())) {
-    x = int64_t(v.get<double>());  // 2.0 is accepted where an integer is meant (range first: the cast of 1e75 is UB)
-  } else {
-    fail(source, ": ", key, " must be an integer, got ", json_type_name(v), " ", json_quote(v));
-  }
-  RF_CHECK(x >= lo && x <= hi, source, ": ", key, " = ", x, " is out of range [", lo, ", ", hi, "]");
-  return x;
-}
+int64_t json_int(const json& v, const std::string& source, const std::string& key,
+                 int64_t lo = std::numeric_limits<int64_t>::min(),
+                 int64_t hi = std::numeric_limits<int64_t>::max());
 
-inline double json_number(const json& v, const std::string& source, const std::string& key) {
-  RF_CHECK(v.is_number(), source, ": ", key, " must be a number, got ", json_type_name(v), " ", json_quote(v));
-  return v.get<double>();
-}
+double json_number(const json& v, const std::string& source, const std::string& key);
 
-inline bool json_bool(const json& v, const std::string& source, const std::string& key) {
-  RF_CHECK(v.is_boolean(), source, ": ", key, " must be true or false, got ", json_type_name(v), " ", json_quote(v));
-  return v.get<bool>();
-}
+bool json_bool(const json& v, const std::string& source, const std::string& key);
 
-inline const std::string& json_string(const json& v, const std::string& source, const std::string& key) {
-  RF_CHECK(v.is_string(), source, ": ", key, " must be a string, got ", json_type_name(v), " ", json_quote(v));
-  return v.get_ref<const std::string&>();
-}
+const std::string& json_string(const json& v, const std::string& source, const std::string& key);
 
 /// obj[key], or an error naming the missing key. obj must be an object.
-inline const json& json_require(const json& obj, const std::string& key, const std::string& source,
-                                const std::string& where = "") {
-  const auto it = obj.find(key);
-  RF_CHECK(it != obj.end(), source, ": missing ", where.empty() ? "" : where + ".", key);
-  return *it;
-}
+const json& json_require(const json& obj, const std::string& key, const std::string& source,
+                         const std::string& where = "");
 
 /// obj[key] when present and not null, else nullptr.
-inline const json* json_find(const json& obj, const std::string& key) {
-  const auto it = obj.find(key);
-  return it == obj.end() || it->is_null() ? nullptr : &*it;
-}
+const json* json_find(const json& obj, const std::string& key);
 
 }  // namespace detail
 }  // namespace recurformer
