@@ -7,10 +7,12 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <sstream>
 
 #include "../examples/runner_jobs.hpp"
+#include "recurformer/train/adamw.hpp"
 #include "support/temp_dir.hpp"
 #include "support/test_util.hpp"
 

@@ -4,9 +4,11 @@
 // and the one-line errors.
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 
 #include "../examples/runner_jobs.hpp"
+#include "recurformer/cpu/causal_conv1d.hpp"
 #include "support/temp_dir.hpp"
 #include "support/test_util.hpp"
 
