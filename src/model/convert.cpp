@@ -19,7 +19,7 @@
 #include "recurformer/model/checkpoint.hpp"
 #include "recurformer/model/config.hpp"
 #include "recurformer/model/fit_init.hpp"
-#include "recurformer/model/detail/llama_weights.hpp"
+#include "model/detail/llama_weights.hpp"
 #include "recurformer/model/random_model.hpp"
 #include "recurformer/model/safetensors.hpp"
 #include "recurformer/model/tokenizer.hpp"

@@ -21,7 +21,7 @@
 #include "recurformer/cpu/rope.hpp"
 #include "recurformer/cpu/selective_scan.hpp"
 #include "recurformer/model/convert.hpp"
-#include "recurformer/model/detail/llama_weights.hpp"
+#include "model/detail/llama_weights.hpp"
 #include "recurformer/model/fit_init.hpp"
 #include "recurformer/model/random_model.hpp"
 #include "recurformer/model/safetensors.hpp"

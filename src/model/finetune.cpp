@@ -22,7 +22,7 @@
 #include "recurformer/cpu/rope.hpp"
 #include "recurformer/cpu/selective_scan.hpp"
 #include "recurformer/cpu/swiglu.hpp"
-#include "recurformer/model/detail/llama_weights.hpp"
+#include "model/detail/llama_weights.hpp"
 
 namespace recurformer {
 
@@ -546,17 +546,6 @@ class FinetuneImpl final : public FinetuneImplBase {
     lin(make_view<const float>(h_.data(), {T_, F_}), L.down, make_view(tmp_.data(), {T_, d_}), exec);
   }
   View<const float, 1> inv_freq() const { return make_view<const float>(inv_freq_.data(), {int64_t(inv_freq_.size())}); }
-
-  static void add_inplace(View<float, 2> x, View<const float, 2> y, CpuExec exec) {
-    const int64_t n = x.shape[1];
-    exec.parallel_for(x.shape[0], [&](int64_t r0, int64_t r1, int) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float* a = x.ptr(r, 0);
-        const float* c = y.ptr(r, 0);
-        for (int64_t i = 0; i < n; ++i) a[i] += c[i];
-      }
-    });
-  }
 
   // ---- backward -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@
 #include "recurformer/cpu/rmsnorm.hpp"
 #include "recurformer/cpu/swiglu.hpp"
 #include "recurformer/layers/hybrid_head_attention.hpp"
-#include "recurformer/model/detail/llama_weights.hpp"
+#include "model/detail/llama_weights.hpp"
 #include "recurformer/ops/rope.hpp"
 
 namespace recurformer {
@@ -253,17 +253,6 @@ class LlamaImpl final : public LlamaImplBase {
     buf.lin_ws = c.take<unsigned char>(int64_t(lin_ws));
     buf.lin_ws_bytes = lin_ws;
     return c.used + 64;
-  }
-
-  static void add_inplace(View<float, 2> x, View<const float, 2> y, CpuExec exec) {
-    const int64_t n = x.shape[1];
-    exec.parallel_for(x.shape[0], [&](int64_t r0, int64_t r1, int) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float* a = x.ptr(r, 0);
-        const float* c = y.ptr(r, 0);
-        for (int64_t i = 0; i < n; ++i) a[i] += c[i];
-      }
-    });
   }
 
   ModelConfig cfg_;

@@ -1,4 +1,4 @@
-// recurformer/model/detail/llama_weights.hpp: the weights of a Llama / RecurFormer as views into a
+// model/detail/llama_weights.hpp (private to recurformer::model): the weights of a Llama / RecurFormer as views into a
 // Checkpoint's mapped tensors (no copies for the large matrices).
 //
 // Matrices (embedding, projections, MLP, lm_head) are used in the dtype they are stored in, TW: the
@@ -158,6 +158,18 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks,
       L.recurrent.push_back(g);
     }
   }
+}
+
+/// x += y row by row (the residual adds of the forward, and the gradient sums of the backward).
+inline void add_inplace(View<float, 2> x, View<const float, 2> y, CpuExec exec) {
+  const int64_t n = x.shape[1];
+  exec.parallel_for(x.shape[0], [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* a = x.ptr(r, 0);
+      const float* c = y.ptr(r, 0);
+      for (int64_t i = 0; i < n; ++i) a[i] += c[i];
+    }
+  });
 }
 
 }  // namespace detail
