@@ -18,6 +18,8 @@
 #include "recurformer/core/error.hpp"
 #include "recurformer/model/safetensors.hpp"
 
+#include "model/detail/tokenizer_json.hpp"
+
 namespace recurformer {
 
 /// SmolLM2-135M's shape (the benchmark model).
@@ -79,26 +81,17 @@ std::pair<std::string, std::string> random_model_tokenizer_files() {
     added.push_back({{"id", next++}, {"content", s}, {"single_word", false}, {"lstrip", false},
                      {"rstrip", false}, {"normalized", false}, {"special", true}});
   const int bos = 256 + int(merges.size());
-  ojson tok;
-  tok["version"] = "1.0";
-  tok["truncation"] = nullptr;
-  tok["padding"] = nullptr;
-  tok["added_tokens"] = added;
-  tok["normalizer"] = nullptr;
-  tok["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true},
-                          {"use_regex", true}};
   ojson bos_piece = {{"SpecialToken", {{"id", specials[0]}, {"type_id", 0}}}};
-  tok["post_processor"] = {
+  ojson post = {
       {"type", "TemplateProcessing"},
       {"single", {bos_piece, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
       {"pair", {bos_piece, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, bos_piece,
                 {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
       {"special_tokens", {{specials[0], {{"id", specials[0]}, {"ids", {bos}}, {"tokens", {specials[0]}}}}}}};
-  tok["decoder"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}};
-  tok["model"] = {{"type", "BPE"},       {"dropout", nullptr},       {"unk_token", nullptr},
-                  {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr},
-                  {"fuse_unk", false},   {"byte_fallback", false},   {"ignore_merges", false},
-                  {"vocab", vocab},      {"merges", merge_list}};
+  const ojson tok = byte_level_bpe_tokenizer_json(
+      std::move(added),
+      {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}},
+      std::move(post), std::move(vocab), std::move(merge_list), /*ignore_merges=*/false);
   ojson cfg = {{"add_bos_token", true}, {"add_eos_token", false}, {"bos_token", specials[0]},
                {"eos_token", specials[1]}, {"pad_token", specials[2]}, {"model_max_length", 32768},
                {"tokenizer_class", "PreTrainedTokenizerFast"}, {"clean_up_tokenization_spaces", false}};

@@ -3,6 +3,7 @@
 #include "recurformer/model/tokenizer.hpp"
 
 #include "model/detail/tokenizer_impl.hpp"
+#include "model/detail/tokenizer_json.hpp"
 
 namespace recurformer {
 namespace detail {
@@ -34,13 +35,7 @@ std::string gguf_to_hf_tokenizer_json(const GgufVocab& v) {
   if (gp.digits_first) steps.push_back({{"type", "Digits"}, {"individual_digits", true}});
   steps.push_back({{"type", "Split"}, {"pattern", {{"Regex", gp.pattern}}}, {"behavior", "Isolated"}, {"invert", false}});
   steps.push_back({{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}});
-  ojson tok;
-  tok["version"] = "1.0";
-  tok["truncation"] = nullptr;
-  tok["padding"] = nullptr;
-  tok["added_tokens"] = added;
-  tok["normalizer"] = nullptr;
-  tok["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", steps}};
+  ojson post = nullptr;
   if (v.add_bos || v.add_eos) {
     if ((v.add_bos && v.bos < 0) || (v.add_eos && v.eos < 0)) bad("add_bos / add_eos without the token id");
     ojson single = ojson::array(), specials = ojson::object();
@@ -52,17 +47,33 @@ std::string gguf_to_hf_tokenizer_json(const GgufVocab& v) {
     if (v.add_bos) single.push_back(special(v.bos));
     single.push_back({{"Sequence", {{"id", "A"}, {"type_id", 0}}}});
     if (v.add_eos) single.push_back(special(v.eos));
-    tok["post_processor"] = {{"type", "TemplateProcessing"}, {"single", single}, {"pair", single},
-                             {"special_tokens", specials}};
-  } else {
-    tok["post_processor"] = nullptr;
+    post = {{"type", "TemplateProcessing"}, {"single", single}, {"pair", single}, {"special_tokens", specials}};
   }
+  return byte_level_bpe_tokenizer_json(std::move(added), {{"type", "Sequence"}, {"pretokenizers", steps}},
+                                       std::move(post), std::move(vocab), v.merges, gp.ignore_merges)
+             .dump(1) +
+         "\n";
+}
+
+nlohmann::ordered_json byte_level_bpe_tokenizer_json(nlohmann::ordered_json added_tokens,
+                                                     nlohmann::ordered_json pre_tokenizer,
+                                                     nlohmann::ordered_json post_processor,
+                                                     nlohmann::ordered_json vocab,
+                                                     nlohmann::ordered_json merges, bool ignore_merges) {
+  nlohmann::ordered_json tok;
+  tok["version"] = "1.0";
+  tok["truncation"] = nullptr;
+  tok["padding"] = nullptr;
+  tok["added_tokens"] = std::move(added_tokens);
+  tok["normalizer"] = nullptr;
+  tok["pre_tokenizer"] = std::move(pre_tokenizer);
+  tok["post_processor"] = std::move(post_processor);
   tok["decoder"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}};
   tok["model"] = {{"type", "BPE"},       {"dropout", nullptr},       {"unk_token", nullptr},
                   {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr},
-                  {"fuse_unk", false},   {"byte_fallback", false},   {"ignore_merges", gp.ignore_merges},
-                  {"vocab", vocab},      {"merges", v.merges}};
-  return tok.dump(1) + "\n";
+                  {"fuse_unk", false},   {"byte_fallback", false},   {"ignore_merges", ignore_merges},
+                  {"vocab", std::move(vocab)}, {"merges", std::move(merges)}};
+  return tok;
 }
 
 /// The tokenizer_config.json that goes with it: the special tokens by text, the BOS / EOS rule,
