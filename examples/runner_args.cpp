@@ -174,22 +174,23 @@ std::string command_help(const std::string& cmd) {
 
 namespace args_detail {
 namespace {
-int64_t to_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
+// One parser for every numeric flag: the whole value must parse, be finite and lie in [lo, hi].
+template <class Num, class Parse>
+Num to_number(const std::string& flag, const std::string& v, Num lo, Num hi, const char* what, Parse parse) {
   char* end = nullptr;
   errno = 0;
-  const long long x = std::strtoll(v.c_str(), &end, 10);
-  RF_CHECK(!v.empty() && end && *end == '\0' && errno == 0, flag, ": expected an integer, got \"", v.substr(0, 48),
-           "\"");
+  const Num x = parse(v.c_str(), &end);
+  RF_CHECK(!v.empty() && end && *end == '\0' && errno == 0 && std::isfinite(double(x)), flag, ": expected ", what,
+           ", got \"", v.substr(0, 48), "\"");
   RF_CHECK(x >= lo && x <= hi, flag, ": ", x, " is out of range [", lo, ", ", hi, "]");
   return x;
 }
+int64_t to_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
+  return to_number<int64_t>(flag, v, lo, hi, "an integer",
+                            [](const char* s, char** end) { return int64_t(std::strtoll(s, end, 10)); });
+}
 double to_num(const std::string& flag, const std::string& v, double lo, double hi) {
-  char* end = nullptr;
-  const double x = std::strtod(v.c_str(), &end);
-  RF_CHECK(!v.empty() && end && *end == '\0' && std::isfinite(x), flag, ": expected a number, got \"",
-           v.substr(0, 48), "\"");
-  RF_CHECK(x >= lo && x <= hi, flag, ": ", x, " is out of range [", lo, ", ", hi, "]");
-  return x;
+  return to_number<double>(flag, v, lo, hi, "a number", [](const char* s, char** end) { return std::strtod(s, end); });
 }
 }  // namespace
 }  // namespace args_detail
