@@ -15,7 +15,7 @@
 #include <memory>
 
 #include "bench_util.hpp"
-#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/cpu/hybrid_head_attention.hpp"
 
 using namespace recurformer;
 

@@ -24,7 +24,7 @@
 #include "recurformer/cpu/linear.hpp"
 #include "recurformer/cpu/rmsnorm.hpp"
 #include "recurformer/cpu/swiglu.hpp"
-#include "recurformer/layers/hybrid_attention_core.hpp"
+#include "recurformer/cpu/hybrid_head_attention.hpp"
 #include "recurformer/model/checkpoint.hpp"
 #include "recurformer/model/llama.hpp"
 

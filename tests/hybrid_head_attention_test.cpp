@@ -20,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/cpu/hybrid_head_attention.hpp"
 #include "support/hybrid_layer_model.hpp"
 #include "support/test_util.hpp"
 
@@ -95,6 +95,7 @@ struct Runner {
     std::vector<float> out(pb.x.size(), -7.f);
     auto p = params(pb.x, out, pb.cu, pb.slots);
     CpuExec exec{threaded ? &pool : nullptr};
+    REQUIRE(supports(p, exec));
     ws.resize(hybrid_head_attention_workspace_bytes(p, exec));
     hybrid_head_attention(p, exec, ws.data(), ws.size());
     pb.advance(cache, done, batch);
@@ -209,23 +210,33 @@ TEMPLATE_LIST_TEST_CASE("HybridHeadAttention capacity error leaves cache and out
   std::vector<unsigned char> ws(1 << 22);
   REQUIRE_THROWS_WITH(hybrid_head_attention(p, exec, ws.data(), ws.size()),
                       Catch::Contains("slot 0") && Catch::Contains("capacity 12"));
+  auto agrees = [&](const HybridHeadAttentionParams<T, T>& q) {
+    REQUIRE_FALSE(supports(q, exec));
+    rftest::require_agrees(supports(q, exec), [&] { hybrid_head_attention(q, exec, ws.data(), ws.size()); });
+  };
+  agrees(p);
   REQUIRE(dump() == before);
   for (float o : out) REQUIRE(o == -7.f);
   // Other bad inputs: named, and nothing written.
   std::vector<int32_t> dup = {0, 0};
   auto pd = r.params(x, out, cu, dup);
   REQUIRE_THROWS_WITH(hybrid_head_attention(pd, exec, ws.data(), ws.size()), Catch::Contains("twice"));
+  agrees(pd);
   const std::vector<int32_t> bad_cu = {0, 2, 3}, cu2 = {0, 1, 2};
   auto pw = r.params(x, out, bad_cu, slots);
   REQUIRE_THROWS_WITH(hybrid_head_attention(pw, exec, ws.data(), ws.size()), Catch::Contains("cu_seqlens"));
+  agrees(pw);
   std::vector<float> x2(size_t(2 * kDModel), 0.5f), out2(x2.size(), -7.f);
   auto pr = r.params(x2, out2, cu2, slots);
   pr.weights.n_recurrent = 0;
   REQUIRE_THROWS_WITH(hybrid_head_attention(pr, exec, ws.data(), ws.size()), Catch::Contains("recurrent"));
+  agrees(pr);
   pr = r.params(x2, out2, cu2, slots);
   REQUIRE_THROWS_WITH(hybrid_head_attention(pr, exec, ws.data(), 100), Catch::Contains("workspace"));
+  REQUIRE(supports(pr, exec));  // the workspace is the caller's to size: not a question for supports()
   pr.n_q = 4;
   REQUIRE_THROWS_WITH(hybrid_head_attention(pr, exec, ws.data(), ws.size()), Catch::Contains("n_q"));
+  agrees(pr);
   REQUIRE(dump() == before);
   for (float o : out2) REQUIRE(o == -7.f);
 }
@@ -384,6 +395,7 @@ struct EngineRunner {
       g_count_allocs = false;
       REQUIRE(g_allocs == 0);
     } else {
+      REQUIRE(supports(cp, exec));
       std::vector<unsigned char> ws(hybrid_attention_core_workspace_bytes(cp, exec));
       hybrid_attention_core(cp, exec, ws.data(), ws.size());
     }
@@ -465,22 +477,31 @@ TEST_CASE("hybrid_attention_core: bad steps are named and write nothing", "[hybr
   };
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("holds 5 tokens and cannot take 9 more: its K/V hold 8 (page_table pages"));
+  auto agrees = [&] {
+    REQUIRE_FALSE(supports(cp, CpuExec{}));
+    rftest::require_agrees(supports(cp, CpuExec{}), [&] { hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()); });
+  };
+  agrees();
   untouched();
   table = {two[0], int32_t(e.pages)};  // a page outside the pool
   cu = {0, 3};
   cp.q.shape[0] = cp.k.shape[0] = cp.v.shape[0] = cp.dt_low.shape[0] = cp.out.shape[0] = 3;
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()), Catch::Contains("page_table[0, 1]"));
+  agrees();
   untouched();
   table = {two[0], two[1]};
   std::vector<int32_t> bad_slot = {2};
   cp.step.slots = make_view(const_cast<const int32_t*>(bad_slot.data()), {1});
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()), Catch::Contains("has slot 2"));
+  agrees();
   cp.step.slots = make_view(const_cast<const int32_t*>(slot.data()), {1});
   cp.dt_low = {};
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()), Catch::Contains("dt_low"));
+  agrees();
   cp.n_recurrent = 2;
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("1 recurrent and windowed groups but recurrent has 2 entries"));
+  agrees();
   untouched();
   cp.n_recurrent = 1;
   cp.dt_low = make_view(const_cast<const float*>(dt.data()), {3, int64_t(kRank)});

@@ -13,7 +13,7 @@
 #include "recurformer/cpu/linear.hpp"
 #include "recurformer/cpu/rmsnorm.hpp"
 #include "recurformer/cpu/swiglu.hpp"
-#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/cpu/hybrid_head_attention.hpp"
 #include "model/detail/llama_weights.hpp"
 #include "recurformer/ops/rope.hpp"
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "recurformer/core/dtype.hpp"
+#include "recurformer/core/support.hpp"
 #include "recurformer/cpu/detail/isa.hpp"
 
 namespace rftest {
@@ -114,6 +115,18 @@ void for_each_isa(F&& fn) {
     fn();
   }
   recurformer::cpu::set_isa_limit(Isa::avx512);
+}
+
+/// A supports() answer must say what the call then does: true and the call runs, or false and
+/// the call throws exactly its first reason.
+template <class Call>
+void require_agrees(const recurformer::Support& s, Call&& call) {
+  INFO("supports: " << (s ? std::string("yes") : s.why()));
+  if (s) {
+    REQUIRE_NOTHROW(call());
+  } else {
+    REQUIRE_THROWS_WITH(call(), s.reasons.front());
+  }
 }
 
 }  // namespace rftest

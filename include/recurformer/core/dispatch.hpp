@@ -30,6 +30,13 @@ std::string list_values(ValueList<Vs...>) {
   ((s += (s.empty() ? "" : ", ") + std::to_string(Vs)), ...);
   return s;
 }
+
+/// Whether value is one of the list's: a check that refuses a call before it writes, where the
+/// dispatch itself would only refuse it when it is reached.
+template <auto... Vs, class Int>
+constexpr bool list_contains(ValueList<Vs...>, Int value) {
+  return ((Vs == value) || ...);
+}
 }  // namespace detail
 
 /// Calls f(std::integral_constant<decltype(V), V>{}) for the V in the list equal to `value`.

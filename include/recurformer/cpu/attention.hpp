@@ -16,6 +16,7 @@
 
 #include "recurformer/cpu/detail/attention_kernel.hpp"
 #include "recurformer/ops/attention.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -165,12 +166,16 @@ void attention_run(const AttentionParams<T>& p, const AttnPlan& pl, CpuExec exec
 }  // namespace detail
 }  // namespace cpu
 
+/// Bytes of scratch attention() needs for these params on this executor (0 when it needs none).
+/// It depends on the token count, the number of sequences, kv_lens and the thread count.
 template <class T>
 size_t attention_workspace_bytes(const AttentionParams<T>& p, CpuExec exec) {
   check(p);
   return cpu::detail::plan_attention(p, exec.threads()).workspace_bytes;
 }
 
+/// Runs attention. Calls check(p) first; throws when workspace_bytes is less
+/// than attention_workspace_bytes(p, exec) or head_dim is not in AttentionHeadDims.
 template <class T>
 void attention(const AttentionParams<T>& p, CpuExec exec, void* workspace, size_t workspace_bytes) {
   check(p);

@@ -19,6 +19,7 @@
 #include "recurformer/cpu/attention.hpp"
 #include "recurformer/cpu/detail/attention_backward_kernel.hpp"
 #include "recurformer/ops/attention_backward.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -155,6 +156,7 @@ void attention_backward_run(const AttentionBackwardParams<T>& p, CpuExec exec, f
 }  // namespace detail
 }  // namespace cpu
 
+/// Bytes of scratch attention_backward() needs (one float per (token, query head) row).
 template <class T>
 size_t attention_backward_workspace_bytes(const AttentionBackwardParams<T>& p, CpuExec exec) {
   check(p);
@@ -162,6 +164,9 @@ size_t attention_backward_workspace_bytes(const AttentionBackwardParams<T>& p, C
   return cpu::detail::attention_backward_scratch_bytes(p);
 }
 
+/// Writes the requested gradients. Calls check(p) first; throws when
+/// workspace_bytes is less than attention_backward_workspace_bytes(p, exec) or head_dim is not in
+/// AttentionHeadDims. Deterministic: the same bits for any thread count.
 template <class T>
 void attention_backward(const AttentionBackwardParams<T>& p, CpuExec exec, void* workspace, size_t workspace_bytes) {
   check(p);

@@ -20,6 +20,7 @@
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/cpu/detail/scan_sequences.hpp"
 #include "recurformer/ops/causal_conv1d.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -137,22 +138,33 @@ void run_causal_conv1d_backward(const CausalConv1dBackwardParams<T>& p, CpuExec 
 }  // namespace detail
 }  // namespace cpu
 
+/// dL/d(inputs) of causal_conv1d, parallel over channels.
 template <class T>
 void causal_conv1d_backward(const CausalConv1dBackwardParams<T>& p, CpuExec exec) {
   check(p);
   cpu::detail::run_causal_conv1d_backward(p, exec);
 }
 
+/// Prefill over the packed sequences.
 template <class T>
 void causal_conv1d(const CausalConv1dParams<T>& p, CpuExec exec) {
   check(p);
   cpu::detail::run_causal_conv1d("causal_conv1d", p, detail::ScanMode::scan, exec);
 }
 
+/// Decode: token row t is a one-token sequence on slot state_slots[t] (absent: t).
 template <class T>
 void causal_conv1d_update(const CausalConv1dParams<T>& p, CpuExec exec) {
   check_conv_update(p);
   cpu::detail::run_causal_conv1d("causal_conv1d_update", p, detail::ScanMode::state_update, exec);
+}
+
+/// Whether causal_conv1d_update(p, CpuExec) runs (supports(p, exec) is the prefill's).
+template <class T>
+Support supports_update(const CausalConv1dParams<T>& p, CpuExec) {
+  Support s;
+  detail::support_check(s, [&] { check_conv_update(p); });
+  return s;
 }
 
 }  // namespace recurformer

@@ -22,6 +22,7 @@
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/cpu/linear.hpp"
 #include "recurformer/ops/cross_entropy.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -176,12 +177,16 @@ CrossEntropyResult ce_run(const char* op, const CrossEntropyParams<TW>& p,
 }  // namespace detail
 }  // namespace cpu
 
+/// Scratch bytes for p's shapes, chunk_tokens and exec's thread count (0 when there are no tokens).
+/// A CrossEntropyBackwardParams needs the same as its forward part.
 template <class TW>
 size_t cross_entropy_workspace_bytes(const CrossEntropyParams<TW>& p, CpuExec exec) {
   check(p);
   return cpu::detail::ce_layout(p, exec).total;
 }
 
+/// The losses. Throws Error, before writing, on invalid params or a
+/// workspace smaller than cross_entropy_workspace_bytes(p, exec).
 template <class TW>
 CrossEntropyResult cross_entropy(const CrossEntropyParams<TW>& p, CpuExec exec, void* workspace,
                                  size_t workspace_bytes) {
@@ -189,6 +194,7 @@ CrossEntropyResult cross_entropy(const CrossEntropyParams<TW>& p, CpuExec exec, 
   return cpu::detail::ce_run<TW>("cross_entropy", p, nullptr, exec, workspace, workspace_bytes);
 }
 
+/// The losses and their gradients; same checks.
 template <class TW>
 CrossEntropyResult cross_entropy_backward(const CrossEntropyBackwardParams<TW>& p, CpuExec exec,
                                           void* workspace, size_t workspace_bytes) {

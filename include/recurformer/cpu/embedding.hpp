@@ -15,6 +15,7 @@
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/cpu/detail/simd.hpp"
 #include "recurformer/ops/embedding.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -96,6 +97,7 @@ constexpr int64_t kEmbeddingBwdCols = 16;
 }  // namespace detail
 }  // namespace cpu
 
+/// out[t] = table[ids[t]] converted to T, tokens split across the pool.
 template <class T, class TW>
 void embedding(const EmbeddingParams<T, TW>& p, CpuExec exec) {
   check(p);
@@ -124,6 +126,7 @@ void embedding(const EmbeddingParams<T, TW>& p, CpuExec exec) {
   });
 }
 
+/// dtable from dout.
 inline void embedding_backward(const EmbeddingBackwardParams& p, CpuExec exec) {
   check(p);
   namespace D = cpu::detail;

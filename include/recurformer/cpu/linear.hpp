@@ -23,9 +23,12 @@
 #include "recurformer/cpu/detail/gemv_q8_kernels.hpp"
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/ops/linear.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 
+/// Scratch bytes linear(p, exec, ...) needs for these shapes and this many threads (0 when the
+/// GEMV path is taken). A buffer sized for the largest token count serves every smaller call.
 template <class TX, class TW>
 size_t linear_workspace_bytes(const LinearParams<TX, TW>& p, CpuExec exec) {
   check(p);
@@ -120,6 +123,8 @@ void linear_run(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, si
 }  // namespace detail
 }  // namespace cpu
 
+/// y = x W^T + b. Throws Error, before writing, on invalid params or when
+/// workspace_bytes < linear_workspace_bytes(p, exec).
 template <class TX, class TW>
 void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t workspace_bytes) {
   cpu::detail::linear_run(p, exec, workspace, workspace_bytes, ActivationMath::fp32);
@@ -136,6 +141,14 @@ inline bool linear_blocks_are_fast(GgmlType t, ActivationMath x_math) {
     if (x_math == ActivationMath::int8 && cpu::detail::kQ8DotBlock<B>) return true;
     return cpu::detail::kNibbleBlock<B> || std::is_same_v<B, BlockQ8_0>;
   });
+}
+
+/// Whether linear(p, blocks, CpuExec, ...) runs.
+template <class TW>
+Support supports(const LinearParams<float, TW>& p, BlockWeight blocks, CpuExec) {
+  Support s;
+  detail::support_check(s, [&] { check(p, blocks); });
+  return s;
 }
 
 /// y = x W^T + b with W read from `blocks` when present, else from p.weight (which gives the shape
@@ -216,6 +229,8 @@ void run_gemm_nn_task(cpu::Isa isa, const GemmNNArgs<TB>& g, const GemmTiling& t
 }  // namespace detail
 }  // namespace cpu
 
+/// Scratch bytes linear_backward(p, exec, ...) needs for these shapes, outputs and threads. A
+/// buffer sized for the largest token count serves every smaller call with the same outputs.
 template <class TX, class TW>
 size_t linear_backward_workspace_bytes(const LinearBackwardParams<TX, TW>& p, CpuExec exec) {
   check(p);
@@ -224,6 +239,8 @@ size_t linear_backward_workspace_bytes(const LinearBackwardParams<TX, TW>& p, Cp
   return size_t(g.per_thread * exec.threads()) * sizeof(float) + 64;  // + 64: alignment slack
 }
 
+/// dx, dweight, dbias of linear. Throws Error, before writing, on invalid params
+/// or when workspace_bytes < linear_backward_workspace_bytes(p, exec).
 template <class TX, class TW>
 void linear_backward(const LinearBackwardParams<TX, TW>& p, CpuExec exec, void* workspace,
                      size_t workspace_bytes) {

@@ -14,6 +14,7 @@
 
 #include "recurformer/cpu/detail/recency_kernel.hpp"
 #include "recurformer/ops/recency_score.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -74,6 +75,8 @@ void recency_run(const RecencyScoreParams<T>& p, CpuExec exec) {
 }  // namespace detail
 }  // namespace cpu
 
+/// Adds one sequence's statistics to p.stats. Calls check(p) first;
+/// head_dim must be in AttentionHeadDims. Deterministic for a given thread count and ISA.
 template <class T>
 void recency_score(const RecencyScoreParams<T>& p, CpuExec exec) {
   check(p);

@@ -19,6 +19,7 @@
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/cpu/detail/simd.hpp"
 #include "recurformer/ops/rmsnorm.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -181,6 +182,7 @@ constexpr int64_t kRmsNormBwdCols = 16;
 }  // namespace detail
 }  // namespace cpu
 
+/// y = rmsnorm(x) * weight, rows split across the pool.
 template <class T, class TW>
 void rmsnorm(const RmsNormParams<T, TW>& p, CpuExec exec) {
   check(p);
@@ -202,6 +204,8 @@ void rmsnorm(const RmsNormParams<T, TW>& p, CpuExec exec) {
   });
 }
 
+/// dx (and dweight) from dy. Throws Error, before writing, on invalid params or
+/// when workspace_bytes < rmsnorm_backward_workspace_bytes(p).
 template <class T, class TW>
 void rmsnorm_backward(const RmsNormBackwardParams<T, TW>& p, CpuExec exec, void* workspace,
                       size_t workspace_bytes) {

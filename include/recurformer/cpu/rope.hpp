@@ -13,6 +13,7 @@
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/cpu/detail/simd.hpp"
 #include "recurformer/ops/rope.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -116,12 +117,14 @@ void rope_rotate(const View<T, 3>& xv, const View<const int32_t, 1>& positions,
 }  // namespace detail
 }  // namespace cpu
 
+/// Applies RoPE in place. Calls check(p) first.
 template <class T>
 void rope(const RopeParams<T>& p, CpuExec exec) {
   check(p);
   cpu::detail::rope_rotate(p.x, p.positions, p.inv_freq, p.layout, 1.f, exec);
 }
 
+/// Rotates the gradient back in place. Calls check(p) first.
 inline void rope_backward(const RopeBackwardParams& p, CpuExec exec) {
   check(p);
   cpu::detail::rope_rotate(p.dx, p.positions, p.inv_freq, p.layout, -1.f, exec);

@@ -25,6 +25,7 @@
 #include "recurformer/cpu/detail/scan_kernels.hpp"
 #include "recurformer/cpu/detail/scan_sequences.hpp"
 #include "recurformer/ops/selective_scan.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -329,12 +330,19 @@ void run_selective_scan_backward(const SelectiveScanBackwardParams<T>& p, const 
 }  // namespace detail
 }  // namespace cpu
 
+/// Scratch bytes selective_scan_backward(p, exec, ...) needs: per thread, the chunk-boundary states
+/// of its longest sequence and one chunk's recomputed states; plus the partial sums of dB / dC
+/// (per block of channels) and of dA / dD / ddelta_bias (per sequence). It depends on the token and
+/// sequence counts, the longest sequence and the thread count: a buffer sized for the largest call
+/// serves every smaller one.
 template <class T>
 size_t selective_scan_backward_workspace_bytes(const SelectiveScanBackwardParams<T>& p, CpuExec exec) {
   check(p);
   return size_t(cpu::detail::make_scan_bwd_plan(p, exec.threads()).total) * sizeof(float) + 64;  // + 64: alignment
 }
 
+/// The gradients. Throws Error, before writing anything, on invalid params
+/// or when workspace_bytes < selective_scan_backward_workspace_bytes(p, exec).
 template <class T>
 void selective_scan_backward(const SelectiveScanBackwardParams<T>& p, CpuExec exec, void* workspace,
                              size_t workspace_bytes) {
@@ -348,16 +356,26 @@ void selective_scan_backward(const SelectiveScanBackwardParams<T>& p, CpuExec ex
   cpu::detail::run_selective_scan_backward(p, q, exec, ws);
 }
 
+/// Prefill / chunked prefill over the packed sequences.
 template <class T>
 void selective_scan(const SelectiveScanParams<T>& p, CpuExec exec) {
   check(p);
   cpu::detail::run_selective_scan(p, detail::ScanMode::scan, exec);
 }
 
+/// Decode: token row t is a one-token sequence on slot state_slots[t] (absent: t), updated in place.
 template <class T>
 void selective_state_update(const SelectiveScanParams<T>& p, CpuExec exec) {
   check_state_update(p);
   cpu::detail::run_state_update(p, exec);
+}
+
+/// Whether selective_state_update(p, CpuExec) runs (supports(p, exec) is the prefill's).
+template <class T>
+Support supports_update(const SelectiveScanParams<T>& p, CpuExec) {
+  Support s;
+  detail::support_check(s, [&] { check_state_update(p); });
+  return s;
 }
 
 }  // namespace recurformer

@@ -10,6 +10,7 @@
 #include "recurformer/cpu/detail/isa.hpp"
 #include "recurformer/cpu/detail/simd.hpp"
 #include "recurformer/ops/swiglu.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace cpu {
@@ -121,6 +122,7 @@ RF_KERNEL_AVX512 void swiglu_bwd_avx512(int64_t rows, int64_t d, const T* g, int
 }  // namespace detail
 }  // namespace cpu
 
+/// out = silu(gate) * up, rows split across the pool.
 template <class T>
 void swiglu(const SwigluParams<T>& p, CpuExec exec) {
   check(p);
@@ -141,6 +143,7 @@ void swiglu(const SwigluParams<T>& p, CpuExec exec) {
   });
 }
 
+/// dgate, dup from dout, rows split across the pool.
 template <class T>
 void swiglu_backward(const SwigluBackwardParams<T>& p, CpuExec exec) {
   check(p);

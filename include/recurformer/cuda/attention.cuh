@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "recurformer/core/dispatch.hpp"
+#include "recurformer/core/support.hpp"
 #include "recurformer/cuda/detail/attention_kernel.cuh"
 #include "recurformer/cuda/exec.cuh"
 #include "recurformer/ops/attention.hpp"
@@ -33,22 +34,25 @@ namespace detail {
 constexpr int64_t kAttnTargetBlocks = 1024;  ///< split the keys until the grid has this many blocks
 constexpr int64_t kAttnMinSplitKeys = 256;   ///< of capacity per split: below, merging costs more
 
+/// The CUDA kernel's limits for valid params p (supports() below).
 template <class T>
-void check_cuda_attention(const AttentionParams<T>& p) {
+void attention_limits(const AttentionParams<T>& p, Support& s) {
+  using recurformer::detail::support_limit;
   const char* op = "attention";
-  check(p, recurformer::detail::IndexMemory::device);
-  RF_CHECK(!p.page_table.present(), op, ": paged K/V (page_table) runs on the CPU only; the CUDA kernel reads ",
-           "contiguous slots");
+  support_limit(s, !p.page_table.present(), op, ": paged K/V (page_table) runs on the CPU only; the CUDA kernel ",
+                "reads contiguous slots");
   const int64_t g = p.q.shape[1] / p.k.shape[1];
-  RF_CHECK(g <= kAttnMaxRows, op, ": the CUDA kernel takes at most ", kAttnMaxRows,
-           " query heads per KV head, got ", g);
+  support_limit(s, g <= kAttnMaxRows, op, ": the CUDA kernel takes at most ", kAttnMaxRows,
+                " query heads per KV head, got ", g);
   constexpr int64_t vec = 16 / int64_t(sizeof(T));
   auto aligned = [&](const auto& v) {
     return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.stride[0] % vec == 0 && v.stride[1] % vec == 0 &&
            v.stride[2] % vec == 0;
   };
-  RF_CHECK(aligned(p.k) && aligned(p.v), op, ": the CUDA kernel needs 16-byte aligned K and V rows (data ",
-           "pointers and slot/head/key strides multiples of ", vec, " elements)");
+  support_limit(s, aligned(p.k) && aligned(p.v), op, ": the CUDA kernel needs 16-byte aligned K and V rows (data ",
+                "pointers and slot/head/key strides multiples of ", vec, " elements)");
+  support_limit(s, p.q.shape[0] <= 0x7fffffff, op, ": at most 2^31 - 1 tokens per CUDA call, got ", p.q.shape[0]);
+  support_limit(s, p.q.shape[1] <= 65535, op, ": at most 65535 query heads per CUDA call, got ", p.q.shape[1]);
 }
 
 template <class T>
@@ -75,6 +79,25 @@ inline size_t attention_partial_bytes(const AttnLaunch& L, int64_t tokens, int64
 }  // namespace detail
 }  // namespace cuda
 
+/// Whether attention(p, CudaExec, ...) runs (core/support.hpp): p's check (index arrays in device
+/// memory), then the kernel's limits: contiguous K/V (no page table), n_q / n_kv <= 16, 16-byte
+/// aligned K and V rows, at most 65535 heads.
+template <class T>
+Support supports(const AttentionParams<T>& p, CudaExec) {
+  Support s;
+  if (detail::support_check(s, [&] { check(p, detail::IndexMemory::device); })) cuda::detail::attention_limits(p, s);
+  return s;
+}
+
+namespace cuda {
+namespace detail {
+template <class T>
+void check_cuda_attention(const AttentionParams<T>& p) {
+  recurformer::detail::require_supported(supports(p, CudaExec{}));
+}
+}  // namespace detail
+}  // namespace cuda
+
 /// Bytes of device scratch attention(p, CudaExec, ...) needs (0 when the keys are not split). A
 /// function of the shapes only.
 template <class T>
@@ -96,8 +119,6 @@ void attention(const AttentionParams<T>& p, CudaExec exec, void* workspace, size
   RF_CHECK(workspace_bytes >= need, "attention: workspace has ", workspace_bytes, " bytes, expected at least ", need,
            " (attention_workspace_bytes)");
   RF_CHECK(need == 0 || workspace != nullptr, "attention: workspace is null");
-  RF_CHECK(need == 0 || tokens <= 0x7fffffff, "attention: too many tokens for one CUDA call");
-  RF_CHECK(n_kv <= 65535 && n_q <= 65535, "attention: at most 65535 heads per CUDA call");
   L.part = static_cast<float*>(workspace);
   detail::dispatch_attention_head_dim("attention: head_dim", p.q.shape[2], [&](auto hd) {
     constexpr int HD = decltype(hd)::value;

@@ -143,6 +143,27 @@ inline dim3 conv_grid(int64_t channels, int64_t rows) {
 }  // namespace detail
 }  // namespace cuda
 
+/// Whether causal_conv1d(p, CudaExec) runs (core/support.hpp): the kernels take every valid call
+/// (K in 2..8, any row count), so this is p's check with the index arrays in device memory.
+template <class T>
+Support supports(const CausalConv1dParams<T>& p, CudaExec) {
+  Support s;
+  detail::support_check(s, [&] {
+    detail::check_causal_conv1d("causal_conv1d", detail::ScanMode::scan, p, detail::IndexMemory::device);
+  });
+  return s;
+}
+/// Whether causal_conv1d_update(p, CudaExec) runs.
+template <class T>
+Support supports_update(const CausalConv1dParams<T>& p, CudaExec) {
+  Support s;
+  detail::support_check(s, [&] {
+    detail::check_causal_conv1d("causal_conv1d_update", detail::ScanMode::state_update, p,
+                                detail::IndexMemory::device);
+  });
+  return s;
+}
+
 /// Prefill over the packed sequences on the device.
 template <class T>
 void causal_conv1d(const CausalConv1dParams<T>& p, CudaExec exec) {

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "recurformer/core/error.hpp"
+#include "recurformer/core/support.hpp"
 
 namespace recurformer {
 

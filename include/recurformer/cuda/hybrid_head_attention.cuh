@@ -160,4 +160,24 @@ void hybrid_head_attention(const HybridHeadAttentionParams<T, TW, DeviceMemory>&
   detail::hybrid::call(p, exec, workspace, workspace_bytes);
 }
 
+/// Whether hybrid_attention_core(p, CudaExec, ...) runs (core/support.hpp): every check of the
+/// call, the CUDA ops' limits among them (contiguous K/V: no page table; n_q / n_kv at most 16 for
+/// attention and streaming groups, 8 for recurrent ones; d_state <= 256), without touching the
+/// device. The first failure is the reason.
+template <class T, class TW>
+Support supports(const HybridAttentionCoreParams<T, TW>& p, CudaExec exec) {
+  Support s;
+  detail::support_check(s, [&] { detail::hybrid::check_core_call(p, exec); });
+  return s;
+}
+
+/// Whether hybrid_head_attention(p, CudaExec, ...) runs: the same, with the cuBLAS projections and
+/// the cache's capacity.
+template <class T, class TW>
+Support supports(const HybridHeadAttentionParams<T, TW, DeviceMemory>& p, CudaExec exec) {
+  Support s;
+  detail::support_check(s, [&] { detail::hybrid::check_layer_call(p, exec); });
+  return s;
+}
+
 }  // namespace recurformer

@@ -148,6 +148,15 @@ void linear_copy_rows(const TI* src, int64_t src_ld, TO* dst, int64_t dst_ld, in
 }  // namespace detail
 }  // namespace cuda
 
+/// Whether linear(p, CudaExec, ...) runs (core/support.hpp): p's check, then cuBLAS's int sizes
+/// and leading dimensions (row strides at least the row length); the first failure is the reason.
+template <class TX, class TW>
+Support supports(const LinearParams<TX, TW>& p, CudaExec) {
+  Support s;
+  detail::support_check(s, [&] { cuda::detail::check_cuda_linear(p); });
+  return s;
+}
+
 /// Bytes of device scratch linear(p, CudaExec, ...) needs: the fp32 x rounded to TW
 /// (tokens x in rounded up to 8 elements, plus 256 bytes to align the start) for TX = float with a
 /// 16-bit TW; 0 otherwise and when tokens == 0. Grows with tokens, so a buffer sized for the

@@ -97,6 +97,15 @@ __global__ void __launch_bounds__(32 * kRecencyWarps)
 }  // namespace detail
 }  // namespace cuda
 
+/// Whether recency_score(p, CudaExec) runs (core/support.hpp): p's check (which asks for a head_dim
+/// of AttentionHeadDims, the kernel's dispatch list).
+template <class T>
+Support supports(const RecencyScoreParams<T>& p, CudaExec) {
+  Support s;
+  detail::support_check(s, [&] { check(p); });
+  return s;
+}
+
 /// Adds one calibration sequence's statistics to p.stats on the device (see ops/recency_score.hpp).
 /// Calls check(p) first (it reads shapes only); head_dim must be in AttentionHeadDims.
 template <class T>

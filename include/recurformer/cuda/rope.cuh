@@ -44,6 +44,14 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams<T> 
 }  // namespace detail
 }  // namespace cuda
 
+/// Whether rope(p, CudaExec) runs (core/support.hpp): p's check, positions in device memory.
+template <class T>
+Support supports(const RopeParams<T>& p, CudaExec) {
+  Support s;
+  detail::support_check(s, [&] { check(p, detail::IndexMemory::device); });
+  return s;
+}
+
 /// Applies RoPE in place on the device. Checks the shapes first (positions are not read on the host).
 template <class T>
 void rope(const RopeParams<T>& p, CudaExec exec) {

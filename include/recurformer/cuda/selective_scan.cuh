@@ -18,6 +18,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "recurformer/core/dispatch.hpp"
+#include "recurformer/core/support.hpp"
 #include "recurformer/cuda/detail/convert.cuh"
 #include "recurformer/cuda/exec.cuh"
 #include "recurformer/ops/selective_scan.hpp"
@@ -193,24 +194,47 @@ __global__ void __launch_bounds__(32 * kWarps)
   }
 }
 
+/// Whether the scan (mode scan) or the state update runs on CUDA: the check, then the kernels'
+/// limits (R readers, d_state N, and grid.y, so a caller's dry run of the checks (the hybrid layer)
+/// sees it before anything is written).
 template <class T>
-void check_cuda_scan(const char* op, recurformer::detail::ScanMode mode,
-                     const SelectiveScanParams<T>& p) {
-  recurformer::detail::check_selective_scan(op, mode, p, recurformer::detail::IndexMemory::device);
-  RF_CHECK(p.C.shape[2] <= kMaxReaders, op, ": the CUDA kernels take at most ", kMaxReaders,
-           " readers R, got ", p.C.shape[2]);
-  RF_CHECK(p.A.shape[1] <= 32 * kMaxStatesPerLane, op, ": the CUDA kernels take d_state N <= ",
-           32 * kMaxStatesPerLane, ", got ", p.A.shape[1]);
-  // grid.y: checked here, not at the launch, so a caller's dry run of the checks (the hybrid layer)
-  // sees it before anything is written.
+Support supports_scan(const char* op, recurformer::detail::ScanMode mode, const SelectiveScanParams<T>& p) {
+  using recurformer::detail::support_limit;
+  Support s;
+  if (!recurformer::detail::support_check(s, [&] {
+        recurformer::detail::check_selective_scan(op, mode, p, recurformer::detail::IndexMemory::device);
+      }))
+    return s;
+  support_limit(s, p.C.shape[2] <= kMaxReaders, op, ": the CUDA kernels take at most ", kMaxReaders,
+                " readers R, got ", p.C.shape[2]);
+  support_limit(s, p.A.shape[1] <= 32 * kMaxStatesPerLane, op, ": the CUDA kernels take d_state N <= ",
+                32 * kMaxStatesPerLane, ", got ", p.A.shape[1]);
   const bool update = mode == recurformer::detail::ScanMode::state_update;
   const int64_t rows = update ? p.u.shape[0] : p.cu_seqlens.data ? p.cu_seqlens.shape[0] - 1 : 1;
-  RF_CHECK(rows <= 65535, op, ": at most 65535 ", update ? "token rows" : "sequences", " per call on CUDA, got ",
-           rows);
+  support_limit(s, rows <= 65535, op, ": at most 65535 ", update ? "token rows" : "sequences",
+                " per call on CUDA, got ", rows);
+  return s;
+}
+
+template <class T>
+void check_cuda_scan(const char* op, recurformer::detail::ScanMode mode, const SelectiveScanParams<T>& p) {
+  recurformer::detail::require_supported(supports_scan(op, mode, p));
 }
 
 }  // namespace detail
 }  // namespace cuda
+
+/// Whether selective_scan(p, CudaExec) runs (core/support.hpp): p's check (index arrays in device
+/// memory), then the kernels' limits: at most 8 readers R, d_state N <= 256, 65535 sequences.
+template <class T>
+Support supports(const SelectiveScanParams<T>& p, CudaExec) {
+  return cuda::detail::supports_scan("selective_scan", detail::ScanMode::scan, p);
+}
+/// Whether selective_state_update(p, CudaExec) runs: as above, with 65535 token rows.
+template <class T>
+Support supports_update(const SelectiveScanParams<T>& p, CudaExec) {
+  return cuda::detail::supports_scan("selective_state_update", detail::ScanMode::state_update, p);
+}
 
 /// Prefill / chunked prefill on the device (see ops/selective_scan.hpp for the math).
 template <class T>

@@ -37,38 +37,8 @@
 // arithmetic, no allocation). Nothing is allocated per call.
 #pragma once
 
-#include <cstddef>
-
+// The entry points are per backend, like every op's: cpu/hybrid_head_attention.hpp (CpuExec) and
+// cuda/hybrid_head_attention.cuh (CudaExec). This header and the orchestration they share hold the
+// params, the plan types and the queries that need no backend (hybrid_step_metadata_bytes).
+#include "recurformer/layers/detail/hybrid_head_attention_run.hpp"
 #include "recurformer/layers/hybrid_head_attention_params.hpp"
-
-namespace recurformer {
-
-/// Bytes of the plan's metadata buffer (and, on CUDA, of its host staging) for a step of `tokens`.
-inline size_t hybrid_step_metadata_bytes(const HybridStepShape& shape, const HybridStep& step, int64_t tokens);
-
-/// Plans one step for every layer of `shape`: checks the step (slots distinct and valid, every
-/// sequence's tokens fit its K/V, pages in the pool), fills its metadata into buffers.metadata and
-/// sizes the per-layer scratch (plan.workspace_bytes). T, TW: the layers' cache and weight types.
-template <class T, class TW>
-HybridStepPlan<T, TW> plan_hybrid_step(const HybridStepShape& shape, const HybridStep& step, int64_t tokens,
-                                       CpuExec exec, const HybridPlanBuffers& buffers);
-
-/// Runs one layer of the planned step (p.step left empty; the layer's views and weights checked
-/// against the plan's shape). workspace: at least plan.workspace_bytes, reusable by every layer.
-template <class T, class TW>
-void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, CpuExec exec,
-                           void* workspace, size_t workspace_bytes);
-
-/// Scratch bytes hybrid_attention_core needs for this call (tokens, sequences, lengths, threads).
-template <class T, class TW>
-size_t hybrid_attention_core_workspace_bytes(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec);
-
-/// Runs the core on the CPU (see the top of this file); cuda/hybrid_head_attention.cuh has the
-/// same call with CudaExec over device views.
-template <class T, class TW>
-void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec, void* workspace,
-                           size_t workspace_bytes);
-
-}  // namespace recurformer
-
-#include "recurformer/layers/detail/hybrid_head_attention_impl.hpp"

@@ -26,9 +26,10 @@
 // The layer is the core of layers/hybrid_attention_core.hpp (everything between the projections, over
 // the cache's layer view) with the q/k/v, dt_down and Wo projections around it.
 //
-// Where it runs: this header is the CPU layer (CpuExec, HybridCache<T>); cuda/hybrid_head_attention.cuh
-// is the same call with CudaExec over a HybridCache<T, DeviceMemory>. Both are one orchestration
-// (layers/detail/hybrid_head_attention_run.hpp); the params are in hybrid_head_attention_params.hpp.
+// Where it runs: cpu/hybrid_head_attention.hpp is the CPU layer (CpuExec, HybridCache<T>);
+// cuda/hybrid_head_attention.cuh is the same call with CudaExec over a HybridCache<T, DeviceMemory>.
+// Both are one orchestration (layers/detail/hybrid_head_attention_run.hpp); the params are in
+// hybrid_head_attention_params.hpp.
 //
 // Memory: nothing is allocated per call. hybrid_head_attention_workspace_bytes() sizes the
 // caller's scratch for a call's shapes (tokens, sequences, cache lengths, threads). Every check,
@@ -36,33 +37,4 @@
 // the cache or to out: a call that throws leaves both as they were.
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
-
 #include "recurformer/layers/hybrid_attention_core.hpp"
-#include "recurformer/layers/hybrid_head_attention_params.hpp"
-
-namespace recurformer {
-
-/// Scratch bytes hybrid_head_attention needs for this call (it depends on the tokens, sequences,
-/// the cache lengths and the thread count).
-template <class T, class TW>
-size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec);
-
-/// Runs the layer (see the top of this file).
-template <class T, class TW>
-void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec, void* workspace,
-                           size_t workspace_bytes);
-
-/// The layer over a step plan (layers/hybrid_attention_core.hpp) made from hybrid_step(cache, ...):
-/// p.cu_seqlens and p.slots stay empty (the plan holds the step), and the slots and capacity were
-/// checked by the plan. A model plans once per step and runs every layer from it.
-template <class T, class TW>
-size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW>& p,
-                                             const HybridStepPlan<T, TW>& plan, CpuExec exec);
-template <class T, class TW>
-void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, const HybridStepPlan<T, TW>& plan,
-                           CpuExec exec, void* workspace, size_t workspace_bytes);
-
-}  // namespace recurformer
-

@@ -1,6 +1,6 @@
 // recurformer/layers/hybrid_head_attention_params.hpp: the parameters of the hybrid head attention
-// layer (layers/hybrid_head_attention.hpp documents the layer; its CPU entry points live there, its
-// CUDA ones in cuda/hybrid_head_attention.cuh). This header has no implementation, so both a host
+// layer (layers/hybrid_head_attention.hpp documents the layer; its CPU entry points are in
+// cpu/hybrid_head_attention.hpp, its CUDA ones in cuda/hybrid_head_attention.cuh). This header has no implementation, so both a host
 // and a CUDA translation unit can take it.
 #pragma once
 

@@ -65,6 +65,12 @@ void dispatch_attention_head_dim(const char* op, int64_t head_dim, F&& f) {
   dispatch_value(op, AttentionHeadDims{}, head_dim, std::forward<F>(f));
 }
 
+/// head_dim must be one the kernels are built for (every backend dispatches the same list).
+inline void check_attention_head_dim(const char* op, int64_t head_dim) {
+  RF_CHECK(list_contains(AttentionHeadDims{}, head_dim), op, ": head_dim: unsupported value ", head_dim,
+           " (supported: ", list_values(AttentionHeadDims{}), ")");
+}
+
 template <class T>
 int64_t attention_num_sequences(const AttentionParams<T>& p) {
   return p.cu_seqlens.present() ? p.cu_seqlens.shape[0] - 1 : 1;
@@ -92,6 +98,7 @@ void check_attention(const char* op, const AttentionParams<T>& p, IndexMemory wh
   detail::check_inner_contiguous(op, "k", p.k);
   detail::check_inner_contiguous(op, "v", p.v);
   detail::check_inner_contiguous(op, "out", p.out);
+  check_attention_head_dim(op, hd);
   detail::check_optional_shape(op, "lse", p.lse, {tokens, n_q});
   RF_CHECK(std::isfinite(p.scale) && p.scale >= 0, op, ": scale must be finite and >= 0 (got ", p.scale, ")");
   RF_CHECK(p.sink >= 0 && p.window >= 0, op, ": sink and window must be >= 0 (got ", p.sink, ", ", p.window, ")");
@@ -141,15 +148,5 @@ template <class T>
 void check(const AttentionParams<T>& p, detail::IndexMemory where = detail::IndexMemory::host) {
   detail::check_attention("attention", p, where);
 }
-
-/// Bytes of scratch attention() needs for these params on this executor (0 when it needs none).
-/// It depends on the token count, the number of sequences, kv_lens and the thread count.
-template <class T>
-size_t attention_workspace_bytes(const AttentionParams<T>& p, CpuExec exec);
-
-/// Runs attention (cpu/attention.hpp). Calls check(p) first; throws when workspace_bytes is less
-/// than attention_workspace_bytes(p, exec) or head_dim is not in AttentionHeadDims.
-template <class T>
-void attention(const AttentionParams<T>& p, CpuExec exec, void* workspace, size_t workspace_bytes);
 
 }  // namespace recurformer

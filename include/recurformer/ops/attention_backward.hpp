@@ -63,14 +63,4 @@ void check(const AttentionBackwardParams<T>& p) {
   detail::check_inner_contiguous(op, "dv", p.dv);
 }
 
-/// Bytes of scratch attention_backward() needs (one float per (token, query head) row).
-template <class T>
-size_t attention_backward_workspace_bytes(const AttentionBackwardParams<T>& p, CpuExec exec);
-
-/// Writes the requested gradients (cpu/attention_backward.hpp). Calls check(p) first; throws when
-/// workspace_bytes is less than attention_backward_workspace_bytes(p, exec) or head_dim is not in
-/// AttentionHeadDims. Deterministic: the same bits for any thread count.
-template <class T>
-void attention_backward(const AttentionBackwardParams<T>& p, CpuExec exec, void* workspace, size_t workspace_bytes);
-
 }  // namespace recurformer

@@ -88,13 +88,6 @@ void check_conv_update(const CausalConv1dParams<T>& p) {
   detail::check_causal_conv1d("causal_conv1d_update", detail::ScanMode::state_update, p);
 }
 
-/// Prefill over the packed sequences (cpu/causal_conv1d.hpp).
-template <class T>
-void causal_conv1d(const CausalConv1dParams<T>& p, CpuExec exec);
-/// Decode: token row t is a one-token sequence on slot state_slots[t] (absent: t).
-template <class T>
-void causal_conv1d_update(const CausalConv1dParams<T>& p, CpuExec exec);
-
 /// The backward of causal_conv1d (prefill) for training. With g = dy * act'(pre-activation):
 ///   dx[t,c]      = sum_i weight[c,i] * g[t+K-1-i, c]   (terms past the sequence's end are 0)
 ///   dweight[c,i] = sum_t g[t,c] * in[t-K+1+i, c]       (in: x, the history, or zeros)
@@ -136,9 +129,5 @@ void check(const CausalConv1dBackwardParams<T>& p) {
   detail::check_inner_contiguous(op, "dbias", p.dbias);
   detail::check_inner_contiguous(op, "dconv_state", p.dconv_state);
 }
-
-/// dL/d(inputs) of causal_conv1d, parallel over channels (cpu/causal_conv1d.hpp).
-template <class T>
-void causal_conv1d_backward(const CausalConv1dBackwardParams<T>& p, CpuExec exec);
 
 }  // namespace recurformer

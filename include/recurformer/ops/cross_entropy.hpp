@@ -128,20 +128,4 @@ void check(const CrossEntropyBackwardParams<TW>& p) {
   RF_CHECK(std::isfinite(p.grad_scale), op, ": grad_scale must be finite, got ", p.grad_scale);
 }
 
-/// Scratch bytes for p's shapes, chunk_tokens and exec's thread count (0 when there are no tokens).
-/// A CrossEntropyBackwardParams needs the same as its forward part.
-template <class TW>
-size_t cross_entropy_workspace_bytes(const CrossEntropyParams<TW>& p, CpuExec exec);
-
-/// The losses (cpu/cross_entropy.hpp). Throws Error, before writing, on invalid params or a
-/// workspace smaller than cross_entropy_workspace_bytes(p, exec).
-template <class TW>
-CrossEntropyResult cross_entropy(const CrossEntropyParams<TW>& p, CpuExec exec, void* workspace,
-                                 size_t workspace_bytes);
-
-/// The losses and their gradients (cpu/cross_entropy.hpp); same checks.
-template <class TW>
-CrossEntropyResult cross_entropy_backward(const CrossEntropyBackwardParams<TW>& p, CpuExec exec,
-                                          void* workspace, size_t workspace_bytes);
-
 }  // namespace recurformer

@@ -57,10 +57,6 @@ void check(const EmbeddingParams<T, TW>& p) {
   detail::check_ids(op, p.ids, vocab);
 }
 
-/// out[t] = table[ids[t]] converted to T, tokens split across the pool (cpu/embedding.hpp).
-template <class T, class TW>
-void embedding(const EmbeddingParams<T, TW>& p, CpuExec exec);
-
 struct EmbeddingBackwardParams {
   View<const int32_t, 1> ids;   // [tokens] the forward's ids
   View<const float, 2> dout;    // [tokens, d] dL/dout
@@ -79,8 +75,5 @@ inline void check(const EmbeddingBackwardParams& p) {
   detail::check_inner_contiguous(op, "dout", p.dout);
   detail::check_ids(op, p.ids, vocab);
 }
-
-/// dtable from dout (cpu/embedding.hpp).
-inline void embedding_backward(const EmbeddingBackwardParams& p, CpuExec exec);
 
 }  // namespace recurformer

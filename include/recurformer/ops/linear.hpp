@@ -99,16 +99,6 @@ void check(const LinearParams<float, TW>& p, BlockWeight blocks) {
   RF_CHECK((std::is_same_v<TW, float>) || !p.bias.present(), "linear: a bias with block weights must be fp32");
 }
 
-/// Scratch bytes linear(p, exec, ...) needs for these shapes and this many threads (0 when the
-/// GEMV path is taken). A buffer sized for the largest token count serves every smaller call.
-template <class TX, class TW>
-size_t linear_workspace_bytes(const LinearParams<TX, TW>& p, CpuExec exec);
-
-/// y = x W^T + b (cpu/linear.hpp). Throws Error, before writing, on invalid params or when
-/// workspace_bytes < linear_workspace_bytes(p, exec).
-template <class TX, class TW>
-void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t workspace_bytes);
-
 /// The backward of linear for training, fp32 accumulation and fp32 gradients:
 ///   dx = dy W,  dweight = dy^T x (summed over tokens),  dbias = column sums of dy.
 /// Weights in float, half or bfloat16 (not the quantised types), with TX = float or TX == TW.
@@ -150,16 +140,5 @@ void check(const LinearBackwardParams<TX, TW>& p) {
   detail::check_inner_contiguous(op, "dweight", p.dweight);
   detail::check_inner_contiguous(op, "dbias", p.dbias);
 }
-
-/// Scratch bytes linear_backward(p, exec, ...) needs for these shapes, outputs and threads. A
-/// buffer sized for the largest token count serves every smaller call with the same outputs.
-template <class TX, class TW>
-size_t linear_backward_workspace_bytes(const LinearBackwardParams<TX, TW>& p, CpuExec exec);
-
-/// dx, dweight, dbias of linear (cpu/linear.hpp). Throws Error, before writing, on invalid params
-/// or when workspace_bytes < linear_backward_workspace_bytes(p, exec).
-template <class TX, class TW>
-void linear_backward(const LinearBackwardParams<TX, TW>& p, CpuExec exec, void* workspace,
-                     size_t workspace_bytes);
 
 }  // namespace recurformer

@@ -61,16 +61,12 @@ void check(const RecencyScoreParams<T>& p) {
   RF_CHECK(n_kv > 0 && n_q % n_kv == 0, op, ": n_q (", n_q, ") must be a positive multiple of n_kv (", n_kv, ")");
   detail::check_inner_contiguous(op, "q", p.q);
   detail::check_inner_contiguous(op, "k", p.k);
+  detail::check_attention_head_dim(op, hd);
   detail::check_shape(op, "stats", p.stats, {n_q});
   RF_CHECK(p.window >= 1, op, ": window must be >= 1 (got ", p.window, ")");
   RF_CHECK(p.sink_tokens >= 0, op, ": sink_tokens must be >= 0 (got ", p.sink_tokens, ")");
   RF_CHECK(std::isfinite(p.scale) && p.scale >= 0, op, ": scale must be finite and >= 0 (got ", p.scale, ")");
 }
-
-/// Adds one sequence's statistics to p.stats (cpu/recency_score.hpp). Calls check(p) first;
-/// head_dim must be in AttentionHeadDims. Deterministic for a given thread count and ISA.
-template <class T>
-void recency_score(const RecencyScoreParams<T>& p, CpuExec exec);
 
 /// Per-KV-group summary of one layer: mean and min of the g query heads' scores.
 struct GroupRecency {

@@ -52,10 +52,6 @@ void check(const RmsNormParams<T, TW>& p) {
   RF_CHECK(std::isfinite(p.eps) && p.eps >= 0.f, op, ": eps must be finite and >= 0, got ", p.eps);
 }
 
-/// y = rmsnorm(x) * weight, rows split across the pool (cpu/rmsnorm.hpp).
-template <class T, class TW>
-void rmsnorm(const RmsNormParams<T, TW>& p, CpuExec exec);
-
 template <class T, class TW>
 struct RmsNormBackwardParams {
   View<const T, 2> x;         // [tokens, d] the forward's input
@@ -94,11 +90,5 @@ size_t rmsnorm_backward_workspace_bytes(const RmsNormBackwardParams<T, TW>& p) {
   check(p);
   return size_t(p.x.shape[0]) * 2 * sizeof(float);
 }
-
-/// dx (and dweight) from dy (cpu/rmsnorm.hpp). Throws Error, before writing, on invalid params or
-/// when workspace_bytes < rmsnorm_backward_workspace_bytes(p).
-template <class T, class TW>
-void rmsnorm_backward(const RmsNormBackwardParams<T, TW>& p, CpuExec exec, void* workspace,
-                      size_t workspace_bytes);
 
 }  // namespace recurformer

@@ -106,10 +106,6 @@ void check(const RopeParams<T>& p, detail::IndexMemory where = detail::IndexMemo
   detail::check_rope("rope", "x", p.x, p.positions, p.inv_freq, where);
 }
 
-/// Applies RoPE in place (cpu/rope.hpp). Calls check(p) first.
-template <class T>
-void rope(const RopeParams<T>& p, CpuExec exec);
-
 struct RopeBackwardParams {
   View<float, 3> dx;                  // [tokens, heads, hd] dL/dy in, dL/dx out; hd even, unit stride
   View<const int32_t, 1> positions;   // [tokens] the forward's positions (>= 0)
@@ -121,8 +117,5 @@ struct RopeBackwardParams {
 inline void check(const RopeBackwardParams& p) {
   detail::check_rope("rope_backward", "dx", p.dx, p.positions, p.inv_freq, detail::IndexMemory::host);
 }
-
-/// Rotates the gradient back in place (cpu/rope.hpp). Calls check(p) first.
-inline void rope_backward(const RopeBackwardParams& p, CpuExec exec);
 
 }  // namespace recurformer

@@ -175,13 +175,6 @@ void check_state_update(const SelectiveScanParams<T>& p) {
   detail::check_selective_scan("selective_state_update", detail::ScanMode::state_update, p);
 }
 
-/// Prefill / chunked prefill over the packed sequences (cpu/selective_scan.hpp).
-template <class T>
-void selective_scan(const SelectiveScanParams<T>& p, CpuExec exec);
-/// Decode: token row t is a one-token sequence on slot state_slots[t] (absent: t), updated in place.
-template <class T>
-void selective_state_update(const SelectiveScanParams<T>& p, CpuExec exec);
-
 /// The gradients of selective_scan. Every gradient is fp32, optional (absent = not computed), and
 /// overwritten, never accumulated into. Sums run over all tokens of the call: dA, dD and
 /// ddelta_bias over every sequence, dB and dC over the channels of each group (c / (Dch / G)) and
@@ -249,19 +242,5 @@ template <class T>
 void check(const SelectiveScanBackwardParams<T>& p) {
   detail::check_selective_scan_backward(p);
 }
-
-/// Scratch bytes selective_scan_backward(p, exec, ...) needs: per thread, the chunk-boundary states
-/// of its longest sequence and one chunk's recomputed states; plus the partial sums of dB / dC
-/// (per block of channels) and of dA / dD / ddelta_bias (per sequence). It depends on the token and
-/// sequence counts, the longest sequence and the thread count: a buffer sized for the largest call
-/// serves every smaller one.
-template <class T>
-size_t selective_scan_backward_workspace_bytes(const SelectiveScanBackwardParams<T>& p, CpuExec exec);
-
-/// The gradients (cpu/selective_scan.hpp). Throws Error, before writing anything, on invalid params
-/// or when workspace_bytes < selective_scan_backward_workspace_bytes(p, exec).
-template <class T>
-void selective_scan_backward(const SelectiveScanBackwardParams<T>& p, CpuExec exec, void* workspace,
-                             size_t workspace_bytes);
 
 }  // namespace recurformer

@@ -44,10 +44,6 @@ void check(const SwigluParams<T>& p) {
   detail::check_inner_contiguous(op, "out", p.out);
 }
 
-/// out = silu(gate) * up, rows split across the pool (cpu/swiglu.hpp).
-template <class T>
-void swiglu(const SwigluParams<T>& p, CpuExec exec);
-
 template <class T>
 struct SwigluBackwardParams {
   View<const T, 2> gate;      // [tokens, d] the forward's inputs
@@ -78,9 +74,5 @@ void check(const SwigluBackwardParams<T>& p) {
   RF_CHECK(p.dup.data != p.dout.data || p.dup.stride[0] == p.dout.stride[0], op,
            ": dup may equal dout only with the same row stride");
 }
-
-/// dgate, dup from dout, rows split across the pool (cpu/swiglu.hpp).
-template <class T>
-void swiglu_backward(const SwigluBackwardParams<T>& p, CpuExec exec);
 
 }  // namespace recurformer

@@ -20,7 +20,7 @@
 #include "recurformer/core/head_layout.hpp"
 #include "recurformer/core/view.hpp"
 #include "recurformer/cpu/linear.hpp"
-#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/cpu/hybrid_head_attention.hpp"
 #include "recurformer/model/config.hpp"
 #include "recurformer/model/safetensors.hpp"
 

@@ -16,7 +16,7 @@
 // run it as one of each), and stage 5 adds its streaming output and alpha_h times its recurrent one.
 // The ops (linear, rope, attention, causal_conv1d, selective_scan) are found by overload on the
 // exec; the data movement between them (gather, append, ring copies, scatter) and the op checks
-// are the exec's HybridBackend<Exec> (CPU: layers/detail/hybrid_head_attention_impl.hpp, CUDA:
+// are the exec's HybridBackend<Exec> (CPU: cpu/hybrid_head_attention.hpp, CUDA:
 // cuda/hybrid_head_attention.cuh).
 //
 // A step is planned once (plan_step): all index metadata (positions, offsets, slots, key counts,
@@ -701,6 +701,22 @@ void core_call(const HybridAttentionCoreParams<T, TW>& p, Exec exec, void* works
   run<true>(lp, pl, plan.step, exec, meta, ws);
 }
 
+/// Every check core_call(p, exec, ...) makes, in its order, with nothing run or written: what
+/// supports(p, exec) answers for the core. The plan's metadata goes to a host buffer (a query may
+/// allocate on the host): the CPU's checks read it there, and CUDA's read no index array.
+template <class Exec, class T, class TW>
+void check_core_call(const HybridAttentionCoreParams<T, TW>& p, Exec exec) {
+  check(p);
+  const HybridStepShape sh = shape_of(p);
+  const int64_t n = p.q.shape[0];
+  std::vector<unsigned char> meta(plan_layout<T>(sh, p.step, n).meta_end + kAlign);
+  HybridStepPlan<T, TW> plan = make_step_plan<Exec, T, TW>(sh, p.step, n, exec, align_ptr(meta.data()));
+  plan.metadata = align_ptr(meta.data());
+  HybridAttentionCoreParams<T, TW> lp = p;
+  lp.step = HybridStep{};
+  prepare_layer(lp, plan, exec, placeholder<unsigned char>());  // the dry run builds views, reads none
+}
+
 // ---- the layer: projections around the core ------------------------------------------------------
 
 /// Where the layer keeps its projections in the workspace, ahead of the core's scratch.
@@ -824,21 +840,39 @@ size_t workspace_bytes(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) 
          core_workspace_bytes(core_params(p, lp, nullptr), exec);
 }
 
+// The cache's own capacity check, before the core's: it speaks of slots and capacity, which the
+// caller chose.
+template <class T, class TW, class M>
+void check_capacity(const HybridHeadAttentionParams<T, TW, M>& p) {
+  const int64_t S = num_sequences(p.cu_seqlens);
+  p.cache->check_append(S, [&](int64_t s) {
+    const int64_t cnt = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) - p.cu_seqlens(s) : p.x.shape[0];
+    return std::pair<int32_t, int64_t>{p.slots.present() ? p.slots(s) : int32_t(s), cnt};
+  });
+}
+
+/// Every check call(p, exec, ...) makes, with nothing run or written (supports(p, exec) of the layer).
+template <class Exec, class T, class TW, class M>
+void check_layer_call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) {
+  check(p);
+  check_capacity(p);
+  const LayerPlan lp = plan_layer(p);
+  const size_t lin_bytes = layer_lin_bytes(p, exec);
+  const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, nullptr);
+  project<false>(p, cp, lp, exec, placeholder<unsigned char>(), lin_bytes, true);
+  project<false>(p, cp, lp, exec, placeholder<unsigned char>(), lin_bytes, false);
+  if (p.x.shape[0] > 0) check_core_call(cp, exec);
+}
+
 template <class Exec, class T, class TW, class M>
 void call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec, void* workspace, size_t workspace_bytes) {
   check(p);
-  HybridCache<T, M>& c = *p.cache;
   const LayerPlan lp = plan_layer(p);
   const size_t lin_bytes = layer_lin_bytes(p, exec), core_at = lp.lin + align_up(lin_bytes) + kAlign;
   RF_CHECK(workspace != nullptr && workspace_bytes >= core_at, kOp, ": workspace has ", workspace_bytes,
            " bytes, expected at least hybrid_head_attention_workspace_bytes()");
   unsigned char* ws = align_ptr(workspace);
-  // The cache's own capacity check first: it speaks of slots and capacity, which the caller chose.
-  const int64_t S = num_sequences(p.cu_seqlens);
-  c.check_append(S, [&](int64_t s) {
-    const int64_t cnt = p.cu_seqlens.present() ? p.cu_seqlens(s + 1) - p.cu_seqlens(s) : p.x.shape[0];
-    return std::pair<int32_t, int64_t>{p.slots.present() ? p.slots(s) : int32_t(s), cnt};
-  });
+  check_capacity(p);
   const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, ws);
   project<false>(p, cp, lp, exec, ws, lin_bytes, true);
   project<false>(p, cp, lp, exec, ws, lin_bytes, false);  // Wo checked before the core writes the cache
@@ -964,6 +998,7 @@ void check_layer(const HybridAttentionCoreParams<T, TW>& p, int64_t slots, bool 
 }  // namespace hybrid
 }  // namespace detail
 
+/// Bytes of the plan's metadata buffer (and, on CUDA, of its host staging) for a step of `tokens`.
 inline size_t hybrid_step_metadata_bytes(const HybridStepShape& shape, const HybridStep& step, int64_t tokens) {
   detail::hybrid::check_step_views(shape, step, tokens);
   return detail::hybrid::plan_layout<float>(shape, step, tokens).meta_end + detail::hybrid::kAlign;

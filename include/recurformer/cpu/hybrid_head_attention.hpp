@@ -1,6 +1,7 @@
-// recurformer/layers/detail/hybrid_head_attention_impl.hpp: the CPU implementation of
-// layers/hybrid_attention_core.hpp and layers/hybrid_head_attention.hpp: the shared orchestration (hybrid_head_attention_run.hpp) over
-// the CPU ops, with the data movement between them as loops over the thread pool.
+// recurformer/cpu/hybrid_head_attention.hpp: the CPU layer core (layers/hybrid_attention_core.hpp)
+// and the CPU layer (layers/hybrid_head_attention.hpp): the shared orchestration
+// (layers/detail/hybrid_head_attention_run.hpp) over the CPU ops, with the data movement between
+// them as loops over the thread pool. cuda/hybrid_head_attention.cuh is the same calls with CudaExec.
 #pragma once
 
 #include <algorithm>
@@ -11,7 +12,8 @@
 #include "recurformer/cpu/linear.hpp"
 #include "recurformer/cpu/rope.hpp"
 #include "recurformer/cpu/selective_scan.hpp"
-#include "recurformer/layers/detail/hybrid_head_attention_run.hpp"
+#include "recurformer/layers/hybrid_head_attention.hpp"
+#include "recurformer/cpu/support.hpp"
 
 namespace recurformer {
 namespace detail {
@@ -161,29 +163,40 @@ struct HybridBackend<CpuExec> {
 }  // namespace hybrid
 }  // namespace detail
 
+/// Scratch bytes hybrid_attention_core needs for this call (tokens, sequences, lengths, threads).
 template <class T, class TW>
 size_t hybrid_attention_core_workspace_bytes(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec) {
   return detail::hybrid::core_workspace_bytes(p, exec);
 }
 
+/// Runs the core on the CPU (see the top of this file); cuda/hybrid_head_attention.cuh has the
+/// same call with CudaExec over device views.
 template <class T, class TW>
 void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec, void* workspace,
                            size_t workspace_bytes) {
   detail::hybrid::core_call(p, exec, workspace, workspace_bytes);
 }
 
+/// Plans one step for every layer of `shape`: checks the step (slots distinct and valid, every
+/// sequence's tokens fit its K/V, pages in the pool), fills its metadata into buffers.metadata and
+/// sizes the per-layer scratch (plan.workspace_bytes). T, TW: the layers' cache and weight types.
 template <class T, class TW>
 HybridStepPlan<T, TW> plan_hybrid_step(const HybridStepShape& shape, const HybridStep& step, int64_t tokens,
                                        CpuExec exec, const HybridPlanBuffers& buffers) {
   return detail::hybrid::plan_step<CpuExec, T, TW>(shape, step, tokens, exec, buffers);
 }
 
+/// Runs one layer of the planned step (p.step left empty; the layer's views and weights checked
+/// against the plan's shape). workspace: at least plan.workspace_bytes, reusable by every layer.
 template <class T, class TW>
 void hybrid_attention_core(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, CpuExec exec,
                            void* workspace, size_t workspace_bytes) {
   detail::hybrid::core_call(p, plan, exec, workspace, workspace_bytes);
 }
 
+/// The layer over a step plan (layers/hybrid_attention_core.hpp) made from hybrid_step(cache, ...):
+/// p.cu_seqlens and p.slots stay empty (the plan holds the step), and the slots and capacity were
+/// checked by the plan. A model plans once per step and runs every layer from it.
 template <class T, class TW>
 size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW>& p,
                                              const HybridStepPlan<T, TW>& plan, CpuExec exec) {
@@ -196,15 +209,36 @@ void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, const Hybr
   detail::hybrid::call(p, plan, exec, workspace, workspace_bytes);
 }
 
+/// Scratch bytes hybrid_head_attention needs for this call (it depends on the tokens, sequences,
+/// the cache lengths and the thread count).
 template <class T, class TW>
 size_t hybrid_head_attention_workspace_bytes(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec) {
   return detail::hybrid::workspace_bytes(p, exec);
 }
 
+/// Runs the layer (see the top of this file).
 template <class T, class TW>
 void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec, void* workspace,
                            size_t workspace_bytes) {
   detail::hybrid::call(p, exec, workspace, workspace_bytes);
+}
+
+/// Whether hybrid_attention_core(p, CpuExec, ...) runs (core/support.hpp): every check of the call
+/// (views, step, slots, capacity or pages, every inner op's params), reported instead of thrown.
+template <class T, class TW>
+Support supports(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec) {
+  Support s;
+  detail::support_check(s, [&] { detail::hybrid::check_core_call(p, exec); });
+  return s;
+}
+
+/// Whether hybrid_head_attention(p, CpuExec, ...) runs: the same, with the projections and the
+/// cache's capacity.
+template <class T, class TW>
+Support supports(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec) {
+  Support s;
+  detail::support_check(s, [&] { detail::hybrid::check_layer_call(p, exec); });
+  return s;
 }
 
 }  // namespace recurformer
