@@ -48,6 +48,14 @@ bool support_check(Support& s, Check&& check) {
   }
 }
 
+/// The answer of a backend with no limits beyond a check: the check's message, if it throws.
+template <class Check>
+Support support_of(Check&& check) {
+  Support s;
+  support_check(s, std::forward<Check>(check));
+  return s;
+}
+
 /// Records a backend limit: when cond is false, the concatenation of the parts is a reason.
 template <class... Args>
 void support_limit(Support& s, bool cond, Args&&... parts) {

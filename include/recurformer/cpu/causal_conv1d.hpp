@@ -162,9 +162,7 @@ void causal_conv1d_update(const CausalConv1dParams<T>& p, CpuExec exec) {
 /// Whether causal_conv1d_update(p, CpuExec) runs (supports(p, exec) is the prefill's).
 template <class T>
 Support supports_update(const CausalConv1dParams<T>& p, CpuExec) {
-  Support s;
-  detail::support_check(s, [&] { check_conv_update(p); });
-  return s;
+  return detail::support_of([&] { check_conv_update(p); });
 }
 
 }  // namespace recurformer

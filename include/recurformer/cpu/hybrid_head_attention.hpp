@@ -227,18 +227,14 @@ void hybrid_head_attention(const HybridHeadAttentionParams<T, TW>& p, CpuExec ex
 /// (views, step, slots, capacity or pages, every inner op's params), reported instead of thrown.
 template <class T, class TW>
 Support supports(const HybridAttentionCoreParams<T, TW>& p, CpuExec exec) {
-  Support s;
-  detail::support_check(s, [&] { detail::hybrid::check_core_call(p, exec); });
-  return s;
+  return detail::support_of([&] { detail::hybrid::check_core_call(p, exec); });
 }
 
 /// Whether hybrid_head_attention(p, CpuExec, ...) runs: the same, with the projections and the
 /// cache's capacity.
 template <class T, class TW>
 Support supports(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec) {
-  Support s;
-  detail::support_check(s, [&] { detail::hybrid::check_layer_call(p, exec); });
-  return s;
+  return detail::support_of([&] { detail::hybrid::check_layer_call(p, exec); });
 }
 
 }  // namespace recurformer

@@ -146,9 +146,7 @@ inline bool linear_blocks_are_fast(GgmlType t, ActivationMath x_math) {
 /// Whether linear(p, blocks, CpuExec, ...) runs.
 template <class TW>
 Support supports(const LinearParams<float, TW>& p, BlockWeight blocks, CpuExec) {
-  Support s;
-  detail::support_check(s, [&] { check(p, blocks); });
-  return s;
+  return detail::support_of([&] { check(p, blocks); });
 }
 
 /// y = x W^T + b with W read from `blocks` when present, else from p.weight (which gives the shape

@@ -373,9 +373,7 @@ void selective_state_update(const SelectiveScanParams<T>& p, CpuExec exec) {
 /// Whether selective_state_update(p, CpuExec) runs (supports(p, exec) is the prefill's).
 template <class T>
 Support supports_update(const SelectiveScanParams<T>& p, CpuExec) {
-  Support s;
-  detail::support_check(s, [&] { check_state_update(p); });
-  return s;
+  return detail::support_of([&] { check_state_update(p); });
 }
 
 }  // namespace recurformer

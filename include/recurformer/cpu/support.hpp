@@ -35,9 +35,7 @@ struct cpu_support_is_check<HybridHeadAttentionParams<T, TW, Memory>> : std::fal
 /// Whether op(p, CpuExec) runs: p's check, reported instead of thrown.
 template <class Params, std::enable_if_t<detail::cpu_support_is_check<Params>::value, int> = 0>
 auto supports(const Params& p, CpuExec) -> decltype(check(p), Support()) {
-  Support s;
-  detail::support_check(s, [&] { check(p); });
-  return s;
+  return detail::support_of([&] { check(p); });
 }
 
 }  // namespace recurformer

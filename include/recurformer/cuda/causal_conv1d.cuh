@@ -147,21 +147,17 @@ inline dim3 conv_grid(int64_t channels, int64_t rows) {
 /// (K in 2..8, any row count), so this is p's check with the index arrays in device memory.
 template <class T>
 Support supports(const CausalConv1dParams<T>& p, CudaExec) {
-  Support s;
-  detail::support_check(s, [&] {
+  return detail::support_of([&] {
     detail::check_causal_conv1d("causal_conv1d", detail::ScanMode::scan, p, detail::IndexMemory::device);
   });
-  return s;
 }
 /// Whether causal_conv1d_update(p, CudaExec) runs.
 template <class T>
 Support supports_update(const CausalConv1dParams<T>& p, CudaExec) {
-  Support s;
-  detail::support_check(s, [&] {
+  return detail::support_of([&] {
     detail::check_causal_conv1d("causal_conv1d_update", detail::ScanMode::state_update, p,
                                 detail::IndexMemory::device);
   });
-  return s;
 }
 
 /// Prefill over the packed sequences on the device.

@@ -166,18 +166,14 @@ void hybrid_head_attention(const HybridHeadAttentionParams<T, TW, DeviceMemory>&
 /// device. The first failure is the reason.
 template <class T, class TW>
 Support supports(const HybridAttentionCoreParams<T, TW>& p, CudaExec exec) {
-  Support s;
-  detail::support_check(s, [&] { detail::hybrid::check_core_call(p, exec); });
-  return s;
+  return detail::support_of([&] { detail::hybrid::check_core_call(p, exec); });
 }
 
 /// Whether hybrid_head_attention(p, CudaExec, ...) runs: the same, with the cuBLAS projections and
 /// the cache's capacity.
 template <class T, class TW>
 Support supports(const HybridHeadAttentionParams<T, TW, DeviceMemory>& p, CudaExec exec) {
-  Support s;
-  detail::support_check(s, [&] { detail::hybrid::check_layer_call(p, exec); });
-  return s;
+  return detail::support_of([&] { detail::hybrid::check_layer_call(p, exec); });
 }
 
 }  // namespace recurformer

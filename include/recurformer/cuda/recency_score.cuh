@@ -101,9 +101,7 @@ __global__ void __launch_bounds__(32 * kRecencyWarps)
 /// of AttentionHeadDims, the kernel's dispatch list).
 template <class T>
 Support supports(const RecencyScoreParams<T>& p, CudaExec) {
-  Support s;
-  detail::support_check(s, [&] { check(p); });
-  return s;
+  return detail::support_of([&] { check(p); });
 }
 
 /// Adds one calibration sequence's statistics to p.stats on the device (see ops/recency_score.hpp).

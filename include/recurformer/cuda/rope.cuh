@@ -47,9 +47,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams<T> 
 /// Whether rope(p, CudaExec) runs (core/support.hpp): p's check, positions in device memory.
 template <class T>
 Support supports(const RopeParams<T>& p, CudaExec) {
-  Support s;
-  detail::support_check(s, [&] { check(p, detail::IndexMemory::device); });
-  return s;
+  return detail::support_of([&] { check(p, detail::IndexMemory::device); });
 }
 
 /// Applies RoPE in place on the device. Checks the shapes first (positions are not read on the host).
