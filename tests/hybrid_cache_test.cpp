@@ -76,8 +76,6 @@ void scribble(HybridCache<T>& c, int slot, int64_t upto) {
   }
 }
 
-View<const int32_t, 1> v1(const std::vector<int32_t>& v) { return make_view(v.data(), {int64_t(v.size())}); }
-
 }  // namespace
 
 TEMPLATE_LIST_TEST_CASE("HybridCache byte report equals the spec section 6 formula", "[hybrid_cache]",
@@ -116,7 +114,7 @@ TEMPLATE_LIST_TEST_CASE("HybridCache byte report equals the spec section 6 formu
   REQUIRE(r.held == CacheBytes{});
 
   const std::vector<int32_t> slots = {2, 0}, counts = {9, 3};
-  cache.advance(v1(slots), v1(counts));
+  cache.advance(rftest::cview(slots), rftest::cview(counts));
   CacheBytes held = formula(9);
   held += formula(3);
   REQUIRE(cache.bytes().held == held);
@@ -129,20 +127,20 @@ TEMPLATE_LIST_TEST_CASE("HybridCache capacity error leaves every slot bit-identi
                         rftest::StorageTypes) {
   using T = TestType;
   HybridCache<T> cache(mixed_config(3, 20));
-  cache.advance(v1({0, 1, 2}), v1({5, 19, 0}));
+  cache.advance(rftest::cview({0, 1, 2}), rftest::cview({5, 19, 0}));
   for (int s = 0; s < 3; ++s) scribble(cache, s, cache.length(s));
   const auto before = dump(cache);
   // Slot 1 would hold 21 > 20 tokens: nothing changes, not even slot 0's length.
-  REQUIRE_THROWS_WITH(cache.advance(v1({0, 1}), v1({2, 2})),
+  REQUIRE_THROWS_WITH(cache.advance(rftest::cview({0, 1}), rftest::cview({2, 2})),
                       Catch::Contains("slot 1") && Catch::Contains("capacity 20"));
-  REQUIRE_THROWS_AS(cache.check_append(v1({2, 1}), v1({1, 2})), Error);
-  REQUIRE_THROWS_WITH(cache.advance(v1({0, 0}), v1({1, 1})), Catch::Contains("appears twice"));
-  REQUIRE_THROWS_WITH(cache.advance(v1({3}), v1({1})), Catch::Contains("slot 3"));
-  REQUIRE_THROWS_WITH(cache.advance(v1({0}), v1({-1})), Catch::Contains(">= 0"));
-  REQUIRE_THROWS_AS(cache.advance(v1({0, 1}), v1({1})), Error);
+  REQUIRE_THROWS_AS(cache.check_append(rftest::cview({2, 1}), rftest::cview({1, 2})), Error);
+  REQUIRE_THROWS_WITH(cache.advance(rftest::cview({0, 0}), rftest::cview({1, 1})), Catch::Contains("appears twice"));
+  REQUIRE_THROWS_WITH(cache.advance(rftest::cview({3}), rftest::cview({1})), Catch::Contains("slot 3"));
+  REQUIRE_THROWS_WITH(cache.advance(rftest::cview({0}), rftest::cview({-1})), Catch::Contains(">= 0"));
+  REQUIRE_THROWS_AS(cache.advance(rftest::cview({0, 1}), rftest::cview({1})), Error);
   REQUIRE(dump(cache) == before);
   // Exactly full is fine.
-  cache.advance(v1({1, 2}), v1({1, 20}));
+  cache.advance(rftest::cview({1, 2}), rftest::cview({1, 20}));
   REQUIRE(cache.length(1) == 20);
   REQUIRE(cache.length(2) == 20);
 }
@@ -151,7 +149,7 @@ TEMPLATE_LIST_TEST_CASE("HybridCache reset, copy (fork) and snapshot/restore", "
                         rftest::StorageTypes) {
   using T = TestType;
   HybridCache<T> cache(mixed_config(3, 30));
-  cache.advance(v1({0, 1, 2}), v1({12, 4, 7}));
+  cache.advance(rftest::cview({0, 1, 2}), rftest::cview({12, 4, 7}));
   for (int s = 0; s < 3; ++s) scribble(cache, s, cache.length(s));
 
   // Fork slot 0 onto slot 2: every live byte of slot 2 equals slot 0's.
@@ -175,7 +173,7 @@ TEMPLATE_LIST_TEST_CASE("HybridCache reset, copy (fork) and snapshot/restore", "
 
   // Snapshots are only valid across appends to the same slot.
   typename HybridCache<T>::Snapshot snap = cache.snapshot(1);
-  cache.advance(v1({1}), v1({6}));
+  cache.advance(rftest::cview({1}), rftest::cview({6}));
   // Only appends may happen between snapshot and restore.
   REQUIRE_THROWS_WITH(cache.restore(0, snap), Catch::Contains("slot 1"));
   cache.reset(1);
@@ -198,11 +196,11 @@ TEMPLATE_LIST_TEST_CASE("HybridCache snapshot restores the states byte for byte"
                         rftest::StorageTypes) {
   using T = TestType;
   HybridCache<T> cache(mixed_config(2, 30));
-  cache.advance(v1({0, 1}), v1({9, 3}));
+  cache.advance(rftest::cview({0, 1}), rftest::cview({9, 3}));
   for (int s = 0; s < 2; ++s) scribble(cache, s, cache.length(s));
   const auto saved = dump(cache);
   auto snap = cache.snapshot(0);
-  cache.advance(v1({0}), v1({5}));
+  cache.advance(rftest::cview({0}), rftest::cview({5}));
   // A speculative step rewrites slot 0's states and rings and keys 9..13 (past the snapshot).
   for (int l = 0; l < cache.n_layers(); ++l) {
     View<float, 4> s = cache.ssm_states(l);
@@ -226,7 +224,7 @@ TEMPLATE_LIST_TEST_CASE("HybridCache snapshot restores the states byte for byte"
           for (int64_t i = 0; i < kv.shape[3]; ++i) kv(0, g, t, i) = T(0.f);
   REQUIRE(dump(cache) == saved);
   // Speculative decoding retries: append, roll back, append again, roll back to the same snapshot.
-  cache.advance(v1({0}), v1({2}));
+  cache.advance(rftest::cview({0}), rftest::cview({2}));
   cache.restore(0, snap);
   REQUIRE(cache.length(0) == 9);
   cache.copy(1, 0);

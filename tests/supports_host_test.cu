@@ -18,11 +18,6 @@ using namespace recurformer;
 
 namespace {
 
-template <class T>
-View<const T, 1> cview(const std::vector<T>& v) {
-  return make_view(v.data(), {int64_t(v.size())});
-}
-
 // Host buffers stand in for device memory: supports() reads shapes, strides and pointers only.
 struct AttentionCase {
   int64_t tokens = 3, n_q, n_kv, hd = 64, cap = 16;
@@ -36,8 +31,8 @@ struct AttentionCase {
     p.k = make_view(const_cast<const float*>(kv.data()) + offset, {1, n_kv, cap, hd});
     p.v = p.k;
     p.out = make_view(out.data(), {tokens, n_q, hd});
-    p.kv_lens = cview(kv_lens);
-    p.q_positions = cview(pos);
+    p.kv_lens = rftest::cview(kv_lens);
+    p.q_positions = rftest::cview(pos);
     return p;
   }
 };
@@ -137,12 +132,12 @@ TEST_CASE("supports on CUDA: the layer core over paged K/V runs on the CPU only"
   cp.cache.conv_states = make_view(conv.data(), {2, 1, int64_t(kConv - 1), int64_t(kHd)});
   cp.cache.ring_k = cp.cache.ring_v = make_view(rk.data(), {2, 1, ring, int64_t(kHd)});
   cp.cache.sink = kSink, cp.cache.window = kWindow;
-  cp.step.cu_seqlens = cview(cu);
-  cp.step.slots = cview(slot);
-  cp.step.lengths = cview(lengths);
+  cp.step.cu_seqlens = rftest::cview(cu);
+  cp.step.slots = rftest::cview(slot);
+  cp.step.lengths = rftest::cview(lengths);
   cp.step.page_table = make_view(table.data(), {1, 2});
   cp.n_q = kNq, cp.head_dim = kHd;
-  cp.inv_freq = cview(m.inv_freq);
+  cp.inv_freq = rftest::cview(m.inv_freq);
 
   // The CPU runs this call (hybrid_head_attention_test.cpp runs the core over paged K/V); CUDA
   // attention reads contiguous slots.

@@ -25,11 +25,6 @@ using rftest::require_agrees;
 
 namespace {
 
-template <class T>
-View<const T, 1> cview(const std::vector<T>& v) {
-  return make_view(v.data(), {int64_t(v.size())});
-}
-
 // One sequence of `tokens` queries (positions 0..tokens-1) over a slot of `cap` keys, n_q / n_kv
 // heads of head dim hd.
 struct AttentionCase {
@@ -48,8 +43,8 @@ struct AttentionCase {
     p.k = make_view(k.data(), {1, n_kv, cap, hd});
     p.v = make_view(v.data(), {1, n_kv, cap, hd});
     p.out = make_view(out.data(), {tokens, n_q, hd});
-    p.kv_lens = cview(kv_lens);
-    p.q_positions = cview(pos);
+    p.kv_lens = rftest::cview(kv_lens);
+    p.q_positions = rftest::cview(pos);
     return p;
   }
 };
@@ -113,7 +108,7 @@ TEST_CASE("supports: the selective scan and its one-token update", "[supports]")
   // One packed sequence of 4 tokens: a prefill, which the one-token update refuses.
   const std::vector<int32_t> cu = {0, int32_t(T)};
   SelectiveScanParams<float> packed = p;
-  packed.cu_seqlens = cview(cu);
+  packed.cu_seqlens = rftest::cview(cu);
   REQUIRE(supports(packed, exec));
   const Support s = supports_update(packed, exec);
   REQUIRE_THAT(s.why(), Catch::Contains("selective_state_update: cu_seqlens must be absent"));
@@ -185,7 +180,7 @@ TEST_CASE("supports: the small ops (rope, rmsnorm, swiglu, embedding, recency, c
   auto x = random_vector<float>(3 * 2 * 8);
   const std::vector<float> inv = rope_inv_freq(8, 10000.f);
   std::vector<int32_t> pos = {0, 1, -2};
-  RopeParams<float> r{make_view(x.data(), {3, 2, 8}), cview(pos), cview(inv)};
+  RopeParams<float> r{make_view(x.data(), {3, 2, 8}), rftest::cview(pos), rftest::cview(inv)};
   REQUIRE_THAT(supports(r, exec).why(), Catch::Contains("positions[2] = -2"));
   require_agrees(supports(r, exec), [&] { rope(r, exec); });
   pos[2] = 2;
@@ -206,7 +201,7 @@ TEST_CASE("supports: the small ops (rope, rmsnorm, swiglu, embedding, recency, c
 
   auto table = random_vector<float>(10 * 16);
   std::vector<int32_t> ids = {1, 10, 0};
-  EmbeddingParams<float, float> e{make_view(table.data(), {10, 16}), cview(ids), make_view(o.data(), {3, 16})};
+  EmbeddingParams<float, float> e{make_view(table.data(), {10, 16}), rftest::cview(ids), make_view(o.data(), {3, 16})};
   REQUIRE_THAT(supports(e, exec).why(), Catch::Contains("ids[1] = 10 is outside the vocabulary"));
   require_agrees(supports(e, exec), [&] { embedding(e, exec); });
   ids[1] = 9;
@@ -229,7 +224,7 @@ TEST_CASE("supports: the small ops (rope, rmsnorm, swiglu, embedding, recency, c
   CrossEntropyParams<float> ce;
   ce.h = make_view(h.data(), {3, 16});
   ce.weight = make_view(table.data(), {10, 16});
-  ce.targets = cview(targets);
+  ce.targets = rftest::cview(targets);
   auto run_ce = [&] {
     std::vector<unsigned char> ws(cross_entropy_workspace_bytes(ce, exec));
     cross_entropy(ce, exec, ws.data(), ws.size());

@@ -15,6 +15,7 @@
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/support.hpp"
+#include "recurformer/core/view.hpp"
 #include "recurformer/cpu/detail/isa.hpp"
 
 namespace rftest {
@@ -116,6 +117,14 @@ void for_each_isa(F&& fn) {
   }
   recurformer::cpu::set_isa_limit(Isa::avx512);
 }
+
+/// A vector as a 1-D read-only view (index arrays: cu_seqlens, slots, positions).
+template <class T>
+recurformer::View<const T, 1> cview(const std::vector<T>& v) {
+  return recurformer::make_view(v.data(), {int64_t(v.size())});
+}
+/// The same for a braced list of indices, e.g. cview({0, 2}), valid until the full expression ends.
+inline recurformer::View<const int32_t, 1> cview(const std::vector<int32_t>& v) { return cview<int32_t>(v); }
 
 /// A supports() answer must say what the call then does: true and the call runs, or false and
 /// the call throws exactly its first reason.
