@@ -105,7 +105,13 @@ TEST_CASE("supports on CUDA: the scan's readers, the conv, linear", "[supports]"
                                make_view(const_cast<const float*>(lw.data()), {8, 64}), {}, make_view(ly.data(), {3, 8})};
   REQUIRE(supports(l, CudaExec{}));
   l.weight = make_strided_view(const_cast<const float*>(lw.data()), {8, 64}, {32, 1});  // rows overlap: not for cuBLAS
-  REQUIRE_THAT(supports(l, CudaExec{}).why(), Catch::Contains("row stride 32, expected at least its row length 64"));
+  Support s = supports(l, CudaExec{});
+  REQUIRE(s.reasons.size() == 1);
+  REQUIRE_THAT(s.why(), Catch::Contains("weight has row stride 32, expected at least its row length 64"));
+  l.y = make_strided_view(ly.data(), {3, 8}, {4, 1});  // and y's rows overlap: both limits are listed
+  s = supports(l, CudaExec{});
+  REQUIRE(s.reasons.size() == 2);
+  REQUIRE_THAT(s.reasons[1], Catch::Contains("y has row stride 4, expected at least its row length 8"));
 }
 
 TEST_CASE("supports on CUDA: the layer core over paged K/V runs on the CPU only", "[supports]") {

@@ -74,16 +74,30 @@ constexpr int64_t kLinearWsLdAlign = 8;  ///< its row stride in elements: 16 byt
 /// row starts aligned as cuBLAS's vectorised tensor-core kernels want.
 inline int64_t linear_ws_ld(int64_t in) { return (in + kLinearWsLdAlign - 1) / kLinearWsLdAlign * kLinearWsLdAlign; }
 
-/// cuBLAS's leading dimension for a [rows, cols] row-major operand: its row stride, which must be
-/// at least cols (cuBLAS requires ld >= the column-major row count, here cols) and fit in int. With
-/// one row the stride is never used to address anything, so cols stands in for it (a [1, n] view
-/// may carry any stride).
-inline int linear_ld(const char* name, int64_t rows, int64_t cols, int64_t stride) {
-  if (rows <= 1) return int(cols);  // cols <= INT_MAX is checked by the caller
-  RF_CHECK(stride >= cols, "linear: ", name, " has row stride ", stride, ", expected at least its row length ", cols,
-           " (cuBLAS leading dimension)");
-  RF_CHECK(stride <= INT_MAX, "linear: ", name, " has row stride ", stride, ", which does not fit in int (cuBLAS)");
-  return int(stride);
+/// cuBLAS's leading dimension for a [rows, cols] row-major operand: its row stride (linear_limits
+/// checked it). With one row the stride is never used to address anything, so cols stands in for
+/// it (a [1, n] view may carry any stride).
+inline int linear_ld(int64_t rows, int64_t cols, int64_t stride) { return int(rows <= 1 ? cols : stride); }
+
+/// cuBLAS's limits on valid params, each one a call meets a reason in s: its int sizes, and
+/// leading dimensions of at least the column count (cuBLAS's ld >= rows, column-major) that fit in int.
+template <class TX, class TW>
+void linear_limits(const LinearParams<TX, TW>& p, Support& s) {
+  using recurformer::detail::support_limit;
+  const int64_t tokens = p.x.shape[0], in = p.x.shape[1], out = p.weight.shape[0];
+  support_limit(s, tokens <= INT_MAX, "linear: x has ", tokens, " tokens; cuBLAS takes at most ", INT_MAX, " per call");
+  support_limit(s, in <= INT_MAX - kLinearWsLdAlign, "linear: x has ", in, " columns (in); at most ",
+                INT_MAX - kLinearWsLdAlign, " on CUDA (cuBLAS int sizes)");
+  support_limit(s, out <= INT_MAX, "linear: weight has ", out, " rows (out); cuBLAS takes at most ", INT_MAX);
+  auto leading_dim = [&](const char* name, int64_t rows, int64_t cols, int64_t stride) {
+    if (rows <= 1) return;
+    support_limit(s, stride >= cols, "linear: ", name, " has row stride ", stride, ", expected at least its row length ",
+                  cols, " (cuBLAS leading dimension)");
+    support_limit(s, stride <= INT_MAX, "linear: ", name, " has row stride ", stride, ", which does not fit in int (cuBLAS)");
+  };
+  leading_dim("weight", out, in, p.weight.stride[0]);
+  leading_dim("x", tokens, in, p.x.stride[0]);  // also the converting kernel's source rows
+  leading_dim("y", tokens, out, p.y.stride[0]);
 }
 
 /// The cuBLAS arguments of one call, after every host check.
@@ -96,17 +110,15 @@ template <class TX, class TW>
 LinearGemmDims check_cuda_linear(const LinearParams<TX, TW>& p) {
   static_check_linear_types<TX, TW>();
   check(p);
+  Support s;
+  linear_limits(p, s);
+  recurformer::detail::require_supported(s);
   const int64_t tokens = p.x.shape[0], in = p.x.shape[1], out = p.weight.shape[0];
-  RF_CHECK(tokens <= INT_MAX, "linear: x has ", tokens, " tokens; cuBLAS takes at most ", INT_MAX, " per call");
-  RF_CHECK(in <= INT_MAX - kLinearWsLdAlign, "linear: x has ", in, " columns (in); at most ",
-           INT_MAX - kLinearWsLdAlign, " on CUDA (cuBLAS int sizes)");
-  RF_CHECK(out <= INT_MAX, "linear: weight has ", out, " rows (out); cuBLAS takes at most ", INT_MAX);
   LinearGemmDims d;
   d.m = int(out), d.n = int(tokens), d.k = int(in);
-  d.lda = linear_ld("weight", out, in, p.weight.stride[0]);
-  const int ldx = linear_ld("x", tokens, in, p.x.stride[0]);  // also the converting kernel's source rows
-  d.ldb = linear_converts_x<TX, TW>() ? int(linear_ws_ld(in)) : ldx;
-  d.ldc = linear_ld("y", tokens, out, p.y.stride[0]);
+  d.lda = linear_ld(out, in, p.weight.stride[0]);
+  d.ldb = linear_converts_x<TX, TW>() ? int(linear_ws_ld(in)) : linear_ld(tokens, in, p.x.stride[0]);
+  d.ldc = linear_ld(tokens, out, p.y.stride[0]);
   return d;
 }
 
@@ -148,12 +160,13 @@ void linear_copy_rows(const TI* src, int64_t src_ld, TO* dst, int64_t dst_ld, in
 }  // namespace detail
 }  // namespace cuda
 
-/// Whether linear(p, CudaExec, ...) runs (core/support.hpp): p's check, then cuBLAS's int sizes
-/// and leading dimensions (row strides at least the row length); the first failure is the reason.
+/// Whether linear(p, CudaExec, ...) runs (core/support.hpp): p's check, then every cuBLAS limit
+/// the call meets (int sizes; leading dimensions of at least the row length, fitting in int).
 template <class TX, class TW>
 Support supports(const LinearParams<TX, TW>& p, CudaExec) {
+  cuda::detail::static_check_linear_types<TX, TW>();
   Support s;
-  detail::support_check(s, [&] { cuda::detail::check_cuda_linear(p); });
+  if (detail::support_check(s, [&] { check(p); })) cuda::detail::linear_limits(p, s);
   return s;
 }
 
