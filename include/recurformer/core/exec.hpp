@@ -3,17 +3,10 @@
 // (cuda/exec.cuh) selects the CUDA one and its stream.
 #pragma once
 
+#include "recurformer/core/index_memory.hpp"
 #include "recurformer/cpu/thread_pool.hpp"
 
 namespace recurformer {
-
-namespace detail {
-/// Where an op's index arrays (cu_seqlens, slots, lengths, positions) live. Host: their contents
-/// are checked too. Device (CUDA ops): only their shapes are, since reading them would
-/// synchronise; the kernels skip indices outside the pool or clamp lengths instead, and a slot
-/// named twice in one device call is the caller's error (undefined).
-enum class IndexMemory { host, device };
-}  // namespace detail
 
 /// Run on the host. A null pool runs on the calling thread.
 struct CpuExec {

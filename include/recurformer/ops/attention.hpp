@@ -33,7 +33,7 @@
 
 #include "recurformer/core/dispatch.hpp"
 #include "recurformer/core/error.hpp"
-#include "recurformer/core/exec.hpp"
+#include "recurformer/core/index_memory.hpp"
 #include "recurformer/core/view.hpp"
 
 namespace recurformer {

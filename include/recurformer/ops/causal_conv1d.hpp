@@ -19,7 +19,7 @@
 #include <cstdint>
 
 #include "recurformer/core/dtype.hpp"
-#include "recurformer/core/exec.hpp"
+#include "recurformer/core/index_memory.hpp"
 #include "recurformer/core/view.hpp"
 #include "recurformer/ops/selective_scan.hpp"  // detail::check_scan_sequences
 

@@ -38,7 +38,6 @@
 #include <type_traits>
 
 #include "recurformer/core/dtype.hpp"
-#include "recurformer/core/exec.hpp"
 #include "recurformer/core/view.hpp"
 
 namespace recurformer {

@@ -21,7 +21,6 @@
 #include <type_traits>
 
 #include "recurformer/core/dtype.hpp"
-#include "recurformer/core/exec.hpp"
 #include "recurformer/core/quant.hpp"
 #include "recurformer/core/view.hpp"
 

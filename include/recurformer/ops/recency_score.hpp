@@ -22,7 +22,6 @@
 #include <vector>
 
 #include "recurformer/core/error.hpp"
-#include "recurformer/core/exec.hpp"
 #include "recurformer/core/head_layout.hpp"
 #include "recurformer/core/view.hpp"
 #include "recurformer/ops/attention.hpp"

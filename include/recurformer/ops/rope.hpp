@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "recurformer/core/error.hpp"
-#include "recurformer/core/exec.hpp"
+#include "recurformer/core/index_memory.hpp"
 #include "recurformer/core/view.hpp"
 
 namespace recurformer {

@@ -26,7 +26,7 @@
 #include <cstdint>
 
 #include "recurformer/core/dtype.hpp"
-#include "recurformer/core/exec.hpp"
+#include "recurformer/core/index_memory.hpp"
 #include "recurformer/core/view.hpp"
 
 namespace recurformer {

@@ -19,7 +19,6 @@
 #include <cstdint>
 
 #include "recurformer/core/dtype.hpp"
-#include "recurformer/core/exec.hpp"
 #include "recurformer/core/view.hpp"
 
 namespace recurformer {
