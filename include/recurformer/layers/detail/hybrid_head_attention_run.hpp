@@ -32,6 +32,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -73,6 +75,19 @@ U* placeholder() {
   alignas(kAlign) static U u{};  // aligned: the CUDA checks look at K/V alignment
   return &u;
 }
+
+/// Host bytes a query's dry run builds views over (aligned like a workspace) and never reads or
+/// writes: an uninitialised block, so a large one costs address space, not memory.
+class QueryScratch {
+ public:
+  explicit QueryScratch(size_t bytes) : block_(new (std::nothrow) unsigned char[bytes + kAlign]) {
+    RF_CHECK(block_ != nullptr, kCoreOp, ": cannot reserve ", bytes, " bytes of host address space to check the call");
+  }
+  unsigned char* get() const { return align_ptr(block_.get()); }
+
+ private:
+  std::unique_ptr<unsigned char[]> block_;
+};
 
 /// One layer call's buffers, resolved from the plan, the step's metadata and the workspace (in the
 /// exec's memory). The backends' data movement reads and writes only these.
@@ -714,7 +729,10 @@ void check_core_call(const HybridAttentionCoreParams<T, TW>& p, Exec exec) {
   plan.metadata = align_ptr(meta.data());
   HybridAttentionCoreParams<T, TW> lp = p;
   lp.step = HybridStep{};
-  prepare_layer(lp, plan, exec, placeholder<unsigned char>());  // the dry run builds views, reads none
+  // The dry run builds views at workspace offsets and reads none; they need a base object that
+  // spans the offsets. Allocated, never touched: its pages are not faulted in.
+  const QueryScratch ws(plan.workspace_bytes);
+  prepare_layer(lp, plan, exec, ws.get());
 }
 
 // ---- the layer: projections around the core ------------------------------------------------------
@@ -858,9 +876,10 @@ void check_layer_call(const HybridHeadAttentionParams<T, TW, M>& p, Exec exec) {
   check_capacity(p);
   const LayerPlan lp = plan_layer(p);
   const size_t lin_bytes = layer_lin_bytes(p, exec);
-  const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, nullptr);
-  project<false>(p, cp, lp, exec, placeholder<unsigned char>(), lin_bytes, true);
-  project<false>(p, cp, lp, exec, placeholder<unsigned char>(), lin_bytes, false);
+  const QueryScratch ws(lp.lin);  // the projections' views, as in check_core_call
+  const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, ws.get());
+  project<false>(p, cp, lp, exec, ws.get(), lin_bytes, true);
+  project<false>(p, cp, lp, exec, ws.get(), lin_bytes, false);
   if (p.x.shape[0] > 0) check_core_call(cp, exec);
 }
 
