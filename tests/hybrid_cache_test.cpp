@@ -309,3 +309,120 @@ TEST_CASE("streaming_window_matching_recurrent: the largest ring within one recu
   CHECK(streaming_window_matching_recurrent(64, RecurrentConfig{64, 8, 4}, 4, 4) == 29);  // SmolLM2, f32
   CHECK(streaming_window_matching_recurrent(64, RecurrentConfig{64, 8, 4}, 4, 2) == 61);  // SmolLM2, f16
 }
+
+namespace {
+
+// The K and V rows (every layer, every attention group) of position pos of a paged cache's slot.
+template <class T>
+std::vector<T> kv_rows_at(HybridCache<T>& c, int slot, int64_t pos) {
+  std::vector<T> out;
+  const int32_t page = c.page_of(slot, pos);
+  REQUIRE(page >= 0);
+  for (int l = 0; l < c.n_layers(); ++l)
+    for (View<T, 4> kv : {c.keys(l), c.values(l)})
+      for (int64_t g = 0; g < kv.shape[1]; ++g) {
+        const T* row = kv.ptr(page, g, pos % c.config().page_size, 0);
+        out.insert(out.end(), row, row + kv.shape[3]);
+      }
+  return out;
+}
+
+// Random K and V at positions [from, to) of a paged slot (what the layers would write).
+template <class T>
+void write_kv(HybridCache<T>& c, int slot, int64_t from, int64_t to) {
+  for (int64_t pos = from; pos < to; ++pos)
+    for (int l = 0; l < c.n_layers(); ++l)
+      for (View<T, 4> kv : {c.keys(l), c.values(l)})
+        for (int64_t g = 0; g < kv.shape[1]; ++g) {
+          auto r = rftest::random_vector<T>(size_t(kv.shape[3]));
+          copy_bytes(kv.ptr(c.page_of(slot, pos), g, pos % c.config().page_size, 0), r.data(), r.size() * sizeof(T));
+        }
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("HybridCache paged: reserve takes pages, copy shares them, a write copies a shared page, reset frees them",
+                        "[hybrid_cache]", rftest::StorageTypes) {
+  using T = TestType;
+  HybridCacheConfig cfg = mixed_config(3, 20);
+  cfg.page_size = 4;
+  HybridCache<T> cache(cfg);
+  REQUIRE(cache.paged());
+  REQUIRE(cache.pages_per_slot() == 5);
+  REQUIRE(cache.free_pages() == 15);  // kv_pages 0: every slot's capacity
+  REQUIRE(cache.keys(1).shape[0] == 15);
+  REQUIRE(cache.keys(1).shape[2] == 4);
+  REQUIRE(cache.allocated_bytes() == cache.bytes().capacity.total);
+
+  // Not reserved: the layers' check refuses, naming reserve().
+  REQUIRE_THROWS_WITH(cache.check_append(rftest::cview({0}), rftest::cview({6})), Catch::Contains("reserve"));
+  cache.reserve(rftest::cview({0}), rftest::cview({6}));
+  REQUIRE(cache.pages_used() == 2);
+  REQUIRE_NOTHROW(cache.check_append(rftest::cview({0}), rftest::cview({6})));
+  write_kv(cache, 0, 0, 6);
+  cache.advance(rftest::cview({0}), rftest::cview({6}));
+
+  // A fork shares slot 0's two pages.
+  cache.copy(0, 2);
+  REQUIRE(cache.length(2) == 6);
+  REQUIRE(cache.pages_used() == 2);
+  for (int64_t pos : {0, 5}) {
+    REQUIRE(cache.page_of(2, pos) == cache.page_of(0, pos));
+    REQUIRE(cache.page_refs(cache.page_of(0, pos)) == 2);
+  }
+  REQUIRE_THROWS_WITH(cache.check_append(rftest::cview({2}), rftest::cview({1})), Catch::Contains("shared page"));
+
+  // Slot 2 appends 3 tokens: its half-full shared page is copied (rows 4, 5), and a new page follows.
+  std::vector<std::vector<T>> before;
+  for (int64_t pos = 0; pos < 6; ++pos) before.push_back(kv_rows_at(cache, 0, pos));
+  const int32_t shared = cache.page_of(0, 4);
+  cache.reserve(rftest::cview({2}), rftest::cview({3}));
+  REQUIRE(cache.pages_used() == 4);
+  REQUIRE(cache.page_of(2, 0) == cache.page_of(0, 0));  // full page: still shared
+  REQUIRE(cache.page_of(2, 4) != shared);
+  REQUIRE(cache.page_refs(shared) == 1);
+  REQUIRE(cache.page_of(2, 8) >= 0);
+  for (int64_t pos = 0; pos < 6; ++pos) REQUIRE(kv_rows_at(cache, 2, pos) == before[size_t(pos)]);
+  write_kv(cache, 2, 6, 9);
+  cache.advance(rftest::cview({2}), rftest::cview({3}));
+  for (int64_t pos = 0; pos < 6; ++pos) REQUIRE(kv_rows_at(cache, 0, pos) == before[size_t(pos)]);  // untouched
+
+  // The step's page table: the rows of its slots, -1 beyond what they hold.
+  const View<const int32_t, 2> pt = cache.page_table(rftest::cview({2, 0}), 2);
+  REQUIRE(pt.shape[1] == 5);
+  REQUIRE(pt(0, 1) == cache.page_of(2, 4));
+  REQUIRE(pt(1, 1) == shared);
+  REQUIRE(pt(0, 3) == -1);
+
+  // reset returns a slot's pages, except those another slot still holds.
+  cache.reset(0);
+  REQUIRE(cache.pages_used() == 3);
+  REQUIRE(cache.page_refs(cache.page_of(2, 0)) == 1);
+  cache.reset(2);
+  REQUIRE(cache.pages_used() == 0);
+  REQUIRE(cache.free_pages() == 15);
+}
+
+TEST_CASE("HybridCache paged: a step the pool cannot hold changes nothing", "[hybrid_cache]") {
+  HybridCacheConfig cfg = mixed_config(3, 20);
+  cfg.page_size = 4;
+  cfg.kv_pages = 3;
+  HybridCache<float> cache(cfg);
+  cache.reserve(rftest::cview({1}), rftest::cview({2}));
+  const std::vector<int32_t> pages_before = {cache.page_of(0, 0), cache.page_of(1, 0), cache.page_of(2, 0)};
+  REQUIRE_THROWS_WITH(cache.reserve(rftest::cview({0, 2}), rftest::cview({5, 1})),
+                      Catch::Contains("needs 3 new pages of 4 tokens; 2 of the pool's 3 are free"));
+  REQUIRE(cache.free_pages() == 2);
+  REQUIRE(std::vector<int32_t>{cache.page_of(0, 0), cache.page_of(1, 0), cache.page_of(2, 0)} == pages_before);
+  REQUIRE_THROWS_WITH(cache.reserve(rftest::cview({0}), rftest::cview({21})), Catch::Contains("capacity"));
+  REQUIRE(cache.free_pages() == 2);
+  cache.reserve(rftest::cview({0, 2}), rftest::cview({4, 1}));  // exactly the two free pages
+  REQUIRE(cache.free_pages() == 0);
+
+  HybridCacheConfig bad = mixed_config(3, 20);
+  bad.page_size = 21;
+  REQUIRE_THROWS_WITH(HybridCache<float>(bad), Catch::Contains("page_size is 21"));
+  bad.page_size = 0;
+  bad.kv_pages = 4;
+  REQUIRE_THROWS_WITH(HybridCache<float>(bad), Catch::Contains("kv_pages is 4"));
+}

@@ -69,8 +69,8 @@ struct Runner {
   ThreadPool pool{2};
   bool threaded = true;  // false: run on the calling thread (fast on a loaded 2-core CI machine)
 
-  Runner(const Model<TW>& model, int slots, int64_t capacity)
-      : m(model), cache(model.cache_config(slots, capacity)) {
+  Runner(const Model<TW>& model, int slots, int64_t capacity, int64_t page_size = 0)
+      : m(model), cache(model.cache_config(slots, capacity, page_size)) {
     for (int s = 0; s < slots; ++s) slot_of.push_back(s);
   }
   HybridHeadAttentionParams<T, TW> params(const std::vector<float>& x, std::vector<float>& out,
@@ -95,6 +95,7 @@ struct Runner {
     std::vector<float> out(pb.x.size(), -7.f);
     auto p = params(pb.x, out, pb.cu, pb.slots);
     CpuExec exec{threaded ? &pool : nullptr};
+    cache.reserve(rftest::cview(pb.slots), rftest::cview(pb.counts));
     REQUIRE(supports(p, exec));
     ws.resize(hybrid_head_attention_workspace_bytes(p, exec));
     hybrid_head_attention(p, exec, ws.data(), ws.size());
@@ -247,6 +248,29 @@ TEMPLATE_LIST_TEST_CASE("HybridHeadAttention snapshot/restore and fork reproduce
   Model<T> m({{K::recurrent, K::attention, K::streaming}}, true);
   Runner<T, T> r(m, 3, 30);
   check_snapshot_and_fork(r);
+}
+
+TEMPLATE_LIST_TEST_CASE("HybridHeadAttention over a paged HybridCache == over contiguous slots, bit for bit",
+                        "[hybrid_head_attention]", rftest::StorageTypes) {
+  using T = TestType;
+  Model<T> m({{K::attention, K::windowed, K::attention}}, true);
+  std::vector<std::vector<float>> xs;
+  for (int64_t L : kLens) xs.push_back(rftest::random_vector<float>(size_t(L * kDModel)));
+  for (const auto& schedule : {one_prefill(), chunked(), prefill_then_decode(), alone()}) {
+    Runner<T, T> contiguous(m, 3, 40), paged(m, 3, 40, 3);  // interleaved steps interleave the pages
+    contiguous.slot_of = paged.slot_of = {2, 0};
+    const auto a = run_schedule(contiguous, xs, schedule), b = run_schedule(paged, xs, schedule);
+    for (size_t s = 0; s < xs.size(); ++s) {
+      REQUIRE(a[s].size() == b[s].size());
+      REQUIRE(std::memcmp(a[s].data(), b[s].data(), a[s].size() * sizeof(float)) == 0);
+    }
+    REQUIRE(paged.cache.pages_used() == (20 + 2) / 3 + (13 + 2) / 3);
+  }
+  // Speculative rollback, and a fork that shares its pages and copies the shared half-full one.
+  Runner<T, T> forked(m, 3, 30, 5);  // the fork at 12 tokens shares a half-full page
+  check_snapshot_and_fork(forked);
+  REQUIRE(forked.cache.page_of(2, 0) == forked.cache.page_of(0, 0));  // the full pages stay shared
+  REQUIRE(forked.cache.page_of(2, 12) != forked.cache.page_of(0, 12));
 }
 
 TEST_CASE("HybridHeadAttention without cu_seqlens and slots: one sequence in slot 0",

@@ -239,6 +239,38 @@ TEST_CASE("decode and packed batches agree with one prefill", "[model]") {
                       std::vector<double>(alone.begin(), alone.end()), 1e-5, 1e-5 * g.max_abs);
 }
 
+TEST_CASE("a paged cache gives the contiguous cache's logits bit for bit; a fork shares the prompt's pages",
+          "[model]") {
+  const CpuExec exec{&pool()};
+  const char* name = "recurformer_mixed";  // every head kind
+  const Golden g = golden(name);
+  const LlamaModel m = LlamaModel::open(model_dir(name));
+  const int64_t T = int64_t(g.ids.size()), V = m.config().vocab_size, P = 10;
+  LlamaSession contiguous(m, 2, T, exec, 4), paged(m, 2, T, exec, 4, 3);
+  std::vector<float> a, b;
+  contiguous.prefill(0, g.ids.data(), P, &a);
+  paged.prefill(0, g.ids.data(), P, &b);
+  REQUIRE(a == b);
+  // Fork the prompt into slot 1 and decode both slots together: the same token into each.
+  contiguous.cache().copy(0, 1);
+  paged.cache().copy(0, 1);
+  REQUIRE(paged.cache().pages_used() == (P + 2) / 3);  // shared, not copied
+  std::vector<float> got(size_t(T * V));
+  std::copy(b.begin(), b.end(), got.begin());
+  const int32_t slots[2] = {0, 1};
+  for (int64_t t = P; t < T; ++t) {
+    const int32_t tok[2] = {g.ids[size_t(t)], g.ids[size_t(t)]};
+    const std::vector<float> want = contiguous.decode(slots, tok, 2);
+    const std::vector<float>& l = paged.decode(slots, tok, 2);
+    REQUIRE(l == want);
+    REQUIRE(std::equal(l.begin(), l.begin() + V, l.begin() + V));
+    std::copy(l.begin(), l.begin() + V, got.begin() + t * V);
+  }
+  check_logits("paged prefill + fork + decode", got, g);
+  const int64_t shared_pages = P / 3, own_pages = (T + 2) / 3 - shared_pages;
+  REQUIRE(paged.cache().pages_used() == shared_pages + 2 * own_pages);
+}
+
 TEST_CASE("a half or bfloat16 cache follows the fp32 one at half the bytes", "[model][cache-type]") {
   // q, k, v are rounded once to the cache type (unit roundoff 2^-11 for half, 2^-8 for bfloat16),
   // then attention, the conv and the scan read them so; the SSM state stays fp32. Tolerances on the

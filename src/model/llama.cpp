@@ -100,7 +100,7 @@ class LlamaImpl final : public LlamaImplBase {
     counts_.resize(size_t(S));
     for (int64_t s = 0; s < S; ++s) counts_[size_t(s)] = b.cu_seqlens(s + 1) - b.cu_seqlens(s);
     const View<const int32_t, 1> counts = make_view<const int32_t>(counts_.data(), {S});
-    cache.check_append(b.slots, counts);  // before anything is written
+    cache.reserve(b.slots, counts);  // checks before anything is written; paged: the step's pages
     RF_CHECK(ws, op, ": workspace is null");
     // One plan for the step (positions, key counts, slots: the same in every layer), made in the
     // workspace; every layer runs from it.
@@ -226,7 +226,12 @@ class LlamaImpl final : public LlamaImplBase {
     static float dummy[1];
     auto shaped = [](int64_t r, int64_t k) { return make_view(dummy, {r, k}); };
     const HybridStepShape shape = hybrid_step_shape(cache, cfg_.n_q, max_dt_rank());
-    const HybridStep step = hybrid_step(cache, b.cu_seqlens, b.slots);
+    HybridStep step = hybrid_step(cache, b.cu_seqlens, b.slots);
+    std::vector<int32_t> any_pages;
+    if (!base && cache.paged()) {  // a size query, maybe before reserve(): sizes depend on shapes only
+      any_pages.assign(size_t(S * cache.pages_per_slot()), 0);
+      step.page_table = make_view(const_cast<const int32_t*>(any_pages.data()), {S, cache.pages_per_slot()});
+    }
     const size_t meta_bytes = hybrid_step_metadata_bytes(shape, step, T);
     unsigned char* meta = c.take<unsigned char>(int64_t(meta_bytes));
     std::vector<unsigned char> own_meta;
@@ -284,7 +289,7 @@ const ModelConfig& LlamaModel::config() const { return ckpt_->config(); }
 DType LlamaModel::weight_dtype() const { return impl_->weight_dtype(); }
 int64_t LlamaModel::matrix_bytes() const { return impl_->matrix_bytes(); }
 
-HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity) const {
+HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity, int64_t page_size) const {
   const ModelConfig& c = config();
   HybridCacheConfig cc;
   cc.n_layers = c.n_layers;
@@ -297,6 +302,7 @@ HybridCacheConfig LlamaModel::cache_config(int slots, int64_t capacity) const {
   }
   cc.slots = slots;
   cc.capacity = capacity;
+  cc.page_size = page_size;
   return cc;
 }
 

@@ -88,7 +88,7 @@ struct Model {
     w.n_recurrent = int(rec_views.size());
     return w;
   }
-  HybridCacheConfig cache_config(int slots, int64_t capacity) const {
+  HybridCacheConfig cache_config(int slots, int64_t capacity, int64_t page_size = 0) const {
     HybridCacheConfig c;
     c.n_layers = 1;
     c.n_kv = n_kv;
@@ -101,6 +101,7 @@ struct Model {
     c.streaming.window = kWindow;
     c.slots = slots;
     c.capacity = capacity;
+    c.page_size = page_size;
     return c;
   }
 };

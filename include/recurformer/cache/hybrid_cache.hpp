@@ -27,13 +27,24 @@
 // layer core (layers/hybrid_attention_core.hpp) reads and writes; an engine with its own memory
 // builds the same views over its own buffers, with the attention groups' K/V paged if it likes.
 //
-// Appending is two-phase, because every layer of a forward pass writes at the same positions:
-// the layer calls check_append (throws before anything changes if any slot would overflow), writes
+// Paged K/V (config.page_size > 0, vLLM's block tables): the attention groups' K/V of every layer is
+// a pool of kv_pages pages [kv_pages, n_attn(l), page_size, hd], and each slot holds a row of page
+// indices (page i of a slot covers its positions [i page_size, (i+1) page_size); the same index in
+// every layer). Pages are taken from a free list when a step is reserved and returned by reset();
+// copy() makes the destination share the source's pages instead of copying them, and the first
+// append into a shared page copies it first (copy-on-write), so forks of a long prompt cost one
+// page each. The states and rings stay per slot. The bookkeeping is on the host and sized at
+// construction: reserving, sharing and freeing allocate nothing.
+//
+// Appending is three-phase, because every layer of a forward pass writes at the same positions:
+// the caller reserves the step (reserve(): checks every slot's capacity and, paged, takes the pages
+// the new tokens need; throws before anything changes), each layer checks (check_append) and writes
 // its K/V/states at positions [length, length + n), and after the last layer the caller commits the
-// new lengths with advance().
+// new lengths with advance(). With contiguous K/V, reserve() only checks.
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -58,6 +69,11 @@ struct HybridCacheConfig {
   StreamingConfig streaming;    ///< sink and window
   int slots = 1;                ///< sequences held at once
   int64_t capacity = 0;         ///< tokens per slot
+  int64_t page_size = 0;        ///< paged K/V: tokens per page (0: one contiguous region per slot)
+  int64_t kv_pages = 0;         ///< paged K/V: pages in the pool (0: slots x pages_per_slot(), never short)
+
+  /// Pages one slot's capacity spans (paged), or 0.
+  int64_t pages_per_slot() const { return page_size > 0 ? (capacity + page_size - 1) / page_size : 0; }
 
   /// Throws Error naming the field unless the config is consistent.
   void check() const {
@@ -67,6 +83,10 @@ struct HybridCacheConfig {
     RF_CHECK(slots >= 1, "HybridCache: slots is ", slots, ", expected >= 1");
     RF_CHECK(capacity >= 1 && capacity <= INT32_MAX, "HybridCache: capacity is ", capacity,
              ", expected 1..2^31-1 tokens");
+    RF_CHECK(page_size >= 0 && page_size <= capacity, "HybridCache: page_size is ", page_size,
+             ", expected 0 (contiguous) or 1..capacity (", capacity, ")");
+    RF_CHECK(kv_pages >= 0 && (page_size > 0 || kv_pages == 0) && kv_pages <= INT32_MAX, "HybridCache: kv_pages is ",
+             kv_pages, ", expected 0, or with page_size > 0 at most 2^31-1 pages");
     layout.check(n_layers, n_kv);
     if (layout.count_state_groups() > 0) {
       RF_CHECK(recurrent.d_state >= 1, "HybridCache: recurrent.d_state is ", recurrent.d_state,
@@ -99,7 +119,9 @@ inline bool operator==(const CacheBytes& a, const CacheBytes& b) {
 /// The byte report: for the tokens the slots hold now, and for what was allocated.
 struct CacheReport {
   CacheBytes held;      ///< sum over non-empty slots of the spec formula at that slot's length
-  CacheBytes capacity;  ///< slots x the spec formula at `capacity` tokens (= the bytes allocated)
+                        ///< (paged: as if no page were shared; pages_used() counts what is)
+  CacheBytes capacity;  ///< the bytes allocated: slots x the spec formula at `capacity` tokens, the
+                        ///< attention part being the page pool when paged
 };
 
 /// Spec section 6, for one sequence of `context` tokens with elements of `elem_bytes` bytes:
@@ -162,7 +184,7 @@ template <class T>
 struct HybridLayerView {
   View<const HeadKind, 1> kinds;  // [n_kv] the kind of each KV group
   View<T, 4> k, v;                // attention groups: [slots, n_attn, capacity, hd], or a page pool
-                                  // [pages, n_attn, page_size, hd] when the step has a page table
+                                  // [pages, n_attn, page_size, hd] (the step then has a page table)
   View<float, 4> ssm_states;      // [slots, n_state, hd, N]   recurrent and windowed groups, KV-group order
   View<T, 4> conv_states;         // [slots, n_state, Kc-1, hd]
   View<T, 4> ring_k, ring_v;      // [slots, n_ring, ring, hd] streaming and windowed groups
@@ -189,6 +211,7 @@ class HybridCache {
 
   explicit HybridCache(HybridCacheConfig cfg, Memory memory = {}) : cfg_(std::move(cfg)), mem_(memory) {
     cfg_.check();
+    if (cfg_.page_size > 0 && cfg_.kv_pages == 0) cfg_.kv_pages = int64_t(cfg_.slots) * cfg_.pages_per_slot();
     const int64_t S = cfg_.slots, hd = cfg_.head_dim;
     ring_ = std::min<int64_t>(cfg_.capacity, int64_t(cfg_.streaming.sink) + cfg_.streaming.window);
     layers_.resize(size_t(cfg_.n_layers));
@@ -198,8 +221,8 @@ class HybridCache {
       L.n_attn = ll.count(HeadKind::attention);
       L.n_rec = ll.count_state_groups();
       L.n_stream = ll.count_ring_groups();
-      L.k = Memory::template zeros<T>(S * L.n_attn * cfg_.capacity * hd);
-      L.v = Memory::template zeros<T>(S * L.n_attn * cfg_.capacity * hd);
+      L.k = Memory::template zeros<T>(kv_rows() * L.n_attn * kv_keys() * hd);
+      L.v = Memory::template zeros<T>(kv_rows() * L.n_attn * kv_keys() * hd);
       L.ssm = Memory::template zeros<float>(S * L.n_rec * hd * d_state());
       L.conv = Memory::template zeros<T>(S * L.n_rec * (conv_kernel() - 1) * hd);
       L.ring_k = Memory::template zeros<T>(S * L.n_stream * ring_ * hd);
@@ -207,6 +230,13 @@ class HybridCache {
     }
     lengths_.assign(size_t(S), 0);
     epochs_.assign(size_t(S), 0);
+    if (paged()) {
+      table_.assign(size_t(S * pages_per_slot()), -1);
+      step_table_.assign(table_.size(), -1);
+      refs_.assign(size_t(cfg_.kv_pages), 0);
+      free_.reserve(size_t(cfg_.kv_pages));
+      for (int64_t i = cfg_.kv_pages - 1; i >= 0; --i) free_.push_back(int32_t(i));  // page 0 handed out first
+    }
   }
   HybridCache(const HybridCache&) = delete;
   HybridCache& operator=(const HybridCache&) = delete;
@@ -225,6 +255,30 @@ class HybridCache {
   int window() const { return cfg_.streaming.window; }
   /// Entries of a streaming ring: min(capacity, sink + window).
   int64_t ring_size() const { return ring_; }
+  /// Whether the attention groups' K/V is a page pool (config.page_size > 0).
+  bool paged() const { return cfg_.page_size > 0; }
+  /// K/V rows per slot (contiguous: capacity) or per page (paged: page_size): the step shape's kv_keys.
+  int64_t kv_keys() const { return paged() ? cfg_.page_size : cfg_.capacity; }
+  /// The first dimension of keys() and values(): slots, or the pool's pages.
+  int64_t kv_rows() const { return paged() ? cfg_.kv_pages : int64_t(cfg_.slots); }
+  /// Paged: page indices per slot (ceil(capacity / page_size)); 0 when contiguous.
+  int64_t pages_per_slot() const { return cfg_.pages_per_slot(); }
+  /// Paged: pages no slot holds, and pages some slot holds (a shared page counts once).
+  int64_t free_pages() const { return int64_t(free_.size()); }
+  int64_t pages_used() const { return cfg_.kv_pages - free_pages(); }
+  /// Paged: how many slots hold `page` (0: it is free).
+  int page_refs(int32_t page) const {
+    RF_CHECK(page >= 0 && page < cfg_.kv_pages, "HybridCache: page ", page, " out of range [0, ", cfg_.kv_pages, ")");
+    return refs_[size_t(page)];
+  }
+  /// Paged: the page that holds position `pos` of `slot`, or -1 when the slot has none there.
+  int32_t page_of(int slot, int64_t pos) const {
+    checked_slot("page_of", slot);
+    RF_CHECK(paged(), "HybridCache::page_of: the cache is not paged (config.page_size is 0)");
+    RF_CHECK(pos >= 0 && pos < cfg_.capacity, "HybridCache::page_of: position ", pos, " out of range [0, ",
+             cfg_.capacity, ")");
+    return table_[size_t(slot * pages_per_slot() + pos / cfg_.page_size)];
+  }
   const LayerLayout& layer_layout(int layer) const { return cfg_.layout.layers[size_t(layer)]; }
 
   /// Tokens held by a slot.
@@ -233,9 +287,24 @@ class HybridCache {
   View<const int32_t, 1> lengths() const { return make_view(lengths_.data(), {int64_t(cfg_.slots)}); }
 
   // --- views for the kernels (layer must be in range; the views alias the cache's memory) -------
-  /// [slots, n_attn, capacity, hd] keys / values of the layer's attention groups, in group order.
-  View<T, 4> keys(int layer) { return kv_view(lay(layer).k, lay(layer).n_attn, cfg_.capacity); }
-  View<T, 4> values(int layer) { return kv_view(lay(layer).v, lay(layer).n_attn, cfg_.capacity); }
+  /// [slots, n_attn, capacity, hd] keys / values of the layer's attention groups, in group order;
+  /// paged: the pool [kv_pages, n_attn, page_size, hd].
+  View<T, 4> keys(int layer) { return kv_view(lay(layer).k, kv_rows(), lay(layer).n_attn, kv_keys()); }
+  View<T, 4> values(int layer) { return kv_view(lay(layer).v, kv_rows(), lay(layer).n_attn, kv_keys()); }
+  /// Paged: [S, pages_per_slot] the page rows of slots[s] (absent slots: slot s), a step's
+  /// page_table (HybridStep). Gathered into the cache's own buffer, which the next call overwrites;
+  /// a slot's pages beyond what it holds are -1.
+  View<const int32_t, 2> page_table(View<const int32_t, 1> slots, int64_t S) const {
+    RF_CHECK(paged(), "HybridCache::page_table: the cache is not paged (config.page_size is 0)");
+    RF_CHECK(S >= 1 && S <= cfg_.slots && (!slots.present() || slots.shape[0] == S), "HybridCache::page_table: ",
+             S, " sequences, expected 1..", cfg_.slots, slots.present() ? ", one slot each" : "");
+    const int64_t P = pages_per_slot();
+    for (int64_t s = 0; s < S; ++s) {
+      const int slot = checked_slot("page_table", slots.present() ? slots(s) : int32_t(s));
+      std::copy_n(table_.begin() + slot * P, P, step_table_.begin() + s * P);
+    }
+    return make_view(const_cast<const int32_t*>(step_table_.data()), {S, P});
+  }
   /// [slots, n_rec, hd, N] fp32 SSM states of the layer's recurrent and windowed groups.
   View<float, 4> ssm_states(int layer) {
     Layer& L = lay(layer);
@@ -263,8 +332,8 @@ class HybridCache {
     return group_slice(all, i);
   }
   /// [slots, n_stream, ring, hd] ring buffers of the layer's streaming and windowed groups.
-  View<T, 4> stream_keys(int layer) { return kv_view(lay(layer).ring_k, lay(layer).n_stream, ring_); }
-  View<T, 4> stream_values(int layer) { return kv_view(lay(layer).ring_v, lay(layer).n_stream, ring_); }
+  View<T, 4> stream_keys(int layer) { return kv_view(lay(layer).ring_k, cfg_.slots, lay(layer).n_stream, ring_); }
+  View<T, 4> stream_values(int layer) { return kv_view(lay(layer).ring_v, cfg_.slots, lay(layer).n_stream, ring_); }
 
   /// Ring entry of the token at position p.
   int64_t ring_entry(int64_t p) const { return stream_ring_entry(p, cfg_.streaming.sink, ring_); }
@@ -287,28 +356,53 @@ class HybridCache {
   }
 
   // --- appending --------------------------------------------------------------------------------
-  /// Throws (changing nothing) unless slots[s] are distinct valid slots and each can take
-  /// counts[s] more tokens. counts[s] >= 0.
+  /// Prepares a step before its layers run. Checks what check_append checks, except that the pages
+  /// need not be held yet; paged, then makes every page the new tokens go to one the slot holds
+  /// alone: a missing page is taken from the free list, a shared one is replaced by a copy of its
+  /// rows below the slot's length (every layer). Throws, changing nothing, when a check fails or the
+  /// pool has too few free pages (a page shared by several slots of the step counts once per slot).
+  /// Pages taken for a step whose layers then fail stay with their slots: the next append uses
+  /// them, reset() frees them.
+  void reserve(View<const int32_t, 1> slots, View<const int32_t, 1> counts) {
+    check_counts(slots, counts);
+    check_counts(slots.shape[0], [&](int64_t s) { return std::pair<int32_t, int64_t>{slots(s), counts(s)}; });
+    if (!paged()) return;
+    int64_t need = 0;
+    for_new_pages(slots, counts, [&](int, int64_t, int32_t) { ++need; });
+    RF_CHECK(need <= free_pages(), "HybridCache::reserve: the step needs ", need, " new pages of ", cfg_.page_size,
+             " tokens; ", free_pages(), " of the pool's ", cfg_.kv_pages, " are free");
+    for_new_pages(slots, counts, [&](int slot, int64_t i, int32_t old) {
+      const int32_t page = free_.back();
+      free_.pop_back();
+      refs_[size_t(page)] = 1;
+      if (old >= 0) {  // copy-on-write: the other holders keep the old page
+        const int64_t rows = std::min<int64_t>(lengths_[size_t(slot)] - i * cfg_.page_size, cfg_.page_size);
+        if (rows > 0) copy_page_rows(old, page, rows);
+        --refs_[size_t(old)];
+      }
+      table_[size_t(slot * pages_per_slot() + i)] = page;
+    });
+  }
+  /// Throws (changing nothing) unless slots[s] are distinct valid slots, each can take counts[s]
+  /// more tokens and, paged, holds the pages for them alone (reserve() gives it them). counts[s] >= 0.
   void check_append(View<const int32_t, 1> slots, View<const int32_t, 1> counts) const {
-    RF_CHECK(slots.present() && counts.present() && slots.shape[0] == counts.shape[0],
-             "HybridCache::append: slots and counts must both be given with the same length (got ",
-             slots.shape[0], " and ", counts.shape[0], ")");
+    check_counts(slots, counts);
     check_append(slots.shape[0], [&](int64_t s) { return std::pair<int32_t, int64_t>{slots(s), counts(s)}; });
   }
   /// The same for n sequences whose (slot, count) slot_count(s) gives (no arrays to build).
   template <class F>
   void check_append(int64_t n, F&& slot_count) const {
+    check_counts(n, slot_count);
+    if (!paged()) return;
     for (int64_t s = 0; s < n; ++s) {
       const auto [slot, cnt] = slot_count(s);
-      RF_CHECK(slot >= 0 && slot < cfg_.slots, "HybridCache::append: sequence ", s, " has slot ", slot,
-               ", expected 0..", cfg_.slots - 1);
-      RF_CHECK(cnt >= 0, "HybridCache::append: sequence ", s, " appends ", cnt, " tokens, expected >= 0");
-      for (int64_t o = 0; o < s; ++o)
-        RF_CHECK(slot_count(o).first != slot, "HybridCache::append: slot ", slot, " appears twice (sequences ", o,
-                 " and ", s, ")");
-      RF_CHECK(int64_t(lengths_[size_t(slot)]) + cnt <= cfg_.capacity, "HybridCache::append: slot ", slot,
-               " holds ", lengths_[size_t(slot)], " tokens and cannot take ", cnt, " more (capacity ",
-               cfg_.capacity, ")");
+      const int64_t len = lengths_[size_t(slot)];
+      for (int64_t i = len / cfg_.page_size; i * cfg_.page_size < len + cnt; ++i) {
+        const int32_t page = table_[size_t(slot * pages_per_slot() + i)];
+        RF_CHECK(page >= 0 && refs_[size_t(page)] == 1, "HybridCache::append: slot ", slot, " has ",
+                 page < 0 ? "no page" : "only a shared page", " for positions [", i * cfg_.page_size, ", ",
+                 (i + 1) * cfg_.page_size, "): reserve(slots, counts) the step before its layers run");
+      }
     }
   }
   /// Commits an append after every layer has written its tokens: length[slots[s]] += counts[s].
@@ -321,6 +415,7 @@ class HybridCache {
   /// Empties a slot: length 0 and zero states (a new sequence starts from h = 0).
   void reset(int slot) {
     checked_slot("reset", slot);
+    release_pages(slot);
     lengths_[size_t(slot)] = 0;
     ++epochs_[size_t(slot)];
     for (int l = 0; l < cfg_.n_layers; ++l) {
@@ -328,15 +423,24 @@ class HybridCache {
     }
   }
   /// Forks: dst becomes an exact copy of src (its K/V up to src's length, states, rings, length).
+  /// Paged, dst shares src's pages up to that length instead (copied on dst's or src's next write).
   void copy(int src, int dst) {
     checked_slot("copy (src)", src);
     checked_slot("copy (dst)", dst);
     if (src == dst) return;
     const int64_t len = lengths_[size_t(src)], hd = cfg_.head_dim;
+    if (paged()) {
+      release_pages(dst);
+      for (int64_t i = 0; i * cfg_.page_size < len; ++i) {
+        const int32_t page = table_[size_t(src * pages_per_slot() + i)];
+        table_[size_t(dst * pages_per_slot() + i)] = page;
+        ++refs_[size_t(page)];
+      }
+    }
     for (int l = 0; l < cfg_.n_layers; ++l) {
       Layer& L = layers_[size_t(l)];
       for (Buffer<T>* kv : {&L.k, &L.v}) {
-        for (int g = 0; g < L.n_attn; ++g) {
+        for (int g = 0; g < L.n_attn && !paged(); ++g) {
           const int64_t base_s = (int64_t(src) * L.n_attn + g) * cfg_.capacity * hd;
           const int64_t base_d = (int64_t(dst) * L.n_attn + g) * cfg_.capacity * hd;
           mem_.copy(kv->data() + base_d, kv->data() + base_s, len * hd);
@@ -409,6 +513,12 @@ class HybridCache {
       if (lengths_[size_t(s)] > 0) r.held += spec_bytes(cfg_, lengths_[size_t(s)]);
     CacheBytes one = spec_bytes(cfg_, cfg_.capacity);
     for (int s = 0; s < cfg_.slots; ++s) r.capacity += one;
+    if (paged()) {  // the pool instead of every slot's capacity
+      r.capacity.total -= r.capacity.attention;
+      r.capacity.attention = 0;
+      for (const Layer& L : layers_) r.capacity.attention += int64_t(L.k.size() + L.v.size()) * int64_t(sizeof(T));
+      r.capacity.total += r.capacity.attention;
+    }
     return r;
   }
   /// Spec section 6 formula for one sequence of `context` tokens in this storage type.
@@ -434,6 +544,27 @@ class HybridCache {
     Buffer<T> ring_k, ring_v;  // [slots, n_stream, ring, hd]
   };
 
+  void check_counts(View<const int32_t, 1> slots, View<const int32_t, 1> counts) const {
+    RF_CHECK(slots.present() && counts.present() && slots.shape[0] == counts.shape[0],
+             "HybridCache::append: slots and counts must both be given with the same length (got ",
+             slots.shape[0], " and ", counts.shape[0], ")");
+  }
+  // Distinct valid slots, counts >= 0, each within its capacity.
+  template <class F>
+  void check_counts(int64_t n, F&& slot_count) const {
+    for (int64_t s = 0; s < n; ++s) {
+      const auto [slot, cnt] = slot_count(s);
+      RF_CHECK(slot >= 0 && slot < cfg_.slots, "HybridCache::append: sequence ", s, " has slot ", slot,
+               ", expected 0..", cfg_.slots - 1);
+      RF_CHECK(cnt >= 0, "HybridCache::append: sequence ", s, " appends ", cnt, " tokens, expected >= 0");
+      for (int64_t o = 0; o < s; ++o)
+        RF_CHECK(slot_count(o).first != slot, "HybridCache::append: slot ", slot, " appears twice (sequences ", o,
+                 " and ", s, ")");
+      RF_CHECK(int64_t(lengths_[size_t(slot)]) + cnt <= cfg_.capacity, "HybridCache::append: slot ", slot,
+               " holds ", lengths_[size_t(slot)], " tokens and cannot take ", cnt, " more (capacity ",
+               cfg_.capacity, ")");
+    }
+  }
   int checked_slot(const char* op, int slot) const {
     RF_CHECK(slot >= 0 && slot < cfg_.slots, "HybridCache::", op, ": slot ", slot, " out of range [0, ",
              cfg_.slots, ")");
@@ -444,8 +575,39 @@ class HybridCache {
              cfg_.n_layers, ")");
     return layers_[size_t(layer)];
   }
-  View<T, 4> kv_view(Buffer<T>& buf, int groups, int64_t tokens) {
-    return make_view(buf.data(), {int64_t(cfg_.slots), int64_t(groups), tokens, int64_t(cfg_.head_dim)});
+  View<T, 4> kv_view(Buffer<T>& buf, int64_t rows, int groups, int64_t tokens) {
+    return make_view(buf.data(), {rows, int64_t(groups), tokens, int64_t(cfg_.head_dim)});
+  }
+  // Paged: fn(slot, i, old) for each page index i of a step's slot that its new tokens write and
+  // that is not the slot's own yet: old = -1 (no page) or the shared page (to be copied on write).
+  template <class F>
+  void for_new_pages(View<const int32_t, 1> slots, View<const int32_t, 1> counts, F&& fn) const {
+    for (int64_t s = 0; s < slots.shape[0]; ++s) {
+      const int slot = slots(s);
+      const int64_t len = lengths_[size_t(slot)];
+      for (int64_t i = len / cfg_.page_size; i * cfg_.page_size < len + counts(s); ++i) {
+        const int32_t page = table_[size_t(slot * pages_per_slot() + i)];
+        if (page < 0 || refs_[size_t(page)] > 1) fn(slot, i, page);
+      }
+    }
+  }
+  // Rows [0, rows) of page src into page dst, in every layer's K and V (all attention groups).
+  void copy_page_rows(int32_t src, int32_t dst, int64_t rows) {
+    const int64_t hd = cfg_.head_dim, P = cfg_.page_size;
+    for (Layer& L : layers_)
+      for (Buffer<T>* kv : {&L.k, &L.v})
+        for (int g = 0; g < L.n_attn; ++g)
+          mem_.copy(kv->data() + ((int64_t(dst) * L.n_attn + g) * P) * hd,
+                    kv->data() + ((int64_t(src) * L.n_attn + g) * P) * hd, rows * hd);
+  }
+  // Paged: the slot lets go of its pages; a page no slot holds goes back to the free list.
+  void release_pages(int slot) {
+    if (!paged()) return;
+    for (int64_t i = 0; i < pages_per_slot(); ++i) {
+      int32_t& page = table_[size_t(slot * pages_per_slot() + i)];
+      if (page >= 0 && --refs_[size_t(page)] == 0) free_.push_back(page);  // capacity kv_pages: no allocation
+      page = -1;
+    }
   }
   // fn(pointer, count, is_ssm) for each contiguous block of a slot's state in one layer, in a fixed
   // order: ssm (float, std::true_type), conv, ring K, ring V (T, std::false_type).
@@ -474,6 +636,12 @@ class HybridCache {
   std::vector<Layer> layers_;
   std::vector<int32_t> lengths_;
   std::vector<uint64_t> epochs_;
+  // Paged K/V, all on the host: [slots, pages_per_slot] page of each slot's page index (-1: none),
+  // the step table page_table() gathers into, holders of each page, the free pages (a stack).
+  std::vector<int32_t> table_;
+  mutable std::vector<int32_t> step_table_;
+  std::vector<int32_t> refs_;
+  std::vector<int32_t> free_;
 };
 
 }  // namespace recurformer

@@ -146,18 +146,23 @@ HybridStepShape hybrid_step_shape(const HybridCache<T, M>& cache, int64_t n_q, i
     sh.max_ring_groups = std::max<int64_t>(sh.max_ring_groups, ll.count_ring_groups());
   }
   sh.max_dt_rank = max_dt_rank;
-  sh.kv_keys = cache.capacity();
+  sh.kv_keys = cache.kv_keys();
+  sh.kv_pages = cache.paged() ? cache.kv_rows() : 0;
   sh.ring = sh.max_ring_groups ? cache.ring_size() : 0;
   sh.sink = cache.sink();
   sh.window = cache.window();
   return sh;
 }
 
-/// A step over a HybridCache's slots (contiguous K/V): positions continue from the cache's lengths.
+/// A step over a HybridCache's slots: positions continue from the cache's lengths; a paged cache
+/// adds its page table for the step's slots (HybridCache::page_table, valid until the next one, so
+/// reserve() the step first).
 template <class T, class M>
 HybridStep hybrid_step(const HybridCache<T, M>& cache, View<const int32_t, 1> cu_seqlens,
                        View<const int32_t, 1> slots) {
-  return HybridStep{cu_seqlens, slots, cache.lengths(), {}};
+  HybridStep st{cu_seqlens, slots, cache.lengths(), {}};
+  if (cache.paged()) st.page_table = cache.page_table(slots, cu_seqlens.present() ? cu_seqlens.shape[0] - 1 : 1);
+  return st;
 }
 
 /// Throws Error naming the argument unless the shapes, weights and layout are consistent (the

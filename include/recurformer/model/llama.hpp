@@ -90,12 +90,13 @@ class LlamaModel {
   /// The head layout served (all attention for a plain Llama).
   HeadLayout head_layout() const { return config().head_layout(); }
 
-  /// A cache config for `slots` sequences of up to `capacity` tokens each.
-  HybridCacheConfig cache_config(int slots, int64_t capacity) const;
+  /// A cache config for `slots` sequences of up to `capacity` tokens each; page_size > 0 pages the
+  /// attention groups' K/V (a pool for every slot's capacity: set kv_pages for a smaller one).
+  HybridCacheConfig cache_config(int slots, int64_t capacity, int64_t page_size = 0) const;
   /// A cache with K, V and conv states stored in T (float, half or bfloat16).
   template <class T = float>
-  HybridCache<T> make_cache(int slots, int64_t capacity) const {
-    return HybridCache<T>(cache_config(slots, capacity));
+  HybridCache<T> make_cache(int slots, int64_t capacity, int64_t page_size = 0) const {
+    return HybridCache<T>(cache_config(slots, capacity, page_size));
   }
 
   /// Workspace forward() needs for this batch at the cache's current lengths.
@@ -105,9 +106,10 @@ class LlamaModel {
     return forward_workspace_bytes(batch, LlamaCacheRef(const_cast<HybridCache<T>*>(&cache)), rows, exec);
   }
 
-  /// Runs the batch, appends it to the cache (all layers, then the slots' lengths advance) and
-  /// writes logits [S or T, vocab]. Throws before changing anything when a slot would overflow, a
-  /// token id is out of range or the batch is malformed.
+  /// Runs the batch, appends it to the cache (it reserves the step, all layers write, then the
+  /// slots' lengths advance) and writes logits [S or T, vocab]. Throws before changing anything when
+  /// a slot would overflow, the page pool is short, a token id is out of range or the batch is
+  /// malformed (pages a failing call reserved stay with their slots: HybridCache::reserve).
   template <class T>
   void forward(const LlamaBatch& batch, HybridCache<T>& cache, View<float, 2> logits, LogitsRows rows,
                CpuExec exec, void* workspace, size_t workspace_bytes, const LayerInputHook& hook = {}) const {
@@ -127,9 +129,11 @@ class LlamaModel {
 template <class T>
 class BasicLlamaSession {
  public:
-  /// `chunk`: the most tokens one forward pass takes (longer prompts are prefilled in chunks).
-  BasicLlamaSession(const LlamaModel& model, int slots, int64_t capacity, CpuExec exec, int64_t chunk = 256)
-      : model_(&model), cache_(model.make_cache<T>(slots, capacity)), exec_(exec), chunk_(chunk) {
+  /// `chunk`: the most tokens one forward pass takes (longer prompts are prefilled in chunks);
+  /// page_size > 0: paged K/V (HybridCacheConfig::page_size), so cache().copy() shares pages.
+  BasicLlamaSession(const LlamaModel& model, int slots, int64_t capacity, CpuExec exec, int64_t chunk = 256,
+                    int64_t page_size = 0)
+      : model_(&model), cache_(model.make_cache<T>(slots, capacity, page_size)), exec_(exec), chunk_(chunk) {
     RF_CHECK(chunk >= 1, "LlamaSession: chunk must be >= 1");
   }
   const LlamaModel& model() const { return *model_; }

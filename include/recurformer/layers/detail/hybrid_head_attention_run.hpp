@@ -779,11 +779,7 @@ HybridAttentionCoreParams<T, TW> core_params(const HybridHeadAttentionParams<T, 
   cp.recurrent = p.weights.recurrent;
   cp.n_recurrent = p.weights.n_recurrent;
   cp.cache = c.layer_view(p.layer);
-  if (with_step) {
-    cp.step.cu_seqlens = p.cu_seqlens;
-    cp.step.slots = p.slots;
-    cp.step.lengths = c.lengths();
-  }
+  if (with_step) cp.step = hybrid_step(c, p.cu_seqlens, p.slots);
   cp.n_q = p.n_q;
   cp.head_dim = int(hd);
   cp.inv_freq = p.inv_freq;
