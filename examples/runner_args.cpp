@@ -48,6 +48,8 @@ const char* kCacheHelp =
     "  --cache-type T       storage of the cache's keys, values and conv states: f32, f16 or bf16\n"
     "                       (default f32; the recurrent groups' SSM state is fp32 whatever T)\n"
     "  --memory-limit MiB   refuse a cache larger than this (default: the memory available now)\n"
+    "  --page-size N        keep the attention groups' keys and values in pages of N tokens (paged,\n"
+    "                       as vLLM; default: one block of the context size per sequence)\n"
     "  --dense-weights      multiply by the fp32 decoding of a quantised GGUF's MLP and lm_head\n"
     "                       instead of their 4-8 bit blocks (slower; the same weights, for comparisons)\n"
     "  --fp32-activations   multiply the blocks by fp32 x in decode steps, not by x quantised to 8 bits\n"
@@ -267,6 +269,7 @@ Args parse_args(int argc, char** argv) {
       RF_CHECK(a.cache_type == "f32" || a.cache_type == "f16" || a.cache_type == "bf16", "--cache-type: \"",
                a.cache_type, "\" is not one of f32, f16, bf16");
     } else if (f == "--memory-limit") a.memory_limit_mib = to_int(f, val(), 1, int64_t(1) << 40);
+    else if (f == "--page-size") a.page_size = to_int(f, val(), 1, int64_t(1) << 20);
     else if (f == "--offline") a.offline = true;
     else if (f == "--dense-weights") a.dense_weights = true;
     else if (f == "--fp32-activations") a.fp32_activations = true;

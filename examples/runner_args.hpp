@@ -29,6 +29,7 @@ struct Args {
   std::string dtype;                // convert: weight dtype of the written tensors ("" = as read)
   std::string cache_type = "f32";   // storage of K, V and conv states (llama.cpp's -ctk/-ctv)
   int64_t memory_limit_mib = 0;     // the most a cache may take; 0 = the machine's available memory
+  int64_t page_size = 0;            // paged K/V: tokens per page; 0 = one contiguous block per sequence
   bool offline = false;             // main job: do not download SmolLM2
   bool dense_weights = false;       // multiply by a quantised GGUF's fp32 decoding, not its blocks
   bool fp32_activations = false;    // blocks meet fp32 x, not x quantised to 8 bits

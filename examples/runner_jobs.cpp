@@ -116,7 +116,7 @@ DType dtype_from_flag(const std::string& f) {
   return f == "f16" ? DType::f16 : f == "bf16" ? DType::bf16 : DType::f32;
 }
 }  // namespace
-CacheOptions cache_options(const Args& a) { return {dtype_from_flag(a.cache_type), a.memory_limit_mib}; }
+CacheOptions cache_options(const Args& a) { return {dtype_from_flag(a.cache_type), a.memory_limit_mib, a.page_size}; }
 
 /// Fills the first `depth` tokens of a slot with synthetic keys, values and states (no forward
 /// pass), so decode speed at depth can be measured at once.
@@ -124,20 +124,24 @@ template <class T>
 void fill_synthetic(HybridCache<T>& cache, int slot, int64_t depth, uint64_t seed) {
   recurformer::detail::RandomStream rs(seed);
   const int64_t hd = cache.head_dim();
-  auto fill_kv = [&](View<T, 4> kv, int64_t n) {
+  const int32_t sl[1] = {slot}, cnt[1] = {int32_t(depth)};
+  cache.reserve(make_view(sl, {1}), make_view(cnt, {1}));  // paged: the slot's pages
+  // Token t of the slot: (row, t') of kv, a page and its row when paged.
+  auto fill_kv = [&](View<T, 4> kv, int64_t n, bool paged) {
     for (int64_t g = 0; g < kv.shape[1]; ++g)
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t i = 0; i < hd; ++i) kv(slot, g, t, i) = from_float<T>(rs.uniform_std(0.5f));
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t row = paged ? cache.page_of(slot, t) : slot, at = paged ? t % kv.shape[2] : t;
+        for (int64_t i = 0; i < hd; ++i) kv(row, g, at, i) = from_float<T>(rs.uniform_std(0.5f));
+      }
   };
   for (int l = 0; l < cache.n_layers(); ++l) {
-    for (View<T, 4> kv : {cache.keys(l), cache.values(l)}) fill_kv(kv, depth);
+    for (View<T, 4> kv : {cache.keys(l), cache.values(l)}) fill_kv(kv, depth, cache.paged());
     View<float, 4> st = cache.ssm_states(l);
     for (int64_t g = 0; g < st.shape[1]; ++g)
       for (int64_t c = 0; c < st.shape[2]; ++c)
         for (int64_t n = 0; n < st.shape[3]; ++n) st(slot, g, c, n) = rs.uniform_std(0.1f);
-    for (View<T, 4> kv : {cache.stream_keys(l), cache.stream_values(l)}) fill_kv(kv, kv.shape[2]);
+    for (View<T, 4> kv : {cache.stream_keys(l), cache.stream_values(l)}) fill_kv(kv, kv.shape[2], false);
   }
-  const int32_t sl[1] = {slot}, cnt[1] = {int32_t(depth)};
   cache.advance(make_view(sl, {1}), make_view(cnt, {1}));
 }
 template void fill_synthetic<float>(HybridCache<float>& cache, int slot, int64_t depth, uint64_t seed);
@@ -175,7 +179,7 @@ void check_cache_fits(const LlamaModel& model, DType cache_type, int64_t capacit
 /// memory before allocating it.
 Session::Session(const LlamaModel& model, CacheOptions cache, int64_t capacity, CpuExec exec, int64_t chunk)
     : s_((check_cache_fits(model, cache.type, capacity, cache.memory_limit_mib),
-          make(model, cache.type, capacity, exec, chunk))),
+          make(model, cache, capacity, exec, chunk))),
       type_(cache.type) {}
 const std::vector<float>& Session::prefill(const int32_t* tokens, int64_t n, std::vector<float>* all_logits) {
   return std::visit([&](auto& s) -> const std::vector<float>& { return s.prefill(0, tokens, n, all_logits); }, s_);
@@ -193,10 +197,13 @@ void Session::fill_synthetic(int64_t depth, uint64_t seed) {
   std::visit([&](auto& s) { runner::fill_synthetic(s.cache(), 0, depth, seed); }, s_);
 }
 
-Session::Any Session::make(const LlamaModel& model, DType t, int64_t capacity, CpuExec exec, int64_t chunk) {
-  return dispatch_dtype("--cache-type", t, [&](auto tag) {
+Session::Any Session::make(const LlamaModel& model, CacheOptions cache, int64_t capacity, CpuExec exec,
+                          int64_t chunk) {
+  RF_CHECK(cache.page_size <= capacity, "--page-size ", cache.page_size, " is larger than the context of ", capacity,
+           " tokens");
+  return dispatch_dtype("--cache-type", cache.type, [&](auto tag) {
     using S = BasicLlamaSession<typename decltype(tag)::type>;
-    return Any(std::in_place_type<S>, model, 1, capacity, exec, chunk);
+    return Any(std::in_place_type<S>, model, 1, capacity, exec, chunk, cache.page_size);
   });
 }
 

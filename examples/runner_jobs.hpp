@@ -48,6 +48,7 @@ int threads_of(const Args& a);
 struct CacheOptions {
   DType type = DType::f32;
   int64_t memory_limit_mib = 0;  ///< 0: the memory available
+  int64_t page_size = 0;         ///< paged K/V, tokens per page (0: contiguous)
 };
 CacheOptions cache_options(const Args& a);
 
@@ -72,7 +73,7 @@ class Session {
 
  private:
   using Any = std::variant<BasicLlamaSession<float>, BasicLlamaSession<half>, BasicLlamaSession<bfloat16>>;
-  static Any make(const LlamaModel& model, DType t, int64_t capacity, CpuExec exec, int64_t chunk);
+  static Any make(const LlamaModel& model, CacheOptions cache, int64_t capacity, CpuExec exec, int64_t chunk);
   Any s_;
   DType type_;
 };

@@ -211,6 +211,25 @@ TEST_CASE("calibrate -> convert -> generate through files; perplexity prints lla
                                        "f16"}),
                                  p16, perr) == 0);
   CHECK_THAT(p16.str(), Catch::Contains("Final estimate: PPL = "));
+  // --page-size: paged K/V gives the contiguous cache's results exactly (text, perplexity lines)
+  std::ostringstream gp, ep, pp, pc;
+  REQUIRE(runner::run_generate(args({"generate", "-m", dir / "m", "-p", "hello", "-n", "5", "--temp", "0", "--page-size",
+                                     "3"}),
+                               gp, ep) == 0);
+  CHECK(gp.str() == g32.str());
+  REQUIRE(runner::run_perplexity(args({"perplexity", "-m", dir / "rf", "-f", dir / "text.txt", "-c", "128", "--page-size",
+                                       "16"}),
+                                 pp, perr) == 0);
+  REQUIRE(runner::run_perplexity(args({"perplexity", "-m", dir / "rf", "-f", dir / "text.txt", "-c", "128"}), pc, perr) ==
+          0);
+  CHECK(pp.str() == pc.str());
+  std::ostringstream bp;
+  REQUIRE(runner::run_bench(args({"bench", "-m", dir / "rf", "-c", "64", "-b", "16", "-n", "4", "--page-size", "16"}), bp,
+                            err) == 0);
+  CHECK_THAT(bp.str(), Catch::Contains("synthetic"));
+  CHECK_THROWS_WITH(runner::run_generate(args({"generate", "-m", dir / "m", "-p", "hi", "-c", "8", "--page-size", "9"}),
+                                         gp, ep),
+                    Catch::Contains("--page-size 9 is larger than the context of 8 tokens"));
 }
 
 TEST_CASE("convert --kind streaming: the same selection as sink + window heads, sized to a state's bytes", "[runner]") {
