@@ -1,7 +1,8 @@
 // HybridHeadAttention decode on a Llama-3.2-1B attention layer (d_model 2048, 32 query heads, 8 KV
 // heads, hd 64; bf16 weights), all-attention vs half of the KV groups recurrent (A R A R ...; d_state
 // 64, dt_rank 8, conv 4), at contexts 4096 and 32768, for 1, 4 and 16 sequences decoding together,
-// with a bf16 and an fp32 cache.
+// with a bf16 and an fp32 cache; and at 32768 with the attention groups' K/V in pages of 16 tokens
+// (HybridCacheConfig::page_size), allocated round-robin across the sequences as a server's would be.
 //
 // The cache is brought to depth synthetically (K/V and states filled with a cheap pseudo-random
 // pattern, lengths set with advance()), not by running a prefill; every iteration then decodes one
@@ -80,11 +81,12 @@ void fill(U* p, int64_t n, uint32_t seed) {
   for (int64_t i = block; i < n; i += block) std::memcpy(p + i, p, size_t(std::min(block, n - i)) * sizeof(U));
 }
 
-// range(0): 0 = all attention, 1 = half recurrent; range(1): context; range(2): sequences.
+// range(0): 0 = all attention, 1 = half recurrent; range(1): context; range(2): sequences;
+// range(3): K/V page size (0: contiguous).
 template <class T>
 void BM_HybridDecode(benchmark::State& st) {
   const bool half_rec = st.range(0) == 1;
-  const int64_t ctx = st.range(1);
+  const int64_t ctx = st.range(1), page = st.range(3);
   const int batch = int(st.range(2));
   const Weights& W = Weights::get();
 
@@ -101,8 +103,20 @@ void BM_HybridDecode(benchmark::State& st) {
   cfg.recurrent.conv_kernel = kConv;
   cfg.slots = batch;
   cfg.capacity = ctx + 1;
+  cfg.page_size = page;
   HybridCache<T> cache(cfg);
-  // Synthetic depth: every slot holds ctx tokens of pattern K/V and states.
+  const size_t nb = static_cast<size_t>(batch);
+  std::vector<int32_t> slots(nb), counts(nb), cu(nb + 1);
+  for (int s = 0; s < batch; ++s) slots[size_t(s)] = s, cu[size_t(s) + 1] = s + 1;
+  auto slots_view = make_view(const_cast<const int32_t*>(slots.data()), {int64_t(batch)});
+  auto counts_view = make_view(const_cast<const int32_t*>(counts.data()), {int64_t(batch)});
+  // Synthetic depth: every slot holds ctx tokens of pattern K/V and states. Paged, the slots take
+  // their pages in turn, a page at a time, so each sequence's pages are scattered over the pool.
+  for (int64_t t = 0; t < ctx; t += page ? page : ctx) {
+    std::fill(counts.begin(), counts.end(), int32_t(page ? std::min(page, ctx - t) : ctx));
+    cache.reserve(slots_view, counts_view);
+    cache.advance(slots_view, counts_view);
+  }
   for (View<T, 4> kv : {cache.keys(0), cache.values(0)}) fill(kv.data, kv.numel(), uint32_t(kv.numel() & 0xffff));
   if (half_rec) {
     View<float, 4> s = cache.ssm_states(0);
@@ -110,11 +124,8 @@ void BM_HybridDecode(benchmark::State& st) {
     View<T, 4> c = cache.conv_states(0);
     fill(c.data, c.numel(), 8);
   }
-  const size_t nb = static_cast<size_t>(batch);
-  std::vector<int32_t> slots(nb), counts(nb, int32_t(ctx)), cu(nb + 1);
-  for (int s = 0; s < batch; ++s) slots[size_t(s)] = s, cu[size_t(s) + 1] = s + 1;
-  cache.advance(make_view(const_cast<const int32_t*>(slots.data()), {int64_t(batch)}),
-                make_view(const_cast<const int32_t*>(counts.data()), {int64_t(batch)}));
+  std::fill(counts.begin(), counts.end(), 1);
+  cache.reserve(slots_view, counts_view);  // the decoded token's page (the loop never advances)
 
   std::vector<float> x = rfbench::random_vector<float>(size_t(batch) * kDModel, -1.f, 1.f, 99);
   std::vector<float> out(x.size());
@@ -156,8 +167,9 @@ void BM_HybridDecode(benchmark::State& st) {
 }
 
 void decode_args(benchmark::internal::Benchmark* b, std::vector<int64_t> batches) {
-  b->ArgNames({"half_recurrent", "ctx", "seqs"})
-      ->ArgsProduct({{0, 1}, {4096, 32768}, batches})
+  b->ArgNames({"half_recurrent", "ctx", "seqs", "page"})
+      ->ArgsProduct({{0, 1}, {4096, 32768}, batches, {0}})
+      ->ArgsProduct({{0, 1}, {32768}, {1, 4}, {16}})
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime()
       ->MinTime(0.5);
