@@ -11,6 +11,7 @@
 // (RF_KERNEL_*), which take one pointer to a plain struct of pointers and scalars.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -302,6 +303,17 @@ void attend_block(const AttnBlock& b) {
     const T* kt = k + j0 * b.k_stride;
     const T* vt = v + j0 * b.v_stride;
     if (b.pages) {
+      // The hardware prefetchers do not follow a group's keys from page to page: ask for the
+      // tile after next, row by row, while this one is computed.
+      for (int64_t j = j0 + 2 * kAttnKeys, e = std::min<int64_t>(j + kAttnKeys, b.key_end); j < e; ++j) {
+        const int64_t pg = b.pages[j / b.page_size], r = j % b.page_size;
+        const char* kr = reinterpret_cast<const char*>(k + pg * b.k_page_stride + r * b.k_stride);
+        const char* vr = reinterpret_cast<const char*>(v + pg * b.v_page_stride + r * b.v_stride);
+        for (int c = 0; c < int(HD * sizeof(T)); c += 64) {
+          __builtin_prefetch(kr + c);
+          __builtin_prefetch(vr + c);
+        }
+      }
       const int64_t row = j0 % b.page_size, page = b.pages[j0 / b.page_size];
       kt = k + page * b.k_page_stride + row * b.k_stride;
       vt = v + page * b.v_page_stride + row * b.v_stride;
