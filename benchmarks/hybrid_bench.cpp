@@ -169,7 +169,7 @@ void BM_HybridDecode(benchmark::State& st) {
 void decode_args(benchmark::internal::Benchmark* b, std::vector<int64_t> batches) {
   b->ArgNames({"half_recurrent", "ctx", "seqs", "page"})
       ->ArgsProduct({{0, 1}, {4096, 32768}, batches, {0}})
-      ->ArgsProduct({{0, 1}, {32768}, {1, 4}, {16}})
+      ->ArgsProduct({{0, 1}, {32768}, {1, 4}, {16, 256}})
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime()
       ->MinTime(0.5);
