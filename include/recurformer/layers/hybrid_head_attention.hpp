@@ -16,6 +16,8 @@
 // per sequence; positions continue from each slot's length. The layer writes its K/V, states and
 // rings at positions [length, length + n) but does not advance the cache: the caller does, with
 // cache.advance(slots, counts), after the last layer (every layer writes the same positions).
+// Before the first layer the caller reserves the step, cache.reserve(slots, counts): a paged cache
+// (HybridCacheConfig::page_size) then gives the slots the pages the new tokens go to.
 // A batch whose sequences all have exactly one token is decoded with the one-token state-update
 // ops; any other batch is a (chunked) prefill.
 //
