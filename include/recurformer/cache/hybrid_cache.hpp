@@ -365,7 +365,6 @@ class HybridCache {
   /// them, reset() frees them.
   void reserve(View<const int32_t, 1> slots, View<const int32_t, 1> counts) {
     check_counts(slots, counts);
-    check_counts(slots.shape[0], [&](int64_t s) { return std::pair<int32_t, int64_t>{slots(s), counts(s)}; });
     if (!paged()) return;
     int64_t need = 0;
     for_new_pages(slots, counts, [&](int, int64_t, int32_t) { ++need; });
@@ -386,8 +385,8 @@ class HybridCache {
   /// Throws (changing nothing) unless slots[s] are distinct valid slots, each can take counts[s]
   /// more tokens and, paged, holds the pages for them alone (reserve() gives it them). counts[s] >= 0.
   void check_append(View<const int32_t, 1> slots, View<const int32_t, 1> counts) const {
-    check_counts(slots, counts);
-    check_append(slots.shape[0], [&](int64_t s) { return std::pair<int32_t, int64_t>{slots(s), counts(s)}; });
+    check_append(checked_arrays(slots, counts),
+                 [&](int64_t s) { return std::pair<int32_t, int64_t>{slots(s), counts(s)}; });
   }
   /// The same for n sequences whose (slot, count) slot_count(s) gives (no arrays to build).
   template <class F>
@@ -544,10 +543,17 @@ class HybridCache {
     Buffer<T> ring_k, ring_v;  // [slots, n_stream, ring, hd]
   };
 
-  void check_counts(View<const int32_t, 1> slots, View<const int32_t, 1> counts) const {
+  // Both arrays given, of one length (returned).
+  int64_t checked_arrays(View<const int32_t, 1> slots, View<const int32_t, 1> counts) const {
     RF_CHECK(slots.present() && counts.present() && slots.shape[0] == counts.shape[0],
              "HybridCache::append: slots and counts must both be given with the same length (got ",
              slots.shape[0], " and ", counts.shape[0], ")");
+    return slots.shape[0];
+  }
+  // The same, then every sequence's slot and count (check_counts below).
+  void check_counts(View<const int32_t, 1> slots, View<const int32_t, 1> counts) const {
+    check_counts(checked_arrays(slots, counts),
+                 [&](int64_t s) { return std::pair<int32_t, int64_t>{slots(s), counts(s)}; });
   }
   // Distinct valid slots, counts >= 0, each within its capacity.
   template <class F>
