@@ -227,10 +227,9 @@ class LlamaImpl final : public LlamaImplBase {
     auto shaped = [](int64_t r, int64_t k) { return make_view(dummy, {r, k}); };
     const HybridStepShape shape = hybrid_step_shape(cache, cfg_.n_q, max_dt_rank());
     HybridStep step = hybrid_step(cache, b.cu_seqlens, b.slots);
-    std::vector<int32_t> any_pages;
     if (!base && cache.paged()) {  // a size query, maybe before reserve(): sizes depend on shapes only
-      any_pages.assign(size_t(S * cache.pages_per_slot()), 0);
-      step.page_table = make_view(const_cast<const int32_t*>(any_pages.data()), {S, cache.pages_per_slot()});
+      any_pages_.assign(size_t(S * cache.pages_per_slot()), 0);  // grows to the largest step, then reused
+      step.page_table = make_view(const_cast<const int32_t*>(any_pages_.data()), {S, cache.pages_per_slot()});
     }
     const size_t meta_bytes = hybrid_step_metadata_bytes(shape, step, T);
     unsigned char* meta = c.take<unsigned char>(int64_t(meta_bytes));
@@ -264,6 +263,7 @@ class LlamaImpl final : public LlamaImplBase {
   LlamaWeights<TW> w_;
   std::vector<float> inv_freq_;
   mutable std::vector<int32_t> counts_;
+  mutable std::vector<int32_t> any_pages_;  // a size query's stand-in page table (any page in the pool)
 };
 
 }  // namespace detail
