@@ -95,6 +95,29 @@ TEST_CASE("block structs have ggml's sizes and the traits agree", "[quant]") {
                       "dequantize: 40 weights are not whole Q4_0 blocks of 32");
 }
 
+TEST_CASE("K-quant scales decode a word at a time as one at a time", "[quant]") {
+  // each of the 12 bytes takes each of its 256 values once (37 is odd), beside different neighbours
+  for (int v = 0; v < 256; ++v) {
+    uint8_t s[12];
+    for (int i = 0; i < 12; ++i) s[i] = uint8_t(v * 37 + i * 101);
+    uint8_t sc[8], mn[8];
+    detail::k4_scales_mins(s, sc, mn);
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc1, mn1;
+      detail::k4_scale_min(s, j, sc1, mn1);
+      CAPTURE(v, j);
+      REQUIRE(int(sc[j]) == int(sc1));
+      REQUIRE(int(mn[j]) == int(mn1));
+    }
+    int k3[16];
+    detail::k3_scales(s, k3);
+    for (int k = 0; k < 16; ++k) {
+      CAPTURE(v, k);
+      REQUIRE(k3[k] == detail::k3_scale(s, k));
+    }
+  }
+}
+
 TEST_CASE("GGUF files with bad quantised tensors are rejected naming the tensor", "[quant][gguf]") {
   // Two rows of 256 Q4_K weights: 2 blocks of 144 bytes.
   std::vector<uint8_t> q4k(2 * 144, 0x11);

@@ -57,6 +57,39 @@ RF_HOST_DEVICE inline void k4_scale_min(const uint8_t* s, int j, uint8_t& sc, ui
     mn = uint8_t((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
   }
 }
+/// All eight scales and mins of a Q4_K / Q5_K block at once (k4_scale_min for j = 0..7), a 32-bit
+/// word at a time: bytes 0-3 hold scales 0-3 and the high bits of scales 4-7, bytes 4-7 mins 0-3 and
+/// the high bits of mins 4-7, bytes 8-11 the low nibbles of scales 4-7 (low) and mins 4-7 (high).
+RF_HOST_DEVICE inline void k4_scales_mins(const uint8_t* s, uint8_t (&sc)[8], uint8_t (&mn)[8]) {
+  const uint32_t w0 = load_u32_le(s), w1 = load_u32_le(s + 4), w2 = load_u32_le(s + 8);
+  const uint32_t lo6 = 0x3f3f3f3fu, lo4 = 0x0f0f0f0fu, top2 = 0x03030303u;
+  const uint32_t words[4] = {w0 & lo6, (w2 & lo4) | ((w0 >> 6) & top2) << 4, w1 & lo6,
+                             ((w2 >> 4) & lo4) | ((w1 >> 6) & top2) << 4};
+  for (int i = 0; i < 4; ++i) {
+    sc[i] = uint8_t(words[0] >> (8 * i)), sc[i + 4] = uint8_t(words[1] >> (8 * i));
+    mn[i] = uint8_t(words[2] >> (8 * i)), mn[i + 4] = uint8_t(words[3] >> (8 * i));
+  }
+}
+/// The signed 6-bit scale of 16-weight sub-block k (0..15) of a Q3_K block: its low four bits in
+/// bytes 0..7, its high two in bytes 8..11 (ggml's kmask unpacking), less 32.
+RF_HOST_DEVICE inline int k3_scale(const uint8_t* s, int k) {
+  const int lo = (s[k % 8] >> (4 * (k / 8))) & 0x0F, hi = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
+  return (lo | hi << 4) - 32;
+}
+/// All sixteen k3_scale values at once, a 32-bit word at a time: scales 4i..4i+3 take the low or
+/// high nibbles of bytes 0-3 or 4-7 and bit pair i of bytes 8-11.
+RF_HOST_DEVICE inline void k3_scales(const uint8_t* s, int (&sc)[16]) {
+  const uint32_t w0 = load_u32_le(s), w1 = load_u32_le(s + 4), w2 = load_u32_le(s + 8);
+  const uint32_t lo4 = 0x0f0f0f0fu, top2 = 0x03030303u;
+  const uint32_t words[4] = {(w0 & lo4) | (w2 & top2) << 4, (w1 & lo4) | ((w2 >> 2) & top2) << 4,
+                             ((w0 >> 4) & lo4) | ((w2 >> 4) & top2) << 4, ((w1 >> 4) & lo4) | ((w2 >> 6) & top2) << 4};
+  for (int k = 0; k < 16; ++k) sc[k] = int((words[k / 4] >> (8 * (k % 4))) & 0xff) - 32;
+}
+/// The signed 6-bit scale of 32-weight sub-block j (0..7) of an IQ4_XS block, less 32.
+RF_HOST_DEVICE inline int iq4xs_scale(uint16_t scales_h, const uint8_t* scales_l, int j) {
+  // nibble j % 2 of byte j / 2 is nibble j of the little-endian word
+  return int(((load_u32_le(scales_l) >> (4 * j)) & 0x0F) | ((uint32_t(scales_h) >> (2 * j)) & 3) << 4) - 32;
+}
 /// The non-linear 4-bit code book of IQ4_NL and IQ4_XS.
 RF_HOST_DEVICE inline int8_t iq4_value(int q) {
   constexpr int8_t kv[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
@@ -168,10 +201,7 @@ struct alignas(2) BlockQ3_K {
   RF_HOST_DEVICE void dequantize(float* out) const {
     const float df = detail::half_field(d);
     float dl[16];
-    for (int k = 0; k < 16; ++k) {
-      const int lo = (scales[k % 8] >> (4 * (k / 8))) & 0x0F, hi = (scales[8 + k % 4] >> (2 * (k / 4))) & 3;
-      dl[k] = df * float(int(int8_t(uint8_t(lo | hi << 4))) - 32);
-    }
+    for (int k = 0; k < 16; ++k) dl[k] = df * float(detail::k3_scale(scales, k));
     for (int i = 0; i < 256; ++i) {
       const int g = i / 128, s = (i / 32) % 4, b = i % 32;
       const int low = (qs[32 * g + b] >> (2 * s)) & 3, high = ((hmask[b] >> (i / 32)) & 1) ^ 1;
@@ -264,8 +294,7 @@ struct alignas(2) BlockIQ4_XS {
   RF_HOST_DEVICE void dequantize(float* out) const {
     const float df = detail::half_field(d);
     for (int j = 0; j < 8; ++j) {
-      const int sc = ((scales_l[j / 2] >> (4 * (j % 2))) & 0x0F) | ((scales_h >> (2 * j)) & 3) << 4;
-      const float dl = df * float(int(int8_t(uint8_t(sc))) - 32);
+      const float dl = df * float(detail::iq4xs_scale(scales_h, scales_l, j));
       for (int b = 0; b < 32; ++b)
         out[32 * j + b] = dl * float(detail::iq4_value((qs[16 * j + b % 16] >> (4 * (b / 16))) & 0x0F));
     }
