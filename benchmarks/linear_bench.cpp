@@ -5,9 +5,9 @@
 //    against BM_MemoryCopy's bytes/s in the same run.
 //  - GEMM (prefill, 512 tokens): compute-bound; "flop/s" = 2 * tokens * in * out per second, to be
 //    set against BM_FmaPeak, the fp32 FMA throughput of the same threads on register-only work.
-//  - GGUF block weights: Q8_0 for the decode shapes and one prefill shape; Q4_0, Q4_1, Q4_K and
-//    Q6_K for gate_proj decode and q_proj prefill; Q4_0, Q4_1 and Q8_0 gate_proj decode of 1 and 4
-//    tokens with fp32 x and with int8 x (ActivationMath::int8).
+//  - GGUF block weights: Q8_0 for the decode shapes and one prefill shape; Q4_0, Q4_1, Q5_0, Q2_K ..
+//    Q6_K, IQ4_NL and IQ4_XS for gate_proj decode and q_proj prefill, and gate_proj decode with int8 x
+//    (ActivationMath::int8); Q4_0, Q4_1 and Q8_0 gate_proj decode of 4 tokens with either x.
 //  - A decode step's GEMVs at SmolLM2-135M shapes (30 layers of q/k/v/o/gate/up/down, then the
 //    lm_head; 1 token, or 4 as in batched decode), each matrix its own copy as in a real model, so the step streams its weights from
 //    memory when they exceed the last-level cache (110 MB as Q4_1 + Q8_0 lm_head, 540 MB as F32):
@@ -124,6 +124,11 @@ RF_BLOCK_BENCH(q4_1, BlockQ4_1);
 RF_BLOCK_BENCH(q5_0, BlockQ5_0);
 RF_BLOCK_BENCH(q4_k, BlockQ4_K);
 RF_BLOCK_BENCH(q6_k, BlockQ6_K);
+RF_BLOCK_BENCH(q2_k, BlockQ2_K);
+RF_BLOCK_BENCH(q3_k, BlockQ3_K);
+RF_BLOCK_BENCH(q5_k, BlockQ5_K);
+RF_BLOCK_BENCH(iq4_nl, BlockIQ4_NL);
+RF_BLOCK_BENCH(iq4_xs, BlockIQ4_XS);
 
 // The same GEMVs with x quantised to 8 bits and integer dot products (ActivationMath::int8, the
 // path llama.cpp takes), beside the fp32-x runs: 1 token, and 4 tokens (one pass over W).
@@ -138,6 +143,11 @@ RF_INT8_X_BENCH(bm_linear_q4_1, int8_x_gemv4_gate_proj, 4);
 RF_INT8_X_BENCH(bm_linear_q5_0, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q4_k, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q6_k, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_q2_k, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_q3_k, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_q5_k, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_iq4_nl, int8_x_gemv_gate_proj, 1);
+RF_INT8_X_BENCH(bm_linear_iq4_xs, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q8_0, int8_x_gemv_gate_proj, 1);
 RF_INT8_X_BENCH(bm_linear_q8_0, int8_x_gemv4_gate_proj, 4);
 BENCHMARK_CAPTURE(bm_linear_q4_0, gemv4_gate_proj, 4, 2048, 8192)->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -377,7 +377,8 @@ void run_int8_x(int64_t tokens, int64_t in, int64_t out, bool with_bias) {
 }  // namespace
 
 TEMPLATE_TEST_CASE("linear with int8 activations matches a double reference over the quantised x",
-                   "[linear][quant]", BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ4_K, BlockQ6_K) {
+                   "[linear][quant]", BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ2_K, BlockQ3_K,
+                   BlockQ4_K, BlockQ5_K, BlockQ6_K, BlockIQ4_NL, BlockIQ4_XS) {
   using TW = TestType;
   constexpr int64_t QB = TW::size;
   // in: one block, several, and past the 4096-value quantisation chunk (y added to after it);

@@ -131,9 +131,9 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
 }
 
 /// Whether linear has register kernels for this block type's GEMV with x as x_math says (fp32 x:
-/// Q8_0, Q4_0, Q4_1; int8 x: those and Q5_0, Q5_1, Q4_K, Q6_K): only then is multiplying by the blocks faster
-/// than by their fp32 decoding. The other types decode a block at a time on the stack, 10-25x
-/// slower than fp32 weights (benchmarks.md): correct, not yet fast.
+/// Q8_0, Q4_0, Q4_1; int8 x: every block type): only then is multiplying by the blocks faster than
+/// by their fp32 decoding. With fp32 x the other types decode a block at a time on the stack, 10-25x
+/// slower than fp32 weights (benchmarks.md): correct, not fast.
 inline bool linear_blocks_are_fast(GgmlType t, ActivationMath x_math) {
   if (!is_quantized(t)) return false;
   return dispatch_quant(t, [x_math](auto tag) {

@@ -63,12 +63,12 @@ using LlamaCacheRef = std::variant<HybridCache<float>*, HybridCache<half>*, Hybr
 struct LlamaModelOptions {
   /// Multiply by the projections, MLP and lm_head of a block-quantised GGUF in their blocks, reading
   /// 4.5-8.5 bits per weight per token, rather than by their fp32 decoding (32 bits), for the
-  /// types the CPU linear has register kernels for (Q4_0, Q4_1, Q8_0; Q5_0, Q5_1, Q4_K, Q6_K with int8
-  /// activations; the others use the decoding until they do). The same weights either way; with fp32 activations only the summation order
-  /// differs (~1e-6 relative).
+  /// types the CPU linear has register kernels for (Q4_0, Q4_1, Q8_0; with int8 activations every
+  /// GGUF block type; the others use the decoding). The same weights either way; with fp32
+  /// activations only the summation order differs (~1e-6 relative).
   bool serve_blocks = true;
   /// How x meets the blocks served: int8 (the default, llama.cpp's way) quantises x to 8 bits per
-  /// 32 values in decode steps (the GEMV of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K; prefill keeps fp32 x) for integer dot
+  /// 32 values in decode steps (the GEMV of every block type; prefill keeps fp32 x) for integer dot
   /// products, 1.26-1.54x faster per matrix here (docs/benchmarks.md) and off by x's rounding; fp32
   /// keeps the exact products.
   ActivationMath activations = ActivationMath::int8;
