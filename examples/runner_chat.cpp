@@ -69,7 +69,7 @@ ChatReply Chat::say(const std::string& user, int n, std::ostream* stream) {
 int run_chat(const Args& a, std::istream& in, std::ostream& out, std::ostream& err) {
   std::string prompt = a.prompt;
   if (!a.file.empty()) prompt = read_file(a.file);
-  Loaded m = load(a.model, model_options(a));
+  Loaded m = load(a.model, model_options(a), kRunOnly);
   ThreadPool pool(threads_of(a));
   Chat chat(m, chat_template_for(m.model->checkpoint(), *m.tok, a.chat_template), a.system, a.ctx, a.batch,
             SamplingParams{a.temp, a.top_k, a.top_p, a.seed}, CpuExec{&pool}, cache_options(a));

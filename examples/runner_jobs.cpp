@@ -97,11 +97,11 @@ LlamaModelOptions model_options(const Args& a) {
   return o;
 }
 
-Loaded load(const std::string& path, const LlamaModelOptions& options) {
+Loaded load(const std::string& path, const LlamaModelOptions& options, const CheckpointOptions& ck_options) {
   RF_CHECK(!path.empty(), "no model given (-m PATH)");
   RF_CHECK(recurformer::detail::path_exists(path), path, ": no such file or directory");
   Loaded l;
-  auto ck = std::make_shared<const Checkpoint>(Checkpoint::open(path));
+  auto ck = std::make_shared<const Checkpoint>(Checkpoint::open(path, ck_options));
   l.tok = std::make_unique<Tokenizer>(tokenizer_of(*ck));
   RF_CHECK(l.tok->vocab_size() <= ck->config().vocab_size, path, ": the tokenizer has ", l.tok->vocab_size(),
            " tokens but the model's vocabulary has ", ck->config().vocab_size, ": they do not belong together");
@@ -262,7 +262,7 @@ int run_generate(const Args& a, std::ostream& out, std::ostream& err) {
   std::string prompt = a.prompt;
   if (!a.file.empty()) prompt = read_file(a.file);
   RF_CHECK(!prompt.empty(), "generate: no prompt (-p TEXT or -f FILE)");
-  Loaded m = load(a.model, model_options(a));
+  Loaded m = load(a.model, model_options(a), kRunOnly);
   ThreadPool pool(threads_of(a));
   const auto st = generate(m, prompt, a.n_predict, a.ctx, a.batch, SamplingParams{a.temp, a.top_k, a.top_p, a.seed},
                            CpuExec{&pool}, &out, cache_options(a));
@@ -513,7 +513,7 @@ PerplexityResult measure_perplexity(const Loaded& m, const std::string& text, in
 int run_perplexity(const Args& a, std::ostream& out, std::ostream& err) {
   RF_CHECK(!a.file.empty(), "perplexity: no text (-f FILE)");
   const std::string text = read_file(a.file);
-  Loaded m = load(a.model, model_options(a));
+  Loaded m = load(a.model, model_options(a), kRunOnly);
   ThreadPool pool(threads_of(a));
   const int n_ctx = a.ctx_set ? int(a.ctx) : 512;
   const size_t n_tokens = m.tok->encode(text, true).size();
@@ -560,7 +560,7 @@ BenchPoint bench_at(const LlamaModel& model, int64_t ctx, int prefill, int decod
 }
 
 int run_bench(const Args& a, std::ostream& out, std::ostream& err) {
-  Loaded m = load(a.model, model_options(a));
+  Loaded m = load(a.model, model_options(a), kRunOnly);
   ThreadPool pool(threads_of(a));
   const std::vector<int64_t> ctxs = a.contexts.empty() ? std::vector<int64_t>{512, 4096, 32768} : a.contexts;
   const ModelConfig& c = m.model->config();

@@ -40,7 +40,10 @@ Tokenizer tokenizer_of(const Checkpoint& ck);
 
 LlamaModelOptions model_options(const Args& a);
 
-Loaded load(const std::string& path, const LlamaModelOptions& options = {});
+/// Opens a model and its tokenizer. The commands that only run it (generate, chat, perplexity,
+/// bench) pass kRunOnly: a quantised GGUF then keeps only its map, not an fp32 copy of every tensor.
+Loaded load(const std::string& path, const LlamaModelOptions& options = {}, const CheckpointOptions& ck = {});
+inline constexpr CheckpointOptions kRunOnly{false};
 
 int threads_of(const Args& a);
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <deque>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -193,6 +194,27 @@ TEST_CASE("block-quantised MLP and lm_head are served from their blocks", "[mode
         CHECK(worst < 1e-4 * max_abs);
       }
     });
+  }
+  SECTION("a checkpoint that keeps no fp32 decodings serves the same model") {
+    // Inference only (the runner's generate / chat / perplexity / bench): the quantised tensors
+    // keep only their blocks; the model decodes what it does not serve from them (the embedding;
+    // every matrix when blocks are off) and gives the same logits bit for bit.
+    const auto lean = std::make_shared<const Checkpoint>(Checkpoint::open(dir / "q.gguf", CheckpointOptions{false}));
+    const TensorRef& q0 = lean->tensor("model.layers.0.self_attn.q_proj.weight");
+    CHECK(q0.data == nullptr);
+    CHECK(q0.blocks != nullptr);
+    REQUIRE_THROWS_WITH((q0.view<float, 2>()), Catch::Contains("its fp32 decoding was not kept"));
+    CHECK(lean->tensor("model.norm.weight").data != nullptr);  // F32 tensors are the file's
+    for (const auto& [opt, full] : {std::pair<LlamaModelOptions, const LlamaModel*>{fp32_x, &blocks},
+                                    {LlamaModelOptions{}, &int8_x}, {dense_opt, &dense}}) {
+      const LlamaModel m(lean, opt);
+      CHECK(m.matrix_bytes() == full->matrix_bytes());
+      for (int64_t chunk : {int64_t(1), int64_t(64)}) {
+        const std::vector<float> want = all_logits(*full, g.ids, chunk, exec), got = all_logits(m, g.ids, chunk, exec);
+        REQUIRE(got.size() == want.size());
+        REQUIRE(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0);
+      }
+    }
   }
 }
 

@@ -164,4 +164,19 @@ TEST_CASE("a checkpoint refuses a quantised tensor whose scale is not finite", "
   REQUIRE_THROWS_WITH(Checkpoint::open(path),
                       path + ": tensor blk.0.attn_q.weight (Q4_1): block 1 decodes to a non-finite weight "
                              "(its scale is inf or NaN)");
+  // Without keeping the decodings the blocks are checked a slice of 4096 blocks at a time: a bad
+  // block past the first slice is found and named all the same.
+  std::vector<uint8_t> big(8200 * 20, 0x21);
+  std::memcpy(&big[8195 * 20 + 2], &inf_bits, 2);
+  GgufWriter w2;
+  w2.set("general.architecture", GgufValue::str("llama"));
+  w2.add_tensor("blk.0.attn_q.weight", GgmlType::q4_1, {8200 * 32}, big.data());
+  const std::string path2 = dir.file("bad2.gguf");
+  w2.write(path2);
+  for (bool keep : {true, false}) {
+    INFO("decode_quantised " << keep);
+    REQUIRE_THROWS_WITH(Checkpoint::open(path2, CheckpointOptions{keep}),
+                        path2 + ": tensor blk.0.attn_q.weight (Q4_1): block 8195 decodes to a non-finite weight "
+                                "(its scale is inf or NaN)");
+  }
 }

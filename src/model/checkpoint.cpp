@@ -114,7 +114,7 @@ ModelConfig model_config_from_gguf(const GgufFile& g) {
   return c;
 }
 
-Checkpoint Checkpoint::open(const std::filesystem::path& path) {
+Checkpoint Checkpoint::open(const std::filesystem::path& path, const CheckpointOptions& options) {
   namespace fs = std::filesystem;
   Checkpoint c;
   c.path_ = path;
@@ -124,7 +124,7 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
     RF_CHECK(fs::exists(path), path.string(), ": no such file or directory");
     RF_CHECK(path.extension() == ".gguf", path.string(),
              ": not a checkpoint (expected a directory with config.json or a .gguf file)");
-    c.open_gguf(path);
+    c.open_gguf(path, options);
   }
   return c;
 }
@@ -243,7 +243,7 @@ void Checkpoint::check_config_against_tensors(const std::string& config_source) 
   rows_of("model.layers.0.self_attn.k_proj.weight", int64_t(c.n_kv) * c.head_dim, "num_key_value_heads * head_dim");
 }
 
-void Checkpoint::open_gguf(const std::filesystem::path& file) {
+void Checkpoint::open_gguf(const std::filesystem::path& file, const CheckpointOptions& options) {
   format_ = Format::gguf;
   source_ = file.string();
   gguf_ = std::make_unique<GgufFile>(GgufFile::open(source_));
@@ -255,19 +255,27 @@ void Checkpoint::open_gguf(const std::filesystem::path& file) {
       case GgmlType::f32: t.dtype = DType::f32; t.data = g.data; break;
       case GgmlType::f16: t.dtype = DType::f16; t.data = g.data; break;
       case GgmlType::bf16: t.dtype = DType::bf16; t.data = g.data; break;
-      default: {  // quantised: dequantised once to fp32, owned here (model/gguf.hpp lists the types)
-        owned_.emplace_back(size_t(g.numel()));
-        std::vector<float>& w = owned_.back();
-        dequantize_row(g.type, g.data, g.numel(), w.data());
-        const int64_t block = ggml_type_traits(g.type).block;
-        for (size_t i = 0; i < w.size(); ++i)  // a NaN or inf scale would poison every product silently
-          RF_CHECK(std::isfinite(w[i]), source_, ": tensor ", g.name, " (", ggml_type_name(g.type), "): block ",
-                   int64_t(i) / block, " decodes to a non-finite weight (its scale is inf or NaN)");
-        t.dtype = DType::f32;
-        t.data = owned_.back().data();
+      default: {  // quantised: dequantised once to fp32 (model/gguf.hpp lists the types)
         // The blocks are read as structs with fp16 fields: offered only where 2-byte aligned
         // (general.alignment may be 1; the fp32 decoding serves then).
-        if (reinterpret_cast<uintptr_t>(g.data) % alignof(BlockQ4_0) == 0) t.blocks = g.data, t.quant = g.type;
+        const bool offered = reinterpret_cast<uintptr_t>(g.data) % alignof(BlockQ4_0) == 0;
+        if (offered) t.blocks = g.data, t.quant = g.type;
+        t.dtype = DType::f32;
+        const GgmlTypeTraits tt = ggml_type_traits(g.type);
+        // Kept, or decoded a slice at a time into scratch only to be checked.
+        const bool keep = options.decode_quantised || !offered;
+        const int64_t slice = keep ? g.numel() : std::min<int64_t>(g.numel(), tt.block * 4096);
+        if (keep) owned_.emplace_back(size_t(g.numel()));
+        std::vector<float> scratch(keep ? 0 : size_t(slice));
+        float* w = keep ? owned_.back().data() : scratch.data();
+        for (int64_t i0 = 0; i0 < g.numel(); i0 += slice) {
+          const int64_t n = std::min(slice, g.numel() - i0);
+          dequantize_row(g.type, static_cast<const unsigned char*>(g.data) + i0 / tt.block * tt.bytes, n, w);
+          for (int64_t i = 0; i < n; ++i)  // a NaN or inf scale would poison every product silently
+            RF_CHECK(std::isfinite(w[i]), source_, ": tensor ", g.name, " (", ggml_type_name(g.type), "): block ",
+                     (i0 + i) / tt.block, " decodes to a non-finite weight (its scale is inf or NaN)");
+        }
+        t.data = keep ? owned_.back().data() : nullptr;
         break;
       }
     }

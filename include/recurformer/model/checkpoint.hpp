@@ -9,8 +9,9 @@
 // weights, so config().rope_layout says interleaved for a llama GGUF (and rotate_half for qwen2 GGUF
 // and every HF directory, which are not permuted). Quantised GGUF tensors (Q4_0 .. Q6_K, IQ4_*:
 // core/quant.hpp) are presented as fp32 copies, dequantised at open and owned by the Checkpoint
-// (4 bytes per weight: fine for the small models this library targets), and keep their mapped
-// blocks beside (TensorRef::blocks), which LlamaModel's large matrices are served from.
+// (4 bytes per weight, what training and conversion read), and keep their mapped blocks beside
+// (TensorRef::blocks), which LlamaModel's large matrices are served from. An inference-only user
+// opens with CheckpointOptions::decode_quantised = false and keeps only the map.
 #pragma once
 
 #include <cstddef>
@@ -45,6 +46,16 @@ void unpermute_interleaved_heads(const void* src, void* dst, int64_t n_heads, in
 /// The model hyper-parameters of a llama / qwen2 GGUF file (llama.cpp's metadata keys).
 ModelConfig model_config_from_gguf(const GgufFile& g);
 
+/// How Checkpoint::open presents block-quantised GGUF tensors.
+struct CheckpointOptions {
+  /// Keep each one's fp32 decoding in TensorRef::data (4 bytes per weight). False: a tensor whose
+  /// blocks are offered (TensorRef::blocks) gets data = nullptr and costs nothing beyond the
+  /// file's map; its blocks are still decoded once at open to check that every weight is finite.
+  /// For a model that only runs (LlamaModel decodes what it does not serve from blocks itself);
+  /// calibration, fitting, conversion and training read the decodings.
+  bool decode_quantised = true;
+};
+
 /// A model checkpoint opened for reading. Movable; TensorRefs stay valid while it lives.
 class Checkpoint {
  public:
@@ -52,7 +63,7 @@ class Checkpoint {
 
   /// Opens a HF directory (config.json + model.safetensors or model.safetensors.index.json and its
   /// shards) or a .gguf file. Every tensor's bounds are validated here; errors name the file.
-  static Checkpoint open(const std::filesystem::path& path);
+  static Checkpoint open(const std::filesystem::path& path, const CheckpointOptions& options = {});
 
   Format format() const { return format_; }
   const std::filesystem::path& path() const { return path_; }
@@ -94,7 +105,7 @@ class Checkpoint {
 
   void check_config_against_tensors(const std::string& config_source) const;
 
-  void open_gguf(const std::filesystem::path& file);
+  void open_gguf(const std::filesystem::path& file, const CheckpointOptions& options);
 
   Format format_ = Format::safetensors;
   std::filesystem::path path_;

@@ -30,10 +30,12 @@ struct TensorRef {
   std::string name;
   DType dtype = DType::f32;
   std::vector<int64_t> shape;
+  /// The values; null for a block-quantised tensor whose fp32 decoding was not kept
+  /// (CheckpointOptions::decode_quantised false): read its blocks then.
   const void* data = nullptr;
   /// A GGUF block-quantised tensor also keeps its blocks as stored ([.., cols / block] blocks of
   /// type `quant`, in the file's map) beside the fp32 decoding in `data`, so a linear layer can
-  /// read 4-8 bits per weight instead of 32. Null for dense tensors.
+  /// read 2.6-8.5 bits per weight instead of 32. Null for dense tensors.
   const void* blocks = nullptr;
   GgmlType quant = GgmlType::f32;
 
@@ -52,6 +54,8 @@ struct TensorRef {
              dtype_name(dtype_of<T>()));
     RF_CHECK(int(shape.size()) == N, "tensor ", name, ": shape ", shape_str(), " has rank ", shape.size(),
              ", requested rank ", N);
+    RF_CHECK(data != nullptr || numel() == 0, "tensor ", name, ": its fp32 decoding was not kept (the checkpoint was ",
+             "opened with decode_quantised = false); read its blocks");
     int64_t ext[N];
     for (int d = 0; d < N; ++d) ext[d] = shape[size_t(d)];
     return make_view(static_cast<const T*>(data), ext);

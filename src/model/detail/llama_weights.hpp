@@ -13,6 +13,7 @@
 #include <cstring>
 #include <deque>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "recurformer/core/dtype.hpp"
@@ -84,33 +85,53 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks,
     }
     return t;
   };
+  // A tensor's values and their dtype; a block-quantised one whose fp32 decoding the checkpoint
+  // did not keep (CheckpointOptions::decode_quantised) is decoded here, into scratch.
+  std::vector<float> scratch;
+  auto values = [&](const TensorRef& t) -> std::pair<const void*, DType> {
+    if (t.data || t.numel() == 0) return {t.data, t.dtype};
+    scratch.resize(size_t(t.numel()));
+    dequantize_row(t.quant, t.blocks, t.numel(), scratch.data());
+    return {scratch.data(), DType::f32};
+  };
+  auto converted = [&](const TensorRef& t, int64_t n) -> const TW* {
+    w.owned_tw.emplace_back(size_t(n));
+    TW* dst = w.owned_tw.back().data();
+    if constexpr (std::is_same_v<TW, float>) {
+      if (!t.data && n > 0) {  // straight from the blocks: no scratch copy
+        dequantize_row(t.quant, t.blocks, n, dst);
+        return dst;
+      }
+    }
+    const auto [src, dt] = values(t);
+    convert_values(src, dt, n, dst);
+    return dst;
+  };
   auto mat = [&](const std::string& name, int64_t r, int64_t k) -> View<const TW, 2> {
     const TensorRef& t = get(name, {r, k});
-    if (t.dtype == dtype_of<TW>()) return make_view(static_cast<const TW*>(t.data), {r, k});
-    w.owned_tw.emplace_back(size_t(r * k));
-    convert_values(t.data, t.dtype, r * k, w.owned_tw.back().data());
-    return make_view<const TW>(w.owned_tw.back().data(), {r, k});
+    if (t.data && t.dtype == dtype_of<TW>()) return make_view(static_cast<const TW*>(t.data), {r, k});
+    return make_view<const TW>(converted(t, r * k), {r, k});
   };
   // The projections, MLP and lm_head are served from a GGUF tensor's blocks when it has them, the
   // CPU linear has register kernels for their type and `serve_blocks` is set (the embedding is
   // gathered from its fp32 decoding), x meeting them as x_math says.
   auto matrix = [&](const std::string& name, int64_t r, int64_t k) -> MatrixWeight<TW> {
     MatrixWeight<TW> m;
-    m.dense = mat(name, r, k);
-    const TensorRef& t = ck.tensor(name);
+    const TensorRef& t = get(name, {r, k});
     if (serve_blocks && t.blocks && linear_blocks_are_fast(t.quant, x_math)) m.blocks = BlockWeight{t.blocks, t.quant, x_math};
+    // Served from its blocks without an fp32 decoding: the dense view gives the shape only (linear
+    // reads the blocks; the pointer is the blocks', never dereferenced as TW).
+    m.dense = m.blocks.present() && !t.data ? make_view(static_cast<const TW*>(t.blocks), {r, k}) : mat(name, r, k);
     return m;
   };
   auto vec_tw = [&](const std::string& name, int64_t n) -> View<const TW, 1> {
-    const TensorRef& t = get(name, {n});
-    w.owned_tw.emplace_back(size_t(n));
-    convert_values(t.data, t.dtype, n, w.owned_tw.back().data());
-    return make_view<const TW>(w.owned_tw.back().data(), {n});
+    return make_view<const TW>(converted(get(name, {n}), n), {n});
   };
   auto f32 = [&](const std::string& name, std::initializer_list<int64_t> shape) -> std::vector<float>& {
     const TensorRef& t = get(name, shape);
+    const auto [src, dt] = values(t);
     w.owned_f32.emplace_back(size_t(t.numel()));
-    convert_values(t.data, t.dtype, t.numel(), w.owned_f32.back().data());
+    convert_values(src, dt, t.numel(), w.owned_f32.back().data());
     return w.owned_f32.back();
   };
   auto vec = [&](const std::string& name, int64_t n) { return make_view<const float>(f32(name, {n}).data(), {n}); };
