@@ -1,12 +1,14 @@
 // embedding: exact gather (storage -> storage conversion is exact to fp32 and rounds once to a
 // narrower type) in every table/output dtype pair and ISA, widths 1, not multiples of 16, strided
 // rows and ids, repeated ids; out-of-range ids and bad shapes throw before anything is written.
+// A GGUF block-quantised table, every type, gathers gguf.quants.dequantize's rows bit for bit.
 #include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "recurformer/cpu/embedding.hpp"
+#include "recurformer/model/gguf.hpp"
 #include "support/test_util.hpp"
 
 using namespace recurformer;
@@ -109,4 +111,48 @@ TEST_CASE("embedding rejects out-of-range ids and bad shapes, leaving out untouc
   expect_throw(p, "table is required");
   REQUIRE_NOTHROW(embedding(good(), CpuExec{&pool()}));
   REQUIRE(out[size_t(1 * d)] == float(table[size_t(5 * d)]));
+}
+
+TEST_CASE("embedding gathers a block-quantised table's rows as the gguf package decodes them", "[embedding][quant]") {
+  // tests/data/quant/blocks.gguf: per type a [3, 512] table and its decoding by gguf.quants.dequantize
+  const GgufFile f = GgufFile::open(std::string(RECURFORMER_TEST_DATA_DIR) + "/quant/blocks.gguf");
+  const CpuExec exec{&pool()};
+  int types = 0;
+  for (const GgufTensorInfo& t : f.tensors()) {
+    if (t.type == GgmlType::f32) continue;  // the expected decodings
+    const GgufTensorInfo* want = f.find_tensor(t.name + ".expected");
+    REQUIRE(want);
+    const int64_t vocab = t.ne[1], d = t.ne[0];
+    const float* expected = reinterpret_cast<const float*>(want->data);
+    const std::vector<int32_t> ids = {2, 0, 1, 1, 2, 0, 2};
+    const int64_t T = int64_t(ids.size()), ldo = d + 5;  // strided out rows: the padding stays put
+    std::vector<float> out(size_t(T * ldo), 7.f);
+    const std::vector<float> shape_only(1);
+    EmbeddingParams<float, float> p{make_strided_view(shape_only.data(), {vocab, d}, {0, 1}),
+                                    make_view<const int32_t>(ids.data(), {T}),
+                                    make_strided_view(out.data(), {T, d}, {ldo, 1})};
+    const BlockWeight blocks{t.data, t.type};
+    INFO(ggml_type_name(t.type));
+    REQUIRE(bool(supports(p, blocks, exec)));
+    embedding(p, blocks, exec);
+    for (int64_t r = 0; r < T; ++r) {
+      REQUIRE(std::memcmp(&out[size_t(r * ldo)], expected + ids[size_t(r)] * d, size_t(d) * sizeof(float)) == 0);
+      for (int64_t i = d; i < ldo; ++i) REQUIRE(out[size_t(r * ldo + i)] == 7.f);
+    }
+    ++types;
+  }
+  CHECK(types == 12);
+  // A width that is not whole blocks, and a type that is not a block type, throw before writing.
+  const BlockWeight q4{f.find_tensor("Q4_0")->data, GgmlType::q4_0};
+  const std::vector<float> shape_only(1);
+  const std::vector<int32_t> ids = {0};
+  std::vector<float> out(48, 7.f);
+  EmbeddingParams<float, float> p{make_strided_view(shape_only.data(), {3, 48}, {0, 1}),
+                                  make_view<const int32_t>(ids.data(), {1}), make_view(out.data(), {1, 48})};
+  REQUIRE_THROWS_WITH(embedding(p, q4, exec), "embedding: d = 48 is not whole Q4_0 blocks of 32");
+  CHECK_FALSE(bool(supports(p, q4, exec)));
+  p.table.shape[1] = 32, p.out.shape[1] = 32;
+  REQUIRE_THROWS_WITH(embedding(p, BlockWeight{q4.data, GgmlType::f16}, exec),
+                      "embedding: block weights of type F16 are not a GGUF block type");
+  for (float v : out) REQUIRE(v == 7.f);
 }

@@ -1,6 +1,7 @@
 // recurformer/cpu/embedding.hpp: CPU embedding lookup (ops/embedding.hpp).
 //
-// A gather of table rows: a plain copy when the types match, a vector conversion otherwise.
+// A gather of table rows: a plain copy when the types match, a vector conversion otherwise, a
+// block decoding per row for a GGUF block-quantised table.
 // Tokens are split into one contiguous block per thread.
 // Backward: rows of dtable zeroed in parallel (unless accumulating), then the columns split into
 // blocks of 16 floats (one 64-byte line) across threads, each adding every token's slice in token
@@ -123,6 +124,32 @@ void embedding(const EmbeddingParams<T, TW>& p, CpuExec exec) {
       default:
         return cpu::detail::embedding_scalar(e - b, d, p.table.data, ldt, ids, ids_stride, out, ldo);
     }
+  });
+}
+
+/// Whether embedding(p, blocks, CpuExec) runs.
+template <class TW>
+Support supports(const EmbeddingParams<float, TW>& p, BlockWeight blocks, CpuExec) {
+  return detail::support_of([&] { check(p, blocks); });
+}
+
+/// out[t] = table[ids[t]], the rows read from `blocks` when present (each row's blocks decoded
+/// into out as dequantize() does: bit for bit the table's fp32 decoding), else from p.table.
+template <class TW>
+void embedding(const EmbeddingParams<float, TW>& p, BlockWeight blocks, CpuExec exec) {
+  check(p, blocks);
+  if (!blocks.present()) return embedding(p, exec);
+  dispatch_quant(blocks.type, [&](auto tag) {
+    using B = typename decltype(tag)::type;
+    const int64_t per_row = p.table.shape[1] / B::size;
+    const B* table = static_cast<const B*>(blocks.data);
+    exec.parallel_for(p.ids.shape[0], [&](int64_t b, int64_t e, int) {
+      for (int64_t t = b; t < e; ++t) {
+        const B* row = table + int64_t(p.ids(t)) * per_row;
+        float* out = p.out.ptr(t, 0);
+        for (int64_t k = 0; k < per_row; ++k) row[k].dequantize(out + k * B::size);
+      }
+    });
   });
 }
 

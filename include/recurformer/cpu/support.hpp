@@ -5,7 +5,7 @@
 // host), so for the params types the cpu/ entry points take the answer is that check, reported
 // instead of thrown. Ops whose entry points share a params type have their own query next to them:
 // supports_update (cpu/selective_scan.hpp, cpu/causal_conv1d.hpp) and the block-weight linear's
-// supports(p, blocks, exec) (cpu/linear.hpp).
+// and embedding's supports(p, blocks, exec) (cpu/linear.hpp, cpu/embedding.hpp).
 #pragma once
 
 #include <type_traits>

@@ -4,7 +4,9 @@
 //
 // Every id is checked against the vocabulary before anything is written: an id outside
 // [0, vocab) throws Error naming the token index and the id. The CPU implementation is in
-// cpu/embedding.hpp.
+// cpu/embedding.hpp. A GGUF block-quantised table is gathered from its blocks
+// (embedding(p, BlockWeight, exec)): each row decoded as core/quant.hpp's dequantize() does, so
+// the rows are bit for bit those of the table's fp32 decoding.
 //
 // Backward (fp32): the rows of dout scatter-added into the table's gradient,
 //
@@ -21,6 +23,7 @@
 
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/view.hpp"
+#include "recurformer/ops/block_weight.hpp"
 
 namespace recurformer {
 
@@ -54,6 +57,14 @@ void check(const EmbeddingParams<T, TW>& p) {
   detail::check_inner_contiguous(op, "table", p.table);
   detail::check_inner_contiguous(op, "out", p.out);
   detail::check_ids(op, p.ids, vocab);
+}
+
+/// Throws Error unless p is a valid embedding call reading its rows from `blocks` when present
+/// (the table view then gives the shape only: [vocab, d], d whole blocks).
+template <class TW>
+void check(const EmbeddingParams<float, TW>& p, BlockWeight blocks) {
+  check(p);
+  if (blocks.present()) detail::check_blocks("embedding", "d", p.table.shape[1], blocks);
 }
 
 struct EmbeddingBackwardParams {

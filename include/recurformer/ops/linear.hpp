@@ -23,6 +23,7 @@
 #include "recurformer/core/dtype.hpp"
 #include "recurformer/core/quant.hpp"
 #include "recurformer/core/view.hpp"
+#include "recurformer/ops/block_weight.hpp"
 
 namespace recurformer {
 
@@ -44,24 +45,6 @@ struct LinearParams {
   View<const TW, 2> weight;  // [out, in / LinearWeight<TW>::block], HF row-major
   View<const typename LinearWeight<TW>::bias_type, 1> bias;  // [out] optional (TW; fp32 for blocks)
   View<TX, 2> y;             // [tokens, out]
-};
-
-/// How linear multiplies x by block weights.
-///   fp32: x as it is, times the decoded weights (the fp32 product of the dequantised matrix).
-///   int8: on the GEMV path (at most LinearBlocking::kGemvMaxTokens tokens) of Q4_0, Q4_1 and Q8_0,
-///         x is first quantised per 32 values to 8 bits (scale max|x| / 127, round half to even) and
-///         the dot products are integer, as llama.cpp computes them: faster, and off by x's rounding
-///         (at most half a step, max|x| / 254, per value). Elsewhere x stays fp32.
-enum class ActivationMath : uint8_t { fp32, int8 };
-
-/// A weight matrix's GGUF blocks ([out, in / block] blocks of `type`), for callers that hold a matrix
-/// both as a dense view and as the blocks it was decoded from, and multiply by the blocks (4.5-8.5
-/// bits per weight read instead of 16-32): linear(p, blocks, ...) in cpu/linear.hpp.
-struct BlockWeight {
-  const void* data = nullptr;
-  GgmlType type = GgmlType::f32;
-  ActivationMath x_math = ActivationMath::fp32;
-  bool present() const { return data != nullptr; }
 };
 
 /// Throws Error unless p is a valid linear call (the workspace is checked by linear()).
@@ -91,10 +74,7 @@ template <class TW>
 void check(const LinearParams<float, TW>& p, BlockWeight blocks) {
   check(p);
   if (!blocks.present()) return;
-  RF_CHECK(is_quantized(blocks.type), "linear: block weights of type ", ggml_type_name(blocks.type),
-           " are not a GGUF block type");
-  const int64_t block = ggml_type_traits(blocks.type).block, in = p.x.shape[1];
-  RF_CHECK(in % block == 0, "linear: in = ", in, " is not whole ", ggml_type_name(blocks.type), " blocks of ", block);
+  detail::check_blocks("linear", "in", p.x.shape[1], blocks);
   RF_CHECK((std::is_same_v<TW, float>) || !p.bias.present(), "linear: a bias with block weights must be fp32");
 }
 
