@@ -117,7 +117,7 @@ class LlamaImpl final : public LlamaImplBase {
     auto gate = make_view(buf.gate, {T, F});
     auto up = make_view(buf.up, {T, F});
 
-    embedding(EmbeddingParams<float, TW>{w_.embed, b.tokens, x}, exec);
+    embedding(EmbeddingParams<float, TW>{w_.embed.dense, b.tokens, x}, w_.embed.blocks, exec);
     for (int l = 0; l < cfg_.n_layers; ++l) {
       const LlamaLayerWeights<TW>& L = w_.layers[size_t(l)];
       rmsnorm(RmsNormParams<float, float>{x, L.attn_norm, xn, cfg_.rms_eps}, exec);

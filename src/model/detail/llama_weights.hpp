@@ -61,7 +61,7 @@ struct LlamaLayerWeights {
 
 template <class TW>
 struct LlamaWeights {
-  View<const TW, 2> embed;     // [vocab, d]
+  MatrixWeight<TW> embed;      // [vocab, d], gathered from its blocks when served
   MatrixWeight<TW> lm_head;    // [vocab, d] (the embedding when tied)
   View<const float, 1> final_norm;  // [d]
   std::vector<LlamaLayerWeights<TW>> layers;
@@ -112,15 +112,16 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks,
     if (t.data && t.dtype == dtype_of<TW>()) return make_view(static_cast<const TW*>(t.data), {r, k});
     return make_view<const TW>(converted(t, r * k), {r, k});
   };
-  // The projections, MLP and lm_head are served from a GGUF tensor's blocks when it has them, the
-  // CPU linear has register kernels for their type and `serve_blocks` is set (the embedding is
-  // gathered from its fp32 decoding), x meeting them as x_math says.
-  auto matrix = [&](const std::string& name, int64_t r, int64_t k) -> MatrixWeight<TW> {
+  // With `serve_blocks`, the projections, MLP and lm_head are served from a GGUF tensor's blocks
+  // when it has them and the CPU linear has register kernels for their type, x meeting them as
+  // x_math says; the embedding is gathered from its blocks whatever the type (a row decoding).
+  auto matrix = [&](const std::string& name, int64_t r, int64_t k, bool gathered = false) -> MatrixWeight<TW> {
     MatrixWeight<TW> m;
     const TensorRef& t = get(name, {r, k});
-    if (serve_blocks && t.blocks && linear_blocks_are_fast(t.quant, x_math)) m.blocks = BlockWeight{t.blocks, t.quant, x_math};
+    if (serve_blocks && t.blocks && (gathered || linear_blocks_are_fast(t.quant, x_math)))
+      m.blocks = BlockWeight{t.blocks, t.quant, x_math};
     // Served from its blocks without an fp32 decoding: the dense view gives the shape only (linear
-    // reads the blocks; the pointer is the blocks', never dereferenced as TW).
+    // and embedding read the blocks; the pointer is the blocks', never dereferenced as TW).
     m.dense = m.blocks.present() && !t.data ? make_view(static_cast<const TW*>(t.blocks), {r, k}) : mat(name, r, k);
     return m;
   };
@@ -137,7 +138,7 @@ void bind_llama_weights(const Ckpt& ck, const ModelConfig& c, bool serve_blocks,
   auto vec = [&](const std::string& name, int64_t n) { return make_view<const float>(f32(name, {n}).data(), {n}); };
 
   const int64_t d = c.d_model, hd = c.head_dim, nq = c.n_q, nkv = c.n_kv, V = c.vocab_size;
-  w.embed = mat("model.embed_tokens.weight", V, d);
+  w.embed = matrix("model.embed_tokens.weight", V, d, true);
   w.lm_head = matrix(c.tie_word_embeddings || !ck.has("lm_head.weight") ? "model.embed_tokens.weight" : "lm_head.weight",
                      V, d);
   w.final_norm = vec("model.norm.weight", d);
