@@ -95,7 +95,16 @@ TEST_CASE("block structs have ggml's sizes and the traits agree", "[quant]") {
                       "dequantize: 40 weights are not whole Q4_0 blocks of 32");
 }
 
-TEST_CASE("K-quant scales decode a word at a time as one at a time", "[quant]") {
+TEST_CASE("K-quant scales decode a word at a time as ggml's byte-at-a-time unpacking", "[quant]") {
+  // The references, a byte at a time as ggml writes them: get_scale_min_k4 (Q4_K / Q5_K), and
+  // Q3_K's scale k: low nibble k / 8 of byte k % 8, high bit pair k / 4 of byte 8 + k % 4, less 32.
+  auto k4_scale_min = [](const uint8_t* s, int j, int& sc, int& mn) {
+    sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  };
+  auto k3_scale = [](const uint8_t* s, int k) {
+    return (((s[k % 8] >> (4 * (k / 8))) & 0x0F) | ((s[8 + k % 4] >> (2 * (k / 4))) & 3) << 4) - 32;
+  };
   // each of the 12 bytes takes each of its 256 values once (37 is odd), beside different neighbours
   for (int v = 0; v < 256; ++v) {
     uint8_t s[12];
@@ -103,17 +112,17 @@ TEST_CASE("K-quant scales decode a word at a time as one at a time", "[quant]") 
     uint8_t sc[8], mn[8];
     detail::k4_scales_mins(s, sc, mn);
     for (int j = 0; j < 8; ++j) {
-      uint8_t sc1, mn1;
-      detail::k4_scale_min(s, j, sc1, mn1);
+      int sc1, mn1;
+      k4_scale_min(s, j, sc1, mn1);
       CAPTURE(v, j);
-      REQUIRE(int(sc[j]) == int(sc1));
-      REQUIRE(int(mn[j]) == int(mn1));
+      REQUIRE(int(sc[j]) == sc1);
+      REQUIRE(int(mn[j]) == mn1);
     }
     int k3[16];
     detail::k3_scales(s, k3);
     for (int k = 0; k < 16; ++k) {
       CAPTURE(v, k);
-      REQUIRE(k3[k] == detail::k3_scale(s, k));
+      REQUIRE(k3[k] == k3_scale(s, k));
     }
   }
 }

@@ -47,18 +47,8 @@ RF_HOST_DEVICE inline float half_field(half h) { return half_bits_to_float(h.bit
 RF_HOST_DEVICE inline uint32_t load_u32_le(const uint8_t* p) {
   return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
 }
-/// The 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K block (ggml's get_scale_min_k4).
-RF_HOST_DEVICE inline void k4_scale_min(const uint8_t* s, int j, uint8_t& sc, uint8_t& mn) {
-  if (j < 4) {
-    sc = s[j] & 63;
-    mn = s[j + 4] & 63;
-  } else {
-    sc = uint8_t((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4));
-    mn = uint8_t((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-  }
-}
-/// All eight scales and mins of a Q4_K / Q5_K block at once (k4_scale_min for j = 0..7), a 32-bit
-/// word at a time: bytes 0-3 hold scales 0-3 and the high bits of scales 4-7, bytes 4-7 mins 0-3 and
+/// The eight 6-bit scales and mins of a Q4_K / Q5_K block's sub-blocks (ggml's get_scale_min_k4
+/// for j = 0..7), a 32-bit word at a time: bytes 0-3 hold scales 0-3 and the high bits of scales 4-7, bytes 4-7 mins 0-3 and
 /// the high bits of mins 4-7, bytes 8-11 the low nibbles of scales 4-7 (low) and mins 4-7 (high).
 RF_HOST_DEVICE inline void k4_scales_mins(const uint8_t* s, uint8_t (&sc)[8], uint8_t (&mn)[8]) {
   const uint32_t w0 = load_u32_le(s), w1 = load_u32_le(s + 4), w2 = load_u32_le(s + 8);
@@ -70,14 +60,10 @@ RF_HOST_DEVICE inline void k4_scales_mins(const uint8_t* s, uint8_t (&sc)[8], ui
     mn[i] = uint8_t(words[2] >> (8 * i)), mn[i + 4] = uint8_t(words[3] >> (8 * i));
   }
 }
-/// The signed 6-bit scale of 16-weight sub-block k (0..15) of a Q3_K block: its low four bits in
-/// bytes 0..7, its high two in bytes 8..11 (ggml's kmask unpacking), less 32.
-RF_HOST_DEVICE inline int k3_scale(const uint8_t* s, int k) {
-  const int lo = (s[k % 8] >> (4 * (k / 8))) & 0x0F, hi = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
-  return (lo | hi << 4) - 32;
-}
-/// All sixteen k3_scale values at once, a 32-bit word at a time: scales 4i..4i+3 take the low or
-/// high nibbles of bytes 0-3 or 4-7 and bit pair i of bytes 8-11.
+/// The sixteen signed 6-bit scales of a Q3_K block's 16-weight sub-blocks, less 32: scale k's low
+/// four bits are nibble k / 8 of byte k % 8, its high two bit pair k / 4 of byte 8 + k % 4 (ggml's
+/// kmask unpacking). A 32-bit word at a time: scales 4i..4i+3 take the low or high nibbles of
+/// bytes 0-3 or 4-7 and bit pair i of bytes 8-11.
 RF_HOST_DEVICE inline void k3_scales(const uint8_t* s, int (&sc)[16]) {
   const uint32_t w0 = load_u32_le(s), w1 = load_u32_le(s + 4), w2 = load_u32_le(s + 8);
   const uint32_t lo4 = 0x0f0f0f0fu, top2 = 0x03030303u;
@@ -200,8 +186,10 @@ struct alignas(2) BlockQ3_K {
   half d;
   RF_HOST_DEVICE void dequantize(float* out) const {
     const float df = detail::half_field(d);
+    int sc[16];
+    detail::k3_scales(scales, sc);
     float dl[16];
-    for (int k = 0; k < 16; ++k) dl[k] = df * float(detail::k3_scale(scales, k));
+    for (int k = 0; k < 16; ++k) dl[k] = df * float(sc[k]);
     for (int i = 0; i < 256; ++i) {
       const int g = i / 128, s = (i / 32) % 4, b = i % 32;
       const int low = (qs[32 * g + b] >> (2 * s)) & 3, high = ((hmask[b] >> (i / 32)) & 1) ^ 1;
@@ -214,14 +202,14 @@ struct alignas(2) BlockQ4_K {
   static constexpr int64_t size = 256;
   static constexpr GgmlType type = GgmlType::q4_k;
   half d, dmin;
-  uint8_t scales[12];  ///< eight 6-bit scales and mins (detail::k4_scale_min)
+  uint8_t scales[12];  ///< eight 6-bit scales and mins (detail::k4_scales_mins)
   uint8_t qs[128];     ///< weight 64 g + 32 s + b: nibble s of qs[32 g + b]
   RF_HOST_DEVICE void dequantize(float* out) const {
     const float df = detail::half_field(d), mf = detail::half_field(dmin);
+    uint8_t sc[8], mn[8];
+    detail::k4_scales_mins(scales, sc, mn);
     for (int j = 0; j < 8; ++j) {
-      uint8_t sc, mn;
-      detail::k4_scale_min(scales, j, sc, mn);
-      const float dl = df * float(sc), ml = mf * float(mn);
+      const float dl = df * float(sc[j]), ml = mf * float(mn[j]);
       for (int b = 0; b < 32; ++b) {
         const float v = dl * float((qs[32 * (j / 2) + b] >> (4 * (j % 2))) & 0x0F);
         out[32 * j + b] = v - ml;
@@ -239,10 +227,10 @@ struct alignas(2) BlockQ5_K {
   uint8_t qs[128];  ///< low four bits, laid out as Q4_K
   RF_HOST_DEVICE void dequantize(float* out) const {
     const float df = detail::half_field(d), mf = detail::half_field(dmin);
+    uint8_t sc[8], mn[8];
+    detail::k4_scales_mins(scales, sc, mn);
     for (int j = 0; j < 8; ++j) {
-      uint8_t sc, mn;
-      detail::k4_scale_min(scales, j, sc, mn);
-      const float dl = df * float(sc), ml = mf * float(mn);
+      const float dl = df * float(sc[j]), ml = mf * float(mn[j]);
       for (int b = 0; b < 32; ++b) {
         const int q = ((qs[32 * (j / 2) + b] >> (4 * (j % 2))) & 0x0F) | ((qh[b] >> j) & 1) << 4;
         const float v = dl * float(q);
