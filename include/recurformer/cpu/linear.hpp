@@ -136,9 +136,9 @@ void linear(const LinearParams<TX, TW>& p, CpuExec exec, void* workspace, size_t
 /// slower than fp32 weights (benchmarks.md): correct, not fast.
 inline bool linear_blocks_are_fast(GgmlType t, ActivationMath x_math) {
   if (!is_quantized(t)) return false;
-  return dispatch_quant(t, [x_math](auto tag) {
+  if (x_math == ActivationMath::int8) return true;  // kQ8DotBlock: every block type
+  return dispatch_quant(t, [](auto tag) {
     using B = typename decltype(tag)::type;
-    if (x_math == ActivationMath::int8 && cpu::detail::kQ8DotBlock<B>) return true;
     return cpu::detail::kNibbleBlock<B> || std::is_same_v<B, BlockQ8_0>;
   });
 }
