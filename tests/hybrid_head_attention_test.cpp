@@ -68,6 +68,8 @@ struct Runner {
   std::vector<unsigned char> ws;
   ThreadPool pool{2};
   bool threaded = true;  // false: run on the calling thread (fast on a loaded 2-core CI machine)
+  bool planned = false;  // true: each step planned once (plan_hybrid_step), the layer run from it
+  std::vector<unsigned char> meta;
 
   Runner(const Model<TW>& model, int slots, int64_t capacity, int64_t page_size = 0)
       : m(model), cache(model.cache_config(slots, capacity, page_size)) {
@@ -96,9 +98,22 @@ struct Runner {
     auto p = params(pb.x, out, pb.cu, pb.slots);
     CpuExec exec{threaded ? &pool : nullptr};
     cache.reserve(rftest::cview(pb.slots), rftest::cview(pb.counts));
-    REQUIRE(supports(p, exec));
-    ws.resize(hybrid_head_attention_workspace_bytes(p, exec));
-    hybrid_head_attention(p, exec, ws.data(), ws.size());
+    if (planned) {
+      const int64_t n = p.x.shape[0];
+      const HybridStep st = hybrid_step(cache, p.cu_seqlens, p.slots);
+      const HybridStepShape sh = hybrid_step_shape(cache, kNq, kRank);
+      meta.resize(hybrid_step_metadata_bytes(sh, st, n));
+      const HybridStepPlan<T, TW> plan =
+          plan_hybrid_step<T, TW>(sh, st, n, exec, HybridPlanBuffers{meta.data(), nullptr, meta.size()});
+      p.cu_seqlens = {}, p.slots = {};
+      REQUIRE(supports(p, plan, exec));
+      ws.resize(hybrid_head_attention_workspace_bytes(p, plan, exec));
+      hybrid_head_attention(p, plan, exec, ws.data(), ws.size());
+    } else {
+      REQUIRE(supports(p, exec));
+      ws.resize(hybrid_head_attention_workspace_bytes(p, exec));
+      hybrid_head_attention(p, exec, ws.data(), ws.size());
+    }
     pb.advance(cache, done, batch);
     return out;
   }
@@ -240,6 +255,60 @@ TEMPLATE_LIST_TEST_CASE("HybridHeadAttention capacity error leaves cache and out
   agrees(pr);
   REQUIRE(dump() == before);
   for (float o : out2) REQUIRE(o == -7.f);
+}
+
+TEMPLATE_LIST_TEST_CASE("HybridHeadAttention over a step plan == the one-shot call, bit for bit; supports(p, plan) agrees with it",
+                        "[hybrid_head_attention]", rftest::StorageTypes) {
+  using T = TestType;
+  Model<T> m({{K::attention, K::recurrent, K::streaming}}, true);
+  std::vector<std::vector<float>> xs;
+  for (int64_t L : kLens) xs.push_back(rftest::random_vector<float>(size_t(L * kDModel)));
+  for (const auto& schedule : {chunked(), prefill_then_decode()}) {
+    Runner<T, T> once(m, int(kLens.size()), 40), planned(m, int(kLens.size()), 40);
+    planned.planned = true;
+    const auto a = run_schedule(once, xs, schedule), b = run_schedule(planned, xs, schedule);
+    for (size_t s = 0; s < xs.size(); ++s) {
+      REQUIRE(a[s].size() == b[s].size());
+      REQUIRE(std::memcmp(a[s].data(), b[s].data(), a[s].size() * sizeof(float)) == 0);
+    }
+  }
+
+  // A plan for 3 tokens of slot 0, made on the calling thread.
+  Runner<T, T> r(m, 2, 12), other(m, 2, 12);
+  std::vector<float> x(size_t(3 * kDModel), 0.5f), out(x.size(), -7.f);
+  const std::vector<int32_t> cu = {0, 3}, slots = {0};
+  HybridHeadAttentionParams<T, T> p = r.params(x, out, cu, slots);
+  r.cache.reserve(rftest::cview(slots), rftest::cview(std::vector<int32_t>{3}));
+  const HybridStepShape sh = hybrid_step_shape(r.cache, kNq, kRank);
+  const HybridStep st = hybrid_step(r.cache, p.cu_seqlens, p.slots);
+  std::vector<unsigned char> meta(hybrid_step_metadata_bytes(sh, st, 3)), ws(1 << 22);
+  const HybridStepPlan<T, T> plan =
+      plan_hybrid_step<T, T>(sh, st, 3, CpuExec{}, HybridPlanBuffers{meta.data(), nullptr, meta.size()});
+  auto agrees = [&](const HybridHeadAttentionParams<T, T>& q, const HybridStepPlan<T, T>& pl, CpuExec ex,
+                    const char* what) {
+    REQUIRE_THROWS_WITH(hybrid_head_attention(q, pl, ex, ws.data(), ws.size()), Catch::Contains(what));
+    REQUIRE_FALSE(supports(q, pl, ex));
+    rftest::require_agrees(supports(q, pl, ex), [&] { hybrid_head_attention(q, pl, ex, ws.data(), ws.size()); });
+  };
+  agrees(p, plan, CpuExec{}, "leave them empty");  // the step given twice
+  p.cu_seqlens = {}, p.slots = {};
+  agrees(p, HybridStepPlan<T, T>{}, CpuExec{}, "the plan is empty");
+  agrees(p, plan, CpuExec{&r.pool}, "runs on 2 threads but the plan's scratch was sized for 1");
+  HybridHeadAttentionParams<T, T> q = p;
+  q.cache = &other.cache;
+  agrees(q, plan, CpuExec{}, "another cache's lengths");
+  q = p;
+  q.n_q = 4;
+  agrees(q, plan, CpuExec{}, "n_q");
+  q = p;
+  std::vector<float> x2(size_t(2 * kDModel), 0.5f), out2(x2.size(), -7.f);
+  q.x = make_view(x2.data(), {2, int64_t(kDModel)}), q.out = make_view(out2.data(), {2, int64_t(kDModel)});
+  agrees(q, plan, CpuExec{}, "the plan is for 3");
+  for (float o : out) REQUIRE(o == -7.f);
+  REQUIRE_THROWS_WITH(hybrid_head_attention(p, plan, CpuExec{}, ws.data(), 100), Catch::Contains("workspace"));
+  REQUIRE(supports(p, plan, CpuExec{}));  // the workspace is the caller's to size
+  hybrid_head_attention(p, plan, CpuExec{}, ws.data(), ws.size());
+  REQUIRE(out[0] != -7.f);
 }
 
 TEMPLATE_LIST_TEST_CASE("HybridHeadAttention snapshot/restore and fork reproduce outputs",
@@ -412,6 +481,7 @@ struct EngineRunner {
       const HybridStepPlan<T, TW> plan =
           plan_hybrid_step<T, TW>(sh, st, n, exec, HybridPlanBuffers{meta.data(), nullptr, meta.size()});
       cp.step = HybridStep{};
+      REQUIRE(supports(cp, plan, exec));
       std::vector<unsigned char> ws(plan.workspace_bytes);
       g_allocs = 0;
       g_count_allocs = true;
@@ -560,36 +630,49 @@ TEST_CASE("hybrid_attention_core: bad steps are named and write nothing", "[hybr
                       Catch::Contains("the step has a page table but the shape's kv_pages is 0"));
   const HybridStepPlan<float, float> plan = plan_hybrid_step<float, float>(sh, st, 3, CpuExec{}, buf);
   REQUIRE(plan.workspace_bytes > 0);
+  // supports(p, plan, exec) answers every failure of the planned call but the workspace's size.
+  auto plan_agrees = [&](const HybridStepPlan<float, float>& pl, CpuExec ex) {
+    REQUIRE_FALSE(supports(cp, pl, ex));
+    rftest::require_agrees(supports(cp, pl, ex), [&] { hybrid_attention_core(cp, pl, ex, ws.data(), ws.size()); });
+  };
   cp.step = st;
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, plan, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("leave p.step empty"));
+  plan_agrees(plan, CpuExec{});
   cp.step = HybridStep{};
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, plan, CpuExec{}, ws.data(), plan.workspace_bytes - 1),
                       Catch::Contains("plan.workspace_bytes"));
   cp.q.shape[0] = cp.k.shape[0] = cp.v.shape[0] = cp.dt_low.shape[0] = cp.out.shape[0] = 2;
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, plan, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("q has 2 tokens but the plan is for 3"));
+  plan_agrees(plan, CpuExec{});
   cp.q.shape[0] = cp.k.shape[0] = cp.v.shape[0] = cp.dt_low.shape[0] = cp.out.shape[0] = 3;
   HybridStepShape small = sh;
   small.max_ring_groups = 0;
   const HybridStepPlan<float, float> small_plan = plan_hybrid_step<float, float>(small, st, 3, CpuExec{}, buf);
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, small_plan, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("1 ring (streaming or windowed) groups, more than the plan's shape allows (0)"));
+  plan_agrees(small_plan, CpuExec{});
   HybridStepShape other_pool = sh;
   other_pool.kv_pages = e.pages + 1;
   const HybridStepPlan<float, float> pool_plan = plan_hybrid_step<float, float>(other_pool, st, 3, CpuExec{}, buf);
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, pool_plan, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("the plan's shape has kv_pages " + std::to_string(e.pages + 1)));
+  plan_agrees(pool_plan, CpuExec{});
   HybridStepShape rank = sh;
   rank.max_dt_rank = kRank - 1;
   const HybridStepPlan<float, float> rank_plan = plan_hybrid_step<float, float>(rank, st, 3, CpuExec{}, buf);
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, rank_plan, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("more than the plan's max_dt_rank"));
+  plan_agrees(rank_plan, CpuExec{});
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, HybridStepPlan<float, float>{}, CpuExec{}, ws.data(), ws.size()),
                       Catch::Contains("the plan is empty"));
+  plan_agrees(HybridStepPlan<float, float>{}, CpuExec{});
   REQUIRE_THROWS_WITH(hybrid_attention_core(cp, plan, CpuExec{&e.pool}, ws.data(), ws.size()),
                       Catch::Contains("runs on 2 threads but the plan's scratch was sized for 1"));
+  plan_agrees(plan, CpuExec{&e.pool});
   untouched();
+  REQUIRE(supports(cp, plan, CpuExec{}));
   hybrid_attention_core(cp, plan, CpuExec{}, ws.data(), ws.size());  // and the good plan runs
   REQUIRE(out[0] != -7.f);
 }

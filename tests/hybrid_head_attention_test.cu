@@ -259,6 +259,7 @@ TEST_CASE("CUDA HybridHeadAttention: a planned decode step captured in a graph a
           HybridPlanBuffers{pm.device, pm.staging, meta_bytes});
       auto p = r.params(dx.data(), out, S, cu, slots);
       p.cu_seqlens = {}, p.slots = {};  // the plan holds the step
+      REQUIRE(supports(p, plan, exec));
       if (step == 0) r.reserve(hybrid_head_attention_workspace_bytes(p, plan, exec));
       if (!capture) {
         hybrid_head_attention(p, plan, exec, r.ws, r.ws_bytes);

@@ -237,4 +237,18 @@ Support supports(const HybridHeadAttentionParams<T, TW>& p, CpuExec exec) {
   return detail::support_of([&] { detail::hybrid::check_layer_call(p, exec); });
 }
 
+/// Whether hybrid_attention_core(p, plan, CpuExec, ...) runs: the layer's views and weights against
+/// the plan's shape and threads, and the core's dry run over the planned step (the step itself was
+/// checked by plan_hybrid_step). The workspace is the caller's to size (plan.workspace_bytes).
+template <class T, class TW>
+Support supports(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, CpuExec exec) {
+  return detail::support_of([&] { detail::hybrid::check_core_plan_call(p, plan, exec); });
+}
+
+/// Whether hybrid_head_attention(p, plan, CpuExec, ...) runs: the same, with the projections.
+template <class T, class TW>
+Support supports(const HybridHeadAttentionParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, CpuExec exec) {
+  return detail::support_of([&] { detail::hybrid::check_layer_plan_call(p, plan, exec); });
+}
+
 }  // namespace recurformer

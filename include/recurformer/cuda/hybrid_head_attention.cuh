@@ -176,4 +176,18 @@ Support supports(const HybridHeadAttentionParams<T, TW, DeviceMemory>& p, CudaEx
   return detail::support_of([&] { detail::hybrid::check_layer_call(p, exec); });
 }
 
+/// Whether hybrid_attention_core(p, plan, CudaExec, ...) runs: the views and weights against the
+/// plan's shape, and every CUDA limit above, without touching the device.
+template <class T, class TW>
+Support supports(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, CudaExec exec) {
+  return detail::support_of([&] { detail::hybrid::check_core_plan_call(p, plan, exec); });
+}
+
+/// Whether hybrid_head_attention(p, plan, CudaExec, ...) runs: the same, with the projections.
+template <class T, class TW>
+Support supports(const HybridHeadAttentionParams<T, TW, DeviceMemory>& p, const HybridStepPlan<T, TW>& plan,
+                 CudaExec exec) {
+  return detail::support_of([&] { detail::hybrid::check_layer_plan_call(p, plan, exec); });
+}
+
 }  // namespace recurformer

@@ -666,19 +666,34 @@ HybridStepPlan<T, TW> plan_step(const HybridStepShape& sh, const HybridStep& st,
   return plan;
 }
 
-/// One layer over the step's plan: no allocation, no synchronisation, no metadata upload.
-template <class Exec, class T, class TW>
-void core_call(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, Exec exec,
-               void* workspace, size_t workspace_bytes) {
+template <class T, class TW>
+void check_core_plan_args(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan) {
   RF_CHECK(plan.metadata != nullptr, kCoreOp, ": the plan is empty (make it with plan_hybrid_step)");
   RF_CHECK(!p.step.cu_seqlens.present() && !p.step.slots.present() && !p.step.lengths.present() &&
                !p.step.page_table.present(),
            kCoreOp, ": p.step is given beside a plan: the plan holds the step, leave p.step empty");
+}
+
+/// One layer over the step's plan: no allocation, no synchronisation, no metadata upload.
+template <class Exec, class T, class TW>
+void core_call(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, Exec exec,
+               void* workspace, size_t workspace_bytes) {
+  check_core_plan_args(p, plan);
   RF_CHECK(workspace != nullptr && workspace_bytes >= plan.workspace_bytes, kCoreOp, ": workspace has ",
            workspace_bytes, " bytes, expected at least ", plan.workspace_bytes, " (plan.workspace_bytes)");
   unsigned char* ws = align_ptr(workspace);
   const Plan pl = prepare_layer(p, plan, exec, ws);
   if (pl.n) run<true>(p, pl, plan.step, exec, plan.metadata, ws);
+}
+
+/// Every check core_call(p, plan, exec, ...) makes but the workspace's size (the caller's to
+/// choose), nothing run or written: what supports(p, plan, exec) answers. The dry run reads the
+/// plan's metadata where the plan put it (host memory on the CPU; CUDA's checks read no index array).
+template <class Exec, class T, class TW>
+void check_core_plan_call(const HybridAttentionCoreParams<T, TW>& p, const HybridStepPlan<T, TW>& plan, Exec exec) {
+  check_core_plan_args(p, plan);
+  const QueryScratch ws(plan.workspace_bytes);  // allocated, never touched (as in check_core_call)
+  prepare_layer(p, plan, exec, ws.get());
 }
 
 // The one-shot call plans a step for this layer alone, its metadata at the head of the workspace.
@@ -911,30 +926,63 @@ void check_plan_for(const HybridHeadAttentionParams<T, TW, M>& p, const HybridSt
            ": the plan was made over another cache's lengths (plan the step with hybrid_step(cache, ...))");
 }
 
+// A planned layer's workspace: its projections, their linears' scratch, then the core's.
+struct PlannedLayer {
+  LayerPlan lp;
+  size_t lin_bytes = 0, core_off = 0, bytes = 0;  // bytes: all of it, from an aligned base
+};
+
+template <class Exec, class T, class TW, class M>
+PlannedLayer planned_layer(const HybridHeadAttentionParams<T, TW, M>& p, const HybridStepPlan<T, TW>& plan,
+                           Exec exec) {
+  check_plan_for(p, plan);
+  PlannedLayer r;
+  r.lp = plan_layer(p);
+  r.lin_bytes = layer_lin_bytes(p, exec);
+  r.core_off = r.lp.lin + align_up(r.lin_bytes);
+  r.bytes = r.core_off + plan.workspace_bytes;
+  return r;
+}
+
+// Every check of the planned layer over the workspace at ws (aligned), nothing written: the
+// projections' params, then the core's dry run. Returns the core's views and the layer plan.
+template <class Exec, class T, class TW, class M>
+std::pair<HybridAttentionCoreParams<T, TW>, Plan> check_planned_layer(const HybridHeadAttentionParams<T, TW, M>& p,
+                                                                      const HybridStepPlan<T, TW>& plan,
+                                                                      const PlannedLayer& pd, Exec exec,
+                                                                      unsigned char* ws) {
+  const HybridAttentionCoreParams<T, TW> cp = core_params(p, pd.lp, ws, false);
+  project<false>(p, cp, pd.lp, exec, ws, pd.lin_bytes, true);
+  project<false>(p, cp, pd.lp, exec, ws, pd.lin_bytes, false);
+  return {cp, prepare_layer(cp, plan, exec, ws + pd.core_off)};
+}
+
 template <class Exec, class T, class TW, class M>
 size_t workspace_bytes(const HybridHeadAttentionParams<T, TW, M>& p, const HybridStepPlan<T, TW>& plan, Exec exec) {
-  check_plan_for(p, plan);
-  return kAlign + plan_layer(p).lin + align_up(layer_lin_bytes(p, exec)) + plan.workspace_bytes;
+  return kAlign + planned_layer(p, plan, exec).bytes;
+}
+
+/// Every check call(p, plan, exec, ...) makes but the workspace's size: supports(p, plan, exec).
+template <class Exec, class T, class TW, class M>
+void check_layer_plan_call(const HybridHeadAttentionParams<T, TW, M>& p, const HybridStepPlan<T, TW>& plan,
+                           Exec exec) {
+  const PlannedLayer pd = planned_layer(p, plan, exec);
+  const QueryScratch ws(pd.bytes);  // allocated, never touched (as in check_core_call)
+  check_planned_layer(p, plan, pd, exec, ws.get());
 }
 
 template <class Exec, class T, class TW, class M>
 void call(const HybridHeadAttentionParams<T, TW, M>& p, const HybridStepPlan<T, TW>& plan, Exec exec,
           void* workspace, size_t workspace_bytes) {
-  check_plan_for(p, plan);
-  const LayerPlan lp = plan_layer(p);
-  const size_t lin_bytes = layer_lin_bytes(p, exec), core_off = lp.lin + align_up(lin_bytes);
-  RF_CHECK(workspace != nullptr && workspace_bytes >= kAlign + core_off + plan.workspace_bytes, kOp,
-           ": workspace has ", workspace_bytes, " bytes, expected at least ", kAlign + core_off + plan.workspace_bytes,
-           " (hybrid_head_attention_workspace_bytes(p, plan, exec))");
+  const PlannedLayer pd = planned_layer(p, plan, exec);
+  RF_CHECK(workspace != nullptr && workspace_bytes >= kAlign + pd.bytes, kOp, ": workspace has ", workspace_bytes,
+           " bytes, expected at least ", kAlign + pd.bytes, " (hybrid_head_attention_workspace_bytes(p, plan, exec))");
   unsigned char* ws = align_ptr(workspace);
-  const HybridAttentionCoreParams<T, TW> cp = core_params(p, lp, ws, false);
-  project<false>(p, cp, lp, exec, ws, lin_bytes, true);
-  project<false>(p, cp, lp, exec, ws, lin_bytes, false);
-  const Plan pl = prepare_layer(cp, plan, exec, ws + core_off);  // every check before the first write
+  const auto [cp, pl] = check_planned_layer(p, plan, pd, exec, ws);  // every check before the first write
   if (pl.n == 0) return;
-  project<true>(p, cp, lp, exec, ws, lin_bytes, true);
-  run<true>(cp, pl, plan.step, exec, plan.metadata, ws + core_off);
-  project<true>(p, cp, lp, exec, ws, lin_bytes, false);
+  project<true>(p, cp, pd.lp, exec, ws, pd.lin_bytes, true);
+  run<true>(cp, pl, plan.step, exec, plan.metadata, ws + pd.core_off);
+  project<true>(p, cp, pd.lp, exec, ws, pd.lin_bytes, false);
 }
 
 /// The core's views and weights, for a step over `slots` slots (paged: K/V a pool of pages).
