@@ -259,6 +259,16 @@ TEST_CASE("decode and packed batches agree with one prefill", "[model]") {
   m.forward(b, cache2, make_view(all2.data(), {T + n1, V}), LogitsRows::all, exec, ws.data(), ws.size());
   rftest::check_close("packed batch, second sequence", std::vector<float>(all2.begin() + T * V, all2.end()),
                       std::vector<double>(alone.begin(), alone.end()), 1e-5, 1e-5 * g.max_abs);
+  // A workspace the forward grows (the session's): from empty, too short for the step's plan, and
+  // one byte short of the whole need, it gives the sized call's logits bit for bit.
+  for (size_t start : {size_t(0), size_t(100), ws.size() - 1}) {
+    std::vector<unsigned char> grown(start);
+    std::vector<float> all3(all2.size());
+    LlamaCache cache3 = m.make_cache(2, T + 1);
+    m.forward(b, cache3, make_view(all3.data(), {T + n1, V}), LogitsRows::all, exec, grown);
+    REQUIRE(all3 == all2);
+    REQUIRE(grown.size() == ws.size());
+  }
 }
 
 TEST_CASE("a paged cache gives the contiguous cache's logits bit for bit; a fork shares the prompt's pages",

@@ -26,8 +26,10 @@ class LlamaImplBase {
   virtual DType weight_dtype() const = 0;
   virtual int64_t matrix_bytes() const = 0;
   virtual size_t workspace_bytes(const LlamaBatch& b, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const = 0;
+  // grow: when given, the workspace (ws, ws_bytes are its data and size) is grown to the step's need.
   virtual void forward(const LlamaBatch& b, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
-                       void* ws, size_t ws_bytes, const LayerInputHook& hook) const = 0;
+                       void* ws, size_t ws_bytes, std::vector<unsigned char>* grow,
+                       const LayerInputHook& hook) const = 0;
 };
 
 /// Carves aligned float buffers out of the workspace (or only counts, when base is null).
@@ -80,14 +82,14 @@ class LlamaImpl final : public LlamaImplBase {
   }
 
   void forward(const LlamaBatch& b, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
-               void* ws, size_t ws_bytes, const LayerInputHook& hook) const override {
-    std::visit([&](auto* c) { run(b, *c, logits, rows, exec, ws, ws_bytes, hook); }, cache);
+               void* ws, size_t ws_bytes, std::vector<unsigned char>* grow, const LayerInputHook& hook) const override {
+    std::visit([&](auto* c) { run(b, *c, logits, rows, exec, ws, ws_bytes, grow, hook); }, cache);
   }
 
  private:
   template <class TC>
   void run(const LlamaBatch& b, HybridCache<TC>& cache, View<float, 2> logits, LogitsRows rows, CpuExec exec, void* ws,
-           size_t ws_bytes, const LayerInputHook& hook) const {
+           size_t ws_bytes, std::vector<unsigned char>* grow, const LayerInputHook& hook) const {
     const char* op = "model forward";
     check_batch(b, cache);
     const int64_t T = b.tokens.shape[0], S = b.slots.shape[0], V = cfg_.vocab_size, d = cfg_.d_model;
@@ -101,13 +103,24 @@ class LlamaImpl final : public LlamaImplBase {
     for (int64_t s = 0; s < S; ++s) counts_[size_t(s)] = b.cu_seqlens(s + 1) - b.cu_seqlens(s);
     const View<const int32_t, 1> counts = make_view<const int32_t>(counts_.data(), {S});
     cache.reserve(b.slots, counts);  // checks before anything is written; paged: the step's pages
-    RF_CHECK(ws, op, ": workspace is null");
     // One plan for the step (positions, key counts, slots: the same in every layer), made in the
-    // workspace; every layer runs from it.
+    // workspace; every layer runs from it. A workspace that fits is planned into once; a short one
+    // is sized (a query that plans into its own buffer), then grown and planned into, or refused.
+    if (grow && grow->empty()) grow->resize(size_query(b, rows, cache, exec));
+    RF_CHECK(ws || grow, op, ": workspace is null");
     Buffers buf;
     HybridStepPlan<TC, TW> plan;
-    size_t need = carve(b, rows, cache, exec, static_cast<unsigned char*>(ws), buf, plan, ws_bytes);
-    if (ws_bytes < need) need = size_query(b, rows, cache, exec);  // the whole need, for the message
+    unsigned char* base = grow ? grow->data() : static_cast<unsigned char*>(ws);
+    ws_bytes = grow ? grow->size() : ws_bytes;
+    size_t need = carve(b, rows, cache, exec, base, buf, plan, ws_bytes);
+    if (ws_bytes < need) {
+      need = size_query(b, rows, cache, exec);  // the whole need: the carve stops at what did not fit
+      if (grow) {
+        grow->resize(need);
+        ws_bytes = need;
+        need = carve(b, rows, cache, exec, grow->data(), buf, plan, ws_bytes);
+      }
+    }
     RF_CHECK(ws_bytes >= need, op, ": workspace of ", ws_bytes, " bytes, ", need, " needed");
 
     auto x = make_view(buf.x, {T, d});
@@ -314,7 +327,12 @@ size_t LlamaModel::forward_workspace_bytes(const LlamaBatch& batch, LlamaCacheRe
 void LlamaModel::forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows,
                                 CpuExec exec, void* workspace, size_t workspace_bytes,
                                 const LayerInputHook& hook) const {
-  impl_->forward(batch, cache, logits, rows, exec, workspace, workspace_bytes, hook);
+  impl_->forward(batch, cache, logits, rows, exec, workspace, workspace_bytes, nullptr, hook);
+}
+
+void LlamaModel::forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows,
+                         CpuExec exec, std::vector<unsigned char>& workspace, const LayerInputHook& hook) const {
+  impl_->forward(batch, cache, logits, rows, exec, workspace.data(), workspace.size(), &workspace, hook);
 }
 
 }  // namespace recurformer

@@ -115,10 +115,20 @@ class LlamaModel {
                CpuExec exec, void* workspace, size_t workspace_bytes, const LayerInputHook& hook = {}) const {
     forward(batch, LlamaCacheRef(&cache), logits, rows, exec, workspace, workspace_bytes, hook);
   }
+  /// forward() into a workspace it grows to the step's need (never shrinks). A step whose
+  /// workspace already fits is planned once; the size query above plans too, so a caller that
+  /// sizes before every step plans twice.
+  template <class T>
+  void forward(const LlamaBatch& batch, HybridCache<T>& cache, View<float, 2> logits, LogitsRows rows,
+               CpuExec exec, std::vector<unsigned char>& workspace, const LayerInputHook& hook = {}) const {
+    forward(batch, LlamaCacheRef(&cache), logits, rows, exec, workspace, hook);
+  }
   // The same over a cache of any served type (the size query only reads the cache).
   size_t forward_workspace_bytes(const LlamaBatch& batch, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const;
   void forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
                void* workspace, size_t workspace_bytes, const LayerInputHook& hook = {}) const;
+  void forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
+               std::vector<unsigned char>& workspace, const LayerInputHook& hook = {}) const;
 
  private:
   std::shared_ptr<const Checkpoint> ckpt_;
@@ -171,14 +181,12 @@ class BasicLlamaSession {
 
  private:
   void run(const LlamaBatch& batch, LogitsRows rows, int64_t n_rows, float* out, const LayerInputHook& hook) {
-    const size_t need = model_->forward_workspace_bytes(batch, cache_, rows, exec_);
-    if (ws_.size() < need) ws_.resize(need);
     float* dst = out;
     if (!dst) {
       last_.resize(size_t(n_rows * vocab()));
       dst = last_.data();
     }
-    model_->forward(batch, cache_, make_view(dst, {n_rows, vocab()}), rows, exec_, ws_.data(), ws_.size(), hook);
+    model_->forward(batch, cache_, make_view(dst, {n_rows, vocab()}), rows, exec_, ws_, hook);  // planned once
     if (out) last_.assign(out + (n_rows - 1) * vocab(), out + n_rows * vocab());
   }
 
