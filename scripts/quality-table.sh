@@ -8,7 +8,9 @@
 # eval.txt (never trained on) at each context in CTXS, and with PROBE=1 also on the long-range probe
 # (`perplexity --repeat -c 2048`), and with OOD=1 on ood.txt (another domain) at ctx 512. FT_STEPS > 0 (default 0) fine-tunes the distilled model for that many
 # steps of one 512-token sequence of finetune.txt (lr FT_LR, default 3e-4; with FT_KL > 0 plus that
-# weight of KL to the original), and the streaming baselines alike (their q/k/v rows: the same budget).
+# weight of KL to the original), the streaming baselines alike (their q/k/v rows: the same budget), and
+# the original itself with every tensor trained (`convert --ratio 0`, `finetune --train all`): the
+# control that says how much of a fine-tuned row's gain is the domain alone.
 # Each ratio also gets streaming heads on the same groups, sink 4 and
 # the window that takes a recurrent state's bytes. WINDOWED=1 adds windowed groups (the streaming
 # heads + alpha x a recurrent state, --init fit, distilled, fine-tuned as above) and the streaming
@@ -47,17 +49,22 @@ ppl() {  # model -> "ppl@ctx1 | ppl@ctx2 ... [| probe] [| ood]"
   echo "$row"
 }
 kl=(); [ "$FT_KL" != 0 ] && kl=(--teacher "$M" --kl "$FT_KL")
-finetune_row() {  # label, model dir: with FT_STEPS > 0, fine-tunes it into DIR-finetune and prints its row
+finetune_row() {  # label, model dir [, finetune options]: with FT_STEPS > 0, fine-tunes it into DIR-finetune and prints its row
   [ "$FT_STEPS" -gt 0 ] || return 0
-  local t0; t0=$(date +%s)
-  "$R" finetune -m "$2" -f "$work/finetune.txt" -c 512 --steps "$FT_STEPS" --lr "$FT_LR" "${kl[@]}" \
-    -t "$THREADS" -o "$2-finetune" --force > "$2-finetune.log" 2>&1
-  echo "| $1 + finetune ($FT_STEPS x 512 tokens, lr $FT_LR, KL $FT_KL) | $r $(ppl "$2-finetune") | $(( $(date +%s) - t0 )) s finetune |"
+  local label=$1 dir=$2 t0; t0=$(date +%s)
+  shift 2
+  "$R" finetune -m "$dir" -f "$work/finetune.txt" -c 512 --steps "$FT_STEPS" --lr "$FT_LR" "${kl[@]}" "$@" \
+    -t "$THREADS" -o "$dir-finetune" --force > "$dir-finetune.log" 2>&1
+  echo "| $label + finetune ($FT_STEPS x 512 tokens, lr $FT_LR, KL $FT_KL) | $r $(ppl "$dir-finetune") | $(( $(date +%s) - t0 )) s finetune |"
 }
 probe_head=""; [ "$PROBE" = 1 ] && probe_head=", probe"; [ "$OOD" = 1 ] && probe_head="$probe_head, ood.txt at 512"
 echo "| model | ratio | perplexity at ctx $(echo $CTXS | sed 's/ /, /g')$probe_head | time |"
 echo "| --- | --- | --- | --- |"
 echo "| original | 0 $(ppl "$M") | |"
+if [ "$FT_STEPS" -gt 0 ]; then  # the control: the original fine-tuned alike, every tensor (what the domain alone gives)
+  "$R" convert -m "$M" --scores "$work/scores.json" --ratio 0 -o "$work/original" --force > "$work/original.log" 2>&1
+  r=0 finetune_row "original, every tensor trained" "$work/original" --train all
+fi
 for r in $RATIOS; do
   for init in default fit; do
     t0=$(date +%s)
