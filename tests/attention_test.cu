@@ -3,12 +3,15 @@
 // groups 1, 4 and 8: decode over 1-3000 keys (several key splits merged by log-sum-exp, slots
 // permuted), chunked prefill after earlier keys (tiles cut at sequence boundaries, a one-token
 // chunk), a short-capacity prefill (no split: the direct-write path), a streaming sink + window
-// mask over ring-buffer key positions, rows that see no key, one unpacked sequence; LSE too.
+// mask over ring-buffer key positions, rows that see no key, one unpacked sequence; LSE too. Paged
+// K/V (shuffled pages, a shared prefix page) gives the contiguous layout's outputs bit for bit.
 // Host checks: bad shapes, group size and K alignment throw before anything is launched.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "recurformer/cuda/attention.cuh"
@@ -103,6 +106,76 @@ void compare_attention(AttnCase<T>& host) {
                              kCrossTolerance<float>);
 }
 
+// c's keys moved into a shuffled pool of pages of ps keys (ps divides c.cap, so a sequence can hold
+// as many keys as a slot and the kernel splits the keys alike); with share, sequence 1 reads
+// sequence 0's first page, whose keys are first made the same in both slots.
+template <class T>
+struct PagedCopy {
+  std::vector<T> k, v;
+  std::vector<int32_t> table;
+  int64_t pages = 0, ps, max_pages;
+  PagedCopy(AttnCase<T>& c, int64_t ps_, bool share) : ps(ps_), max_pages(c.cap / ps_) {
+    const int64_t S = int64_t(c.kv_lens.size()), row = c.hd;
+    auto at = [&](int64_t slot, int64_t kh, int64_t j) { return size_t(((slot * c.n_kv + kh) * c.cap + j) * row); };
+    if (share)
+      for (int64_t kh = 0; kh < c.n_kv; ++kh)
+        for (auto* kv : {&c.k, &c.v})
+          std::copy_n(kv->begin() + at(c.kv_slots[0], kh, 0), ps * row, kv->begin() + at(c.kv_slots[1], kh, 0));
+    pages = S * max_pages + 3;
+    std::vector<int32_t> free_pages(static_cast<size_t>(pages));
+    std::iota(free_pages.begin(), free_pages.end(), 0);
+    std::shuffle(free_pages.begin(), free_pages.end(), rftest::rng());
+    table.assign(size_t(S * max_pages), -1);  // pages past a sequence's keys: never read
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t i = 0; i * ps < c.kv_lens[size_t(s)]; ++i) {
+        table[size_t(s * max_pages + i)] = share && s == 1 && i == 0 ? table[0] : free_pages.back();
+        if (!(share && s == 1 && i == 0)) free_pages.pop_back();
+      }
+    k = rftest::random_vector<T>(size_t(pages * c.n_kv * ps * row));  // unwritten rows: noise
+    v = rftest::random_vector<T>(k.size());
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < c.kv_lens[size_t(s)]; ++j)
+        for (int64_t kh = 0; kh < c.n_kv; ++kh) {
+          const size_t dst = size_t(((table[size_t(s * max_pages + j / ps)] * c.n_kv + kh) * ps + j % ps) * row);
+          std::copy_n(c.k.begin() + at(c.kv_slots[size_t(s)], kh, j), row, k.begin() + dst);
+          std::copy_n(c.v.begin() + at(c.kv_slots[size_t(s)], kh, j), row, v.begin() + dst);
+        }
+  }
+};
+
+// CUDA attention over c (contiguous), or over its paged copy; returns out and lse.
+template <class T>
+std::pair<std::vector<T>, std::vector<float>> cuda_attention(AttnCase<T>& c, const PagedCopy<T>* pg) {
+  rftest::DeviceBuffer<T> q(c.q), k(pg ? pg->k : c.k), v(pg ? pg->v : c.v), out(c.out);
+  rftest::DeviceBuffer<float> lse(c.lse);
+  rftest::DeviceBuffer<int32_t> cu(c.cu), slots(c.kv_slots), lens(c.kv_lens), qp(c.q_pos),
+      table(pg ? pg->table : std::vector<int32_t>{0});
+  const AttentionParams<T> hp = c.params();
+  AttentionParams<T> dp = hp;
+  dp.q = rftest::rebase(hp.q, c.q, q.data());
+  dp.out = rftest::rebase(hp.out, c.out, out.data());
+  dp.lse = rftest::rebase(hp.lse, c.lse, lse.data());
+  dp.cu_seqlens = rftest::rebase(hp.cu_seqlens, c.cu, cu.data());
+  dp.kv_lens = rftest::rebase(hp.kv_lens, c.kv_lens, lens.data());
+  dp.q_positions = rftest::rebase(hp.q_positions, c.q_pos, qp.data());
+  if (pg) {
+    dp.k = make_view<const T>(k.data(), {pg->pages, c.n_kv, pg->ps, c.hd});
+    dp.v = make_view<const T>(v.data(), {pg->pages, c.n_kv, pg->ps, c.hd});
+    dp.kv_slots = {};
+    dp.page_table = make_view<const int32_t>(table.data(), {int64_t(c.kv_lens.size()), pg->max_pages});
+  } else {
+    dp.k = rftest::rebase(hp.k, c.k, k.data());
+    dp.v = rftest::rebase(hp.v, c.v, v.data());
+    dp.kv_slots = rftest::rebase(hp.kv_slots, c.kv_slots, slots.data());
+  }
+  REQUIRE(supports(dp, CudaExec{}));
+  const size_t bytes = attention_workspace_bytes(dp, CudaExec{});
+  const std::vector<unsigned char> ws_init(bytes);
+  rftest::DeviceBuffer<unsigned char> ws(ws_init);
+  attention(dp, CudaExec{}, ws.data(), bytes);
+  return {out.download(), lse.download()};
+}
+
 struct Shape {
   int64_t n_q, n_kv, hd;
 };
@@ -165,6 +238,26 @@ TEMPLATE_LIST_TEST_CASE("CUDA attention streaming mask over ring-buffer position
     none.k_pos.resize(64);
     std::iota(none.k_pos.begin(), none.k_pos.end(), 10);
     compare_attention(none);
+  }
+}
+
+TEMPLATE_LIST_TEST_CASE("CUDA attention over paged K/V equals it over contiguous slots, bit for bit",
+                        "[attention][cuda]", rftest::StorageTypes) {
+  using T = TestType;
+  for (const Shape& sh : kShapes) {
+    // Decode over up to 3000 keys (key splits), pages of 16 in shuffled order, two sequences
+    // sharing their first page; then a chunked prefill over pages of 32.
+    AttnCase<T> d(sh.n_q, sh.n_kv, sh.hd, 5, 3072, {2999, 1036, 0, 1}, {1, 1, 1, 1}, {4, 0, 2, 1});
+    const PagedCopy<T> dpg(d, 16, true);
+    const auto a = cuda_attention<T>(d, nullptr), b = cuda_attention(d, &dpg);
+    CAPTURE(sh.n_q, sh.n_kv, sh.hd);
+    REQUIRE(std::memcmp(a.first.data(), b.first.data(), a.first.size() * sizeof(T)) == 0);
+    REQUIRE(std::memcmp(a.second.data(), b.second.data(), a.second.size() * sizeof(float)) == 0);
+    AttnCase<T> pf(sh.n_q, sh.n_kv, sh.hd, 4, 800, {300, 700, 0, 5}, {37, 1, 70, 0}, {3, 1, 0, 2});
+    const PagedCopy<T> pp(pf, 32, false);
+    const auto c = cuda_attention<T>(pf, nullptr), e = cuda_attention(pf, &pp);
+    REQUIRE(std::memcmp(c.first.data(), e.first.data(), c.first.size() * sizeof(T)) == 0);
+    REQUIRE(std::memcmp(c.second.data(), e.second.data(), c.second.size() * sizeof(float)) == 0);
   }
 }
 

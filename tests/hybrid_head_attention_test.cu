@@ -1,8 +1,8 @@
 // The hybrid head attention layer on CUDA over a HybridCache<T, DeviceMemory>, against the same
 // double-precision reference as the CPU layer (support/hybrid_layer_model.hpp): every layout kind
 // (attention, recurrent, streaming, mixed, n_kv 2 with g 3), every schedule (one prefill, chunked
-// prefill, prefill + decode, sequences alone), every storage type; then the device cache's
-// snapshot/restore and fork reproduce outputs bit for bit, and bad input throws before anything on
+// prefill, prefill + decode, sequences alone), every storage type; paged K/V equals contiguous
+// slots bit for bit; then the device cache's snapshot/restore and fork reproduce outputs bit for bit, and bad input throws before anything on
 // the device changes (cache bytes and out compared after the throw).
 #include <cstring>
 #include <deque>
@@ -82,8 +82,8 @@ struct DeviceRunner {
   void* ws = nullptr;
   size_t ws_bytes = 0;
 
-  DeviceRunner(const Model<TW>& model, int slots, int64_t capacity)
-      : m(model), dm(model), cache(model.cache_config(slots, capacity)) {
+  DeviceRunner(const Model<TW>& model, int slots, int64_t capacity, int64_t page_size = 0)
+      : m(model), dm(model), cache(model.cache_config(slots, capacity, page_size)) {
     for (int s = 0; s < slots; ++s) slot_of.push_back(s);
   }
   DeviceRunner(const DeviceRunner&) = delete;
@@ -117,6 +117,7 @@ struct DeviceRunner {
     const PackedBatch pb(xs, done, batch, slot_of);
     rftest::DeviceBuffer<float> dx(pb.x), dout(std::vector<float>(pb.x.size(), -7.f));
     auto p = params(dx.data(), dout.data(), int64_t(pb.x.size()) / kDModel, pb.cu, pb.slots);
+    cache.reserve(rftest::cview(pb.slots), rftest::cview(pb.counts));  // paged: the step's pages
     reserve(hybrid_head_attention_workspace_bytes(p, CudaExec{}));
     hybrid_head_attention(p, CudaExec{}, ws, ws_bytes);
     pb.advance(cache, done, batch);
@@ -168,6 +169,29 @@ TEST_CASE("CUDA HybridHeadAttention over fp32 weights and a bf16 cache", "[hybri
   using K = HeadKind;
   Model<float> m({{K::recurrent, K::streaming, K::attention}}, true);
   check_schedule<bfloat16>(m, prefill_then_decode(), "bf16 cache, fp32 weights");
+}
+
+// Paged K/V on the device (pages of 3 keys, interleaved by the schedules' steps): the appends write
+// through the plan's copy of the page rows and attention reads through it, with the same arithmetic
+// as over contiguous slots, so the outputs are bit for bit the same.
+TEMPLATE_LIST_TEST_CASE("CUDA HybridHeadAttention over a paged device cache == over contiguous slots, bit for bit",
+                        "[hybrid][cuda]", rftest::StorageTypes) {
+  using T = TestType;
+  using K = HeadKind;
+  Model<T> m({{K::attention, K::windowed, K::attention}}, true);
+  std::vector<std::vector<float>> xs;
+  for (int64_t L : kLens) xs.push_back(rftest::random_vector<float>(size_t(L * kDModel)));
+  for (const auto& schedule : {one_prefill(), chunked(), prefill_then_decode(), alone()}) {
+    DeviceRunner<T, T> contiguous(m, 3, 40), paged(m, 3, 40, 3);
+    contiguous.slot_of = paged.slot_of = {2, 0};
+    const auto a = run_schedule(contiguous, xs, schedule), b = run_schedule(paged, xs, schedule);
+    for (size_t s = 0; s < xs.size(); ++s) {
+      REQUIRE(a[s].size() == b[s].size());
+      REQUIRE(std::memcmp(a[s].data(), b[s].data(), a[s].size() * sizeof(float)) == 0);
+    }
+  }
+  DeviceRunner<T, T> forked(m, 3, 30, 5);  // a fork at 12 tokens shares a half-full page
+  check_snapshot_and_fork(forked);
 }
 
 TEMPLATE_LIST_TEST_CASE("CUDA HybridHeadAttention: device snapshot/restore and fork reproduce outputs",

@@ -49,14 +49,23 @@ TEST_CASE("supports on CUDA: attention's kernel limits, named", "[supports]") {
   REQUIRE_FALSE(s);
   REQUIRE_THAT(s.why(), Catch::Contains("at most 16 query heads per KV head, got 32"));
 
-  // K one float off 16-byte alignment, and paged: two reasons at once.
-  AttentionParams<float> p = ok.params(1);
+  // Paged K/V runs (a pool of one page of 16 keys); a pool one float off 16-byte alignment does
+  // not, and 32 query heads per KV head add a second reason.
+  AttentionParams<float> p = ok.params();
   std::vector<int32_t> table = {0};
   p.page_table = make_view(table.data(), {1, 1});
-  p.kv_slots = {};
+  REQUIRE(supports(p, CudaExec{}));
+  p = ok.params(1);
+  p.page_table = make_view(table.data(), {1, 1});
+  s = supports(p, CudaExec{});
+  REQUIRE(s.reasons.size() == 1);
+  REQUIRE_THAT(s.reasons[0], Catch::Contains("16-byte aligned K and V rows"));
+  AttentionCase wide_paged(32, 1);
+  p = wide_paged.params(1);
+  p.page_table = make_view(table.data(), {1, 1});
   s = supports(p, CudaExec{});
   REQUIRE(s.reasons.size() == 2);
-  REQUIRE_THAT(s.reasons[0], Catch::Contains("paged K/V (page_table) runs on the CPU only"));
+  REQUIRE_THAT(s.reasons[0], Catch::Contains("at most 16 query heads per KV head"));
   REQUIRE_THAT(s.reasons[1], Catch::Contains("16-byte aligned K and V rows"));
 
   // Invalid params: the check's message alone (no limits are asked of them).
@@ -114,7 +123,7 @@ TEST_CASE("supports on CUDA: the scan's readers, the conv, linear", "[supports]"
   REQUIRE_THAT(s.reasons[1], Catch::Contains("y has row stride 4, expected at least its row length 8"));
 }
 
-TEST_CASE("supports on CUDA: the layer core over paged K/V runs on the CPU only", "[supports]") {
+TEST_CASE("supports on CUDA: the layer core over paged K/V", "[supports]") {
   using namespace rftest::hybrid_layer;
   Model<float> m({{K::attention, K::recurrent, K::streaming}}, true);
   const int64_t n = 3, page = 4, pages = 6, ring = kSink + kWindow;
@@ -145,11 +154,9 @@ TEST_CASE("supports on CUDA: the layer core over paged K/V runs on the CPU only"
   cp.n_q = kNq, cp.head_dim = kHd;
   cp.inv_freq = rftest::cview(m.inv_freq);
 
-  // The CPU runs this call (hybrid_head_attention_test.cpp runs the core over paged K/V); CUDA
-  // attention reads contiguous slots.
-  const Support s = supports(cp, CudaExec{});
-  REQUIRE(s.reasons.size() == 1);
-  REQUIRE_THAT(s.why(), Catch::Contains("paged K/V (page_table) runs on the CPU only"));
+  // CUDA runs it as the CPU does (hybrid_head_attention_test.cpp): the step's page rows travel
+  // in the plan's metadata.
+  REQUIRE(supports(cp, CudaExec{}));
 
   // Over-full pages: the step's own check comes first, in the words the CPU uses.
   lengths[0] = 6;

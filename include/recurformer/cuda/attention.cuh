@@ -1,5 +1,6 @@
 // recurformer/cuda/attention.cuh: attention (ops/attention.hpp) on a CUDA stream, every view
-// (cu_seqlens, kv_slots, kv_lens, positions included) in device memory.
+// (cu_seqlens, kv_slots, page_table, kv_lens, positions included) in device memory; K/V contiguous
+// slots or a pool of pages (ops/attention.hpp).
 //
 // One kernel for decode and prefill (cuda/detail/attention_kernel.cuh): blocks of up to 16 query
 // rows (tile tokens x the g query heads of a KV group) stream K/V tiles through shared memory with
@@ -8,10 +9,11 @@
 // keys of each tile are split into up to capacity / kAttnMinSplitKeys ranges handled by separate
 // blocks, whose partial (acc, max, sum) rows go to the workspace and are merged by log-sum-exp
 // (FlashDecoding). The plan depends on shapes only (kv_lens are on the device), so the workspace
-// is sized for the slot capacity; the ranges themselves are cut from the actual kv_lens.
+// is sized for the most keys a sequence can hold (the slot capacity, or its table's pages x page
+// size); the ranges themselves are cut from the actual kv_lens.
 //
 // Index arrays are not read by the host check (that would synchronise): the kernels clamp
-// cu_seqlens into [0, tokens] and kv_lens into [0, capacity], and a sequence whose slot is outside
+// cu_seqlens into [0, tokens], kv_lens into [0, capacity] and page indices into the pool, and a sequence whose slot is outside
 // the pool sees no key (out = 0, lse = -inf). cu_seqlens must still be valid for every output row
 // to be written. K and V rows must be 16-byte aligned (the data pointers and the slot, head and key
 // strides), which any dense cache satisfies.
@@ -39,8 +41,6 @@ template <class T>
 void attention_limits(const AttentionParams<T>& p, Support& s) {
   using recurformer::detail::support_limit;
   const char* op = "attention";
-  support_limit(s, !p.page_table.present(), op, ": paged K/V (page_table) runs on the CPU only; the CUDA kernel ",
-                "reads contiguous slots");
   const int64_t g = p.q.shape[1] / p.k.shape[1];
   support_limit(s, g <= kAttnMaxRows, op, ": the CUDA kernel takes at most ", kAttnMaxRows,
                 " query heads per KV head, got ", g);
@@ -66,7 +66,7 @@ AttnLaunch plan_attention(const AttentionParams<T>& p) {
   const int64_t blocks = L.tiles * n_kv;
   if (blocks > 0 && blocks < kAttnTargetBlocks) {
     const int64_t want = (kAttnTargetBlocks + blocks - 1) / blocks;
-    L.nsplit = int(std::max<int64_t>(1, std::min<int64_t>({want, p.k.shape[2] / kAttnMinSplitKeys, 65535})));
+    L.nsplit = int(std::max<int64_t>(1, std::min<int64_t>({want, attention_max_keys(p) / kAttnMinSplitKeys, 65535})));
   }
   L.scale = p.scale > 0 ? p.scale : float(1.0 / std::sqrt(double(p.q.shape[2])));
   return L;
@@ -80,8 +80,8 @@ inline size_t attention_partial_bytes(const AttnLaunch& L, int64_t tokens, int64
 }  // namespace cuda
 
 /// Whether attention(p, CudaExec, ...) runs (core/support.hpp): p's check (index arrays in device
-/// memory), then the kernel's limits: contiguous K/V (no page table), n_q / n_kv <= 16, 16-byte
-/// aligned K and V rows, at most 65535 heads.
+/// memory), then the kernel's limits: n_q / n_kv <= 16, 16-byte aligned K and V rows (slots or
+/// pages), at most 65535 heads.
 template <class T>
 Support supports(const AttentionParams<T>& p, CudaExec) {
   Support s;

@@ -1,6 +1,7 @@
 // recurformer/cuda/detail/attention_kernel.cuh: the kernels behind cuda/attention.cuh.
 //
-// attention_tile_kernel: one block per (query tile, KV head, key split). The tile's query rows are
+// attention_tile_kernel: one block per (query tile, KV head, key split), over contiguous slots or
+// pages of K/V (ops/attention.hpp; each key's row found through the page table). The tile's query rows are
 // (token, query head) pairs: up to kAttnMaxRows rows = tile tokens x the g query heads of the KV
 // group, so every K/V tile staged in shared memory (16-byte loads) serves all g heads and all tile
 // tokens (the GQA fold; decode tiles are one token x g heads). Warp w owns rows w, w + 4, ...: its
@@ -91,6 +92,12 @@ __device__ bool attention_tile(const AttentionParams<T>& p, const AttnLaunch& L,
   return false;
 }
 
+/// The most keys a sequence can hold: the slot capacity, or its table's pages x page size.
+template <class T>
+RF_HOST_DEVICE inline int64_t attention_max_keys(const AttentionParams<T>& p) {
+  return p.page_table.data ? p.page_table.shape[1] * p.k.shape[2] : p.k.shape[2];
+}
+
 /// Storage elements of a 16-byte word as floats.
 __device__ __forceinline__ void unpack16(const uint4& w, const float*, float (&f)[4]) {
   f[0] = __uint_as_float(w.x), f[1] = __uint_as_float(w.y), f[2] = __uint_as_float(w.z), f[3] = __uint_as_float(w.w);
@@ -143,8 +150,11 @@ __global__ void __launch_bounds__(kAttnThreads)
   if (!attention_tile(p, L, blockIdx.x, s, t0, t1)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n_q = p.q.shape[1], g = n_q / p.k.shape[1], kh = blockIdx.y, split = blockIdx.z;
-  const int64_t cap = p.k.shape[2];
-  const int64_t slot = p.kv_slots.data ? int64_t(p.kv_slots(s)) : s;
+  // Paged: key j of sequence s is row j % page_size of page page_table[s, j / page_size] (a page
+  // index outside the pool is clamped into it, like every device index: no fault, wrong keys).
+  const bool paged = p.page_table.data != nullptr;
+  const int64_t rows_per_block = p.k.shape[2], cap = attention_max_keys(p);
+  const int64_t slot = paged ? 0 : p.kv_slots.data ? int64_t(p.kv_slots(s)) : s;
   const bool slot_ok = slot >= 0 && slot < p.k.shape[0];
   int64_t keys = slot_ok ? recurformer::detail::clamp_index(p.kv_lens(s), 0, cap) : 0;
   const int rows = int((t1 - t0) * g);
@@ -179,8 +189,13 @@ __global__ void __launch_bounds__(kAttnThreads)
       const int idx = threadIdx.x + i * kAttnThreads, key = idx / kChunks, c = idx % kChunks;
       kr[i] = vr[i] = make_uint4(0, 0, 0, 0);
       if (key < nk) {
-        kr[i] = __ldg(reinterpret_cast<const uint4*>(p.k.ptr(slot, kh, j0 + key, int64_t(c) * kVec)));
-        vr[i] = __ldg(reinterpret_cast<const uint4*>(p.v.ptr(slot, kh, j0 + key, int64_t(c) * kVec)));
+        int64_t block = slot, row = j0 + key;
+        if (paged) {
+          block = recurformer::detail::clamp_index(p.page_table(s, row / rows_per_block), 0, p.k.shape[0] - 1);
+          row %= rows_per_block;
+        }
+        kr[i] = __ldg(reinterpret_cast<const uint4*>(p.k.ptr(block, kh, row, int64_t(c) * kVec)));
+        vr[i] = __ldg(reinterpret_cast<const uint4*>(p.v.ptr(block, kh, row, int64_t(c) * kVec)));
       }
     }
 #pragma unroll

@@ -118,6 +118,11 @@ RF_HOST_DEVICE inline KvRow kv_row(const Plan& pl, const CallBuffers<T>& b, int6
   return {b.page_table[s * pl.page_ld + pos / pl.page_size], pos % pl.page_size};
 }
 
+/// The step's page table as the plan's metadata holds it: [S, page_ld] (plan_layout).
+inline View<const int32_t, 2> page_table_view(const Plan& pl, const unsigned char* meta) {
+  return make_view(reinterpret_cast<const int32_t*>(meta + pl.page_table), {pl.S, pl.page_ld});
+}
+
 inline int64_t num_sequences(View<const int32_t, 1> cu_seqlens) {
   return cu_seqlens.present() ? cu_seqlens.shape[0] - 1 : 1;
 }
@@ -200,7 +205,9 @@ Plan plan_layout(const HybridStepShape& sh, const HybridStep& st, int64_t n) {
   }
   pl.decode = all_one && pl.S == pl.n;
   pl.stream_cap = pl.groups[kStream] ? pl.ring + pl.max_len : 0;
-  pl.page_ld = st.page_table.present() ? st.page_table.stride[0] : 0;
+  // The step's page rows are copied into the metadata (dense, page_ld per sequence), so the plan
+  // holds them where the exec reads them: on CUDA they travel with the one upload.
+  pl.page_ld = st.page_table.present() ? st.page_table.shape[1] : 0;
   pl.page_size = sh.kv_keys;
 
   size_t off = 0;
@@ -218,6 +225,7 @@ Plan plan_layout(const HybridStepShape& sh, const HybridStep& st, int64_t n) {
   take(pl.tok_seq, pl.n, 4);
   take(pl.s_src, pl.S * pl.stream_cap, 4);
   take(pl.ring_dst, pl.groups[kStream] ? pl.n : 0, 4);
+  take(pl.page_table, pl.S * pl.page_ld, 4);
   pl.meta_end = off;
   off = 0;  // the scratch, from the workspace base
   for (int k = 0; k < 3; ++k) {
@@ -243,6 +251,9 @@ inline void fill_metadata(const HybridStep& st, const Plan& pl, unsigned char* m
   int32_t *pos = ints(pl.pos), *cu = ints(pl.cu), *slots = ints(pl.slots), *counts = ints(pl.counts);
   int32_t *kv_lens = ints(pl.kv_lens), *s_kv_lens = ints(pl.s_kv_lens), *s_kpos = ints(pl.s_kpos);
   int32_t *tok_seq = ints(pl.tok_seq), *s_src = ints(pl.s_src), *ring_dst = ints(pl.ring_dst);
+  int32_t* pages = ints(pl.page_table);
+  for (int64_t s = 0; s < pl.S; ++s)
+    for (int64_t i = 0; i < pl.page_ld; ++i) pages[s * pl.page_ld + i] = st.page_table(s, i);
   cu[0] = 0;
   for (int64_t s = 0; s < pl.S; ++s) {
     cu[s + 1] = st.cu_seqlens.present() ? st.cu_seqlens(s + 1) : int32_t(pl.n);
@@ -340,7 +351,10 @@ void plan_scratch(const HybridStepShape& sh, const HybridStep& st, Plan& pl, Exe
       if (kind == kAttn) {
         const int64_t rows = pl.page_ld ? sh.kv_pages : st.lengths.shape[0];
         ap.k = make_view(const_cast<const T*>(placeholder<T>()), {rows, nk, sh.kv_keys, hd});
-        if (pl.page_ld) ap.page_table = st.page_table; else ap.kv_slots = ints(pl.slots, pl.S);
+        if (pl.page_ld)
+          ap.page_table = page_table_view(pl, meta);
+        else
+          ap.kv_slots = ints(pl.slots, pl.S);
         ap.kv_lens = ints(pl.kv_lens, pl.S);
       } else {
         ap.k = make_view(const_cast<const T*>(placeholder<T>()), {pl.S, nk, pl.stream_cap, hd});
@@ -463,7 +477,7 @@ CallBuffers<T> call_buffers(const HybridAttentionCoreParams<T, TW>& p, const Pla
   b.pos = ints(pl.pos), b.cu = ints(pl.cu), b.slots = ints(pl.slots), b.tok_seq = ints(pl.tok_seq);
   b.alpha = reinterpret_cast<float*>(ws + pl.alpha);
   b.s_src = ints(pl.s_src), b.s_kv_lens = ints(pl.s_kv_lens), b.ring_dst = ints(pl.ring_dst);
-  b.page_table = pl.page_ld ? st.page_table.data : nullptr;
+  b.page_table = pl.page_ld ? ints(pl.page_table) : nullptr;
   b.qf = p.q.data, b.kf = p.k.data, b.vf = p.v.data, b.heads = p.out.data;
   for (int k = 0; k < 3; ++k) {
     b.q[k] = reinterpret_cast<T*>(ws + pl.q[k]);
@@ -577,7 +591,10 @@ void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, const Hybrid
     ap.v = V;
     ap.out = make_view(b.o[kAttn], {n, nA * g, hd});
     ap.cu_seqlens = cu;
-    if (pl.page_ld) ap.page_table = st.page_table; else ap.kv_slots = slots;
+    if (pl.page_ld)
+      ap.page_table = page_table_view(pl, meta);
+    else
+      ap.kv_slots = slots;
     ap.kv_lens = kv_lens;
     ap.q_positions = pos;
     do_attention(ap);

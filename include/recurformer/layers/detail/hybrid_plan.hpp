@@ -24,10 +24,10 @@ struct Plan {
   int64_t ring = 0, sink = 0, window = 0, max_len = 0, stream_cap = 0;
   bool decode = false;
   int64_t q_ld = 0, k_ld = 0, v_ld = 0, out_ld = 0;  // row strides of the projected inputs and of out (per layer)
-  int64_t page_ld = 0, page_size = 0;                // page_table row stride (0: contiguous K/V), keys per page
+  int64_t page_ld = 0, page_size = 0;  // pages per sequence in the metadata's table (0: contiguous K/V), keys per page
   // int32 metadata, from the metadata base (meta_end bytes in all)
   size_t pos = 0, cu = 0, slots = 0, counts = 0, kv_lens = 0, s_kv_lens = 0, s_kpos = 0, tok_seq = 0;
-  size_t s_src = 0, ring_dst = 0, meta_end = 0;
+  size_t s_src = 0, ring_dst = 0, page_table = 0, meta_end = 0;  // page_table: [S, page_ld], the step's rows
   // scratch, from the workspace base. T per kind: q heads, k, v, head outputs
   size_t q[3] = {}, k[3] = {}, v[3] = {}, o[3] = {};
   size_t stream_k = 0, stream_v = 0;                       // [S, n_stream, stream_cap, hd] T
