@@ -75,37 +75,6 @@ struct AttnCase {
   }
 };
 
-template <class T>
-void compare_attention(AttnCase<T>& host) {
-  AttnCase<T> dev_in = host;  // identical inputs, before the CPU run writes out and lse
-  rftest::DeviceBuffer<T> q(dev_in.q), k(dev_in.k), v(dev_in.v), out(dev_in.out);
-  rftest::DeviceBuffer<float> lse(dev_in.lse);
-  rftest::DeviceBuffer<int32_t> cu(dev_in.cu), slots(dev_in.kv_slots), lens(dev_in.kv_lens), qp(dev_in.q_pos),
-      kp(dev_in.k_pos);
-  const AttentionParams<T> hp = dev_in.params();
-  AttentionParams<T> dp = hp;
-  dp.q = rftest::rebase(hp.q, dev_in.q, q.data());
-  dp.k = rftest::rebase(hp.k, dev_in.k, k.data());
-  dp.v = rftest::rebase(hp.v, dev_in.v, v.data());
-  dp.out = rftest::rebase(hp.out, dev_in.out, out.data());
-  dp.lse = rftest::rebase(hp.lse, dev_in.lse, lse.data());
-  dp.cu_seqlens = rftest::rebase(hp.cu_seqlens, dev_in.cu, cu.data());
-  dp.kv_slots = rftest::rebase(hp.kv_slots, dev_in.kv_slots, slots.data());
-  dp.kv_lens = rftest::rebase(hp.kv_lens, dev_in.kv_lens, lens.data());
-  dp.q_positions = rftest::rebase(hp.q_positions, dev_in.q_pos, qp.data());
-  dp.k_positions = rftest::rebase(hp.k_positions, dev_in.k_pos, kp.data());
-
-  cpu_attention(host.params());
-  const size_t bytes = attention_workspace_bytes(dp, CudaExec{});
-  const std::vector<unsigned char> ws_init(bytes);
-  rftest::DeviceBuffer<unsigned char> ws(ws_init);
-  attention(dp, CudaExec{}, ws.data(), bytes);
-  CAPTURE(host.n_q, host.n_kv, host.hd, host.tokens, host.cap, bytes);
-  rftest::check_close<T>("out (CUDA vs CPU)", out.download(), rftest::as_double(host.out), kCrossTolerance<T>);
-  rftest::check_close<float>("lse (CUDA vs CPU)", lse.download(), rftest::as_double(host.lse),
-                             kCrossTolerance<float>);
-}
-
 // c's keys moved into a shuffled pool of pages of ps keys (ps divides c.cap, so a sequence can hold
 // as many keys as a slot and the kernel splits the keys alike); with share, sequence 1 reads
 // sequence 0's first page, whose keys are first made the same in both slots.
@@ -143,12 +112,12 @@ struct PagedCopy {
   }
 };
 
-// CUDA attention over c (contiguous), or over its paged copy; returns out and lse.
+// CUDA attention over c's inputs (contiguous), or over its paged copy; returns out and lse.
 template <class T>
 std::pair<std::vector<T>, std::vector<float>> cuda_attention(AttnCase<T>& c, const PagedCopy<T>* pg) {
   rftest::DeviceBuffer<T> q(c.q), k(pg ? pg->k : c.k), v(pg ? pg->v : c.v), out(c.out);
   rftest::DeviceBuffer<float> lse(c.lse);
-  rftest::DeviceBuffer<int32_t> cu(c.cu), slots(c.kv_slots), lens(c.kv_lens), qp(c.q_pos),
+  rftest::DeviceBuffer<int32_t> cu(c.cu), slots(c.kv_slots), lens(c.kv_lens), qp(c.q_pos), kp(c.k_pos),
       table(pg ? pg->table : std::vector<int32_t>{0});
   const AttentionParams<T> hp = c.params();
   AttentionParams<T> dp = hp;
@@ -158,6 +127,7 @@ std::pair<std::vector<T>, std::vector<float>> cuda_attention(AttnCase<T>& c, con
   dp.cu_seqlens = rftest::rebase(hp.cu_seqlens, c.cu, cu.data());
   dp.kv_lens = rftest::rebase(hp.kv_lens, c.kv_lens, lens.data());
   dp.q_positions = rftest::rebase(hp.q_positions, c.q_pos, qp.data());
+  dp.k_positions = rftest::rebase(hp.k_positions, c.k_pos, kp.data());  // contiguous only (a check)
   if (pg) {
     dp.k = make_view<const T>(k.data(), {pg->pages, c.n_kv, pg->ps, c.hd});
     dp.v = make_view<const T>(v.data(), {pg->pages, c.n_kv, pg->ps, c.hd});
@@ -174,6 +144,17 @@ std::pair<std::vector<T>, std::vector<float>> cuda_attention(AttnCase<T>& c, con
   rftest::DeviceBuffer<unsigned char> ws(ws_init);
   attention(dp, CudaExec{}, ws.data(), bytes);
   return {out.download(), lse.download()};
+}
+
+// The CUDA op against the CPU op on the same inputs.
+template <class T>
+void compare_attention(AttnCase<T>& host) {
+  AttnCase<T> dev_in = host;  // identical inputs, before the CPU run writes out and lse
+  cpu_attention(host.params());
+  const auto [out, lse] = cuda_attention<T>(dev_in, nullptr);
+  CAPTURE(host.n_q, host.n_kv, host.hd, host.tokens, host.cap);
+  rftest::check_close<T>("out (CUDA vs CPU)", out, rftest::as_double(host.out), kCrossTolerance<T>);
+  rftest::check_close<float>("lse (CUDA vs CPU)", lse, rftest::as_double(host.lse), kCrossTolerance<float>);
 }
 
 struct Shape {

@@ -266,11 +266,7 @@ TEMPLATE_LIST_TEST_CASE("HybridHeadAttention over a step plan == the one-shot ca
   for (const auto& schedule : {chunked(), prefill_then_decode()}) {
     Runner<T, T> once(m, int(kLens.size()), 40), planned(m, int(kLens.size()), 40);
     planned.planned = true;
-    const auto a = run_schedule(once, xs, schedule), b = run_schedule(planned, xs, schedule);
-    for (size_t s = 0; s < xs.size(); ++s) {
-      REQUIRE(a[s].size() == b[s].size());
-      REQUIRE(std::memcmp(a[s].data(), b[s].data(), a[s].size() * sizeof(float)) == 0);
-    }
+    require_same_outputs(once, planned, xs, schedule);
   }
 
   // A plan for 3 tokens of slot 0, made on the calling thread.
@@ -328,11 +324,7 @@ TEMPLATE_LIST_TEST_CASE("HybridHeadAttention over a paged HybridCache == over co
   for (const auto& schedule : {one_prefill(), chunked(), prefill_then_decode(), alone()}) {
     Runner<T, T> contiguous(m, 3, 40), paged(m, 3, 40, 3);  // interleaved steps interleave the pages
     contiguous.slot_of = paged.slot_of = {2, 0};
-    const auto a = run_schedule(contiguous, xs, schedule), b = run_schedule(paged, xs, schedule);
-    for (size_t s = 0; s < xs.size(); ++s) {
-      REQUIRE(a[s].size() == b[s].size());
-      REQUIRE(std::memcmp(a[s].data(), b[s].data(), a[s].size() * sizeof(float)) == 0);
-    }
+    require_same_outputs(contiguous, paged, xs, schedule);
     REQUIRE(paged.cache.pages_used() == (20 + 2) / 3 + (13 + 2) / 3);
   }
   // Speculative rollback, and a fork that shares its pages and copies the shared half-full one.

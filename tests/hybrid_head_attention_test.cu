@@ -184,11 +184,7 @@ TEMPLATE_LIST_TEST_CASE("CUDA HybridHeadAttention over a paged device cache == o
   for (const auto& schedule : {one_prefill(), chunked(), prefill_then_decode(), alone()}) {
     DeviceRunner<T, T> contiguous(m, 3, 40), paged(m, 3, 40, 3);
     contiguous.slot_of = paged.slot_of = {2, 0};
-    const auto a = run_schedule(contiguous, xs, schedule), b = run_schedule(paged, xs, schedule);
-    for (size_t s = 0; s < xs.size(); ++s) {
-      REQUIRE(a[s].size() == b[s].size());
-      REQUIRE(std::memcmp(a[s].data(), b[s].data(), a[s].size() * sizeof(float)) == 0);
-    }
+    require_same_outputs(contiguous, paged, xs, schedule);
   }
   DeviceRunner<T, T> forked(m, 3, 30, 5);  // a fork at 12 tokens shares a half-full page
   check_snapshot_and_fork(forked);

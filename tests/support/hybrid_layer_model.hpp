@@ -275,6 +275,17 @@ std::vector<std::vector<float>> run_schedule(Runner& r, const std::vector<std::v
   return outs;
 }
 
+/// Two runners fed the same schedule give the same outputs, bit for bit.
+template <class RunnerA, class RunnerB>
+void require_same_outputs(RunnerA& a, RunnerB& b, const std::vector<std::vector<float>>& xs,
+                          const std::vector<std::vector<Step>>& schedule) {
+  const auto oa = run_schedule(a, xs, schedule), ob = run_schedule(b, xs, schedule);
+  for (size_t s = 0; s < xs.size(); ++s) {
+    REQUIRE(oa[s].size() == ob[s].size());
+    REQUIRE(std::memcmp(oa[s].data(), ob[s].data(), oa[s].size() * sizeof(float)) == 0);
+  }
+}
+
 /// Speculative decoding and fork on a runner with 3 slots of >= 15 tokens (step() as above, plus
 /// cache and slot_of): snapshot, decode 4 draft tokens, roll back, decode them again: the same bits;
 /// fork slot 0 into slot 2 and continue both with the same tokens: the same bits.
