@@ -50,7 +50,9 @@ stage "2. GPU tests (sm_$arch), required to run"
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch" \
   -DRECURFORMER_ENABLE_CUDA=ON -DRECURFORMER_BUILD_EXAMPLES=OFF -DCMAKE_PREFIX_PATH="$prefix" \
   > "$out/configure.log" 2>&1 || { tail -n 30 "$out/configure.log"; fail "configure"; exit 1; }
-targets=$(cd tests && ls *_test.cu | sed 's/\.cu$/_gpu/' | tr '\n' ' ')
+# the gpu-labelled tests' binaries: tests/<name>_test.cu (not the host-only *_host_test.cu) and the
+# op x backend matrix, whose CUDA columns are the backend_ops_gpu test
+targets="$(cd tests && ls *_test.cu | grep -v '_host_test\.cu$' | sed 's/\.cu$/_gpu/' | tr '\n' ' ')backend_ops_test"
 if ! timeout "$(left)" cmake --build build-gpu -j"$jobs" --target $targets > "$out/build-tests.log" 2>&1; then
   tail -n 40 "$out/build-tests.log"
   fail "building the GPU tests"
@@ -64,12 +66,16 @@ if grep -qiE 'skipped|not run|did not run' "$out/tests.log"; then fail "a GPU te
 
 stage "3. memcheck on the riskiest binaries"
 if command -v compute-sanitizer > /dev/null; then
-  for t in hybrid_head_attention_test_gpu selective_scan_test_gpu; do
+  # the layer, and the scan and attention columns of the op matrix (CUDA only)
+  for run in "hybrid_head_attention_test_gpu" "backend_ops_test [selective_scan],[attention]"; do
+    t=${run%% *}; args=${run#"$t"}
     cap=$(( $(left) - 120 ))  # keep two minutes for the benchmarks
     [ "$cap" -gt "${MEMCHECK_SECONDS:-60}" ] && cap=${MEMCHECK_SECONDS:-60}
     if [ "$cap" -lt 10 ]; then echo "memcheck $t: no time left"; continue; fi
     rc=0
-    RECURFORMER_REQUIRE_GPU=1 timeout "$cap" compute-sanitizer --tool memcheck --error-exitcode 9 "build-gpu/bin/$t" \
+    # shellcheck disable=SC2086  # args: the Catch filter, one word
+    RECURFORMER_REQUIRE_GPU=1 RECURFORMER_BACKENDS=cuda timeout "$cap" compute-sanitizer --tool memcheck \
+      --error-exitcode 9 "build-gpu/bin/$t" $args \
       > "$out/memcheck-$t.log" 2>&1 || rc=$?
     case $rc in
       0) echo "memcheck $t: clean" ;;

@@ -1,5 +1,4 @@
-// tests/support/cuda_util.cuh: device buffers for the gpu-labelled tests, which compare every CUDA
-// op to its CPU implementation on the same random inputs.
+// tests/support/cuda_util.cuh: device buffers for the gpu-labelled layer tests.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -36,20 +35,5 @@ class DeviceBuffer {
   T* data_ = nullptr;
   size_t n_;
 };
-
-/// The same view over another base pointer (host view -> device view of the same layout).
-template <class V, class T>
-V rebase(V v, const std::vector<T>& host, T* device) {
-  if (v.data) v.data = device + (v.data - host.data());
-  return v;
-}
-
-/// Element-wise a against b (both storage values), as doubles, with the test tolerance.
-template <class T>
-std::vector<double> as_double(const std::vector<T>& v) {
-  std::vector<double> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = double(float(v[i]));
-  return r;
-}
 
 }  // namespace rftest

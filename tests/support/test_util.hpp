@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <random>
 #include <sstream>
@@ -50,13 +51,18 @@ inline std::mt19937_64& rng() {
   return g;
 }
 
-/// n values uniform in [lo, hi), rounded to T.
+/// n values uniform in [lo, hi), rounded to T, from generator g.
 template <class T>
-std::vector<T> random_vector(size_t n, double lo = -1.0, double hi = 1.0) {
+std::vector<T> random_vector(std::mt19937_64& g, size_t n, double lo = -1.0, double hi = 1.0) {
   std::uniform_real_distribution<double> d(lo, hi);
   std::vector<T> v(n);
-  for (auto& x : v) x = T(float(d(rng())));
+  for (auto& x : v) x = T(float(d(g)));
   return v;
+}
+/// The same from the test's generator.
+template <class T>
+std::vector<T> random_vector(size_t n, double lo = -1.0, double hi = 1.0) {
+  return random_vector<T>(rng(), n, lo, hi);
 }
 
 /// The values as doubles (exact for every storage type).
@@ -125,6 +131,12 @@ recurformer::View<const T, 1> cview(const std::vector<T>& v) {
 }
 /// The same for a braced list of indices, e.g. cview({0, 2}), valid until the full expression ends.
 inline recurformer::View<const int32_t, 1> cview(const std::vector<int32_t>& v) { return cview<int32_t>(v); }
+
+/// Whether RECURFORMER_REQUIRE_GPU is set (scripts/gpu-check.sh): then no GPU test may skip.
+inline bool gpu_required() {
+  const char* v = std::getenv("RECURFORMER_REQUIRE_GPU");
+  return v && *v != '\0' && std::string(v) != "0";
+}
 
 /// A supports() answer must say what the call then does: true and the call runs, or false and
 /// the call throws exactly its first reason.
