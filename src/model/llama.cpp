@@ -20,16 +20,21 @@
 namespace recurformer {
 namespace detail {
 
+/// The step's workspace: a caller's buffer (data, bytes), or a vector the forward grows to the need.
+struct StepWorkspace {
+  void* data = nullptr;
+  size_t bytes = 0;
+  std::vector<unsigned char>* grow = nullptr;
+};
+
 class LlamaImplBase {
  public:
   virtual ~LlamaImplBase() = default;
   virtual DType weight_dtype() const = 0;
   virtual int64_t matrix_bytes() const = 0;
   virtual size_t workspace_bytes(const LlamaBatch& b, LlamaCacheRef cache, LogitsRows rows, CpuExec exec) const = 0;
-  // grow: when given, the workspace (ws, ws_bytes are its data and size) is grown to the step's need.
   virtual void forward(const LlamaBatch& b, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
-                       void* ws, size_t ws_bytes, std::vector<unsigned char>* grow,
-                       const LayerInputHook& hook) const = 0;
+                       StepWorkspace ws, const LayerInputHook& hook) const = 0;
 };
 
 /// Carves aligned float buffers out of the workspace (or only counts, when base is null).
@@ -82,14 +87,14 @@ class LlamaImpl final : public LlamaImplBase {
   }
 
   void forward(const LlamaBatch& b, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
-               void* ws, size_t ws_bytes, std::vector<unsigned char>* grow, const LayerInputHook& hook) const override {
-    std::visit([&](auto* c) { run(b, *c, logits, rows, exec, ws, ws_bytes, grow, hook); }, cache);
+               StepWorkspace ws, const LayerInputHook& hook) const override {
+    std::visit([&](auto* c) { run(b, *c, logits, rows, exec, ws, hook); }, cache);
   }
 
  private:
   template <class TC>
-  void run(const LlamaBatch& b, HybridCache<TC>& cache, View<float, 2> logits, LogitsRows rows, CpuExec exec, void* ws,
-           size_t ws_bytes, std::vector<unsigned char>* grow, const LayerInputHook& hook) const {
+  void run(const LlamaBatch& b, HybridCache<TC>& cache, View<float, 2> logits, LogitsRows rows, CpuExec exec,
+           StepWorkspace ws, const LayerInputHook& hook) const {
     const char* op = "model forward";
     check_batch(b, cache);
     const int64_t T = b.tokens.shape[0], S = b.slots.shape[0], V = cfg_.vocab_size, d = cfg_.d_model;
@@ -105,21 +110,18 @@ class LlamaImpl final : public LlamaImplBase {
     cache.reserve(b.slots, counts);  // checks before anything is written; paged: the step's pages
     // One plan for the step (positions, key counts, slots: the same in every layer), made in the
     // workspace; every layer runs from it. A workspace that fits is planned into once; a short one
-    // is sized (a query that plans into its own buffer), then grown and planned into, or refused.
-    if (grow && grow->empty()) grow->resize(size_query(b, rows, cache, exec));
-    RF_CHECK(ws || grow, op, ": workspace is null");
+    // learns the whole need from that carve and is grown and planned into again, or refused.
+    std::vector<unsigned char>* grow = ws.grow;
+    RF_CHECK(ws.data || grow, op, ": workspace is null");
     Buffers buf;
     HybridStepPlan<TC, TW> plan;
-    unsigned char* base = grow ? grow->data() : static_cast<unsigned char*>(ws);
-    ws_bytes = grow ? grow->size() : ws_bytes;
-    size_t need = carve(b, rows, cache, exec, base, buf, plan, ws_bytes);
-    if (ws_bytes < need) {
-      need = size_query(b, rows, cache, exec);  // the whole need: the carve stops at what did not fit
-      if (grow) {
-        grow->resize(need);
-        ws_bytes = need;
-        need = carve(b, rows, cache, exec, grow->data(), buf, plan, ws_bytes);
-      }
+    size_t ws_bytes = grow ? grow->size() : ws.bytes;
+    size_t need = carve(b, rows, cache, exec, grow ? grow->data() : static_cast<unsigned char*>(ws.data), buf, plan,
+                        ws_bytes);
+    if (grow && ws_bytes < need) {
+      grow->resize(need);
+      ws_bytes = need;
+      need = carve(b, rows, cache, exec, grow->data(), buf, plan, ws_bytes);
     }
     RF_CHECK(ws_bytes >= need, op, ": workspace of ", ws_bytes, " bytes, ", need, " needed");
 
@@ -221,8 +223,9 @@ class LlamaImpl final : public LlamaImplBase {
   }
 
   // Lays the buffers out from `base` (or only sizes them when base is null) and plans the step,
-  // its metadata in the workspace (a size query plans into a buffer of its own); returns the bytes.
-  // With a base, the plan is made only when the buffers before it fit in `bytes`.
+  // its metadata in the workspace (a size query plans into a buffer of its own); returns the bytes
+  // the step needs. With a base, the plan is made only when the buffers before it fit in `bytes`
+  // (else the need comes from a size query).
   template <class TC>
   size_t carve(const LlamaBatch& b, LogitsRows rows, const HybridCache<TC>& cache, CpuExec exec, unsigned char* base,
                Buffers& buf, HybridStepPlan<TC, TW>& plan, size_t bytes = 0) const {
@@ -251,7 +254,7 @@ class LlamaImpl final : public LlamaImplBase {
       own_meta.resize(meta_bytes);
       meta = own_meta.data();
     } else if (c.used > bytes) {
-      return c.used;  // too small for the metadata: the caller reports the need
+      return size_query(b, rows, cache, exec);  // too small for the metadata: the whole need
     }
     plan = plan_hybrid_step<TC, TW>(shape, step, T, exec, HybridPlanBuffers{meta, nullptr, meta_bytes});
     size_t layer_ws = 0, lin_ws = 0;
@@ -327,12 +330,12 @@ size_t LlamaModel::forward_workspace_bytes(const LlamaBatch& batch, LlamaCacheRe
 void LlamaModel::forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows,
                                 CpuExec exec, void* workspace, size_t workspace_bytes,
                                 const LayerInputHook& hook) const {
-  impl_->forward(batch, cache, logits, rows, exec, workspace, workspace_bytes, nullptr, hook);
+  impl_->forward(batch, cache, logits, rows, exec, detail::StepWorkspace{workspace, workspace_bytes, nullptr}, hook);
 }
 
 void LlamaModel::forward(const LlamaBatch& batch, LlamaCacheRef cache, View<float, 2> logits, LogitsRows rows,
                          CpuExec exec, std::vector<unsigned char>& workspace, const LayerInputHook& hook) const {
-  impl_->forward(batch, cache, logits, rows, exec, workspace.data(), workspace.size(), &workspace, hook);
+  impl_->forward(batch, cache, logits, rows, exec, detail::StepWorkspace{nullptr, 0, &workspace}, hook);
 }
 
 }  // namespace recurformer
