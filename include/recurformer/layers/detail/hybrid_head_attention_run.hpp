@@ -470,8 +470,8 @@ inline View<const int32_t, 1> meta_ints(const unsigned char* meta, size_t off, i
 }
 
 template <class T, class TW>
-CallBuffers<T> call_buffers(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, const HybridStep& st,
-                            const unsigned char* meta, unsigned char* ws) {
+CallBuffers<T> call_buffers(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, const unsigned char* meta,
+                            unsigned char* ws) {
   auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(meta + off); };
   CallBuffers<T> b;
   b.pos = ints(pl.pos), b.cu = ints(pl.cu), b.slots = ints(pl.slots), b.tok_seq = ints(pl.tok_seq);
@@ -557,7 +557,7 @@ void run(const HybridAttentionCoreParams<T, TW>& p, const Plan& pl, const Hybrid
   using B = HybridBackend<Exec>;
   const int64_t n = pl.n, hd = pl.hd, g = pl.g;
   void* attn_ws = ws + pl.attn;
-  const CallBuffers<T> b = call_buffers(p, pl, st, meta, ws);
+  const CallBuffers<T> b = call_buffers(p, pl, meta, ws);
   const View<const int32_t, 1> pos = meta_ints(meta, pl.pos, n), cu = meta_ints(meta, pl.cu, pl.S + 1),
                                slots = meta_ints(meta, pl.slots, pl.S), kv_lens = meta_ints(meta, pl.kv_lens, pl.S);
 
