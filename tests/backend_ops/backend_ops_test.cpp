@@ -213,12 +213,12 @@ void run_op(const char* op) {
   for (const Case& c : all_cases()) {
     if (c.op != op) continue;
     ++n;
+    std::string row = c.op + " " + dtype_name(c.dtype);
+    if (c.op == "linear") row += std::string("/") + dtype_name(c.wdtype);
     const Result ref = g_backends[0].run(c);
     for (size_t b = 0; b < g_backends.size(); ++b) {
       const Result got = b == 0 ? ref : g_backends[b].run(c);
       const std::string why = judge(c, ref, got);
-      std::string row = c.op + " " + dtype_name(c.dtype);
-      if (c.op == "linear") row += std::string("/") + dtype_name(c.wdtype);
       Cell& cell = g_matrix[row][g_backends[b].name];
       if (!why.empty()) {
         ++cell.fail;

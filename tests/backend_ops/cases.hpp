@@ -470,13 +470,20 @@ Result run_recency(const RecencySpec& s, B& be, Rng& g) {
   Result r;
   launch(r, supports(p, be.exec()), [&] { recency_score(p, be.exec()); });
   const auto st = be.get(p.stats.data, stats0.size());
-  if (!r.error.empty()) return r;
+  if (!r.error.empty()) {
+    require_untouched(r, "stats", st, stats0);
+    return r;
+  }
   // Both sides sum in double over fp32 logits: their order and exp differ, which moves each row's
-  // terms by a few fp32 ulps; sums over up to 1000 rows at 1e-5 relative plus 1e-6 per row.
-  Output counts{"queries", {}, 0, 0, {}}, sums{"sums", {}, 1e-5, 1e-6 * double(s.seq + 8 * s.n_q), {}};
+  // terms by a few fp32 ulps; a head's sums at 1e-5 relative plus 1e-6 per query it scored
+  // (rel 1e-5 of magnitude |sum| + 0.1 (queries + 1)). The counts are exact.
+  Output counts{"queries", {}, 0, 0, {}}, sums{"sums", {}, 1e-5, 0, {}};
   for (const RecencyHeadStats& h : st) {
     counts.values.push_back(double(h.queries));
-    for (double v : {h.recency_sum, h.sink_sum, h.distance_sum}) sums.values.push_back(v);
+    for (double v : {h.recency_sum, h.sink_sum, h.distance_sum}) {
+      sums.values.push_back(v);
+      sums.magnitude.push_back(std::fabs(v) + 0.1 * double(h.queries + 1));
+    }
   }
   r.outputs.push_back(std::move(counts));
   r.outputs.push_back(std::move(sums));
